@@ -1,0 +1,50 @@
+"""functuner: parameter-efficient fine-tuning as immutable pytrees and pure functions.
+
+Functional API::
+
+    import functuner as ft
+    params = ft.init(model, ft.LoRAConfig(r=8, target_modules=["q_proj", "v_proj"]), generator=0)
+    out = ft.apply(model, params, (input_ids,))          # model untouched
+    grads = torch.func.grad(loss_fn)(params, batch)      # params is a pytree
+    merged = ft.merge(model, params)                     # new weights, model untouched
+"""
+
+from __future__ import annotations
+
+from . import errors, keys, routing
+from .core import apply, bind_routes, init, merge, unmerge, validate
+from .grads import per_sample_grads
+from .keys import from_peft_state_dict, rename_adapter, to_peft_state_dict
+from .params import TunerParams, tree_map
+from .routing import remove_slots
+from .tuners import REGISTRY, Tuner, TunerConfig, register, tuner_for
+from .tuners.lora import LoRAConfig, LoraConfig, lora_delta
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoRAConfig",
+    "LoraConfig",
+    "REGISTRY",
+    "Tuner",
+    "TunerConfig",
+    "TunerParams",
+    "apply",
+    "bind_routes",
+    "errors",
+    "from_peft_state_dict",
+    "init",
+    "keys",
+    "lora_delta",
+    "merge",
+    "per_sample_grads",
+    "register",
+    "remove_slots",
+    "rename_adapter",
+    "routing",
+    "to_peft_state_dict",
+    "tree_map",
+    "tuner_for",
+    "unmerge",
+    "validate",
+]

@@ -1,0 +1,174 @@
+"""The functional API: ``init``, ``apply``, ``merge``, ``unmerge``, dispatching on the config's tuner.
+
+Every function here is pure with respect to tensors: it never writes to the
+model's parameters or buffers, nor to the params it is given.  The only
+structural effect is that :func:`apply` gives each adapted module a dormant
+*slot* the first time (see :mod:`functuner.routing`): a hook that does nothing
+outside an ``apply`` call, leaves ``state_dict`` and module names unchanged, and
+is removed by :func:`functuner.routing.remove_slots`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, ParamsMismatchError
+from .params import TunerParams
+from .routing import Routes, routed
+from .tuners import CallContext, tuner_for
+
+__all__ = ["apply", "bind_routes", "init", "merge", "unmerge", "as_params_list"]
+
+ParamsLike = TunerParams | Sequence[TunerParams] | Mapping[str, TunerParams]
+
+
+def _generator(seed_or_generator: int | torch.Generator | None) -> torch.Generator:
+    if isinstance(seed_or_generator, torch.Generator):
+        return seed_or_generator
+    if isinstance(seed_or_generator, int) and not isinstance(seed_or_generator, bool):
+        return torch.Generator().manual_seed(seed_or_generator)
+    raise TypeError(
+        "init needs explicit randomness: pass generator=<int seed> or a torch.Generator (functuner never uses"
+        f" the global RNG), got {seed_or_generator!r}"
+    )
+
+
+def init(model: nn.Module, config: Any, *, generator: int | torch.Generator, adapter_name: str = "default") -> TunerParams:
+    """Fresh params for ``config``'s tuner on ``model``.
+
+    ``generator`` is an int seed or a ``torch.Generator`` (the only randomness
+    used).  Pure: ``model`` is only read.  Raises
+    :class:`~functuner.errors.TargetError` when the targets match nothing,
+    :class:`~functuner.errors.ConfigError` for invalid fields, and
+    :class:`~functuner.errors.UnsupportedModuleError` for a layer type the tuner
+    cannot adapt.
+    """
+    from .naming import check_adapter_name
+
+    check_adapter_name(adapter_name)
+    return tuner_for(config).init(model, config, _generator(generator), adapter_name)
+
+
+def as_params_list(params: ParamsLike) -> list[TunerParams]:
+    """Normalise one params, a sequence of them, or a ``{name: params}`` mapping to a list."""
+    if isinstance(params, TunerParams):
+        return [params]
+    if isinstance(params, Mapping):
+        items: Iterable[Any] = params.values()
+    elif isinstance(params, Sequence):
+        items = params
+    else:
+        raise TypeError(f"expected TunerParams, a sequence or a mapping of them, got {type(params).__name__}")
+    out = list(items)
+    for p in out:
+        if not isinstance(p, TunerParams):
+            raise TypeError(f"expected TunerParams, got {type(p).__name__}")
+    return out
+
+
+def bind_routes(model: nn.Module, params: ParamsLike, generator: torch.Generator | None = None) -> Routes:
+    """The routes that run ``params`` on ``model`` (validated; slots installed). Used by :func:`apply` and the shim."""
+    plist = as_params_list(params)
+    ctx = CallContext(generator=generator)
+    fwd: dict[nn.Module, list[Any]] = {}
+    pre: dict[nn.Module, list[Any]] = {}
+    for p in plist:
+        r = tuner_for(p.config).routes(model, p, ctx)
+        for m, fns in r.forward.items():
+            fwd.setdefault(m, []).extend(fns)
+        for m, fns in r.pre.items():
+            pre.setdefault(m, []).extend(fns)
+    return Routes(forward=fwd, pre=pre)
+
+
+def apply(
+    model: nn.Module,
+    params: ParamsLike,
+    args: Any = (),
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> Any:
+    """Run ``model(*args, **kwargs)`` with the tuner(s) in ``params`` applied; return its output.
+
+    Mirrors ``torch.func.functional_call(module, params, args, kwargs)``:
+    ``args`` is a tuple (a single tensor is accepted), ``kwargs`` a dict.
+    ``params`` is one :class:`TunerParams`, a sequence or a ``{name: params}``
+    mapping; several are applied together (their effects add up, in order).
+
+    Purity and isolation: nothing is written to the model or to ``params``; each
+    call's params reach the modules through a context variable, so two threads
+    (or asyncio tasks) calling ``apply`` on one model with different params each
+    get their own result.  Works under ``torch.func.grad``/``vmap`` and
+    ``torch.compile`` (see the docs).
+
+    ``generator`` drives random ops such as LoRA dropout when the model is in
+    training mode; it is required then (functuner never draws from the global
+    RNG in the functional API).
+    """
+    if not isinstance(args, tuple):
+        args = (args,)
+    plist = as_params_list(params)
+    if generator is None:
+        for p in plist:
+            if tuner_for(p.config).needs_generator(model, p):
+                raise ConfigError(
+                    f"adapter {p.adapter_name!r} draws random numbers in training mode (e.g. lora_dropout="
+                    f"{getattr(p.config, 'lora_dropout', '?')}): pass apply(..., generator=torch.Generator()"
+                    ".manual_seed(...)), or call model.eval()"
+                )
+    routes = bind_routes(model, plist, generator)
+    with routed(routes):
+        return model(*args, **dict(kwargs or {}))
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    state.update(dict(model.named_buffers(remove_duplicate=False)))
+    return state
+
+
+def merge(model: nn.Module, params: ParamsLike, base: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Base weights with every adapter in ``params`` folded in (applied in order).
+
+    Returns a new ``{name: tensor}`` dict covering ``base`` (default: the
+    model's parameters and buffers, tied weights under each name); only merged
+    entries are new tensors.  Feed it to ``torch.func.functional_call`` or
+    ``model.load_state_dict``.  Pure: neither the model nor ``base`` changes.
+    Each delta is computed in fp32 and rounded once to the weight's dtype.
+    """
+    state: Mapping[str, torch.Tensor] = _state(model) if base is None else base
+    for p in as_params_list(params):
+        t = tuner_for(p.config)
+        if t.merge is None:
+            raise ConfigError(f"{t.swift_type} has no merged form; keep it as an adapter")
+        state = t.merge(model, p, state)
+    return dict(state)
+
+
+def unmerge(model: nn.Module, params: ParamsLike, merged: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`merge` (adapters removed in reverse order). Pure.
+
+    Weight arithmetic can only restore the originals up to one rounding of the
+    dtype; when you have the original weights, use them (that is exact).
+    """
+    state: Mapping[str, torch.Tensor] = merged
+    for p in reversed(as_params_list(params)):
+        t = tuner_for(p.config)
+        if t.unmerge is None:
+            raise ConfigError(f"{t.swift_type} has no unmerge")
+        state = t.unmerge(model, p, state)
+    return dict(state)
+
+
+def validate(model: nn.Module, params: ParamsLike) -> None:
+    """Raise :class:`~functuner.errors.ParamsMismatchError` if any params do not fit ``model``."""
+    for p in as_params_list(params):
+        try:
+            tuner_for(p.config).validate(model, p)
+        except ParamsMismatchError:
+            raise

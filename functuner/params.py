@@ -1,0 +1,172 @@
+"""The immutable parameter container every tuner returns.
+
+A :class:`TunerParams` is a read-only mapping ``parameter name -> tensor`` plus
+static data (the tuner config and the adapter name).  Names follow SWIFT's /
+PEFT's in-memory naming relative to the *original* model, e.g.
+``model.layers.0.self_attn.q_proj.lora_A.default.weight``.
+
+It is a pytree node in three registries:
+
+* torch's own (``torch.utils._pytree``), which ``torch.func.grad``/``vmap`` and
+  ``torch.compile`` use;
+* optree's global namespace (plain ``optree.tree_map(f, params)`` works);
+* optree's ``"functuner"`` namespace, for code that always passes a namespace.
+
+The tensors are the leaves; names, config and adapter name are static aux
+data, so two params with the same structure and config have equal tree specs.
+Nothing here copies tensors: building, flattening and unflattening are O(#leaves)
+reference operations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import optree
+import torch
+import torch.utils._pytree as torch_pytree
+
+__all__ = ["TunerParams", "tree_map"]
+
+
+class TunerParams(Mapping[str, torch.Tensor]):
+    """Read-only mapping from parameter name to tensor, with static ``config`` and ``adapter_name``.
+
+    Purity: instances never change after construction; "updates" return new
+    instances (:meth:`replace`, :meth:`map`).  The tensors themselves are not
+    copied, so do not modify them in place if you rely on old values.
+    """
+
+    __slots__ = ("_tensors", "adapter_name", "config")
+
+    _tensors: dict[str, torch.Tensor]
+    config: Any
+    adapter_name: str
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], config: Any, adapter_name: str = "default") -> None:
+        object.__setattr__(self, "_tensors", dict(tensors))
+        object.__setattr__(self, "config", config)
+        object.__setattr__(self, "adapter_name", adapter_name)
+
+    # -- Mapping protocol -------------------------------------------------
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    # -- immutability -----------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"TunerParams is immutable; use .replace(...) instead of setting {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("TunerParams is immutable")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (TunerParams, (self._tensors, self.config, self.adapter_name))
+
+    # -- functional updates -----------------------------------------------
+    def replace(self, tensors: Mapping[str, torch.Tensor] | None = None, **static: Any) -> TunerParams:
+        """Return new params with some tensors (and/or ``config``/``adapter_name``) replaced.
+
+        Every name in ``tensors`` must already exist; use the tuner's ``init`` to add modules.
+        """
+        new = dict(self._tensors)
+        for name, value in (tensors or {}).items():
+            if name not in new:
+                raise KeyError(f"TunerParams has no tensor named {name!r}")
+            new[name] = value
+        unknown = set(static) - {"config", "adapter_name"}
+        if unknown:
+            raise TypeError(f"replace() got unexpected keyword(s) {sorted(unknown)}")
+        return TunerParams(new, static.get("config", self.config), static.get("adapter_name", self.adapter_name))
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TunerParams:
+        """Apply ``fn`` to every tensor, returning new params with the same static data."""
+        return TunerParams({k: fn(v) for k, v in self._tensors.items()}, self.config, self.adapter_name)
+
+    def to(self, *args: Any, **kwargs: Any) -> TunerParams:
+        """``Tensor.to`` on every tensor (dtype / device), returning new params."""
+        return self.map(lambda t: t.to(*args, **kwargs))
+
+    def detach(self) -> TunerParams:
+        return self.map(torch.Tensor.detach)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """A plain ``dict`` copy of the mapping (same tensor objects)."""
+        return dict(self._tensors)
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self._tensors.values())
+
+    def __eq__(self, other: object) -> bool:
+        """Structural equality plus exact tensor equality (for tests and caches)."""
+        if not isinstance(other, TunerParams):
+            return NotImplemented
+        if (self.config, self.adapter_name, list(self._tensors)) != (other.config, other.adapter_name, list(other._tensors)):
+            return False
+        return all(torch.equal(a, other._tensors[k]) for k, a in self._tensors.items())
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        n = self.num_parameters()
+        kind = type(self.config).__name__
+        return f"TunerParams({kind}, adapter={self.adapter_name!r}, tensors={len(self)}, numel={n})"
+
+
+# ---------------------------------------------------------------------------
+# pytree registration
+# ---------------------------------------------------------------------------
+def _flatten(p: TunerParams) -> tuple[list[torch.Tensor], tuple[tuple[str, ...], Any, str]]:
+    return list(p._tensors.values()), (tuple(p._tensors), p.config, p.adapter_name)
+
+
+def _unflatten_torch(leaves: Any, aux: tuple[tuple[str, ...], Any, str]) -> TunerParams:
+    names, config, adapter_name = aux
+    return TunerParams(dict(zip(names, leaves, strict=True)), config, adapter_name)
+
+
+def _flatten_with_keys(p: TunerParams) -> tuple[list[tuple[Any, torch.Tensor]], Any]:
+    leaves, aux = _flatten(p)
+    return [(torch_pytree.MappingKey(k), v) for k, v in zip(aux[0], leaves, strict=True)], aux
+
+
+torch_pytree.register_pytree_node(
+    TunerParams,
+    _flatten,
+    _unflatten_torch,
+    serialized_type_name="functuner.TunerParams",
+    flatten_with_keys_fn=_flatten_with_keys,
+)
+
+
+def _optree_flatten(p: TunerParams) -> tuple[list[torch.Tensor], Any, tuple[str, ...]]:
+    leaves, aux = _flatten(p)
+    return leaves, aux, aux[0]
+
+
+def _optree_unflatten(aux: Any, leaves: Any) -> TunerParams:
+    return _unflatten_torch(list(leaves), aux)
+
+
+optree.register_pytree_node(
+    TunerParams, _optree_flatten, _optree_unflatten, path_entry_type=optree.MappingEntry, namespace="functuner"
+)
+_GLOBAL_NS = getattr(optree.registry, "__GLOBAL_NAMESPACE", None)
+if _GLOBAL_NS is not None:  # plain optree.tree_map(fn, params) without a namespace
+    optree.register_pytree_node(
+        TunerParams, _optree_flatten, _optree_unflatten, path_entry_type=optree.MappingEntry, namespace=_GLOBAL_NS
+    )
+
+
+def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+    """``optree.tree_map`` in functuner's namespace (works on any nesting of params)."""
+    return optree.tree_map(fn, tree, *rest, namespace="functuner")

@@ -1,0 +1,162 @@
+"""How one call's tuner params reach the modules they adapt: per call, never module state.
+
+The design (see ``shared/design-notes.md``): ``torch.func.functional_call``
+swaps module attributes in place and is therefore not safe when two threads use
+one model.  functuner instead gives each adapted module a *slot* once: a forward
+hook (and, for tuners that change inputs, a forward pre-hook) that does nothing
+unless a call is under way.  The call's routes (``module -> slot functions``)
+travel in a :class:`contextvars.ContextVar` that :func:`routed` sets and resets,
+so concurrent threads and asyncio tasks each see only their own params.
+
+Slots are *dormant*: with no routes set, a slotted module computes exactly what
+it computed before (the hook returns ``None``); ``state_dict``, parameter names
+and module structure are unchanged.  :func:`remove_slots` takes them away.
+
+Under ``torch.compile`` (Dynamo cannot trace ``ContextVar.set``) the same routes
+travel in a ``threading.local``, which Dynamo traces; a compiled graph runs as
+one unit on one thread, so this keeps the same isolation.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ForwardSlot",
+    "PreSlot",
+    "Routes",
+    "current_routes",
+    "ensure_slots",
+    "remove_slots",
+    "routed",
+]
+
+# A forward slot function: (module, args, kwargs, output) -> new output.
+ForwardSlot = Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], Any]
+# A pre slot function: (module, args, kwargs) -> (args, kwargs).
+PreSlot = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+class Routes:
+    """What one call does at each slotted module.
+
+    ``forward[module]`` is a sequence of :data:`ForwardSlot` run in order on the
+    module's output; ``pre[module]`` a sequence of :data:`PreSlot` run on its
+    inputs.  Immutable by convention: built once per call, read by the hooks.
+    """
+
+    __slots__ = ("forward", "pre")
+
+    def __init__(
+        self,
+        forward: Mapping[nn.Module, Sequence[ForwardSlot]] | None = None,
+        pre: Mapping[nn.Module, Sequence[PreSlot]] | None = None,
+    ) -> None:
+        self.forward = forward or {}
+        self.pre = pre or {}
+
+
+_ROUTES: contextvars.ContextVar[Routes | None] = contextvars.ContextVar("functuner_routes", default=None)
+_COMPILED = threading.local()
+
+
+def current_routes() -> Routes | None:
+    """The routes of the call under way in this thread/task, or ``None``."""
+    if torch.compiler.is_compiling():
+        return getattr(_COMPILED, "routes", None)
+    return _ROUTES.get()
+
+
+@contextmanager
+def routed(routes: Routes | None) -> Iterator[None]:
+    """Make ``routes`` the current routes inside the ``with`` block (this thread/task only)."""
+    if torch.compiler.is_compiling():
+        prev = getattr(_COMPILED, "routes", None)
+        _COMPILED.routes = routes
+        try:
+            yield
+        finally:
+            _COMPILED.routes = prev
+    else:
+        token = _ROUTES.set(routes)
+        try:
+            yield
+        finally:
+            _ROUTES.reset(token)
+
+
+def _forward_slot_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+    routes = current_routes()
+    if routes is None:
+        return None
+    fns = routes.forward.get(module)
+    if fns is None:
+        return None
+    for fn in fns:
+        output = fn(module, args, kwargs, output)
+    return output
+
+
+def _pre_slot_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    routes = current_routes()
+    if routes is None:
+        return None
+    fns = routes.pre.get(module)
+    if fns is None:
+        return None
+    for fn in fns:
+        args, kwargs = fn(module, args, kwargs)
+    return args, kwargs
+
+
+_LOCK = threading.Lock()
+
+
+def _has_hook(hooks: Mapping[int, Any], fn: Any) -> bool:
+    return any(h is fn for h in hooks.values())
+
+
+def ensure_slots(modules: Sequence[nn.Module], *, pre: bool = False) -> None:
+    """Give each module a dormant slot (idempotent, thread-safe).
+
+    Detection looks at the module's own hook tables, so a ``copy.deepcopy`` of a
+    slotted model (which copies the hooks) is not slotted twice.  The hook is
+    registered ``prepend=True`` so the slot sees the module's own output before
+    any user hook, exactly where a wrapping layer would add its delta.
+    """
+    with _LOCK:
+        for m in modules:
+            if not _has_hook(m._forward_hooks, _forward_slot_hook):
+                m.register_forward_hook(_forward_slot_hook, with_kwargs=True, prepend=True)
+            if pre and not _has_hook(m._forward_pre_hooks, _pre_slot_hook):
+                m.register_forward_pre_hook(_pre_slot_hook, with_kwargs=True, prepend=True)
+
+
+def remove_slots(model: nn.Module) -> int:
+    """Remove every functuner slot from ``model`` and its submodules; returns how many modules had one."""
+    n = 0
+    with _LOCK:
+        for m in model.modules():
+            found = False
+            for table, kw_table, fn in (
+                (m._forward_hooks, m._forward_hooks_with_kwargs, _forward_slot_hook),
+                (m._forward_pre_hooks, m._forward_pre_hooks_with_kwargs, _pre_slot_hook),
+            ):
+                for hid in [k for k, h in table.items() if h is fn]:
+                    del table[hid]
+                    kw_table.pop(hid, None)
+                    found = True
+            n += found
+    return n
+
+
+def has_slot(module: nn.Module) -> bool:
+    """Whether ``module`` carries a functuner forward slot."""
+    return _has_hook(module._forward_hooks, _forward_slot_hook)

@@ -1,0 +1,158 @@
+"""The shape every tuner has: a config dataclass plus pure functions.
+
+A tuner is a :class:`Tuner` value (like optax's ``GradientTransformation``):
+
+* ``init(model, config, generator, adapter_name) -> TunerParams``: fresh params;
+  reads the model, never changes it.
+* ``routes(model, params, ctx) -> Routes``: the slot functions one call runs at
+  each adapted module (how ``apply`` injects the tuner without touching the model).
+* ``merge(model, params, base) -> dict`` / ``unmerge``: weight arithmetic on a
+  state mapping, ``None`` where the tuner's math has no merged form.
+* ``validate(model, params)``: raise :class:`~functuner.errors.ParamsMismatchError`
+  if ``params`` does not fit ``model``.
+
+Adding a tuner means adding one module with these functions and one line in
+:mod:`functuner.tuners`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..params import TunerParams
+from ..routing import Routes
+
+__all__ = ["CallContext", "Tuner", "TunerConfig", "override_slot", "resolve_dtype"]
+
+
+@dataclass(frozen=True, eq=False)
+class TunerConfig:
+    """Base of every tuner config: frozen, hashable by value, JSON round-trippable.
+
+    Subclasses are declared ``@dataclass(frozen=True, eq=False)`` so they keep
+    this class's value-based ``__eq__``/``__hash__``.
+
+    Lists given for sequence fields are stored as tuples so a config can be
+    static pytree aux data.  Use ``dataclasses.replace(cfg, r=16)`` to derive a
+    changed config.
+    """
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, list):
+                object.__setattr__(self, f.name, tuple(v))
+            elif isinstance(v, set):
+                object.__setattr__(self, f.name, tuple(sorted(v)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field (tuples become lists)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else copy.deepcopy(v)
+        return out
+
+    def _canonical(self) -> str:
+        return type(self).__name__ + json.dumps(self.to_dict(), sort_keys=True, default=repr)
+
+    def __hash__(self) -> int:
+        return hash(self._canonical())
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._canonical() == other._canonical()  # type: ignore[attr-defined]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, strict: bool = True) -> Any:
+        """Build a config from a dict; unknown keys raise :class:`ConfigError` when ``strict``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown and strict:
+            raise ConfigError(f"{cls.__name__} has no field(s) {unknown}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """Per-call options every tuner's ``routes`` sees.
+
+    ``generator`` drives random ops (dropout, noise); ``None`` means torch's
+    global RNG (the stateful shim's behaviour, like PEFT).
+    """
+
+    generator: torch.Generator | None = None
+
+
+class Tuner(NamedTuple):
+    """A tuner: its SWIFT type name, config class and pure functions."""
+
+    swift_type: str
+    config_cls: type
+    init: Callable[[nn.Module, Any, torch.Generator, str], TunerParams]
+    routes: Callable[[nn.Module, TunerParams, CallContext], Routes]
+    validate: Callable[[nn.Module, TunerParams], None]
+    merge: Callable[[nn.Module, TunerParams, Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    unmerge: Callable[[nn.Module, TunerParams, Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    needs_generator: Callable[[nn.Module, TunerParams], bool] = lambda model, params: False
+
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp64": torch.float64, "float64": torch.float64,
+}
+
+
+def resolve_dtype(value: str | torch.dtype | None, field: str) -> torch.dtype | None:
+    """Map SWIFT's dtype names (``'fp32'``, ``'bf16'``...) or a ``torch.dtype`` to a dtype."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    key = str(value).replace("torch.", "")
+    if key not in _DTYPES:
+        raise ConfigError(f"{field}={value!r} is not a dtype; use one of {sorted(_DTYPES)}")
+    return _DTYPES[key]
+
+
+def _clone_module_tree(module: nn.Module) -> nn.Module:
+    """A per-call shallow clone of ``module``'s tree with fresh parameter/module dicts.
+
+    Tensors are shared; only the dicts are new, so overriding parameters on the
+    clone is invisible to the original and to other threads.
+    """
+    clone = copy.copy(module)
+    clone.__dict__["_parameters"] = dict(module._parameters)
+    clone.__dict__["_buffers"] = dict(module._buffers)
+    clone.__dict__["_modules"] = {k: (_clone_module_tree(v) if v is not None else None) for k, v in module._modules.items()}
+    return clone
+
+
+def override_slot(overrides: Mapping[str, torch.Tensor]) -> Callable[..., Any]:
+    """A forward slot that recomputes the module with some parameters replaced.
+
+    ``overrides`` maps names relative to the module (``"weight"``,
+    ``"0.bias"``...) to tensors.  The base output is discarded and the module is
+    re-run on a per-call clone, so the original module is never written to.
+    """
+
+    def slot(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        clone = _clone_module_tree(module)
+        for name, tensor in overrides.items():
+            owner_path, _, leaf = name.rpartition(".")
+            owner = clone.get_submodule(owner_path) if owner_path else clone
+            owner.__dict__["_parameters"][leaf] = tensor
+        # hooks are shared with the original; our own slot on the clone finds no route and returns None
+        return clone(*args, **kwargs)
+
+    return slot
