@@ -24,7 +24,14 @@ import torch
 
 from .errors import CheckpointError
 
-__all__ = ["PEFT_PREFIX", "from_peft_state_dict", "rename_adapter", "to_peft_state_dict"]
+__all__ = [
+    "PEFT_PREFIX",
+    "from_peft_state_dict",
+    "from_swift_state_dict",
+    "rename_adapter",
+    "to_peft_state_dict",
+    "to_swift_state_dict",
+]
 
 PEFT_PREFIX = "base_model.model."
 
@@ -138,3 +145,57 @@ def rename_adapter(state: Mapping[str, torch.Tensor], old: str, new: str) -> dic
                 renamed.append(part)
         out[".".join(renamed)] = value
     return out
+
+
+def to_swift_state_dict(state: Mapping[str, torch.Tensor], adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """functuner names of one adapter -> SWIFT's on-disk names (``SwiftModel.save_pretrained``).
+
+    SWIFT keeps LoRA keys as they are in memory (adapter name inside, no
+    ``base_model.model.`` prefix) but stores ``modules_to_save`` copies at the
+    original module's keys: ``<module>.modules_to_save.<adapter>.<param>`` ->
+    ``<module>.<param>``.
+    """
+    marker = f".modules_to_save.{adapter_name}."
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if marker in key:
+            mod, _, rest = key.partition(marker)
+            key = f"{mod}.{rest}"
+        out[key] = value
+    return out
+
+
+def from_swift_state_dict(
+    state: Mapping[str, torch.Tensor],
+    adapter_name: str = "default",
+    modules_to_save: set[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """SWIFT's on-disk names -> functuner names (inverse of :func:`to_swift_state_dict`).
+
+    ``modules_to_save`` (from ``adapter_config.json``) names the modules whose
+    full copies the file holds at their original keys.  A key with PEFT's
+    ``base_model.model.`` prefix is an error naming the key (that file is in
+    PEFT layout, not SWIFT's).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(PEFT_PREFIX):
+            raise CheckpointError(f"key {key!r} has PEFT's {PEFT_PREFIX!r} prefix; this file is in PEFT layout, not SWIFT's")
+        new = key
+        is_lora = any(f".{part}.{adapter_name}" in key for part in _LORA_PARTS)
+        if not is_lora and modules_to_save:
+            module = _saved_module_of(key, modules_to_save)
+            if module is not None:
+                new = f"{module}.modules_to_save.{adapter_name}.{key[len(module) + 1:]}"
+        out[new] = value
+    return out
+
+
+def _saved_module_of(key: str, modules_to_save: set[str]) -> str | None:
+    """The module path inside ``key`` that a ``modules_to_save`` entry names (PEFT's exact-or-suffix rule)."""
+    parts = key.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        path = ".".join(parts[:end])
+        if any(path == m or path.endswith("." + m) for m in modules_to_save):
+            return path
+    return None
