@@ -15,12 +15,20 @@ and module structure are unchanged.  :func:`remove_slots` takes them away.
 Under ``torch.compile`` (Dynamo cannot trace ``ContextVar.set``) the same routes
 travel in a ``threading.local``, which Dynamo traces; a compiled graph runs as
 one unit on one thread, so this keeps the same isolation.
+
+Fallback for stateful wrappers (the SWIFT shim): a module may have a *default
+routes provider* (:func:`set_default_routes`), a zero-argument callable that
+returns the :class:`Routes` to use when no call has set any (``None`` = none).
+It is consulted only when :func:`current_routes` is ``None``: e.g. when
+``model.generate()`` or gradient-checkpoint recomputation reaches the inner
+model directly.  Routes set by :func:`routed` always win.
 """
 
 from __future__ import annotations
 
 import contextvars
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -34,8 +42,10 @@ __all__ = [
     "Routes",
     "current_routes",
     "ensure_slots",
+    "clear_default_routes",
     "remove_slots",
     "routed",
+    "set_default_routes",
 ]
 
 # A forward slot function: (module, args, kwargs, output) -> new output.
@@ -92,10 +102,40 @@ def routed(routes: Routes | None) -> Iterator[None]:
             _ROUTES.reset(token)
 
 
+# module -> zero-argument callable returning the Routes to use when none are set (see module docstring)
+_DEFAULT_PROVIDERS: weakref.WeakKeyDictionary[nn.Module, Callable[[], Routes | None]] = weakref.WeakKeyDictionary()
+
+
+def set_default_routes(modules: Sequence[nn.Module], provider: Callable[[], Routes | None]) -> None:
+    """Make ``provider()`` the routes of ``modules`` whenever no call has set routes.
+
+    ``provider`` is called once per slotted module call while no routes are set;
+    keep it cheap (return a prebuilt :class:`Routes`).  The modules need slots
+    (:func:`ensure_slots`; building routes with ``functuner.bind_routes`` installs them).
+    """
+    with _LOCK:
+        for m in modules:
+            _DEFAULT_PROVIDERS[m] = provider
+
+
+def clear_default_routes(modules: Sequence[nn.Module]) -> None:
+    """Remove the default routes provider of each module (no-op where there is none)."""
+    with _LOCK:
+        for m in modules:
+            _DEFAULT_PROVIDERS.pop(m, None)
+
+
+def _fallback_routes(module: nn.Module) -> Routes | None:
+    provider = _DEFAULT_PROVIDERS.get(module)
+    return None if provider is None else provider()
+
+
 def _forward_slot_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
     routes = current_routes()
     if routes is None:
-        return None
+        routes = _fallback_routes(module)
+        if routes is None:
+            return None
     fns = routes.forward.get(module)
     if fns is None:
         return None
@@ -107,7 +147,9 @@ def _forward_slot_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[st
 def _pre_slot_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     routes = current_routes()
     if routes is None:
-        return None
+        routes = _fallback_routes(module)
+        if routes is None:
+            return None
     fns = routes.pre.get(module)
     if fns is None:
         return None
