@@ -390,9 +390,7 @@ def init(model: nn.Module, config: LoRAConfig, generator: torch.Generator, adapt
     for name, module in selected:
         kind = _kind(module, name)
         r = config.rank_for(name)
-        fan_in, fan_out = _in_out(module, kind)
-        if r > min(fan_in, fan_out) and kind != "embedding":
-            raise ConfigError(f"r={r} for module {name!r} exceeds its size ({fan_in} -> {fan_out})")
+        # r larger than the module's fan-in/out is wasteful but valid (PEFT accepts it too)
         base_w = module.weight
         dtype = lora_dtype or base_w.dtype
         a_shape, b_shape, m_shape = _expected_shapes(module, kind, r)
