@@ -19,10 +19,12 @@ from .params import TunerParams, tree_map
 from .routing import remove_slots
 from .tuners import REGISTRY, Tuner, TunerConfig, register, tuner_for
 from .tuners.lora import LoRAConfig, LoraConfig, lora_delta
+from .tuners.longlora import LongLoRAConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LongLoRAConfig",
     "LoRAConfig",
     "LoraConfig",
     "REGISTRY",

@@ -37,3 +37,7 @@ def tuner_for(config: Any) -> Tuner:
 
 
 register(lora.tuner)
+
+from . import longlora  # noqa: E402
+
+register(longlora.tuner)
