@@ -1,0 +1,312 @@
+"""Small helpers for training tuner params with ``torch.distributed`` (DDP-style and under FSDP2).
+
+functuner does not bring its own distributed engine.  Tuner params are a
+pytree of ordinary tensors, so data parallelism is PyTorch's own collectives:
+
+* :func:`all_reduce_grads` averages a gradient pytree over the ranks (what
+  ``DistributedDataParallel`` does to ``.grad``), packing every leaf of one
+  dtype into a single flat bucket so each step costs one collective per dtype.
+* :func:`broadcast_params` makes every rank hold rank ``src``'s params.
+* :func:`run_on_rank0` / :func:`save_params_on_rank0` write a checkpoint from
+  rank 0 only, then wait on a barrier; a failure on rank 0 is raised on every
+  rank (nobody hangs).  :func:`load_params` reads it on every rank.
+* :func:`merge_sharded` folds an adapter into base weights that
+  ``torch.distributed.fsdp.fully_shard`` has sharded into DTensors, gathering
+  one adapted module's weights at a time and returning them re-sharded with the
+  original placements (or whole, with ``full=True``).
+
+Every helper works without an initialised process group (world size 1): it
+then does no communication and returns its input's values.  None of them
+writes to the tensors it is given; results are new tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+import torch.utils._pytree as torch_pytree
+from torch import nn
+
+from .core import as_params_list
+from .core import merge as _merge
+from .errors import CheckpointError, ParamsMismatchError
+from .params import TunerParams
+
+__all__ = [
+    "all_reduce_grads",
+    "broadcast_params",
+    "is_sharded",
+    "load_params",
+    "merge_sharded",
+    "rank_and_world",
+    "run_on_rank0",
+    "save_params_on_rank0",
+]
+
+T = TypeVar("T")
+
+
+def rank_and_world(group: Any = None) -> tuple[int, int]:
+    """``(rank, world size)`` in ``group``; ``(0, 1)`` when no process group is initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+# ---------------------------------------------------------------------------
+# bucketed collectives over pytrees
+# ---------------------------------------------------------------------------
+def _buckets(leaves: list[Any]) -> dict[tuple[torch.dtype, torch.device], list[int]]:
+    """Indices of tensor leaves grouped by (dtype, device): one flat bucket each."""
+    out: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            out.setdefault((leaf.dtype, leaf.device), []).append(i)
+    return out
+
+
+def _bucketed(tree: T, collective: Callable[[torch.Tensor], None]) -> T:
+    """Run ``collective`` in place on one flat copy per (dtype, device) of ``tree``'s tensor leaves.
+
+    Returns a pytree of the same structure whose tensor leaves are views into
+    the reduced buckets (new storage: the input tensors are never written).
+    Non-tensor leaves (``None``...) pass through.
+    """
+    leaves, spec = torch_pytree.tree_flatten(tree)
+    new = list(leaves)
+    for idx in _buckets(leaves).values():
+        parts = [leaves[i].detach().reshape(-1) for i in idx]
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+        collective(flat)
+        for i, chunk in zip(idx, flat.split([p.numel() for p in parts]), strict=True):
+            new[i] = chunk.view(leaves[i].shape)
+    return torch_pytree.tree_unflatten(new, spec)
+
+
+def all_reduce_grads(grads: T, group: Any = None, *, average: bool = True) -> T:
+    """Sum (``average=False``) or mean over ``group`` of a gradient pytree.
+
+    ``grads`` is any torch pytree of tensors: a :class:`TunerParams` from
+    ``torch.func.grad``, a dict, a list of ``p.grad``...  Every rank must call
+    this with the same structure, dtypes and shapes (a mismatch hangs or fails
+    inside ``torch.distributed``, as with DDP).  One ``all_reduce`` per
+    (dtype, device) bucket.  With equal local batch sizes and a mean loss, the
+    averaged gradient equals the gradient of the mean loss over the global
+    batch, which is what ``DistributedDataParallel`` computes.  Pure: returns
+    new tensors (detached), the input is untouched.
+    """
+    _, world = rank_and_world(group)
+    if world == 1:
+        return torch_pytree.tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, grads)
+
+    def reduce(flat: torch.Tensor) -> None:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        if average:
+            flat.div_(world)
+
+    return _bucketed(grads, reduce)
+
+
+def broadcast_params(params: T, src: int = 0, group: Any = None) -> T:
+    """Every rank gets rank ``src``'s values of a params pytree (one broadcast per dtype bucket).
+
+    ``src`` is a global rank, as in ``torch.distributed.broadcast``.  Use it
+    after ``init`` when ranks might have drawn different numbers, or after
+    loading a checkpoint on one rank only.  Pure: new (detached) tensors.
+    """
+    _, world = rank_and_world(group)
+    if world == 1:
+        return torch_pytree.tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, params)
+    return _bucketed(params, lambda flat: dist.broadcast(flat, src=src, group=group))
+
+
+# ---------------------------------------------------------------------------
+# checkpoints: written by rank 0, read by every rank
+# ---------------------------------------------------------------------------
+def run_on_rank0(fn: Callable[..., T], *args: Any, group: Any = None, **kwargs: Any) -> T | None:
+    """Call ``fn(*args, **kwargs)`` on rank 0 of ``group`` only, then synchronise every rank.
+
+    Returns ``fn``'s result on rank 0 and ``None`` elsewhere.  If ``fn`` raises
+    on rank 0, every rank raises (rank 0 its own exception, the others a
+    ``RuntimeError`` that says so), so no rank waits forever at a barrier.
+    """
+    rank, world = rank_and_world(group)
+    if world == 1:
+        return fn(*args, **kwargs)
+    result: T | None = None
+    error: BaseException | None = None
+    if rank == 0:
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:  # re-raised below, after telling the other ranks
+            error = exc
+    failed = [error is not None]
+    dist.broadcast_object_list(failed, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    if error is not None:
+        raise error
+    if failed[0]:
+        raise RuntimeError("run_on_rank0: the function failed on rank 0 (see rank 0's traceback)")
+    return result
+
+
+_FORMAT = "functuner.params.v1"
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_params_on_rank0(params: TunerParams, path: str | os.PathLike[str], group: Any = None) -> None:
+    """Write ``params`` to one safetensors file from rank 0 only; every rank returns once it is on disk.
+
+    Tensor names are functuner's (SWIFT's in-memory names); the adapter name
+    and config are kept in the file's metadata.  The write is atomic (a temp
+    file renamed into place), so a crash never leaves half a file at ``path``.
+    Call it on every rank (it contains a collective).
+    """
+    if not isinstance(params, TunerParams):
+        raise TypeError(f"save_params_on_rank0 expects TunerParams, got {type(params).__name__}")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in params.items()}
+    config = params.config
+    metadata = {
+        "format": _FORMAT,
+        "adapter_name": params.adapter_name,
+        "config_class": type(config).__name__,
+        "config": json.dumps(config.to_dict() if hasattr(config, "to_dict") else {}, default=repr),
+    }
+    run_on_rank0(_atomic_save, tensors, path, metadata, group=group)
+
+
+def load_params(path: str | os.PathLike[str], like: TunerParams, *, device: torch.device | str | None = None) -> TunerParams:
+    """Read params written by :func:`save_params_on_rank0` (on every rank; no collective, no unpickling).
+
+    ``like`` supplies the config, the adapter name and the expected names,
+    shapes and dtypes: a file that does not match it exactly raises
+    :class:`~functuner.errors.CheckpointError` naming the file and the keys
+    that differ.  Tensors are placed on ``device`` (default: where ``like``'s are).
+    """
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            keys = list(f.keys())
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except Exception as exc:  # safetensors raises its own types for corrupt files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    if meta.get("format") != _FORMAT:
+        raise CheckpointError(f"{path}: metadata format is {meta.get('format')!r}, expected {_FORMAT!r}")
+    if meta.get("adapter_name") != like.adapter_name:
+        raise CheckpointError(f"{path}: holds adapter {meta.get('adapter_name')!r}, expected {like.adapter_name!r}")
+    missing, unexpected = sorted(set(like) - set(keys)), sorted(set(keys) - set(like))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: keys differ from the expected params: missing {missing}, unexpected {unexpected}")
+    for k, ref in like.items():
+        got = tensors[k]
+        if got.shape != ref.shape or got.dtype != ref.dtype:
+            raise CheckpointError(
+                f"{path}: {k!r} is {got.dtype} {tuple(got.shape)}, expected {ref.dtype} {tuple(ref.shape)}"
+            )
+    out = {k: tensors[k].to(device if device is not None else like[k].device) for k in like}
+    return TunerParams(out, like.config, like.adapter_name)
+
+
+# ---------------------------------------------------------------------------
+# merge over FSDP2-sharded weights
+# ---------------------------------------------------------------------------
+def _is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is a DTensor (e.g. after ``fully_shard``)."""
+    return any(_is_dtensor(p) for p in model.parameters())
+
+
+def _owner(key: str, module_names: set[str]) -> str:
+    """The longest module name of the model that prefixes ``key`` (``""``: the root)."""
+    parts = key.split(".")
+    for n in range(len(parts) - 1, 0, -1):
+        cand = ".".join(parts[:n])
+        if cand in module_names:
+            return cand
+    return ""
+
+
+def merge_sharded(model: nn.Module, params: TunerParams | list[TunerParams], *, full: bool = False) -> dict[str, torch.Tensor]:
+    """:func:`functuner.merge` for a model whose weights ``fully_shard`` turned into DTensors.
+
+    Returns ``{name: tensor}`` for the model's parameters and buffers (every
+    tied name).  Entries the adapter does not touch are the model's own
+    tensors (still sharded DTensors, never gathered).  Each adapted module's
+    weights are gathered with ``DTensor.full_tensor()`` one module at a time,
+    merged in fp32 exactly as :func:`functuner.merge` does (rounded once), and
+    then either re-sharded with the original mesh and placements (default; each
+    rank keeps only its shard, no further communication since every rank
+    computed the same values) or returned whole (``full=True``, for export).
+
+    Peak extra memory per rank: the full weights of one adapted module plus
+    their merged copy.  Collective: call on every rank, with the same params.
+    Pure: the model and the params are not written.  Works unsharded too
+    (then it is :func:`functuner.merge`).
+    """
+    from torch.distributed.tensor import distribute_tensor
+
+    state: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    state.update(dict(model.named_buffers(remove_duplicate=False)))
+    module_names = {n for n, _ in model.named_modules()}
+    out = dict(state)
+    for p in as_params_list(params):
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in p.items():
+            groups.setdefault(_owner(key, module_names), {})[key] = tensor
+        for owner in sorted(groups):
+            sub = TunerParams(groups[owner], p.config, p.adapter_name)
+            prefix = owner + "." if owner else ""
+            local_keys = [k for k in out if k.startswith(prefix)] if owner else list(out)
+            gathered: dict[int, torch.Tensor] = {}  # id(original) -> full tensor, so ties stay ties
+            base: dict[str, torch.Tensor] = {}
+            for k in local_keys:
+                t = out[k]
+                if id(t) not in gathered:
+                    gathered[id(t)] = t.full_tensor() if _is_dtensor(t) else t
+                base[k] = gathered[id(t)]
+            try:
+                merged = _merge(model, sub, base=base)
+            except KeyError as exc:
+                raise ParamsMismatchError(f"merge_sharded: module {owner!r} lacks {exc}") from None
+            for k in local_keys:
+                new = merged[k]
+                if new is base[k]:
+                    continue  # untouched: keep the (sharded) original
+                old = out[k]
+                if _is_dtensor(old) and not full:
+                    new = distribute_tensor(new.to(old.dtype), old.device_mesh, old.placements, src_data_rank=None)
+                for alias, t in list(out.items()):  # tied names outside this module follow
+                    if t is old:
+                        out[alias] = new
+    return out

@@ -1,0 +1,497 @@
+"""Distributed training of tuner params with torch.distributed: DDP, FSDP2, rank-0 checkpoints.
+
+Two CPU processes (gloo backend) are started once per module with
+``torch.multiprocessing.spawn``; they run every scenario in turn, each in its
+own process group (a ``FileStore`` in a temporary folder: no ports), torn down
+with ``destroy_process_group`` at the end of the scenario.  Each rank writes
+its results to safetensors files; the tests below compare them with a
+single-process run in this (pytest) process, on the same global batch:
+losses and tuner params after ``STEPS`` SGD steps must agree to 1e-5 relative
+(fp32).
+
+A scenario that raises on a rank records the traceback in a file and the
+matching test fails with it; collectives time out after ``PG_TIMEOUT`` so a
+one-sided failure cannot hang the suite.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+import functuner as ft
+from functuner import distributed as ftd
+from functuner.errors import CheckpointError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WORLD = 2
+STEPS = 3
+LR = 0.5
+GLOBAL_BATCH = 4
+SEQ = 16
+RTOL = 1e-5
+PG_TIMEOUT = datetime.timedelta(seconds=40)
+
+
+# ---------------------------------------------------------------------------
+# the shared setup: same model, params and batch on every rank and in the reference
+# ---------------------------------------------------------------------------
+def _setup(use_dora: bool):
+    from conftest import tiny_llama
+
+    model = tiny_llama(seed=0)
+    model.requires_grad_(False)
+    config = ft.LoRAConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=use_dora)
+    params = ft.init(model, config, generator=0)
+    ids = torch.randint(0, 64, (GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    return model, params, ids
+
+
+def _loss(params, model, ids):
+    return ft.apply(model, params, (ids,), {"labels": ids}).loss
+
+
+def _sgd(params, grads):
+    return ft.TunerParams({k: (params[k] - LR * grads[k]).detach() for k in params}, params.config, params.adapter_name)
+
+
+def _train_single_process(use_dora: bool):
+    """The reference: one process, the whole global batch, torch.func gradients."""
+    model, params, ids = _setup(use_dora)
+    losses = []
+    for _ in range(STEPS):
+        grads, loss = torch.func.grad_and_value(_loss)(params, model, ids)
+        params = _sgd(params, grads)
+        losses.append(loss.item())
+    return model, params, losses
+
+
+def _local(ids: torch.Tensor, rank: int) -> torch.Tensor:
+    per = GLOBAL_BATCH // WORLD
+    return ids[rank * per:(rank + 1) * per]
+
+
+# ---------------------------------------------------------------------------
+# scenarios run on every rank (inside the spawned processes)
+# ---------------------------------------------------------------------------
+def _write(out: pathlib.Path, name: str, rank: int, params, losses, **extra: torch.Tensor) -> None:
+    tensors = {k: v.detach().contiguous() for k, v in params.items()}
+    tensors["__losses__"] = torch.tensor(losses, dtype=torch.float64)
+    tensors.update({f"__{k}__": v.contiguous() for k, v in extra.items()})
+    save_file(tensors, str(out / f"{name}.rank{rank}.safetensors"))
+
+
+def _scenario_ddp_functional(rank: int, out: pathlib.Path) -> None:
+    """torch.func gradients on the local half batch, averaged with all_reduce_grads; rank-0 checkpoint."""
+    model, params, ids = _setup(False)
+    local = _local(ids, rank)
+    losses = []
+    for _ in range(STEPS):
+        grads, loss = torch.func.grad_and_value(_loss)(params, model, local)
+        grads = ftd.all_reduce_grads(grads)
+        params = _sgd(params, grads)
+        losses.append(ftd.all_reduce_grads(loss.detach()).item())
+    path = out / "ckpt" / "ddp_functional.safetensors"
+    ftd.save_params_on_rank0(params, path)
+    loaded = ftd.load_params(path, like=params)  # every rank reads the file rank 0 wrote
+    assert loaded.keys() == params.keys()
+    assert all(torch.equal(loaded[k], params[k]) for k in params), "loaded checkpoint differs from this rank's params"
+    _write(out, "ddp_functional", rank, params, losses)
+
+
+class _Holder(torch.nn.Module):
+    """Tuner tensors as ``nn.Parameter``s of a small module, routed into the base model per call."""
+
+    def __init__(self, model: torch.nn.Module, params: ft.TunerParams) -> None:
+        super().__init__()
+        self.model = model
+        self.names = list(params)
+        self.tensors = torch.nn.ParameterList([torch.nn.Parameter(params[k].clone()) for k in self.names])
+        self.config, self.adapter_name = params.config, params.adapter_name
+
+    def params(self) -> ft.TunerParams:
+        return ft.TunerParams(dict(zip(self.names, self.tensors, strict=True)), self.config, self.adapter_name)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        with ft.routing.routed(ft.bind_routes(self.model, self.params())):
+            return self.model(ids, labels=ids).loss
+
+
+def _scenario_ddp_eager(rank: int, out: pathlib.Path) -> None:
+    """DistributedDataParallel over a module holding the LoRA tensors; loss.backward(); torch.optim.SGD."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model, params, ids = _setup(False)
+    ddp = DDP(_Holder(model, params))
+    opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+    local = _local(ids, rank)
+    losses = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        loss = ddp(local)
+        loss.backward()  # DDP averages the LoRA gradients across ranks here
+        opt.step()
+        losses.append(ftd.all_reduce_grads(loss.detach()).item())
+    _write(out, "ddp_eager", rank, ddp.module.params(), losses)
+
+
+def _shard(model: torch.nn.Module):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    local = total = 0
+    for name, p in model.named_parameters():
+        assert isinstance(p, DTensor), f"{name} is not sharded"
+        local += p.to_local().numel()
+        total += p.numel()
+    return local, total
+
+
+def _scenario_fsdp2(rank: int, out: pathlib.Path, use_dora: bool, functional: bool) -> None:
+    """fully_shard on every decoder layer and the root: base weights sharded, tuner params replicated."""
+    from torch.distributed.tensor import DTensor
+
+    model, params, ids = _setup(use_dora)
+    local_numel, total_numel = _shard(model)
+    local = _local(ids, rank)
+    losses = []
+    for _ in range(STEPS):
+        if functional:
+            grads, loss = torch.func.grad_and_value(_loss)(params, model, local)
+        else:
+            leaves = params.map(lambda t: t.detach().requires_grad_(True))
+            loss = _loss(leaves, model, local)
+            loss.backward()
+            grads = {k: v.grad for k, v in leaves.items()}
+        grads = ftd.all_reduce_grads(grads)
+        params = _sgd(params, grads)
+        losses.append(ftd.all_reduce_grads(loss.detach()).item())
+    name = f"fsdp2_{'dora' if use_dora else 'lora'}_{'functional' if functional else 'eager'}"
+    extra = {"local_numel": torch.tensor(local_numel), "total_numel": torch.tensor(total_numel)}
+    original = dict(model.named_parameters(remove_duplicate=False))
+    full = ftd.merge_sharded(model, params, full=True)
+    sharded = ftd.merge_sharded(model, params)
+    changed = sorted(k for k in original if full[k] is not original[k])
+    assert changed, "merge_sharded changed nothing"
+    for k, t in original.items():
+        if k not in changed:
+            assert sharded[k] is t, f"{k} is not adapted but was not passed through"
+            continue
+        assert not isinstance(full[k], DTensor)
+        assert isinstance(sharded[k], DTensor) and sharded[k].placements == t.placements, k
+        assert sharded[k].to_local().shape == t.to_local().shape, k
+        assert torch.equal(sharded[k].full_tensor(), full[k]), k
+    extra.update({f"merged.{k}": full[k] for k in changed})
+    _write(out, name, rank, params, losses, **extra)
+
+
+def _scenario_collectives(rank: int, out: pathlib.Path) -> None:
+    """Bucketed all-reduce over mixed dtypes, broadcast of rank-dependent init, rank-0-only calls."""
+    grads = {
+        "a": torch.full((3, 2), float(rank + 1)),
+        "b": torch.arange(5, dtype=torch.bfloat16) * (rank + 1),
+        "c": torch.tensor(2.0 * rank),
+    }
+    summed = ftd.all_reduce_grads(grads, average=False)
+    mean = ftd.all_reduce_grads(grads)
+    assert torch.equal(grads["a"], torch.full((3, 2), float(rank + 1))), "input was written to"
+    model, _, _ = _setup(False)
+    mine = ft.init(model, ft.LoRAConfig(r=4, target_modules=["q_proj"], init_lora_weights="gaussian"),
+                   generator=100 + rank)
+    got = ftd.broadcast_params(mine)
+    assert isinstance(got, ft.TunerParams) and got.config == mine.config
+
+    marker = out / "rank0_calls.txt"
+
+    def append_rank() -> str:
+        with open(marker, "a") as f:
+            f.write(str(dist.get_rank()))
+        return "done"
+
+    result = ftd.run_on_rank0(append_rank)
+    assert result == ("done" if rank == 0 else None), result
+
+    def fail() -> None:
+        raise ValueError("disk full")
+
+    try:
+        ftd.run_on_rank0(fail)
+    except ValueError as exc:
+        assert rank == 0 and "disk full" in str(exc)
+        raised = "ValueError"
+    except RuntimeError as exc:
+        assert rank == 1 and "rank 0" in str(exc)
+        raised = "RuntimeError"
+    else:
+        raise AssertionError("run_on_rank0 swallowed the failure")
+    (out / f"raised.rank{rank}.txt").write_text(raised)
+    _write(out, "collectives", rank, got, [0.0], sum_a=summed["a"], sum_b=summed["b"], sum_c=summed["c"],
+           mean_a=mean["a"], mean_b=mean["b"], mean_c=mean["c"])
+
+
+SCENARIOS = {
+    "collectives": _scenario_collectives,
+    "ddp_functional": _scenario_ddp_functional,
+    "ddp_eager": _scenario_ddp_eager,
+    "fsdp2_lora_functional": lambda r, o: _scenario_fsdp2(r, o, use_dora=False, functional=True),
+    "fsdp2_lora_eager": lambda r, o: _scenario_fsdp2(r, o, use_dora=False, functional=False),
+    "fsdp2_dora_eager": lambda r, o: _scenario_fsdp2(r, o, use_dora=True, functional=False),
+}
+
+
+def _worker(rank: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    out = pathlib.Path(out_dir)
+    for name in SCENARIOS:
+        store = dist.FileStore(str(out / f"store.{name}"), WORLD)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=PG_TIMEOUT)
+        try:
+            SCENARIOS[name](rank, out)
+        except Exception:
+            (out / f"{name}.rank{rank}.error").write_text(traceback.format_exc())
+        finally:
+            dist.destroy_process_group()
+        assert not dist.is_initialized()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("distributed")
+    mp.spawn(_worker, args=(str(out),), nprocs=WORLD, join=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_lora():
+    return _train_single_process(use_dora=False)
+
+
+@pytest.fixture(scope="module")
+def reference_dora():
+    return _train_single_process(use_dora=True)
+
+
+def _results(out: pathlib.Path, name: str) -> list[dict[str, torch.Tensor]]:
+    errors = [p.read_text() for p in sorted(out.glob(f"{name}.rank*.error"))]
+    assert not errors, f"scenario {name} failed on a rank:\n" + "\n".join(errors)
+    return [load_file(str(out / f"{name}.rank{r}.safetensors")) for r in range(WORLD)]
+
+
+def _assert_close_rel(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """Elementwise within RTOL relative to the tensor's scale (max |want|), fp32."""
+    scale = want.abs().max().item() or 1.0
+    err = (got.double() - want.double()).abs().max().item()
+    assert err <= RTOL * scale, f"{what}: max abs diff {err:.3e} exceeds {RTOL} x scale {scale:.3e}"
+
+
+def _assert_matches_reference(out: pathlib.Path, name: str, reference) -> list[dict[str, torch.Tensor]]:
+    _, ref_params, ref_losses = reference
+    results = _results(out, name)
+    for rank, res in enumerate(results):
+        losses = res["__losses__"].tolist()
+        assert len(losses) == STEPS
+        for step, (a, b) in enumerate(zip(losses, ref_losses, strict=True)):
+            assert math.isclose(a, b, rel_tol=RTOL), f"{name} rank {rank} step {step}: loss {a} vs single-process {b}"
+        tuner = {k: v for k, v in res.items() if not k.startswith("__")}
+        assert tuner.keys() == set(ref_params), f"{name}: params keys differ"
+        for k in ref_params:
+            _assert_close_rel(tuner[k], ref_params[k], f"{name} rank {rank} {k}")
+    # training moved the params (a test that passes on untrained params would prove nothing)
+    _, init_params, _ = _setup(ref_params.config.use_dora)
+    assert any(not torch.allclose(ref_params[k], init_params[k]) for k in ref_params)
+    return results
+
+
+# ---------------------------------------------------------------------------
+# tests
+# ---------------------------------------------------------------------------
+def test_ddp_functional_matches_single_process(runs, reference_lora) -> None:
+    _assert_matches_reference(runs, "ddp_functional", reference_lora)
+
+
+def test_ddp_eager_module_matches_single_process(runs, reference_lora) -> None:
+    _assert_matches_reference(runs, "ddp_eager", reference_lora)
+
+
+@pytest.mark.parametrize("name", ["fsdp2_lora_functional", "fsdp2_lora_eager"])
+def test_fsdp2_lora_matches_single_process(runs, reference_lora, name) -> None:
+    results = _assert_matches_reference(runs, name, reference_lora)
+    for res in results:  # each rank holds about half of the base weights
+        assert res["__local_numel__"].item() <= math.ceil(res["__total_numel__"].item() / WORLD) + 64
+
+
+def test_fsdp2_dora_matches_single_process(runs, reference_dora) -> None:
+    _assert_matches_reference(runs, "fsdp2_dora_eager", reference_dora)
+
+
+@pytest.mark.parametrize(("name", "ref"), [("fsdp2_lora_eager", "reference_lora"), ("fsdp2_dora_eager", "reference_dora")])
+def test_merge_sharded_equals_single_process_merge(runs, request, name, ref) -> None:
+    model, ref_params, _ = request.getfixturevalue(ref)
+    want = ft.merge(model, ref_params)
+    merged = {k[len("__merged."):-2]: v for k, v in _results(runs, name)[0].items() if k.startswith("__merged.")}
+    base = dict(model.named_parameters())
+    changed = {k for k in base if not torch.equal(want[k], base[k])}
+    assert set(merged) == changed
+    for k, v in merged.items():
+        _assert_close_rel(v, want[k], f"merged {k}")
+
+
+def test_checkpoint_from_rank0_equals_single_process_checkpoint(runs, reference_lora, tmp_path) -> None:
+    _, ref_params, _ = reference_lora
+    single = tmp_path / "single.safetensors"
+    ftd.save_params_on_rank0(ref_params, single)  # no process group: plain save
+    from safetensors import safe_open
+
+    dist_file = runs / "ckpt" / "ddp_functional.safetensors"
+    with safe_open(str(dist_file), "pt") as f, safe_open(str(single), "pt") as g:
+        assert f.metadata() == g.metadata()
+        assert sorted(f.keys()) == sorted(g.keys()) == sorted(ref_params)
+        for k in f.keys():
+            _assert_close_rel(f.get_tensor(k), g.get_tensor(k), f"checkpoint {k}")
+    assert [p.name for p in dist_file.parent.iterdir()] == ["ddp_functional.safetensors"], "temp files left behind"
+    assert ftd.load_params(dist_file, like=ref_params).keys() == ref_params.keys()
+
+
+def test_collectives_and_rank0_calls(runs) -> None:
+    results = _results(runs, "collectives")
+    for rank, res in enumerate(results):
+        assert torch.equal(res["__sum_a__"], torch.full((3, 2), 3.0))
+        assert torch.equal(res["__sum_b__"], torch.arange(5, dtype=torch.bfloat16) * 3)
+        assert res["__sum_b__"].dtype == torch.bfloat16
+        assert torch.equal(res["__sum_c__"], torch.tensor(2.0))
+        assert torch.equal(res["__mean_a__"], torch.full((3, 2), 1.5))
+        assert torch.equal(res["__mean_b__"], torch.arange(5, dtype=torch.bfloat16) * 1.5)
+        assert torch.equal(res["__mean_c__"], torch.tensor(1.0))
+        model, _, _ = _setup(False)
+        rank0 = ft.init(model, ft.LoRAConfig(r=4, target_modules=["q_proj"], init_lora_weights="gaussian"),
+                        generator=100)
+        for k in rank0:
+            assert torch.equal(res[k], rank0[k]), f"rank {rank} did not receive rank 0's {k}"
+    assert (runs / "rank0_calls.txt").read_text() == "0", "run_on_rank0 ran on a rank other than 0"
+    assert (runs / "raised.rank0.txt").read_text() == "ValueError"
+    assert (runs / "raised.rank1.txt").read_text() == "RuntimeError"
+
+
+# ---------------------------------------------------------------------------
+# single-process behaviour (no process group)
+# ---------------------------------------------------------------------------
+_DTYPES = st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])
+_SHAPES = st.lists(st.integers(0, 4), min_size=0, max_size=3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(_SHAPES, _DTYPES), min_size=1, max_size=6), st.integers(0, 2**31 - 1))
+def test_buckets_round_trip_any_pytree(leaves, seed) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    tree = {f"t{i}": [torch.randn(shape, generator=gen).to(dtype), None] for i, (shape, dtype) in enumerate(leaves)}
+    seen = []
+    back = ftd._bucketed(tree, lambda flat: seen.append(flat.dtype))
+    assert len(seen) == len({d for _, d in leaves}), "one bucket per dtype"
+    for k, (t, none) in tree.items():
+        assert none is None and back[k][1] is None
+        assert back[k][0].dtype == t.dtype and back[k][0].shape == t.shape and torch.equal(back[k][0], t)
+        assert back[k][0].data_ptr() != t.data_ptr() or t.numel() == 0
+
+
+def test_without_process_group_helpers_are_local(reference_lora, tmp_path) -> None:
+    assert not dist.is_initialized() and ftd.rank_and_world() == (0, 1)
+    model, params, _ = reference_lora
+    for fn in (ftd.all_reduce_grads, ftd.broadcast_params):
+        got = fn(params)
+        assert got == params and all(got[k] is not params[k] for k in params)
+    assert ftd.run_on_rank0(lambda x: x + 1, 1) == 2
+    assert not ftd.is_sharded(model)
+    merged = ftd.merge_sharded(model, params)
+    want = ft.merge(model, params)
+    assert merged.keys() == want.keys() and all(torch.equal(merged[k], want[k]) for k in want)
+
+
+def test_load_params_rejects_mismatched_files(reference_lora, tmp_path) -> None:
+    _, params, _ = reference_lora
+    good = tmp_path / "good.safetensors"
+    ftd.save_params_on_rank0(params, good)
+    first = next(iter(params))
+
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        ftd.load_params(tmp_path / "absent.safetensors", like=params)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 20)
+    with pytest.raises(CheckpointError, match="garbage.safetensors"):
+        ftd.load_params(garbage, like=params)
+    tensors = load_file(str(good))
+    meta = {"format": "functuner.params.v1", "adapter_name": "default"}
+    missing = tmp_path / "missing.safetensors"
+    save_file({k: v for k, v in tensors.items() if k != first}, str(missing), metadata=meta)
+    with pytest.raises(CheckpointError, match=rf"missing.safetensors.*missing \['{first}'\]"):
+        ftd.load_params(missing, like=params)
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({**tensors, first: tensors[first].double()}, str(wrong), metadata=meta)
+    with pytest.raises(CheckpointError, match="torch.float64"):
+        ftd.load_params(wrong, like=params)
+    other = tmp_path / "other.safetensors"
+    save_file(tensors, str(other), metadata={**meta, "adapter_name": "other"})
+    with pytest.raises(CheckpointError, match="'other'"):
+        ftd.load_params(other, like=params)
+    plain = tmp_path / "plain.safetensors"
+    save_file(tensors, str(plain))
+    with pytest.raises(CheckpointError, match="format"):
+        ftd.load_params(plain, like=params)
+    assert json.loads(load_meta(good)["config"])["r"] == params.config.r
+
+
+def load_meta(path: pathlib.Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata())
+
+
+def test_failed_save_leaves_no_file(tmp_path) -> None:
+    target = tmp_path / "ckpt.safetensors"
+    shared = torch.zeros(4)
+    with pytest.raises(RuntimeError, match="share memory"):  # safetensors refuses aliased tensors
+        ftd._atomic_save({"a": shared, "b": shared}, target, {})
+    assert list(tmp_path.iterdir()) == [], "a failed save left files behind"
+
+
+# ---------------------------------------------------------------------------
+# the example script, under torchrun (2 processes) and alone: same checkpoint
+# ---------------------------------------------------------------------------
+def test_example_under_torchrun_matches_single_process(tmp_path) -> None:
+    script = ROOT / "examples" / "distributed_lora.py"
+    torchrun = shutil.which("torchrun") or None
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    cmd_multi = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]) + [
+        "--standalone", "--nproc_per_node", str(WORLD), str(script), "--fsdp", "--out", str(multi)]
+    r = subprocess.run(cmd_multi, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = subprocess.run([sys.executable, str(script), "--out", str(single)], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    a = load_file(str(multi / "adapter.safetensors"))
+    b = load_file(str(single / "adapter.safetensors"))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        _assert_close_rel(a[k], b[k], f"example checkpoint {k}")
+    assert "final loss" in r.stdout
