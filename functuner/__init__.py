@@ -19,6 +19,7 @@ from .params import TunerParams, tree_map
 from .routing import remove_slots
 from .tuners import REGISTRY, Tuner, TunerConfig, register, tuner_for
 from .tuners.lora import LoRAConfig, LoraConfig, lora_delta
+from .swift import Swift, SwiftConfig, SwiftModel
 from .tuners.longlora import LongLoRAConfig
 
 __version__ = "0.1.0"
@@ -28,6 +29,9 @@ __all__ = [
     "LoRAConfig",
     "LoraConfig",
     "REGISTRY",
+    "Swift",
+    "SwiftConfig",
+    "SwiftModel",
     "Tuner",
     "TunerConfig",
     "TunerParams",

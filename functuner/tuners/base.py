@@ -82,6 +82,23 @@ class TunerConfig:
             raise ConfigError(f"{cls.__name__} has no field(s) {unknown}")
         return cls(**{k: v for k, v in data.items() if k in names})
 
+    # SWIFT's SwiftConfig interface (functuner.SwiftConfig is this class); disk I/O lives in functuner.checkpoint.
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write ``save_directory/adapter_config.json`` (fields plus ``swift_type``), atomically, as SWIFT does."""
+        from ..checkpoint import write_adapter_config
+
+        write_adapter_config(save_directory, self, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs: Any) -> Any:
+        """Read ``adapter_config.json`` from a directory or ModelScope hub id; the class comes from ``swift_type``."""
+        from ..checkpoint import read_adapter_config
+
+        config = read_adapter_config(pretrained_model_name_or_path, **kwargs)
+        if cls is not TunerConfig and not isinstance(config, cls):
+            raise ConfigError(f"{pretrained_model_name_or_path}: holds a {type(config).__name__}, not a {cls.__name__}")
+        return config
+
 
 @dataclass(frozen=True)
 class CallContext:

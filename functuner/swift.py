@@ -1,0 +1,952 @@
+"""The SWIFT-compatible stateful shim: ``Swift``, ``SwiftModel``, ``SwiftConfig``.
+
+Switching from ModelScope SWIFT is one import::
+
+    from functuner import Swift, SwiftModel, LoRAConfig
+
+The shim is thin.  It *holds* state and calls the functional core for
+everything else:
+
+* each adapter's tensors, as ``nn.Parameter``s registered on small holder
+  modules inside the wrapped model, so ``named_parameters()`` shows SWIFT's
+  names (``base_model.model.layers.0.self_attn.q_proj.lora_A.default.weight``)
+  and ordinary optimizers / ``transformers.Trainer`` train them;
+* which adapters are active (globally, or per thread with ``USE_UNIQUE_THREAD=0``);
+* merged state (the original weight ``Parameter`` objects, swapped back on unmerge).
+
+The forward goes through the core's slots: the shim installs a default routes
+provider on every adapted module (:func:`functuner.routing.set_default_routes`)
+returning routes built by :func:`functuner.bind_routes` from the active
+adapters, so ``model.generate()``, direct calls of the inner model and
+gradient-checkpoint recomputation all see the active adapters.  Tuner math
+lives in the tuners, key renaming in :mod:`functuner.keys`, disk I/O in
+:mod:`functuner.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+import threading
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from inspect import Parameter, Signature, signature
+from pathlib import Path
+from types import MethodType
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import checkpoint as ckpt
+from . import keys
+from .core import bind_routes
+from .core import merge as core_merge
+from .errors import AdapterNameError, CheckpointError, ConfigError, ParamsMismatchError
+from .hub import resolve_model_dir
+from .naming import check_adapter_name
+from .params import TunerParams
+from .routing import Routes, set_default_routes
+from .tuners import tuner_for
+from .tuners.base import TunerConfig
+from .tuners.lora import LoRAConfig
+
+__all__ = ["Swift", "SwiftConfig", "SwiftModel"]
+
+#: SWIFT's config base class.  Every functuner config is one (``isinstance(LoRAConfig(), SwiftConfig)``);
+#: ``SwiftConfig.from_pretrained(dir)`` builds the right config class from ``swift_type``.
+SwiftConfig = TunerConfig
+
+USE_UNIQUE_THREAD = "USE_UNIQUE_THREAD"
+DEFAULT_ADAPTER = "default"
+
+
+class _Holder(nn.Module):
+    """Holds tuner tensors so they appear under SWIFT's parameter names. Never called."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - defensive
+        raise RuntimeError("a functuner parameter holder is not a layer; it is never called")
+
+
+@dataclass
+class _Adapter:
+    """One adapter held by the shim: its config, its parameters and where they live.
+
+    ``tensors`` maps functuner names to the live ``nn.Parameter`` objects;
+    ``shared`` are names that are the base model's own parameters (trainable
+    biases); ``offload`` is ``None``, ``'cpu'`` or ``'meta'``.
+    """
+
+    name: str
+    config: Any
+    tensors: dict[str, nn.Parameter]
+    shared: frozenset[str]
+    modules: tuple[nn.Module, ...]
+    devices: dict[str, torch.device] = field(default_factory=dict)
+    offload: str | None = None
+    offload_file: str | None = None
+
+    @property
+    def params(self) -> TunerParams:
+        """The adapter as functuner params (the live parameters, not copies)."""
+        return TunerParams(self.tensors, self.config, self.name)
+
+    @property
+    def swift_type(self) -> str:
+        return tuner_for(self.config).swift_type
+
+
+class _ThreadState:
+    __slots__ = ("active", "routes", "version", "__weakref__")
+
+    def __init__(self, active: set[str]) -> None:
+        self.active = set(active)
+        self.routes: Routes | None = None
+        self.version = -1
+
+
+class _State:
+    """Everything the shim mutates, shared by re-wrapped ``SwiftModel``s of one model."""
+
+    def __init__(self, model: nn.Module, per_thread: bool) -> None:
+        self.model = model
+        self.adapters: dict[str, _Adapter] = {}
+        self.active: set[str] = set()
+        self.per_thread = per_thread
+        self.tls = threading.local()
+        self.thread_states: weakref.WeakSet[_ThreadState] = weakref.WeakSet()
+        self.merged: list[str] = []
+        self.originals: dict[tuple[int, str], tuple[nn.Module, str, Any, bool]] = {}
+        self.untied = False
+        self.version = 0
+        self.routes: Routes | None = None
+        self.lock = threading.RLock()
+        self.extra_state_keys: list[str] = []
+        self.offload_dir: tempfile.TemporaryDirectory[str] | None = None
+
+    # -- activation ---------------------------------------------------------
+    def thread_state(self, create: bool) -> _ThreadState | None:
+        ts = getattr(self.tls, "state", None)
+        if ts is None and create:
+            ts = _ThreadState(self.active)
+            self.tls.state = ts
+            self.thread_states.add(ts)
+        return ts
+
+    def active_set(self) -> set[str]:
+        if self.per_thread:
+            ts = self.thread_state(create=False)
+            if ts is not None:
+                return set(ts.active)
+        return set(self.active)
+
+    def routes_for(self, names: set[str]) -> Routes | None:
+        live = [self.adapters[n].params for n in self.adapters if n in names and n not in self.merged]
+        if not live:
+            return None
+        return bind_routes(self.model, live, generator=None)
+
+    def refresh(self) -> None:
+        """Rebuild the global routes after any change of adapters, activation or merge state."""
+        with self.lock:
+            self.version += 1
+            self.routes = self.routes_for(self.active)
+
+    def provider(self) -> Routes | None:
+        """Default routes of the adapted modules (called from the slot hooks; cheap)."""
+        if self.per_thread:
+            ts = getattr(self.tls, "state", None)
+            if ts is not None:
+                if ts.version != self.version:
+                    with self.lock:
+                        ts.routes = self.routes_for(ts.active)
+                        ts.version = self.version
+                return ts.routes
+        return self.routes
+
+
+def _global_generator() -> torch.Generator:
+    """A generator seeded from torch's global RNG: the shim's init follows ``torch.manual_seed`` like SWIFT/PEFT."""
+    seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+    return torch.Generator().manual_seed(seed)
+
+
+def _decay_parameter_names(model: nn.Module) -> set[str]:
+    from transformers import Trainer
+
+    return set(Trainer.get_decay_parameter_names(None, model))
+
+
+class SwiftModel(nn.Module):
+    """A model with functuner adapters attached, with SWIFT's ``SwiftModel`` interface.
+
+    Args:
+        model: the model to tune, or a ``SwiftModel`` (its adapters are kept and new ones added).
+        config: a config (adapter ``default``) or ``{adapter_name: config}``.
+        extra_state_keys: regexes (``re.fullmatch`` on the inner model's parameter names)
+            of extra parameters to train and save under ``extra_states/``.
+        inference_mode: ``True`` puts the model in eval mode and leaves adapters frozen.
+
+    The wrapped model is ``.base_model`` (also ``.model``); unknown attributes
+    fall through to it, and ``forward`` has its signature.  The model is
+    changed in place (holder submodules, slots, frozen base parameters), as
+    SWIFT and PEFT do; the functional API (:func:`functuner.apply`) never does.
+    """
+
+    EXTRA_STATE_DIR = ckpt.EXTRA_STATE_DIR
+
+    def __init__(self, model: nn.Module | SwiftModel, config: Any | Mapping[str, Any],
+                 extra_state_keys: Sequence[str] | None = None, inference_mode: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__()
+        loaded: Mapping[str, Mapping[str, torch.Tensor]] = kwargs.pop("_loaded_states", {}) or {}
+        if kwargs:
+            raise TypeError(f"SwiftModel got unexpected keyword(s) {sorted(kwargs)}")
+        if isinstance(model, SwiftModel):
+            state = model._state
+            inner = state.model
+        else:
+            inner = model
+            per_thread = not bool(int(os.environ.get(USE_UNIQUE_THREAD, "1")))
+            state = _State(inner, per_thread)
+        object.__setattr__(self, "_state", state)
+        self.base_model = inner
+        configs = self._normalise_configs(config)
+        state.extra_state_keys = list(dict.fromkeys([*state.extra_state_keys, *(extra_state_keys or [])]))
+        self._add_adapters(configs, loaded, trainable=not inference_mode)
+        self._install_forward_signature()
+        if inference_mode:
+            self.eval()
+        elif state.extra_state_keys:
+            for n, p in inner.named_parameters():
+                if any(re.fullmatch(k, n) for k in state.extra_state_keys):
+                    p.requires_grad_(True)
+
+    # -- construction helpers -------------------------------------------------
+    @staticmethod
+    def _normalise_configs(config: Any) -> dict[str, Any]:
+        if isinstance(config, Mapping):
+            configs = dict(config)
+        else:
+            configs = {DEFAULT_ADAPTER: config}
+        for name, cfg in configs.items():
+            check_adapter_name(name)
+            tuner_for(cfg)  # raises ConfigError for objects that are no functuner config
+        return configs
+
+    def _install_forward_signature(self) -> None:
+        def forward(self: SwiftModel, *args: Any, **kwargs: Any) -> Any:
+            return self.base_model(*args, **kwargs)
+
+        params = [Parameter("self", Parameter.POSITIONAL_ONLY)]
+        params += list(signature(self.base_model.forward).parameters.values())
+        forward.__signature__ = Signature(params)  # type: ignore[attr-defined]
+        self.__dict__["forward"] = MethodType(forward, self)
+
+    def _add_adapters(self, configs: Mapping[str, Any], loaded: Mapping[str, Mapping[str, torch.Tensor]],
+                      trainable: bool) -> None:
+        """Create (and optionally fill) adapters: all tensors prepared and checked before the model changes."""
+        state = self._state
+        model = state.model
+        for name in configs:
+            if name in state.adapters:
+                raise AdapterNameError(f"adapter {name!r} already exists; pass {{new_name: config}} to add another")
+        prepared: list[tuple[str, TunerParams]] = []
+        for name, cfg in configs.items():
+            gen = torch.Generator().manual_seed(0) if name in loaded else _global_generator()
+            params = tuner_for(cfg).init(model, cfg, gen, name)
+            if name in loaded:
+                params = _filled(params, loaded[name])
+            prepared.append((name, params))
+        base_names = dict(model.named_parameters(remove_duplicate=False))
+        if not getattr(model, "_functuner_frozen", False):
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model.__dict__["_functuner_frozen"] = True
+        for name, params in prepared:
+            tensors: dict[str, nn.Parameter] = {}
+            shared: set[str] = set()
+            for key, value in params.items():
+                if key in base_names:
+                    tensors[key] = base_names[key]
+                    shared.add(key)
+                    if name in loaded:
+                        with torch.no_grad():
+                            base_names[key].copy_(value)
+                else:
+                    tensors[key] = _register(model, key, value)
+            adapter = _Adapter(name, params.config, tensors, frozenset(shared), ())
+            routes = bind_routes(model, adapter.params)
+            adapter.modules = tuple(dict.fromkeys([*routes.forward, *routes.pre]))
+            set_default_routes(list(adapter.modules), state.provider)
+            for p in tensors.values():
+                p.requires_grad_(trainable)
+            state.adapters[name] = adapter
+            state.active.add(name)
+            ts = state.thread_state(create=False)
+            if ts is not None:
+                ts.active.add(name)
+        state.refresh()
+
+    # -- SWIFT attributes -----------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        """The wrapped model (SWIFT's alias of ``base_model``)."""
+        return self._state.model
+
+    @property
+    def adapters(self) -> dict[str, _Adapter]:
+        """``{adapter name: adapter}``; each has ``.config``, ``.params`` (live TunerParams) and ``.swift_type``."""
+        return self._state.adapters
+
+    @property
+    def active_adapters(self) -> set[str]:
+        """Names of the adapters active for the calling thread (all threads with ``USE_UNIQUE_THREAD=1``)."""
+        return self._state.active_set()
+
+    @property
+    def extra_state_keys(self) -> list[str]:
+        return list(self._state.extra_state_keys)
+
+    def __getattr__(self, key: str) -> Any:
+        """Attributes the shim lacks come from the wrapped model."""
+        try:
+            return super().__getattr__(key)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if "base_model" in modules:
+                return getattr(modules["base_model"], key)
+            raise
+
+    # -- activation -------------------------------------------------------------
+    def activate_adapter(self, adapter_name: str) -> None:
+        """Activate one adapter (for the calling thread only with ``USE_UNIQUE_THREAD=0``).
+
+        An offloaded adapter's tensors come back first, bit-identical, on the device they had.
+        """
+        state = self._state
+        self._require(adapter_name)
+        with state.lock:
+            self._reload(state.adapters[adapter_name])
+            if state.per_thread:
+                ts = state.thread_state(create=True)
+                assert ts is not None
+                ts.active.add(adapter_name)
+                state.version += 1
+            else:
+                state.active.add(adapter_name)
+                state.refresh()
+
+    def deactivate_adapter(self, adapter_name: str, offload: str | None = None) -> None:
+        """Deactivate one adapter; ``offload='cpu'`` moves its tensors to host memory, ``'meta'`` frees them.
+
+        ``'meta'`` keeps a copy on disk (a private cache directory) that
+        :meth:`activate_adapter` reads back.  Parameters report the device they
+        are on.  Offloading an adapter that another thread still uses, or one
+        that is merged, raises :class:`ConfigError`.
+        """
+        state = self._state
+        self._require(adapter_name)
+        if offload not in (None, "cpu", "meta"):
+            raise ConfigError(f"offload must be None, 'cpu' or 'meta', got {offload!r}")
+        if adapter_name in state.merged:
+            raise ConfigError(f"adapter {adapter_name!r} is merged; call Swift.unmerge(model) first")
+        with state.lock:
+            if state.per_thread:
+                me = state.thread_state(create=True)
+                if offload is not None and any(adapter_name in t.active for t in list(state.thread_states)
+                                               if t is not me):
+                    raise ConfigError(f"adapter {adapter_name!r} is still active in another thread; not offloading")
+                assert me is not None
+                me.active.discard(adapter_name)
+                if offload is not None:  # its tensors leave: threads without their own choice lose it too
+                    state.active.discard(adapter_name)
+                    state.refresh()
+                state.version += 1
+            else:
+                state.active.discard(adapter_name)
+                state.refresh()
+            if offload is not None:
+                self._offload(state.adapters[adapter_name], offload)
+
+    def set_active_adapters(self, adapter_names: str | Sequence[str] | None, offload: str | None = None) -> None:
+        """Make exactly ``adapter_names`` active; the others are deactivated (and offloaded if asked)."""
+        if not adapter_names:
+            names: set[str] = set()
+        elif isinstance(adapter_names, str):
+            names = {adapter_names}
+        else:
+            names = set(adapter_names)
+        unknown = names - set(self.adapters)
+        if unknown:
+            raise AdapterNameError(f"unknown adapter(s) {sorted(unknown)}; have {sorted(self.adapters)}")
+        for name in sorted(names):
+            self.activate_adapter(name)
+        for name in sorted(set(self.adapters) - names):
+            self.deactivate_adapter(name, offload)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model inside the block; the previous active set is restored afterwards."""
+        before = self.active_adapters
+        try:
+            self.set_active_adapters([])
+            yield
+        finally:
+            self.set_active_adapters(sorted(before))
+
+    def _require(self, name: str) -> None:
+        if name not in self._state.adapters:
+            raise AdapterNameError(f"unknown adapter {name!r}; have {sorted(self._state.adapters)}")
+
+    def _offload(self, adapter: _Adapter, where: str) -> None:
+        if adapter.offload is not None:
+            return
+        own = {k: p for k, p in adapter.tensors.items() if k not in adapter.shared}
+        adapter.devices = {k: p.device for k, p in own.items()}
+        if where == "meta":
+            state = self._state
+            if state.offload_dir is None:
+                state.offload_dir = tempfile.TemporaryDirectory(prefix="functuner-offload-")
+            path = os.path.join(state.offload_dir.name, f"{adapter.name}.safetensors")
+            save_file({k: p.detach().to("cpu").contiguous() for k, p in own.items()}, path)
+            adapter.offload_file = path
+        model = self._state.model
+        for k, p in own.items():
+            p.grad = None
+            if where == "cpu":
+                p.data = p.data.to("cpu")
+            else:
+                # torch cannot re-point a parameter at a meta tensor: the registered parameter becomes a meta
+                # one (so named_parameters shows where the data is) and the live object keeps an empty placeholder
+                _set_registered(model, k, nn.Parameter(torch.empty_like(p.data, device="meta"), p.requires_grad))
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        adapter.offload = where
+
+    def _reload(self, adapter: _Adapter) -> None:
+        if adapter.offload is None:
+            return
+        if adapter.offload == "meta":
+            assert adapter.offload_file is not None
+            values = load_file(adapter.offload_file, device="cpu")
+            os.unlink(adapter.offload_file)
+            adapter.offload_file = None
+        else:
+            values = {k: adapter.tensors[k].data for k in adapter.devices}
+        for k, dev in adapter.devices.items():
+            adapter.tensors[k].data = values[k].to(dev)
+            if adapter.offload == "meta":
+                _set_registered(self._state.model, k, adapter.tensors[k])
+        adapter.offload = None
+
+    # -- merge ------------------------------------------------------------------
+    def _mergeable_active(self) -> list[str]:
+        state = self._state
+        return [n for n in state.adapters if n in state.active_set() and n not in state.merged
+                and tuner_for(state.adapters[n].config).merge is not None]
+
+    def _merge(self, names: Sequence[str]) -> None:
+        """Fold ``names`` into the base weights: all new weights computed first, then swapped in."""
+        state = self._state
+        if not names:
+            return
+        model = state.model
+        for n in names:
+            self._reload(state.adapters[n])
+        live = dict(model.named_parameters(remove_duplicate=False))
+        live.update(dict(model.named_buffers(remove_duplicate=False)))
+        base = {k: v.detach() for k, v in live.items()}  # distinct objects: tied weights are merged per name
+        with torch.no_grad():
+            merged = core_merge(model, [state.adapters[n].params for n in names], base)
+        changes = [(k, v) for k, v in merged.items() if k in base and v is not base[k] and v is not live[k]]
+        shared_ids: dict[int, int] = {}
+        for t in live.values():
+            shared_ids[id(t)] = shared_ids.get(id(t), 0) + 1
+        with state.lock:
+            for key, value in changes:
+                owner_path, _, leaf = key.rpartition(".")
+                owner = model.get_submodule(owner_path) if owner_path else model
+                if leaf in owner._parameters:
+                    orig = owner._parameters[leaf]
+                    if shared_ids.get(id(orig), 0) > 1:
+                        state.untied = True
+                    state.originals.setdefault((id(owner), leaf), (owner, leaf, orig, True))
+                    owner._parameters[leaf] = nn.Parameter(value.detach().to(orig.dtype), requires_grad=False)
+                else:
+                    orig = owner._buffers[leaf]
+                    state.originals.setdefault((id(owner), leaf), (owner, leaf, orig, False))
+                    owner._buffers[leaf] = value.detach().to(orig.dtype)
+            state.merged.extend(names)
+            state.refresh()
+
+    def _unmerge(self) -> None:
+        """Put the original weight objects back (exact: nothing is subtracted)."""
+        state = self._state
+        with state.lock:
+            for owner, leaf, orig, is_param in state.originals.values():
+                (owner._parameters if is_param else owner._buffers)[leaf] = orig
+            state.originals.clear()
+            state.merged.clear()
+            state.untied = False
+            state.refresh()
+
+    def _delete_adapter(self, name: str) -> None:
+        state = self._state
+        adapter = state.adapters.pop(name)
+        for key in adapter.tensors:
+            if key not in adapter.shared:
+                _unregister(state.model, key)
+        if adapter.offload_file:
+            os.unlink(adapter.offload_file)
+        state.active.discard(name)
+        for ts in list(state.thread_states):
+            ts.active.discard(name)
+        state.refresh()
+
+    # -- optimizer groups ---------------------------------------------------------
+    def create_optimizer_param_groups(self, **defaults: Any) -> list[dict[str, Any]]:
+        """Optimizer param groups (SWIFT's): LoRA+ groups for LoRA adapters with ``lorap_lr_ratio``, then the rest.
+
+        For each such adapter: its ``lora_A`` tensors get ``lr``; ``lora_B``
+        tensors and 1-d tensors get ``lr * lorap_lr_ratio`` (with / without
+        weight decay); embedding LoRA tensors get ``lorap_emb_lr``.  Every
+        other trainable parameter goes to a group with ``weight_decay`` or one
+        with 0.0 (no decay for biases and norms, as transformers' Trainer).
+        """
+        lr = defaults.get("lr")
+        wd = defaults.get("weight_decay", 0.0)
+        model = self._state.model
+        decay = _decay_parameter_names(model)
+        names_of = {id(p): n for n, p in model.named_parameters()}
+        claimed: set[int] = set()
+        groups: list[dict[str, Any]] = []
+        for adapter in self._state.adapters.values():
+            cfg = adapter.config
+            if not isinstance(cfg, LoRAConfig) or cfg.lorap_lr_ratio is None:
+                continue
+            if lr is None:
+                raise ConfigError("create_optimizer_param_groups needs lr=... for LoRA+ (lorap_lr_ratio is set)")
+            g: dict[str, list[nn.Parameter]] = {"A": [], "emb": [], "B": [], "B_nd": []}
+            for key, p in adapter.tensors.items():
+                if not p.requires_grad or id(p) in claimed:
+                    continue
+                claimed.add(id(p))
+                if ".lora_embedding_" in key:
+                    g["emb"].append(p)
+                elif ".lora_B." in key or p.ndim == 1:
+                    g["B" if names_of.get(id(p)) in decay else "B_nd"].append(p)
+                else:
+                    g["A"].append(p)
+            groups += [
+                {"params": g["A"], "weight_decay": wd, "lr": lr},
+                {"params": g["emb"], "weight_decay": wd, "lr": cfg.lorap_emb_lr},
+                {"params": g["B"], "weight_decay": wd, "lr": lr * cfg.lorap_lr_ratio},
+                {"params": g["B_nd"], "weight_decay": 0.0, "lr": lr * cfg.lorap_lr_ratio},
+            ]
+        rest = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in claimed]
+        groups += [
+            {"params": [p for n, p in rest if n in decay], "weight_decay": wd},
+            {"params": [p for n, p in rest if n not in decay], "weight_decay": 0.0},
+        ]
+        return groups
+
+    # -- combination ----------------------------------------------------------------
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """Add ``adapter_name``, a weighted combination of LoRA ``adapters`` (PEFT's signature), and activate only it.
+
+        Uses :func:`functuner.combine.add_weighted_adapter` (pure); random types
+        (``dare_*``) draw from torch's global RNG, as PEFT does.
+        """
+        from .combine import add_weighted_adapter as combine
+
+        check_adapter_name(adapter_name)
+        if adapter_name in self.adapters:
+            raise AdapterNameError(f"adapter {adapter_name!r} already exists")
+        for n in adapters:
+            self._require(n)
+            self._reload(self.adapters[n])
+        with torch.no_grad():
+            new = combine({n: self.adapters[n].params.detach() for n in adapters}, list(weights), adapter_name,
+                          combination_type, svd_rank=svd_rank, svd_clamp=svd_clamp,
+                          svd_full_matrices=svd_full_matrices, svd_driver=svd_driver, density=density,
+                          majority_sign_method=majority_sign_method,
+                          generator=_global_generator() if combination_type.startswith("dare") else None,
+                          model=self.model, names=list(adapters))
+        self._add_adapters({adapter_name: new.config}, {adapter_name: dict(new)}, trainable=True)
+        self.set_active_adapters([adapter_name])
+
+    # -- state dicts ---------------------------------------------------------------
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False,
+                   adapter_name: str | None = None, peft_format: bool = False, **kwargs: Any) -> dict[str, Any]:
+        """The adapters' tensors (SWIFT's on-disk names) plus extra states, as SWIFT returns them.
+
+        ``adapter_name`` selects one adapter (default: all); ``peft_format=True``
+        gives PEFT's names for one LoRA adapter.  ``save_adapter`` /
+        ``save_extra_states`` keywords choose the parts.  Called by a parent
+        module (``destination`` or ``prefix`` given) it is torch's full state dict.
+        """
+        if destination is not None or prefix or args:
+            return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        out: dict[str, Any] = {}
+        grab = (lambda t: t) if keep_vars else (lambda t: t.detach())
+        if kwargs.get("save_adapter", True):
+            for name, adapter in self.adapters.items():
+                if adapter_name is not None and name != adapter_name:
+                    continue
+                self._reload_if_meta(adapter)
+                tensors = {k: grab(v) for k, v in adapter.tensors.items()}
+                if peft_format:
+                    out.update(keys.to_peft_state_dict(tensors, name))
+                else:
+                    out.update(keys.to_swift_state_dict(tensors, name))
+        if kwargs.get("save_extra_states", True):
+            out.update(self._extra_states(grab))
+        return out
+
+    def _reload_if_meta(self, adapter: _Adapter) -> None:
+        if adapter.offload == "meta":
+            raise ConfigError(f"adapter {adapter.name!r} is offloaded to 'meta'; activate it before reading it")
+
+    def _extra_states(self, grab: Any = torch.Tensor.detach) -> dict[str, torch.Tensor]:
+        pats = self._state.extra_state_keys
+        if not pats:
+            return {}
+        adapter_keys = {k for a in self.adapters.values() for k in a.tensors if k not in a.shared}
+        return {n: grab(p) for n, p in self._state.model.state_dict(keep_vars=True).items()
+                if n not in adapter_keys and any(re.fullmatch(k, n) for k in pats)}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False,
+                        adapter_name: str | None = None) -> Any:
+        """Load tensors into one adapter (``adapter_name``) strictly, or into the wrapped model.
+
+        With ``adapter_name``: keys may be SWIFT's (adapter name inside) or
+        PEFT's (``base_model.model.`` prefix, no adapter name); every tensor of
+        the adapter must be present with its shape, else
+        :class:`ParamsMismatchError` lists the differences and nothing changes.
+        Without: ``base_model.load_state_dict(state_dict, strict=False)``.
+        """
+        if adapter_name is None:
+            return self._state.model.load_state_dict(dict(state_dict), strict=False, assign=assign)
+        self._require(adapter_name)
+        adapter = self.adapters[adapter_name]
+        named = _to_functuner_names(state_dict, adapter_name, adapter.config)
+        values = _filled(adapter.params, named)
+        self._reload(adapter)
+        with torch.no_grad():
+            for k, v in values.items():
+                adapter.tensors[k].copy_(v)
+        return None
+
+    # -- saving ------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike[str], safe_serialization: bool = True,
+                        adapter_name: str | Sequence[str] | None = None, **kwargs: Any) -> None:
+        """Save adapters in SWIFT's layout (one sub-folder each), ``extra_states/`` and ``configuration.json``.
+
+        Each adapter folder is written atomically.  ``peft_format=True`` writes
+        LoRA adapters in PEFT's layout instead (``default`` at the root).
+        Only safetensors are written; ``safe_serialization=False`` raises.
+        """
+        if not safe_serialization:
+            raise CheckpointError("functuner writes safetensors only (pickled .bin files are unsafe to load)")
+        peft_format = bool(kwargs.pop("peft_format", False))
+        if kwargs:
+            raise TypeError(f"save_pretrained got unexpected keyword(s) {sorted(kwargs)}")
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name or self.adapters)
+        for n in names:
+            self._require(n)
+            check_adapter_name(n)
+        root = Path(save_directory)
+        if root.exists() and not root.is_dir():
+            raise CheckpointError(f"{root} is a file; save_pretrained needs a directory")
+        snapshots = {}
+        for n in names:
+            adapter = self.adapters[n]
+            self._reload_if_meta(adapter)
+            snapshots[n] = {k: v.detach() for k, v in adapter.tensors.items()}
+            if peft_format:
+                ckpt.peft_config_json(adapter.config)
+                keys.to_peft_state_dict(snapshots[n], n)
+        root.mkdir(parents=True, exist_ok=True)
+        if peft_format:
+            ckpt.write_peft_checkpoint(root, {
+                n: ckpt.AdapterCheckpoint(n, self.adapters[n].config, snapshots[n], "peft", str(root)) for n in names})
+        else:
+            for n in names:
+                ckpt.write_swift_adapter(root, n, self.adapters[n].config, snapshots[n])
+        extra = self._extra_states()
+        if extra:
+            ckpt.write_extra_states(root, self._state.extra_state_keys, extra)
+        ckpt.write_configuration_json(root)
+
+    # -- loading ------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model: nn.Module | SwiftModel, model_id: str | None = None,
+                        adapter_name: str | Sequence[str] | Mapping[str, str] | None = None,
+                        inference_mode: bool = True, revision: str | None = None, **kwargs: Any) -> SwiftModel:
+        """Load adapters saved in ``model_id`` (a local directory or a ModelScope hub id) onto ``model``.
+
+        ``adapter_name``: ``None`` loads every adapter, a name or list of
+        names loads those, ``{name on disk: new name}`` loads and renames
+        (only the adapter-name component of keys changes).  SWIFT- and
+        PEFT-format directories both load.  Keywords: ``extra_state_keys``,
+        ``weights_only`` (allow torch's restricted loader for ``.bin``), and
+        ``cache_dir`` / ``local_files_only`` for the hub.  Everything is read and
+        checked before the model is touched.
+        """
+        if model_id is None:
+            raise CheckpointError("from_pretrained needs model_id (a directory or a hub id)")
+        weights_only = bool(kwargs.pop("weights_only", False))
+        extra_state_keys = kwargs.pop("extra_state_keys", None)
+        hub_kwargs = {k: kwargs.pop(k) for k in ("cache_dir", "local_files_only") if k in kwargs}
+        if kwargs:
+            raise TypeError(f"from_pretrained got unexpected keyword(s) {sorted(kwargs)}")
+        model_dir = resolve_model_dir(model_id, revision=revision, **hub_kwargs)
+        found = ckpt.read_adapter_dir(model_dir, adapter_name, weights_only=weights_only)
+        patterns, extra = ckpt.read_extra_states(model_dir, weights_only=weights_only)
+        if extra_state_keys is None:
+            extra_state_keys = patterns
+        inner = model._state.model if isinstance(model, SwiftModel) else model
+        if extra:
+            own = inner.state_dict()
+            bad = sorted(k for k, v in extra.items() if k not in own or own[k].shape != v.shape)
+            if bad:
+                raise CheckpointError(f"{model_dir}/extra_states: keys that do not fit the model: {bad[:8]}")
+        configs = {n: c.config for n, c in found.items()}
+        if not configs and not extra:
+            raise CheckpointError(f"{model_dir}: no adapter found (no adapter_config.json at the root or in sub-folders)")
+        self = cls(model, configs, extra_state_keys, inference_mode,
+                   _loaded_states={n: c.state for n, c in found.items()})
+        if extra:
+            with torch.no_grad():
+                own_p = dict(inner.state_dict(keep_vars=True))
+                for k, v in extra.items():
+                    own_p[k].copy_(v)
+        return self
+
+    # -- reporting ------------------------------------------------------------------------
+    def get_trainable_parameters(self) -> str:
+        """SWIFT's summary line: trainable / all parameter counts, percentage, CUDA memory in GiB."""
+        trainable = total = 0
+        for _, p in self._state.model.named_parameters():
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+        mem = 0.0
+        if torch.cuda.is_available():
+            mem = sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())) / 1024**3
+        pct = 100 * trainable / total if total else 0.0
+        return (f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
+                f"|| cuda memory: {mem:.2f}GiB.")
+
+
+# ---------------------------------------------------------------------------
+# helpers (no tuner math: names and parameter placement only)
+# ---------------------------------------------------------------------------
+def _owner_and_rest(model: nn.Module, key: str) -> tuple[nn.Module, list[str]]:
+    """The deepest existing non-holder module on ``key``'s path, and the remaining path parts."""
+    parts = key.split(".")
+    owner, depth = model, 0
+    for i, part in enumerate(parts[:-1]):
+        child = owner._modules.get(part)
+        if child is None or isinstance(child, _Holder):
+            break
+        owner, depth = child, i + 1
+    return owner, parts[depth:]
+
+
+def _register(model: nn.Module, key: str, value: torch.Tensor) -> nn.Parameter:
+    """Register ``value`` as a Parameter at ``key`` inside ``model`` (holder modules for missing path parts)."""
+    owner, rest = _owner_and_rest(model, key)
+    node = owner
+    for part in rest[:-1]:
+        child = node._modules.get(part)
+        if child is None:
+            child = _Holder()
+            node.add_module(part, child)
+        elif not isinstance(child, _Holder):
+            raise ParamsMismatchError(f"cannot place {key!r}: {part!r} is an existing {type(child).__name__}")
+        node = child
+    leaf = rest[-1]
+    if leaf in node._parameters or leaf in node._buffers or (leaf in node._modules):
+        raise ParamsMismatchError(f"cannot place {key!r}: the model already has something named {leaf!r} there")
+    p = nn.Parameter(value.detach().clone(), requires_grad=True)
+    node.register_parameter(leaf, p)
+    return p
+
+
+def _set_registered(model: nn.Module, key: str, value: nn.Parameter) -> None:
+    """Point the registered parameter at ``key`` to ``value`` (offload bookkeeping)."""
+    owner_path, _, leaf = key.rpartition(".")
+    owner = model.get_submodule(owner_path) if owner_path else model
+    owner._parameters[leaf] = value
+
+
+def _unregister(model: nn.Module, key: str) -> None:
+    """Remove the Parameter at ``key`` and prune holder modules left empty."""
+    parts = key.split(".")
+    chain = [model]
+    for part in parts[:-1]:
+        chain.append(chain[-1]._modules[part])
+    del chain[-1]._parameters[parts[-1]]
+    for i in range(len(chain) - 1, 0, -1):
+        node = chain[i]
+        if isinstance(node, _Holder) and not node._parameters and not node._modules:
+            del chain[i - 1]._modules[parts[i - 1]]
+        else:
+            break
+
+
+def _filled(params: TunerParams, values: Mapping[str, torch.Tensor]) -> TunerParams:
+    """``params`` with every tensor replaced by ``values`` (same keys and shapes required; dtype/device of params)."""
+    missing = sorted(set(params) - set(values))
+    unexpected = sorted(set(values) - set(params))
+    if missing or unexpected:
+        raise ParamsMismatchError(
+            f"adapter {params.adapter_name!r}: loaded tensors do not match the config; missing {missing[:8]}"
+            f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
+        )
+    bad = [f"{k}: {tuple(values[k].shape)} vs {tuple(params[k].shape)}" for k in params
+           if tuple(values[k].shape) != tuple(params[k].shape)]
+    if bad:
+        raise ParamsMismatchError(f"adapter {params.adapter_name!r}: shape mismatch (loaded vs model): {bad[:8]}")
+    return params.replace({k: values[k].to(device=params[k].device, dtype=params[k].dtype) for k in params})
+
+
+def _to_functuner_names(state: Mapping[str, torch.Tensor], adapter_name: str, config: Any) -> dict[str, torch.Tensor]:
+    """SWIFT on-disk or PEFT keys of one adapter -> functuner names (via :mod:`functuner.keys`)."""
+    data = dict(state)
+    if data and all(k.startswith(keys.PEFT_PREFIX) for k in data):
+        spec = getattr(config, "modules_to_save", None) or ()
+        mods = {k[len(keys.PEFT_PREFIX):].rsplit(".", 1)[0] for k in data if any(
+            k[len(keys.PEFT_PREFIX):].rsplit(".", 1)[0] == m or k[len(keys.PEFT_PREFIX):].rsplit(".", 1)[0].endswith("." + m)
+            for m in spec)}
+        return keys.from_peft_state_dict(data, adapter_name, mods)
+    mts = set(getattr(config, "modules_to_save", None) or ())
+    return keys.from_swift_state_dict(data, adapter_name, mts)
+
+
+# ---------------------------------------------------------------------------
+# Swift: the static entry points
+# ---------------------------------------------------------------------------
+def _is_peft_model(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+class Swift:
+    """SWIFT's static entry points, for functuner configs (and PEFT configs/models, passed to peft)."""
+
+    @staticmethod
+    def prepare_model(model: nn.Module | SwiftModel, config: Any, **kwargs: Any) -> Any:
+        """Wrap ``model`` with the tuner(s) in ``config`` (a config or ``{name: config}``); returns a SwiftModel.
+
+        A ``SwiftModel`` gets the new adapters added.  A PEFT ``PeftConfig``
+        goes through ``peft.get_peft_model`` (returns a ``PeftModel``).
+        """
+        try:
+            from peft import PeftConfig, get_peft_model
+        except ImportError:  # pragma: no cover
+            PeftConfig, get_peft_model = (), None
+        if PeftConfig and isinstance(config, PeftConfig):
+            return get_peft_model(model, config, **kwargs)
+        return SwiftModel(model, config, **kwargs)
+
+    @staticmethod
+    def merge(model: Any, **kwargs: Any) -> None:
+        """Fold every active mergeable adapter into the base weights (exact, atomic; undo with :meth:`unmerge`)."""
+        if _is_peft_model(model):
+            model.merge_adapter(**kwargs)
+            return
+        _require_swift(model)._merge(model._mergeable_active())
+
+    @staticmethod
+    def unmerge(model: Any, **kwargs: Any) -> None:
+        """Restore the exact original base weights after :meth:`merge`."""
+        if _is_peft_model(model):
+            model.unmerge_adapter()
+            return
+        _require_swift(model)._unmerge()
+
+    @staticmethod
+    def merge_and_unload(model: Any, adapter_name: str | Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """Merge adapters into the base weights permanently and remove them.
+
+        ``adapter_name`` (a name or list) chooses adapters; default: every
+        active adapter whose tuner has a merged form (all active LoRA
+        adapters).  Tied weights are untied where only one side changes (so the
+        merged model computes what the adapted one did).  Returns the
+        ``SwiftModel`` (a ``PeftModel`` returns its unloaded base model).
+        """
+        if _is_peft_model(model):
+            return model.merge_and_unload(**kwargs)
+        sm = _require_swift(model)
+        state = sm._state
+        if adapter_name is None:
+            names = sm._mergeable_active()
+        else:
+            names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+            for n in names:
+                sm._require(n)
+                if tuner_for(state.adapters[n].config).merge is None:
+                    raise ConfigError(f"adapter {n!r} ({state.adapters[n].swift_type}) has no merged form")
+        if state.merged:
+            sm._unmerge()
+        sm._merge(names)
+        with state.lock:
+            untied = state.untied
+            state.originals.clear()
+            state.merged.clear()
+            state.untied = False
+            for n in names:
+                sm._delete_adapter(n)
+        if untied and hasattr(getattr(state.model, "config", None), "tie_word_embeddings"):
+            state.model.config.tie_word_embeddings = False
+        return sm
+
+    @staticmethod
+    def save_to_peft_format(ckpt_dir: str | os.PathLike[str], output_dir: str | os.PathLike[str]) -> None:
+        """Convert a saved LoRA checkpoint to PEFT's layout (``default`` at the root, others in sub-folders).
+
+        Keys lose the adapter name and get ``base_model.model.``; configs lose
+        ``swift_type``.  Idempotent, and may convert in place.  Non-LoRA
+        adapters, ``extra_states`` or SWIFT-only LoRA fields (``lora_dtype``
+        set...) raise :class:`CheckpointError` before anything is written.
+        """
+        if not ckpt_dir or not output_dir:
+            raise CheckpointError("save_to_peft_format needs ckpt_dir and output_dir")
+        src = Path(ckpt_dir)
+        if not src.is_dir():
+            raise CheckpointError(f"{src}: not a directory")
+        if (src / ckpt.EXTRA_STATE_DIR).exists():
+            raise CheckpointError(f"{src}: has extra_states/, which PEFT's format cannot hold")
+        adapters = ckpt.read_adapter_dir(src)
+        if not adapters:
+            raise CheckpointError(f"{src}: no adapter found")
+        ckpt.write_peft_checkpoint(output_dir, adapters, copy_from=src)
+
+    @staticmethod
+    def from_pretrained(model: nn.Module | SwiftModel, model_id: str, adapter_name: Any = None,
+                        revision: str | None = None, **kwargs: Any) -> SwiftModel:
+        """Load adapters from a local directory or a ModelScope hub id (see :meth:`SwiftModel.from_pretrained`).
+
+        PEFT-format directories load into a SwiftModel too (SWIFT would return a PeftModel).
+        """
+        return SwiftModel.from_pretrained(model, model_id, adapter_name=adapter_name, revision=revision, **kwargs)
+
+
+def _require_swift(model: Any) -> SwiftModel:
+    if not isinstance(model, SwiftModel):
+        raise TypeError(f"expected a SwiftModel or a PeftModel, got {type(model).__name__}")
+    return model
+
