@@ -19,12 +19,22 @@ from .params import TunerParams, tree_map
 from .routing import remove_slots
 from .tuners import REGISTRY, Tuner, TunerConfig, register, tuner_for
 from .tuners.lora import LoRAConfig, LoraConfig, lora_delta
+from .tuners.adapter import AdapterConfig
+from .tuners.neftune import NEFTuneConfig
+from .tuners.part import PartConfig
+from .tuners.prompt import PromptConfig
+from .tuners.side import SideConfig
 from .swift import Swift, SwiftConfig, SwiftModel
 from .tuners.longlora import LongLoRAConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterConfig",
+    "NEFTuneConfig",
+    "PartConfig",
+    "PromptConfig",
+    "SideConfig",
     "LongLoRAConfig",
     "LoRAConfig",
     "LoraConfig",

@@ -18,7 +18,8 @@ untouched (same objects).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -28,6 +29,8 @@ __all__ = [
     "PEFT_PREFIX",
     "from_peft_state_dict",
     "from_swift_state_dict",
+    "part_from_swift_state_dict",
+    "part_to_swift_state_dict",
     "rename_adapter",
     "to_peft_state_dict",
     "to_swift_state_dict",
@@ -139,8 +142,11 @@ def rename_adapter(state: Mapping[str, torch.Tensor], old: str, new: str) -> dic
         renamed = []
         for i, part in enumerate(parts):
             prev = parts[i - 1] if i else ""
+            nxt = parts[i + 1] if i + 1 < len(parts) else ""
             if part == old and (prev in _LORA_PARTS or prev == "modules_to_save"):
                 renamed.append(new)
+            elif _swift_component_prefix(part, old, nxt) is not None:
+                renamed.append(_swift_component_prefix(part, old, nxt) + new)  # type: ignore[operator]
             else:
                 renamed.append(part)
         out[".".join(renamed)] = value
@@ -153,11 +159,12 @@ def to_swift_state_dict(state: Mapping[str, torch.Tensor], adapter_name: str = "
     SWIFT keeps LoRA keys as they are in memory (adapter name inside, no
     ``base_model.model.`` prefix) but stores ``modules_to_save`` copies at the
     original module's keys: ``<module>.modules_to_save.<adapter>.<param>`` ->
-    ``<module>.<param>``.
+    ``<module>.<param>``.  Part copies likewise: ``<module>._part_<adapter>.<param>``
+    -> ``<module>.<param>``; Adapter / Prompt / Side keys are kept as they are.
     """
     marker = f".modules_to_save.{adapter_name}."
     out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
+    for key, value in part_to_swift_state_dict(state, adapter_name).items():
         if marker in key:
             mod, _, rest = key.partition(marker)
             key = f"{mod}.{rest}"
@@ -199,3 +206,69 @@ def _saved_module_of(key: str, modules_to_save: set[str]) -> str | None:
         if any(path == m or path.endswith("." + m) for m in modules_to_save):
             return path
     return None
+
+
+# -- SWIFT's own tuners (Adapter, Prompt, Side, Part): the adapter name is glued to a component prefix ----
+# component prefix -> the key parts that may follow it (so a module that merely looks alike is never renamed)
+_SWIFT_COMPONENTS = {
+    "adapter_": ("linear1", "linear2"),
+    "prompt_": ("prompt_token",),
+    "side_": ("alpha", "side_net"),
+    "_part_": None,  # any parameter path follows a Part copy
+}
+
+
+def _swift_component_prefix(part: str, adapter_name: str, following: str) -> str | None:
+    """The prefix of ``part`` if it is ``<prefix><adapter_name>`` of a SWIFT tuner component, else ``None``."""
+    for prefix, allowed in _SWIFT_COMPONENTS.items():
+        if part == prefix + adapter_name and following and (allowed is None or following in allowed):
+            return prefix
+    return None
+
+
+def part_to_swift_state_dict(state: Mapping[str, torch.Tensor], adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """Part params -> SWIFT's on-disk keys: ``<module>._part_<adapter>.<param>`` -> ``<module>.<param>``.
+
+    Keys without the marker pass through unchanged.
+    """
+    marker = f"._part_{adapter_name}."
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if marker in key:
+            mod, _, rest = key.partition(marker)
+            key = f"{mod}.{rest}"
+        out[key] = value
+    return out
+
+
+def part_from_swift_state_dict(
+    state: Mapping[str, torch.Tensor],
+    target: str | Sequence[str],
+    adapter_name: str = "default",
+) -> dict[str, torch.Tensor]:
+    """SWIFT's Part keys (original ``<module>.<param>``) -> ``<module>._part_<adapter>.<param>``.
+
+    ``target`` is either ``PartConfig.target_modules`` (a regex: the module of a
+    key is its *shortest* dotted prefix the regex fully matches, i.e. the
+    outermost targeted module, no model needed) or the targeted module names.
+    A key under no targeted module is an error naming the key.
+    """
+    if isinstance(target, str):
+        pattern = re.compile(target)
+
+        def owner_of(key: str) -> str | None:
+            parts = key.split(".")
+            return next((".".join(parts[:i]) for i in range(1, len(parts)) if pattern.fullmatch(".".join(parts[:i]))),
+                        None)
+    else:
+        mods = sorted(target, key=len, reverse=True)
+
+        def owner_of(key: str) -> str | None:
+            return next((m for m in mods if key.startswith(m + ".")), None)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        owner = owner_of(key)
+        if owner is None:
+            raise CheckpointError(f"key {key!r} lies under no module targeted by the Part adapter ({target!r})")
+        out[f"{owner}._part_{adapter_name}.{key[len(owner) + 1:]}"] = value
+    return out

@@ -41,3 +41,11 @@ register(lora.tuner)
 from . import longlora  # noqa: E402
 
 register(longlora.tuner)
+
+from . import adapter, neftune, part, prompt, side  # noqa: E402
+
+register(adapter.tuner)
+register(prompt.tuner)
+register(side.tuner)
+register(part.tuner)
+register(neftune.tuner)
