@@ -271,7 +271,7 @@ def read_adapter(folder: str | os.PathLike[str], adapter_name: str, *, weights_o
         except CheckpointError as e:
             raise CheckpointError(f"{folder}: {e}") from None
     else:
-        saved_name = _saved_adapter_name(raw, adapter_name)
+        saved_name, raw = _own_tensors(raw, adapter_name if folder == root_p else folder.name, folder)
         state = keys.from_swift_state_dict(raw, saved_name, _modules_to_save(config))
         if saved_name != adapter_name:
             state = keys.rename_adapter(state, saved_name, adapter_name)
@@ -294,17 +294,36 @@ def _saved_module_names(raw: Mapping[str, torch.Tensor], config: Any) -> set[str
     return out
 
 
-def _saved_adapter_name(raw: Mapping[str, torch.Tensor], default: str) -> str:
-    """The adapter name inside SWIFT keys (``...lora_A.<name>.weight``); ``default`` when none shows."""
-    found: set[str] = set()
-    for key in raw:
-        parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            if part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
-                found.add(parts[i + 1])
-    if len(found) > 1:
-        raise CheckpointError(f"adapter file holds several adapter names {sorted(found)}; expected one")
-    return found.pop() if found else default
+_LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def _adapter_component(key: str) -> str | None:
+    """The adapter name inside a SWIFT LoRA key (``...lora_A.<name>.weight``), or ``None``."""
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in _LORA_PARTS:
+            return parts[i + 1]
+    return None
+
+
+def _own_tensors(raw: Mapping[str, torch.Tensor], expected: str, source: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """The adapter name the SWIFT file was saved under, and only that adapter's tensors.
+
+    SWIFT 4.6 selects an adapter's tensors by substring (``'.' + name in key``),
+    so an adapter named ``lora`` also saves every other adapter's LoRA tensors
+    (``.lora_A`` contains ``.lora``).  Tensors of other adapters are dropped
+    here; the folder's adapter is ``expected`` (its folder name) when present.
+    """
+    found = {c for k in raw if (c := _adapter_component(k)) is not None}
+    if not found:
+        return expected, dict(raw)
+    if expected in found:
+        name = expected
+    elif len(found) == 1:
+        name = next(iter(found))
+    else:
+        raise CheckpointError(f"{source}: holds tensors of adapters {sorted(found)}; none is named {expected!r}")
+    return name, {k: v for k, v in raw.items() if _adapter_component(k) in (None, name)}
 
 
 def read_adapter_dir(path: str | os.PathLike[str], adapter_names: Sequence[str] | Mapping[str, str] | str | None = None,
