@@ -103,7 +103,7 @@ def main() -> None:
     base = dict(model.named_parameters())
     if rank == 0:
         n = sum(1 for k in base if merged[k] is not base[k])
-        print(f"final loss {mean_loss:.6f}; saved {path}; merged {n} weights (sharded: {ftd.is_sharded(model)})")
+        print(f"final loss {mean_loss:.8f}; saved {path}; merged {n} weights (sharded: {ftd.is_sharded(model)})")
     if distributed:
         dist.destroy_process_group()
 
