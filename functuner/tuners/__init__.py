@@ -49,3 +49,7 @@ register(prompt.tuner)
 register(side.tuner)
 register(part.tuner)
 register(neftune.tuner)
+
+from . import reft  # noqa: E402
+
+register(reft.tuner)
