@@ -382,9 +382,10 @@ def _dora_magnitude(model: nn.Module | None, name: str) -> torch.Tensor:
 
     module = model.get_submodule(name)
     kind = _kind(module, name)
-    w = _weight_as_out_in(module.weight.detach(), kind).float()
+    weight: torch.Tensor = module.weight  # type: ignore[assignment]
+    w = _weight_as_out_in(weight.detach(), kind).float()
     norm = _dora_norm(w, torch.zeros_like(w), kind)
-    return norm.reshape(_expected_shapes(module, kind, 1)[2]).to(module.weight.dtype)
+    return norm.reshape(_expected_shapes(module, kind, 1)[2]).to(weight.dtype)
 
 
 # ---------------------------------------------------------------------------
