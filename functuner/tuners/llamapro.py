@@ -1,0 +1,222 @@
+"""LLaMA-Pro block expansion without changing the model: the new blocks are the params.
+
+LLaMA-Pro (Wu et al. 2024, arXiv:2401.02415) interleaves new decoder blocks
+with the original ones and trains only the new ones.  SWIFT's rule (with ``L``
+layers and ``stride = L // num_groups``): after every original layer ``i`` with
+``(i + 1) % stride == 0`` comes a copy of layer ``i`` whose attention output
+projection and MLP down projection (weights and biases) are zero, so the
+expanded model starts equal to the base model.  SWIFT names the new blocks by
+their index in the expanded list: with 2 layers and 2 new blocks the list is
+``[layer0, new, layer1, new]`` and the new blocks' keys are
+``model.layers.1.*`` and ``model.layers.3.*``; functuner's params use exactly
+those names (so SWIFT checkpoints load as they are), even though in the
+unexpanded model ``model.layers.1`` is an original layer.
+
+Functional form: the model keeps its layers.  A forward slot on each original
+layer ``i`` that is followed by a new block runs that block on the layer's
+output: a per-call clone of layer ``i`` whose parameters are replaced by the
+params' tensors (nothing in the model is written).  The layer's own keyword
+arguments (mask, position embeddings, cache...) are passed on.  With a KV
+cache, the new blocks keep their keys/values in a private cache that belongs to
+the caller's cache object, so generation works and never touches the original
+layers' entries.
+
+No merged form: the expansion adds layers, so there are no base weights to fold it into.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, ParamsMismatchError, TargetError
+from ..params import TunerParams
+from ..routing import Routes, ensure_slots
+from .base import CallContext, Tuner, TunerConfig, _clone_module_tree
+
+__all__ = ["LLaMAProConfig", "expansion_plan", "init", "routes", "tuner", "validate"]
+
+# SWIFT's model_type -> keys (module list, attention, o_proj, down_proj relative to a layer)
+_LLAMA_LIKE = {"module_list": "model.layers", "attention": "self_attn", "o_proj": "self_attn.o_proj",
+               "down_proj": "mlp.down_proj"}
+_ARCHS = {t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "yi", "gemma", "gemma2", "deepseek",
+                                   "openbuddy", "xverse", "orion", "bluelm", "ziya", "skywork", "minicpm", "mixtral")}
+
+
+@dataclass(frozen=True, eq=False)
+class LLaMAProConfig(TunerConfig):
+    """SWIFT's ``LLaMAProConfig``.
+
+    * ``model_type``: an architecture SWIFT maps (``'llama'``, ``'qwen2'``,
+      ``'mistral'``...); or give ``model_key_mapping`` (SWIFT's ``ModelKeys``
+      fields: ``module_list``, ``attention``, ``o_proj``, ``down_proj``, with
+      ``{}`` standing for the layer index, e.g. ``'model.layers.{}.self_attn.o_proj'``).
+    * ``num_new_blocks``: must divide the number of layers (SWIFT's rule).
+    * ``num_groups``: how many places get new blocks (default ``num_new_blocks``).
+    """
+
+    model_type: str | None = None
+    num_new_blocks: int | None = None
+    num_groups: int | None = None
+    model_key_mapping: Any = None
+    swift_type: str = "LLAMAPRO"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        n = self.num_new_blocks
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ConfigError(f"num_new_blocks must be a positive integer, got {n!r}")
+        g = self.num_groups
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g <= 0):
+            raise ConfigError(f"num_groups must be a positive integer or None, got {g!r}")
+        if self.model_key_mapping is None and self.model_type not in _ARCHS:
+            raise ConfigError(
+                f"model_type={self.model_type!r} is not one LLaMA-Pro knows ({sorted(_ARCHS)}); pass model_key_mapping"
+            )
+
+    def keys(self) -> dict[str, str]:
+        """module_list, attention, o_proj, down_proj (the last three relative to a layer)."""
+        if self.model_key_mapping is None:
+            return dict(_ARCHS[self.model_type])
+        m = dict(self.model_key_mapping)
+        out = {"module_list": m.get("module_list")}
+        for f in ("attention", "o_proj", "down_proj"):
+            v = m.get(f)
+            out[f] = v.split("{}.", 1)[1] if isinstance(v, str) and "{}." in v else v
+        missing = [k for k, v in out.items() if not v]
+        if missing:
+            raise ConfigError(f"model_key_mapping lacks {missing}; LLaMA-Pro needs module_list, attention, o_proj, down_proj")
+        return out
+
+
+class _Block(NamedTuple):
+    source: int  # index of the original layer it follows and copies
+    new_index: int  # its index in SWIFT's expanded layer list
+    ordinal: int  # 0, 1, ... among new blocks
+
+
+def expansion_plan(num_layers: int, num_new_blocks: int, num_groups: int | None = None) -> list[_Block]:
+    """Where SWIFT puts the new blocks: ``[(source layer, index in the expanded list, ordinal)]``. Pure."""
+    if num_layers % num_new_blocks != 0:
+        raise ConfigError(f"the model has {num_layers} layers, which num_new_blocks={num_new_blocks} does not divide")
+    stride = num_layers // (num_groups or num_new_blocks)
+    if stride == 0:
+        raise ConfigError(f"num_groups={num_groups} exceeds the number of layers {num_layers}")
+    blocks: list[_Block] = []
+    for idx in range(num_layers):
+        if (idx + 1) % stride == 0:
+            blocks.append(_Block(idx, idx + 1 + len(blocks), len(blocks)))
+    return blocks
+
+
+def _layers(model: nn.Module, cfg: LLaMAProConfig) -> tuple[str, nn.ModuleList, dict[str, str]]:
+    keys = cfg.keys()
+    try:
+        layer_list = model.get_submodule(keys["module_list"])
+    except AttributeError:
+        raise TargetError(f"{type(model).__name__} has no {keys['module_list']!r} (model_type={cfg.model_type!r})") from None
+    if not isinstance(layer_list, nn.ModuleList) or len(layer_list) == 0:
+        raise TargetError(f"{keys['module_list']!r} is not a non-empty nn.ModuleList")
+    for f in ("attention", "o_proj", "down_proj"):
+        try:
+            layer_list[0].get_submodule(keys[f])
+        except AttributeError:
+            raise TargetError(f"layer 0 of {keys['module_list']!r} has no {keys[f]!r} ({f})") from None
+    return keys["module_list"], layer_list, keys
+
+
+def _plan(model: nn.Module, cfg: LLaMAProConfig) -> tuple[str, nn.ModuleList, dict[str, str], list[_Block]]:
+    prefix, layer_list, keys = _layers(model, cfg)
+    return prefix, layer_list, keys, expansion_plan(len(layer_list), cfg.num_new_blocks, cfg.num_groups)
+
+
+def init(model: nn.Module, config: LLaMAProConfig, generator: torch.Generator,
+         adapter_name: str = "default") -> TunerParams:
+    """The new blocks' weights: copies of their source layers, o_proj/down_proj zeroed. Pure (no randomness)."""
+    if not isinstance(config, LLaMAProConfig):
+        raise ConfigError(f"llamapro.init needs a LLaMAProConfig, got {type(config).__name__}")
+    prefix, layer_list, keys, plan = _plan(model, config)
+    zeroed = (f"{keys['o_proj']}.", f"{keys['down_proj']}.")
+    tensors: dict[str, torch.Tensor] = {}
+    for b in plan:
+        for name, p in layer_list[b.source].named_parameters():
+            t = p.detach().clone()
+            if name.startswith(zeroed):
+                t = torch.zeros_like(t)
+            tensors[f"{prefix}.{b.new_index}.{name}"] = t
+    return TunerParams(tensors, config, adapter_name)
+
+
+def _check(model: nn.Module, params: TunerParams) -> tuple[nn.ModuleList, dict[str, str], list[_Block], str]:
+    prefix, layer_list, keys, plan = _plan(model, params.config)
+    expected: dict[str, tuple[int, ...]] = {}
+    for b in plan:
+        for name, p in layer_list[b.source].named_parameters():
+            expected[f"{prefix}.{b.new_index}.{name}"] = tuple(p.shape)
+    missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
+    if missing or extra:
+        raise ParamsMismatchError(
+            f"LLaMA-Pro params do not fit the expansion {[b.new_index for b in plan]} of {prefix!r}:"
+            f" missing {missing[:4]}, unexpected {extra[:4]}"
+        )
+    for k, shape in expected.items():
+        if tuple(params[k].shape) != shape:
+            raise ParamsMismatchError(f"params[{k!r}] has shape {tuple(params[k].shape)}, expected {shape}")
+    return layer_list, keys, plan, prefix
+
+
+def validate(model: nn.Module, params: TunerParams) -> None:
+    """Raise :class:`ParamsMismatchError` if ``params`` are not the new blocks this config gives ``model``. Pure."""
+    _check(model, params)
+
+
+def _run_block(layer: nn.Module, attention_path: str, tensors: dict[str, torch.Tensor], ordinal: int,
+               private: weakref.WeakKeyDictionary, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+    hidden = output[0] if isinstance(output, tuple) else output
+    block = _clone_module_tree(layer)
+    for name, t in tensors.items():
+        owner_path, _, leaf = name.rpartition(".")
+        owner = block.get_submodule(owner_path) if owner_path else block
+        owner.__dict__["_parameters"][leaf] = t
+    kwargs = dict(kwargs)
+    for cache_key in ("cache", "past_key_values", "past_key_value"):
+        cache = kwargs.get(cache_key)
+        if cache is not None:
+            if cache not in private:
+                private[cache] = type(cache)()
+            kwargs[cache_key] = private[cache]
+            attn = block.get_submodule(attention_path)
+            for attr in ("layer_idx", "layer_number", "block_idx"):
+                if attr in attn.__dict__:
+                    attn.__dict__[attr] = ordinal
+    if args:
+        new = block(hidden, *args[1:], **kwargs)
+    else:
+        kwargs["hidden_states"] = hidden
+        new = block(**kwargs)
+    if isinstance(output, tuple) and not isinstance(new, tuple):
+        return (new, *output[1:])
+    return new
+
+
+def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
+    """A forward slot on each original layer followed by a new block, running that block on its output."""
+    layer_list, keys, plan, prefix = _check(model, params)
+    private: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # caller's cache -> new blocks' cache
+    fwd: dict[nn.Module, list[Any]] = {}
+    for b in plan:
+        head = f"{prefix}.{b.new_index}."
+        tensors = {k[len(head):]: v for k, v in params.items() if k.startswith(head)}
+        layer = layer_list[b.source]
+        fwd.setdefault(layer, []).append(
+            lambda m, a, k, o, _t=tensors, _b=b: _run_block(m, keys["attention"], _t, _b.ordinal, private, a, k, o)
+        )
+    ensure_slots(list(fwd))
+    return Routes(forward=fwd)
+
+
+tuner = Tuner(swift_type="LLAMAPRO", config_cls=LLaMAProConfig, init=init, routes=routes, validate=validate)
