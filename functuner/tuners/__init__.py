@@ -53,3 +53,7 @@ register(neftune.tuner)
 from . import reft  # noqa: E402
 
 register(reft.tuner)
+
+from . import llamapro  # noqa: E402
+
+register(llamapro.tuner)
