@@ -251,7 +251,8 @@ def part_from_swift_state_dict(
     ``target`` is either ``PartConfig.target_modules`` (a regex: the module of a
     key is its *shortest* dotted prefix the regex fully matches, i.e. the
     outermost targeted module, no model needed) or the targeted module names.
-    A key under no targeted module is an error naming the key.
+    Keys already named ``<module>._part_<adapter>.<param>`` pass through.  A key
+    under no targeted module is an error naming the key.
     """
     if isinstance(target, str):
         pattern = re.compile(target)
@@ -267,6 +268,9 @@ def part_from_swift_state_dict(
             return next((m for m in mods if key.startswith(m + ".")), None)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
+        if f"._part_{adapter_name}." in key:  # already in memory naming (SWIFT loads these too)
+            out[key] = value
+            continue
         owner = owner_of(key)
         if owner is None:
             raise CheckpointError(f"key {key!r} lies under no module targeted by the Part adapter ({target!r})")

@@ -830,7 +830,10 @@ def _to_functuner_names(state: Mapping[str, torch.Tensor], adapter_name: str, co
             for m in spec)}
         return keys.from_peft_state_dict(data, adapter_name, mods)
     mts = set(getattr(config, "modules_to_save", None) or ())
-    return keys.from_swift_state_dict(data, adapter_name, mts)
+    state = keys.from_swift_state_dict(data, adapter_name, mts)
+    if getattr(config, "swift_type", None) == "part":  # SWIFT saves Part copies at the original keys
+        state = keys.part_from_swift_state_dict(state, config.target_modules, adapter_name)
+    return state
 
 
 # ---------------------------------------------------------------------------
