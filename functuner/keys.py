@@ -32,6 +32,7 @@ __all__ = [
     "part_from_swift_state_dict",
     "part_to_swift_state_dict",
     "rename_adapter",
+    "split_peft_base_weights",
     "to_peft_state_dict",
     "to_swift_state_dict",
 ]
@@ -206,6 +207,26 @@ def _saved_module_of(key: str, modules_to_save: set[str]) -> str | None:
         if any(path == m or path.endswith("." + m) for m in modules_to_save):
             return path
     return None
+
+
+def split_peft_base_weights(
+    state: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Separate the full base weights PEFT sometimes saves beside an adapter.
+
+    With ``save_embedding_layers`` (on by default when embeddings are targeted)
+    PEFT stores ``base_model.model.<module>.base_layer.weight``: the whole
+    original weight.  Returns ``(adapter tensors, {<module>.weight: tensor})``
+    with the second part under the base model's own names.
+    """
+    rest: dict[str, torch.Tensor] = {}
+    base: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(PEFT_PREFIX) and key.endswith(".base_layer.weight"):
+            base[key[len(PEFT_PREFIX): -len(".base_layer.weight")] + ".weight"] = value
+        else:
+            rest[key] = value
+    return rest, base
 
 
 # -- SWIFT's own tuners (Adapter, Prompt, Side, Part): the adapter name is glued to a component prefix ----
