@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from . import errors, keys, routing
 from .core import apply, bind_routes, init, merge, unmerge, validate
-from .grads import per_sample_grads
+from .grads import per_sample_grads, value_and_grad
 from .keys import from_peft_state_dict, rename_adapter, to_peft_state_dict
 from .params import TunerParams, tree_map
 from .routing import remove_slots
@@ -67,4 +67,5 @@ __all__ = [
     "tuner_for",
     "unmerge",
     "validate",
+    "value_and_grad",
 ]
