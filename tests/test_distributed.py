@@ -114,49 +114,44 @@ def _scenario_ddp_functional(rank: int, out: pathlib.Path) -> None:
     _write(out, "ddp_functional", rank, params, losses)
 
 
-class _Holder(torch.nn.Module):
-    """Tuner tensors as ``nn.Parameter``s of a small module, routed into the base model per call."""
-
-    def __init__(self, model: torch.nn.Module, params: ft.TunerParams) -> None:
-        super().__init__()
-        self.model = model
-        self.names = list(params)
-        self.tensors = torch.nn.ParameterList([torch.nn.Parameter(params[k].clone()) for k in self.names])
-        self.config, self.adapter_name = params.config, params.adapter_name
-
-    def params(self) -> ft.TunerParams:
-        return ft.TunerParams(dict(zip(self.names, self.tensors, strict=True)), self.config, self.adapter_name)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        with ft.routing.routed(ft.bind_routes(self.model, self.params())):
-            return self.model(ids, labels=ids).loss
-
-
-def _scenario_ddp_eager(rank: int, out: pathlib.Path) -> None:
-    """DistributedDataParallel over a module holding the LoRA tensors; loss.backward(); torch.optim.SGD."""
+def _scenario_ddp_swift(rank: int, out: pathlib.Path) -> None:
+    """The stateful shim: SwiftModel wrapped in DistributedDataParallel; loss.backward(); torch.optim.SGD."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model, params, ids = _setup(False)
-    ddp = DDP(_Holder(model, params))
-    opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+    swift = ft.SwiftModel(model, params.config)
+    adapter = swift.adapters["default"]
+    assert adapter.tensors.keys() == params.keys()
+    with torch.no_grad():  # start from the reference's init (the shim draws from the global RNG)
+        for k, p in adapter.tensors.items():
+            p.copy_(params[k])
+    ddp = DDP(swift)
+    trainable = [p for p in ddp.parameters() if p.requires_grad]
+    assert len(trainable) == len(params), "the shim should train exactly the LoRA tensors"
+    opt = torch.optim.SGD(trainable, lr=LR)
     local = _local(ids, rank)
     losses = []
     for _ in range(STEPS):
         opt.zero_grad()
-        loss = ddp(local)
+        loss = ddp(local, labels=local).loss
         loss.backward()  # DDP averages the LoRA gradients across ranks here
         opt.step()
         losses.append(ftd.all_reduce_grads(loss.detach()).item())
-    _write(out, "ddp_eager", rank, ddp.module.params(), losses)
+    _write(out, "ddp_swift", rank, adapter.params, losses)
 
 
-def _shard(model: torch.nn.Module):
+def _shard(model: torch.nn.Module, per_linear: bool):
+    """fully_shard every decoder layer and the root; with ``per_linear`` every nn.Linear in a layer first."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
     mesh = init_device_mesh("cpu", (WORLD,))
     for layer in model.model.layers:
+        if per_linear:  # the adapted module is itself an FSDP unit: its slot must run before FSDP reshards it
+            for module in layer.modules():
+                if isinstance(module, torch.nn.Linear):
+                    fully_shard(module, mesh=mesh)
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     local = total = 0
@@ -168,11 +163,16 @@ def _shard(model: torch.nn.Module):
 
 
 def _scenario_fsdp2(rank: int, out: pathlib.Path, use_dora: bool, functional: bool) -> None:
-    """fully_shard on every decoder layer and the root: base weights sharded, tuner params replicated."""
+    """Base weights sharded with fully_shard, tuner params replicated.
+
+    LoRA runs with torch.func gradients and layer-level sharding; DoRA (whose
+    slot reads ``module.weight``) with loss.backward() and every adapted Linear
+    sharded on its own as well.
+    """
     from torch.distributed.tensor import DTensor
 
     model, params, ids = _setup(use_dora)
-    local_numel, total_numel = _shard(model)
+    local_numel, total_numel = _shard(model, per_linear=use_dora)
     local = _local(ids, rank)
     losses = []
     for _ in range(STEPS):
@@ -258,7 +258,7 @@ def _scenario_collectives(rank: int, out: pathlib.Path) -> None:
 SCENARIOS = {
     "collectives": _scenario_collectives,
     "ddp_functional": _scenario_ddp_functional,
-    "ddp_eager": _scenario_ddp_eager,
+    "ddp_swift": _scenario_ddp_swift,
     "fsdp2_lora_functional": lambda r, o: _scenario_fsdp2(r, o, use_dora=False, functional=True),
     "fsdp2_dora_eager": lambda r, o: _scenario_fsdp2(r, o, use_dora=True, functional=False),
 }
@@ -334,8 +334,8 @@ def test_ddp_functional_matches_single_process(runs, reference_lora) -> None:
     _assert_matches_reference(runs, "ddp_functional", reference_lora)
 
 
-def test_ddp_eager_module_matches_single_process(runs, reference_lora) -> None:
-    _assert_matches_reference(runs, "ddp_eager", reference_lora)
+def test_ddp_swift_model_matches_single_process(runs, reference_lora) -> None:
+    _assert_matches_reference(runs, "ddp_swift", reference_lora)
 
 
 def test_fsdp2_lora_functional_matches_single_process(runs, reference_lora) -> None:
