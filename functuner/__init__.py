@@ -19,6 +19,7 @@ from .params import TunerParams, tree_map
 from .routing import remove_slots
 from .tuners import REGISTRY, Tuner, TunerConfig, register, tuner_for
 from .tuners.lora import LoRAConfig, LoraConfig, lora_delta
+from .tuners.scetuning import SCETuningConfig
 from .tuners.llamapro import LLaMAProConfig
 from .tuners.reft import ReftConfig
 from .tuners.adapter import AdapterConfig
@@ -32,6 +33,7 @@ from .tuners.longlora import LongLoRAConfig
 __version__ = "0.1.0"
 
 __all__ = [
+    "SCETuningConfig",
     "LLaMAProConfig",
     "ReftConfig",
     "AdapterConfig",

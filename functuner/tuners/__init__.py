@@ -57,3 +57,7 @@ register(reft.tuner)
 from . import llamapro  # noqa: E402
 
 register(llamapro.tuner)
+
+from . import scetuning  # noqa: E402
+
+register(scetuning.tuner)
