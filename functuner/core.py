@@ -142,11 +142,16 @@ def merge(model: nn.Module, params: ParamsLike, base: Mapping[str, torch.Tensor]
     Each delta is computed in fp32 and rounded once to the weight's dtype.
     """
     state: Mapping[str, torch.Tensor] = _state(model) if base is None else base
+    original = state
     for p in as_params_list(params):
         t = tuner_for(p.config)
         if t.merge is None:
             raise ConfigError(f"{t.swift_type} has no merged form; keep it as an adapter")
-        state = t.merge(model, p, state)
+        if state is not original and "unmerged" in (getattr(t.merge, "__kwdefaults__", None) or {}):
+            # weight-dependent merges (DoRA's norm) must see the weights before earlier adapters were folded in
+            state = t.merge(model, p, state, unmerged=original)
+        else:
+            state = t.merge(model, p, state)
     return dict(state)
 
 

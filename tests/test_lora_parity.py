@@ -278,3 +278,34 @@ def test_merge_matches_peft_merge_and_unload(case: str) -> None:
         torch.testing.assert_close(merged[k], v, atol=ATOL, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
         changed += not torch.equal(merged[k], model.state_dict()[k])
     assert changed > 0
+
+
+# ---------------------------------------------------------------------------
+# several adapters active together (PEFT: base_model.set_adapter([...]))
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_two_active_adapters_match_peft_forward_and_merge(use_dora: bool) -> None:
+    """Adapters run in order; DoRA norms use the unmerged base weight (PEFT's rule), in the forward and in merge."""
+    model = tiny_llama()
+    cfgs = {"a": dict(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"], use_dora=use_dora),
+            "b": dict(r=4, lora_alpha=12, target_modules=["q_proj", "o_proj"], use_dora=use_dora)}
+    ps = [ft.init(model, ft.LoRAConfig(init_lora_weights=False, **c), generator=i, adapter_name=n)
+          for i, (n, c) in enumerate(cfgs.items())]
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**cfgs["a"]), adapter_name="a")
+    pm.add_adapter("b", peft.LoraConfig(**cfgs["b"]))
+    for p in ps:
+        loaded = peft.set_peft_model_state_dict(pm, ft.to_peft_state_dict(p, p.adapter_name), adapter_name=p.adapter_name)
+        assert loaded.unexpected_keys == []
+    pm.base_model.set_adapter(["a", "b"])
+    pm.eval()
+    inputs = {"input_ids": _ids()}
+    with torch.no_grad():
+        ours = _out(ft.apply(model, ps, kwargs=inputs))
+        theirs = _out(pm(**inputs))
+        torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+        merged_fwd = _out(torch.func.functional_call(model, ft.merge(model, ps), (), inputs))
+        torch.testing.assert_close(merged_fwd, ours, atol=ATOL, rtol=0)
+        theirs_merged = pm.merge_and_unload().state_dict()
+    merged = ft.merge(model, ps)
+    for k, v in theirs_merged.items():
+        torch.testing.assert_close(merged[k], v, atol=ATOL, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
