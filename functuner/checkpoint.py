@@ -90,7 +90,7 @@ _NEUTRAL_FIELDS: dict[str, Any] = {
     "peft_version": _ANY,
     "megatron_core": _ANY,
     "qalora_group_size": _ANY,
-    "auto_mapping": None,
+    "auto_mapping": _ANY,
     "model_key_mapping": None,
     "alora_invocation_tokens": None,
     "arrow_config": None,
@@ -103,6 +103,11 @@ _NEUTRAL_FIELDS: dict[str, Any] = {
     "trainable_token_indices": None,
     "use_qalora": False,
     "ensure_weight_tying": False,
+    "kasa_config": None,
+    "lora_ga_config": None,
+    "monteclora_config": None,
+    "use_bdlora": None,
+    "velora_config": None,
     "runtime_config": _ANY,
     "has_additional_modules": _ANY,
 }
@@ -117,7 +122,9 @@ class AdapterCheckpoint:
     """One adapter read from disk.
 
     ``state`` uses functuner's names for adapter ``name`` (CPU tensors as
-    stored); ``format`` is ``"swift"`` or ``"peft"``; ``path`` the folder read.
+    stored); ``format`` is ``"swift"`` or ``"peft"``; ``path`` the folder read;
+    ``base_weights`` the full original weights PEFT saves beside embedding
+    adapters (``save_embedding_layers``), under the model's own names.
     """
 
     name: str
@@ -125,6 +132,7 @@ class AdapterCheckpoint:
     state: dict[str, torch.Tensor]
     format: str
     path: str
+    base_weights: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------
@@ -265,7 +273,9 @@ def read_adapter(folder: str | os.PathLike[str], adapter_name: str, *, weights_o
     fmt = "swift" if "swift_type" in data else "peft"
     raw = read_tensors(folder, weights_only=weights_only, root=root_p)
     raw = raw or {}
+    base_weights: dict[str, torch.Tensor] = {}
     if fmt == "peft":
+        raw, base_weights = keys.split_peft_base_weights(raw)
         try:
             state = keys.from_peft_state_dict(raw, adapter_name, _saved_module_names(raw, config))
         except CheckpointError as e:
@@ -277,7 +287,7 @@ def read_adapter(folder: str | os.PathLike[str], adapter_name: str, *, weights_o
             state = keys.part_from_swift_state_dict(state, config.target_modules, saved_name)
         if saved_name != adapter_name:
             state = keys.rename_adapter(state, saved_name, adapter_name)
-    return AdapterCheckpoint(adapter_name, config, state, fmt, str(folder))
+    return AdapterCheckpoint(adapter_name, config, state, fmt, str(folder), base_weights)
 
 
 def _saved_module_names(raw: Mapping[str, torch.Tensor], config: Any) -> set[str]:

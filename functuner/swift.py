@@ -714,6 +714,13 @@ class SwiftModel(nn.Module):
         if extra_state_keys is None:
             extra_state_keys = patterns
         inner = model._state.model if isinstance(model, SwiftModel) else model
+        own_state = inner.state_dict()
+        for ck in found.values():  # PEFT's saved copies of base weights must be the model's own
+            differ = sorted(k for k, v in ck.base_weights.items()
+                            if k not in own_state or own_state[k].shape != v.shape or not torch.equal(own_state[k].cpu(), v))
+            if differ:
+                raise CheckpointError(f"{ck.path}: holds base weights {differ[:4]} that differ from the model's;"
+                                      " functuner loads adapters, not base weights (load that base model first)")
         if extra:
             own = inner.state_dict()
             bad = sorted(k for k, v in extra.items() if k not in own or own[k].shape != v.shape)
