@@ -172,7 +172,7 @@ def config_from_json(data: Mapping[str, Any], source: str = "adapter_config.json
         else:
             raise CheckpointError(f"{source}: field {key!r} is unknown to functuner's {tuner.config_cls.__name__}")
     try:
-        return tuner.config_cls.from_dict(kept)
+        return tuner.config_cls.from_dict(kept)  # type: ignore[attr-defined]
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{source}: {e}") from None
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 import tempfile
 import threading
 import weakref
@@ -178,7 +179,8 @@ def _global_generator() -> torch.Generator:
 def _decay_parameter_names(model: nn.Module) -> set[str]:
     from transformers import Trainer
 
-    return set(Trainer.get_decay_parameter_names(None, model))
+    # an unbound call with self=None, exactly as ms-swift does; the method only reads the model
+    return set(Trainer.get_decay_parameter_names(None, model))  # type: ignore[arg-type]
 
 
 class SwiftModel(nn.Module):
@@ -584,8 +586,9 @@ class SwiftModel(nn.Module):
         self.set_active_adapters([adapter_name])
 
     # -- state dicts ---------------------------------------------------------------
-    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False,
-                   adapter_name: str | None = None, peft_format: bool = False, **kwargs: Any) -> dict[str, Any]:
+    def state_dict(  # type: ignore[override]  # SWIFT's extra keywords
+            self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False,
+            adapter_name: str | None = None, peft_format: bool = False, **kwargs: Any) -> dict[str, Any]:
         """The adapters' tensors (SWIFT's on-disk names) plus extra states, as SWIFT returns them.
 
         ``adapter_name`` selects one adapter (default: all); ``peft_format=True``
@@ -799,9 +802,11 @@ def _set_registered(model: nn.Module, key: str, value: nn.Parameter) -> None:
 def _unregister(model: nn.Module, key: str) -> None:
     """Remove the Parameter at ``key`` and prune holder modules left empty."""
     parts = key.split(".")
-    chain = [model]
+    chain: list[nn.Module] = [model]
     for part in parts[:-1]:
-        chain.append(chain[-1]._modules[part])
+        child = chain[-1]._modules[part]
+        assert child is not None
+        chain.append(child)
     del chain[-1]._parameters[parts[-1]]
     for i in range(len(chain) - 1, 0, -1):
         node = chain[i]
@@ -847,11 +852,8 @@ def _to_functuner_names(state: Mapping[str, torch.Tensor], adapter_name: str, co
 # Swift: the static entry points
 # ---------------------------------------------------------------------------
 def _is_peft_model(model: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
+    peft_mod = sys.modules.get("peft")  # a PeftModel instance means peft is imported
+    return peft_mod is not None and isinstance(model, peft_mod.PeftModel)
 
 
 class Swift:
@@ -864,12 +866,9 @@ class Swift:
         A ``SwiftModel`` gets the new adapters added.  A PEFT ``PeftConfig``
         goes through ``peft.get_peft_model`` (returns a ``PeftModel``).
         """
-        try:
-            from peft import PeftConfig, get_peft_model
-        except ImportError:  # pragma: no cover
-            PeftConfig, get_peft_model = (), None
-        if PeftConfig and isinstance(config, PeftConfig):
-            return get_peft_model(model, config, **kwargs)
+        peft_mod = sys.modules.get("peft")  # a PeftConfig instance means peft is imported
+        if peft_mod is not None and isinstance(config, peft_mod.PeftConfig):
+            return peft_mod.get_peft_model(model, config, **kwargs)
         return SwiftModel(model, config, **kwargs)
 
     @staticmethod
