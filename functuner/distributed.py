@@ -6,6 +6,8 @@ pytree of ordinary tensors, so data parallelism is PyTorch's own collectives:
 * :func:`all_reduce_grads` averages a gradient pytree over the ranks (what
   ``DistributedDataParallel`` does to ``.grad``), packing every leaf of one
   dtype into a single flat bucket so each step costs one collective per dtype.
+* :func:`average_grads_` does the same in place on parameters' ``.grad``
+  (eager training without a ``DistributedDataParallel`` wrapper).
 * :func:`broadcast_params` makes every rank hold rank ``src``'s params.
 * :func:`run_on_rank0` / :func:`save_params_on_rank0` write a checkpoint from
   rank 0 only, then wait on a barrier; a failure on rank 0 is raised on every
@@ -25,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import torch
@@ -40,6 +42,7 @@ from .params import TunerParams
 
 __all__ = [
     "all_reduce_grads",
+    "average_grads_",
     "broadcast_params",
     "is_sharded",
     "load_params",
@@ -111,6 +114,27 @@ def all_reduce_grads(grads: T, group: Any = None, *, average: bool = True) -> T:
             flat.div_(world)
 
     return _bucketed(grads, reduce)
+
+
+def average_grads_(parameters: Iterable[torch.Tensor], group: Any = None) -> None:
+    """In place: every trainable parameter's ``.grad`` becomes its mean over ``group`` (DDP's reduction).
+
+    For eager training without ``DistributedDataParallel`` (e.g. ``SwiftModel``
+    under FSDP2 with the tuner parameters in ``ignored_params``).  Parameters
+    with ``requires_grad=False`` are skipped; a trainable parameter whose
+    ``.grad`` is ``None`` counts as a zero gradient (and gets one), so every rank
+    takes part in the same collectives.  Pass the same parameters in the same
+    order on every rank.  One ``all_reduce`` per (dtype, device) bucket.
+    """
+    params = [p for p in parameters if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    averaged = all_reduce_grads(grads, group)
+    with torch.no_grad():
+        for p, g in zip(params, averaged, strict=True):
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
 
 
 def broadcast_params(params: T, src: int = 0, group: Any = None) -> T:

@@ -119,12 +119,7 @@ def _scenario_ddp_swift(rank: int, out: pathlib.Path) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model, params, ids = _setup(False)
-    swift = ft.SwiftModel(model, params.config)
-    adapter = swift.adapters["default"]
-    assert adapter.tensors.keys() == params.keys()
-    with torch.no_grad():  # start from the reference's init (the shim draws from the global RNG)
-        for k, p in adapter.tensors.items():
-            p.copy_(params[k])
+    swift, adapter = _swift_from_reference(model, params)
     ddp = DDP(swift)
     trainable = [p for p in ddp.parameters() if p.requires_grad]
     assert len(trainable) == len(params), "the shim should train exactly the LoRA tensors"
@@ -140,7 +135,18 @@ def _scenario_ddp_swift(rank: int, out: pathlib.Path) -> None:
     _write(out, "ddp_swift", rank, adapter.params, losses)
 
 
-def _shard(model: torch.nn.Module, per_linear: bool):
+def _swift_from_reference(model: torch.nn.Module, params: ft.TunerParams):
+    """A SwiftModel whose adapter starts from the reference's init (the shim draws from the global RNG)."""
+    swift = ft.SwiftModel(model, params.config)
+    adapter = swift.adapters["default"]
+    assert adapter.tensors.keys() == params.keys()
+    with torch.no_grad():
+        for k, p in adapter.tensors.items():
+            p.copy_(params[k])
+    return swift, adapter
+
+
+def _shard(model: torch.nn.Module, per_linear: bool, ignored: set | None = None):
     """fully_shard every decoder layer and the root; with ``per_linear`` every nn.Linear in a layer first."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -152,10 +158,13 @@ def _shard(model: torch.nn.Module, per_linear: bool):
             for module in layer.modules():
                 if isinstance(module, torch.nn.Linear):
                     fully_shard(module, mesh=mesh)
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, ignored_params=ignored)
     local = total = 0
     for name, p in model.named_parameters():
+        if ignored and p in ignored:
+            assert not isinstance(p, DTensor), f"{name} was to be left alone"
+            continue
         assert isinstance(p, DTensor), f"{name} is not sharded"
         local += p.to_local().numel()
         total += p.numel()
@@ -213,6 +222,30 @@ def _small() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
 
 
+def _scenario_fsdp2_swift(rank: int, out: pathlib.Path) -> None:
+    """SwiftModel under FSDP2: base weights sharded, the shim's tuner Parameters in ignored_params.
+
+    Without ``ignored_params`` fully_shard would replace the shim's Parameters
+    with DTensors the shim's routes never read (nothing would train); see docs.
+    """
+    model, params, ids = _setup(False)
+    swift, adapter = _swift_from_reference(model, params)
+    tuner = set(adapter.tensors.values())
+    local_numel, total_numel = _shard(model, per_linear=False, ignored=tuner)
+    opt = torch.optim.SGD(list(adapter.tensors.values()), lr=LR)
+    local = _local(ids, rank)
+    losses = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        loss = swift(local, labels=local).loss
+        loss.backward()
+        ftd.average_grads_(adapter.tensors.values())
+        opt.step()
+        losses.append(ftd.all_reduce_grads(loss.detach()).item())
+    extra = {"local_numel": torch.tensor(local_numel), "total_numel": torch.tensor(total_numel)}
+    _write(out, "fsdp2_swift", rank, adapter.params, losses, **extra)
+
+
 def _scenario_collectives(rank: int, out: pathlib.Path) -> None:
     """Bucketed all-reduce over mixed dtypes, broadcast of rank-dependent init, rank-0-only calls."""
     grads = {
@@ -261,6 +294,7 @@ SCENARIOS = {
     "ddp_swift": _scenario_ddp_swift,
     "fsdp2_lora_functional": lambda r, o: _scenario_fsdp2(r, o, use_dora=False, functional=True),
     "fsdp2_dora_eager": lambda r, o: _scenario_fsdp2(r, o, use_dora=True, functional=False),
+    "fsdp2_swift": _scenario_fsdp2_swift,
 }
 
 
@@ -341,6 +375,12 @@ def test_ddp_swift_model_matches_single_process(runs, reference_lora) -> None:
 def test_fsdp2_lora_functional_matches_single_process(runs, reference_lora) -> None:
     results = _assert_matches_reference(runs, "fsdp2_lora_functional", reference_lora)
     for res in results:  # each rank holds about half of the base weights
+        assert res["__local_numel__"].item() <= math.ceil(res["__total_numel__"].item() / WORLD) + 64
+
+
+def test_fsdp2_swift_model_matches_single_process(runs, reference_lora) -> None:
+    results = _assert_matches_reference(runs, "fsdp2_swift", reference_lora)
+    for res in results:
         assert res["__local_numel__"].item() <= math.ceil(res["__total_numel__"].item() / WORLD) + 64
 
 
