@@ -131,9 +131,10 @@ def test_checkpoint_round_trip_uses_swift_names(tmp_path):
     assert torch.equal(logits(ft.apply(fresh, again, (x,))), logits(ft.apply(model, params, (x,))))
 
 
-def test_shim_prepare_model_loads_swift_weights_and_toggles():
-    model = builders.tiny_llama()
-    case = load_case("adapter_llama", model)
+@pytest.mark.parametrize(("case_name", "build"), CASES)
+def test_shim_prepare_model_loads_swift_weights_and_toggles(case_name, build):
+    model = build()
+    case = load_case(case_name, model)
     cfg = AdapterConfig.from_dict(case.adapters["default"].config)
     sm = ft.Swift.prepare_model(model, cfg)
     sm.load_state_dict(case.adapters["default"].state, adapter_name="default")

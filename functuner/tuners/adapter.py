@@ -43,7 +43,7 @@ def _fallback_activations() -> dict[str, Any]:
             "sigmoid": nn.Sigmoid}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _act_table() -> dict[str, Any]:
     try:  # SWIFT uses transformers' ACT2CLS; use the same classes so the numbers match
         from transformers.activations import ACT2CLS
@@ -52,7 +52,7 @@ def _act_table() -> dict[str, Any]:
     return dict(ACT2CLS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def activation(name: str) -> nn.Module:
     """The activation module SWIFT builds for ``act_layer=name`` (stateless; cached)."""
     table = _act_table()
@@ -193,15 +193,16 @@ def adapter_mlp(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.T
     return (x.to(out.dtype) + out).to(h.dtype)
 
 
-def _slot(site: _Site, cfg: AdapterConfig, weights: tuple[torch.Tensor, ...], module: nn.Module,
-          args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+def _slot(site: _Site, cfg: AdapterConfig, weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+          module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     where = f"{site.name}.{cfg.method_name}()"
     h = output_at(out, cfg.hidden_pos, "AdapterConfig.hidden_pos", where)
     if not isinstance(h, torch.Tensor):
         raise ConfigError(f"AdapterConfig.hidden_pos={cfg.hidden_pos!r}: {where} gave a {type(h).__name__}, not a tensor")
     if h.shape[-1] != cfg.dim:
         raise ConfigError(f"AdapterConfig.dim={cfg.dim} does not match {where}'s hidden state of shape {tuple(h.shape)}")
-    new = adapter_mlp(h, *weights, activation(cfg.act_layer))
+    w1, b1, w2, b2 = weights
+    new = adapter_mlp(h, w1, b1, w2, b2, activation(cfg.act_layer))
     return with_output_at(out, cfg.hidden_pos, new)
 
 
@@ -210,7 +211,8 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
     cfg: AdapterConfig = params.config
     fwd: dict[Any, list[Any]] = {}
     for site in _sites(model, params):
-        fn = functools.partial(_slot, site, cfg, tuple(params[k] for k in site.keys))
+        w1, b1, w2, b2 = (params[k] for k in site.keys)
+        fn = functools.partial(_slot, site, cfg, (w1, b1, w2, b2))
         if cfg.method_name == "forward":
             ensure_slots([site.module])
             fwd.setdefault(site.module, []).append(fn)

@@ -48,7 +48,7 @@ class NEFTuneConfig(TunerConfig):
 
 
 def _embeddings(model: nn.Module) -> list[nn.Module]:
-    found = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    found: list[nn.Module] = [m for m in model.modules() if isinstance(m, nn.Embedding)]
     if not found:
         raise TargetError(f"NEFTune needs an nn.Embedding in the model; {type(model).__name__} has none")
     return found
