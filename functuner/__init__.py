@@ -19,6 +19,7 @@ from .params import TunerParams, tree_map
 from .routing import remove_slots
 from .tuners import REGISTRY, Tuner, TunerConfig, register, tuner_for
 from .tuners.lora import LoRAConfig, LoraConfig, lora_delta
+from .tuners.restuning import ResTuningConfig
 from .tuners.scetuning import SCETuningConfig
 from .tuners.llamapro import LLaMAProConfig
 from .tuners.reft import ReftConfig
@@ -33,6 +34,7 @@ from .tuners.longlora import LongLoRAConfig
 __version__ = "0.1.0"
 
 __all__ = [
+    "ResTuningConfig",
     "SCETuningConfig",
     "LLaMAProConfig",
     "ReftConfig",

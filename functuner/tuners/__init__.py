@@ -61,3 +61,7 @@ register(llamapro.tuner)
 from . import scetuning  # noqa: E402
 
 register(scetuning.tuner)
+
+from . import restuning  # noqa: E402
+
+register(restuning.tuner)
