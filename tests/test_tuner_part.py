@@ -158,3 +158,23 @@ def test_merged_weights_compute_what_apply_computes(scale, seed):
     merged = ft.merge(model, params)
     torch.testing.assert_close(logits(torch.func.functional_call(model, merged, (x,))),
                                logits(ft.apply(model, params, (x,))), rtol=1e-5, atol=1e-6)
+
+
+def test_switching_parts_in_the_shim_swaps_the_weights():
+    model = builders.tiny_bert()
+    case = load_case("part_bert", model)
+    first = swift_params(case, "default")
+    second = first.map(lambda t: t * -1.0).replace(adapter_name="p2")
+    second = ft.TunerParams({k.replace("_part_default", "_part_p2"): v for k, v in second.items()}, first.config, "p2")
+    x = case.io["input_0"]
+    want = {"default": logits(ft.apply(model, first, (x,))), "p2": logits(ft.apply(model, second, (x,)))}
+    sm = ft.Swift.prepare_model(model, {"default": first.config})
+    sm = ft.Swift.prepare_model(sm, {"p2": first.config})  # its copy must not include the first part's tensors
+    sm.load_state_dict(case.adapters["default"].state, adapter_name="default")
+    sm.load_state_dict(part_to_swift_state_dict(second, "p2"), adapter_name="p2")
+    with torch.no_grad():
+        for name in ("default", "p2", "default"):
+            sm.set_active_adapters([name])
+            torch.testing.assert_close(logits(sm(x)), want[name], rtol=0, atol=1e-6)
+        sm.set_active_adapters([])
+        assert torch.equal(logits(sm(x)), case.io["base_output"])

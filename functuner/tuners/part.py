@@ -72,6 +72,8 @@ def target_names(model: nn.Module, config: PartConfig) -> list[str]:
 def init(model: nn.Module, config: PartConfig, generator: torch.Generator, adapter_name: str = "default") -> TunerParams:
     """Copies (``clone``, detached, same dtype/device) of every parameter of each targeted module. Pure.
 
+    Parameters of other Part copies registered inside the module (``_part_<other>``) are skipped.
+
     ``generator`` is unused (a Part starts equal to the base model).
     """
     if not isinstance(config, PartConfig):
@@ -79,6 +81,8 @@ def init(model: nn.Module, config: PartConfig, generator: torch.Generator, adapt
     tensors: dict[str, torch.Tensor] = {}
     for name in target_names(model, config):
         for pname, p in model.get_submodule(name).named_parameters():
+            if any(part.startswith("_part_") for part in pname.split(".")):
+                continue  # another Part's copy registered inside the module (the stateful shim does that)
             tensors[f"{name}._part_{adapter_name}.{pname}"] = p.detach().clone()
     return TunerParams(tensors, config, adapter_name)
 
