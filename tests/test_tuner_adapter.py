@@ -204,3 +204,39 @@ def test_zero_up_projection_is_the_identity(batch, dim, length, seed):
     w1, b1 = torch.randn(length, dim, generator=g), torch.randn(length, generator=g)
     out = adapter_mlp(h, w1, b1, torch.zeros(dim, length), torch.zeros(dim), activation("gelu"))
     assert torch.equal(out, h)
+
+
+def test_method_slot_keeps_threads_apart():
+    import threading
+
+    model = builders.tiny_bert()
+    case = load_case("adapter_bert_method", model)
+    mine = swift_params(case)
+    other = mine.map(lambda t: t * 2.0)
+    x = case.io["input_0"]
+    want = {id(mine): logits(ft.apply(model, mine, (x,))), id(other): logits(ft.apply(model, other, (x,)))}
+    wrong = []
+
+    def run(p):
+        for _ in range(15):
+            with torch.no_grad():
+                if not torch.equal(logits(ft.apply(model, p, (x,))), want[id(p)]):
+                    wrong.append(1)
+                if not torch.equal(logits(model(x)), case.io["base_output"]):
+                    wrong.append(1)
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in (mine, other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
+
+
+def test_shim_refuses_a_bad_config_before_touching_the_model():
+    model = builders.tiny_bert()
+    keys_before = set(model.state_dict())
+    with pytest.raises(ConfigError, match="method_name='nope'"):
+        ft.Swift.prepare_model(model, AdapterConfig(dim=32, target_modules=r".*layer\.\d+$", method_name="nope"))
+    assert set(model.state_dict()) == keys_before
+    assert all(p.requires_grad for p in model.parameters())
