@@ -28,7 +28,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -51,6 +51,9 @@ __all__ = [
     "run_on_rank0",
     "save_params_on_rank0",
 ]
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 T = TypeVar("T")
 
@@ -260,7 +263,7 @@ def load_params(path: str | os.PathLike[str], like: TunerParams, *, device: torc
 # ---------------------------------------------------------------------------
 # merge over FSDP2-sharded weights
 # ---------------------------------------------------------------------------
-def _is_dtensor(t: Any) -> bool:
+def _is_dtensor(t: Any) -> TypeGuard[DTensor]:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
