@@ -285,6 +285,8 @@ def read_adapter(folder: str | os.PathLike[str], adapter_name: str, *, weights_o
         state = keys.from_swift_state_dict(raw, saved_name, _modules_to_save(config))
         if getattr(config, "swift_type", None) == "part":  # SWIFT saves Part copies at the original keys
             state = keys.part_from_swift_state_dict(state, config.target_modules, saved_name)
+        if getattr(config, "swift_type", None) == "LLAMAPRO":  # SWIFT saves new blocks at expanded-list keys
+            state = keys.llamapro_from_swift_state_dict(state, config.keys()["module_list"], saved_name)
         if saved_name != adapter_name:
             state = keys.rename_adapter(state, saved_name, adapter_name)
     return AdapterCheckpoint(adapter_name, config, state, fmt, str(folder), base_weights)

@@ -29,6 +29,8 @@ __all__ = [
     "PEFT_PREFIX",
     "from_peft_state_dict",
     "from_swift_state_dict",
+    "llamapro_from_swift_state_dict",
+    "llamapro_to_swift_state_dict",
     "part_from_swift_state_dict",
     "part_to_swift_state_dict",
     "rename_adapter",
@@ -165,7 +167,7 @@ def to_swift_state_dict(state: Mapping[str, torch.Tensor], adapter_name: str = "
     """
     marker = f".modules_to_save.{adapter_name}."
     out: dict[str, torch.Tensor] = {}
-    for key, value in part_to_swift_state_dict(state, adapter_name).items():
+    for key, value in llamapro_to_swift_state_dict(part_to_swift_state_dict(state, adapter_name), adapter_name).items():
         if marker in key:
             mod, _, rest = key.partition(marker)
             key = f"{mod}.{rest}"
@@ -236,6 +238,10 @@ _SWIFT_COMPONENTS = {
     "prompt_": ("prompt_token",),
     "side_": ("alpha", "side_net"),
     "_part_": None,  # any parameter path follows a Part copy
+    "llamapro_": None,  # a LLaMA-Pro new block's parameter path
+    "restuning_": ("bypass_blocks",),
+    "scetuner_": ("tuner_op",),
+    "reft_": ("rotate_layer", "learned_source", "proj_layer"),
 }
 
 
@@ -296,4 +302,57 @@ def part_from_swift_state_dict(
         if owner is None:
             raise CheckpointError(f"key {key!r} lies under no module targeted by the Part adapter ({target!r})")
         out[f"{owner}._part_{adapter_name}.{key[len(owner) + 1:]}"] = value
+    return out
+
+
+def llamapro_to_swift_state_dict(state: Mapping[str, torch.Tensor], adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """LLaMA-Pro params -> SWIFT's keys: ``<list>.<i>.llamapro_<adapter>.<param>`` -> ``<list>.<j>.<param>``.
+
+    ``j = i + 1 + k``, with ``k`` the number of new blocks before this one (the
+    rank of ``i`` among the saved source layers): the new block's index in
+    SWIFT's expanded layer list.  Other keys pass through unchanged.
+    """
+    marker = f".llamapro_{adapter_name}."
+    sources: dict[str, set[int]] = {}
+    for key in state:
+        if marker in key:
+            prefix, _, idx = key.partition(marker)[0].rpartition(".")
+            sources.setdefault(prefix, set()).add(int(idx))
+    rank = {p: {i: r for r, i in enumerate(sorted(s))} for p, s in sources.items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if marker in key:
+            head, _, rest = key.partition(marker)
+            prefix, _, idx = head.rpartition(".")
+            key = f"{prefix}.{int(idx) + 1 + rank[prefix][int(idx)]}.{rest}"
+        out[key] = value
+    return out
+
+
+def llamapro_from_swift_state_dict(
+    state: Mapping[str, torch.Tensor], module_list: str, adapter_name: str = "default"
+) -> dict[str, torch.Tensor]:
+    """SWIFT's LLaMA-Pro keys ``<module_list>.<j>.<param>`` -> ``<module_list>.<j - 1 - k>.llamapro_<adapter>.<param>``.
+
+    ``k`` is the rank of ``j`` among the saved block indices (inverse of
+    :func:`llamapro_to_swift_state_dict`).  Keys already in functuner's naming
+    pass through; a key outside ``module_list`` is an error naming it.
+    """
+    marker = f".llamapro_{adapter_name}."
+    head = module_list + "."
+    indices: set[int] = set()
+    for key in state:
+        if marker in key:
+            continue
+        idx = key[len(head):].split(".", 1)[0] if key.startswith(head) else ""
+        if not idx.isdigit():
+            raise CheckpointError(f"LLaMA-Pro key {key!r} is not a parameter of a block in {module_list!r}")
+        indices.add(int(idx))
+    rank = {j: r for r, j in enumerate(sorted(indices))}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if marker not in key:
+            idx, _, rest = key[len(head):].partition(".")
+            key = f"{module_list}.{int(idx) - 1 - rank[int(idx)]}{marker}{rest}"
+        out[key] = value
     return out

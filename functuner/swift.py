@@ -845,6 +845,8 @@ def _to_functuner_names(state: Mapping[str, torch.Tensor], adapter_name: str, co
     state = keys.from_swift_state_dict(data, adapter_name, mts)
     if getattr(config, "swift_type", None) == "part":  # SWIFT saves Part copies at the original keys
         state = keys.part_from_swift_state_dict(state, config.target_modules, adapter_name)
+    if getattr(config, "swift_type", None) == "LLAMAPRO":  # SWIFT saves new blocks at expanded-list keys
+        state = keys.llamapro_from_swift_state_dict(state, config.keys()["module_list"], adapter_name)
     return state
 
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import functuner as ft
+from functuner import keys
 from functuner.errors import ConfigError, ParamsMismatchError, TargetError
 from functuner.routing import routed
 from functuner.tuners.llamapro import expansion_plan
@@ -28,17 +29,22 @@ def _swift_setup():
     model = transformers.LlamaForCausalLM(cfg).eval()
     model.load_state_dict(load_file(FIX / "llamapro_base.safetensors"))
     config = ft.LLaMAProConfig(**json.loads((FIX / "llamapro_config.json").read_text()))
-    return model, config, load_file(FIX / "llamapro_outputs.safetensors"), load_file(FIX / "llamapro_adapter.safetensors")
+    swift_adapter = load_file(FIX / "llamapro_adapter.safetensors")  # SWIFT's keys: model.layers.1.*, model.layers.3.*
+    return model, config, load_file(FIX / "llamapro_outputs.safetensors"), keys.llamapro_from_swift_state_dict(
+        swift_adapter, "model.layers")
 
 
 def test_matches_swift_keys_init_and_trained_outputs():
     model, config, out, swift_adapter = _swift_setup()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     p = ft.init(model, config, generator=0)
-    assert sorted(p) == sorted(swift_adapter)  # SWIFT's names: model.layers.1.* and model.layers.3.*
-    assert torch.equal(p["model.layers.1.self_attn.o_proj.weight"], torch.zeros(16, 16))
-    assert torch.equal(p["model.layers.3.mlp.down_proj.weight"], torch.zeros(16, 32))
-    assert torch.equal(p["model.layers.3.self_attn.q_proj.weight"], model.model.layers[1].self_attn.q_proj.weight)
+    assert sorted(p) == sorted(swift_adapter)
+    on_disk = load_file(FIX / "llamapro_adapter.safetensors")
+    assert sorted(keys.to_swift_state_dict(p)) == sorted(on_disk)  # SWIFT's names: model.layers.1.*, model.layers.3.*
+    assert torch.equal(p["model.layers.0.llamapro_default.self_attn.o_proj.weight"], torch.zeros(16, 16))
+    assert torch.equal(p["model.layers.1.llamapro_default.mlp.down_proj.weight"], torch.zeros(16, 32))
+    assert torch.equal(p["model.layers.1.llamapro_default.self_attn.q_proj.weight"],
+                       model.model.layers[1].self_attn.q_proj.weight)
     ids = out["ids"]
     assert torch.equal(model(ids).logits, out["base_out"])
     assert torch.equal(ft.apply(model, p, (ids,)).logits, out["init_out"])  # starts equal to the base model
@@ -111,9 +117,9 @@ def test_bad_configs_raise_before_anything_changes():
         ft.init(model, ft.LLaMAProConfig(model_key_mapping={"module_list": "model.layers"}, num_new_blocks=1),
                 generator=0)
     p = ft.init(model, ft.LLaMAProConfig(model_type="llama", num_new_blocks=1), generator=0)
-    assert sorted({k.split(".")[2] for k in p}) == ["2"]  # one block, after the last layer
+    assert sorted(keys.to_swift_state_dict(p))[0].startswith("model.layers.2.")  # one block, after the last layer
     with pytest.raises(ParamsMismatchError, match="q_proj"):
-        ft.validate(model, p.replace({"model.layers.2.self_attn.q_proj.weight": torch.zeros(3, 3)}))
+        ft.validate(model, p.replace({"model.layers.1.llamapro_default.self_attn.q_proj.weight": torch.zeros(3, 3)}))
     with pytest.raises(ConfigError, match="no merged form"):
         ft.merge(model, p)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

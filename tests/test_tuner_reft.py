@@ -64,7 +64,7 @@ def test_layer_output_follows_formula(kind, add_bias, seed):
         out = ft.apply(model, p, (ids,)).logits
     finally:
         handle.remove()
-    t = {k.split(".reft.default.")[1]: v for k, v in p.items()}
+    t = {k.split(".reft_default.")[1]: v for k, v in p.items()}
     torch.testing.assert_close(seen[1], _formula(kind, seen[0], t), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(out, base)
     assert torch.equal(model(ids).logits, base)  # inactive: exactly the base model
@@ -94,9 +94,9 @@ def test_rest_of_network_sees_the_intervention_and_positions():
 def test_bert_layers_found_without_layer_key_and_tuple_outputs():
     model = tiny_bert()
     p = ft.init(model, ft.ReftConfig(r=2, layers=[1]), generator=0)
-    assert sorted(p) == ["encoder.layer.1.reft.default.learned_source.bias",
-                         "encoder.layer.1.reft.default.learned_source.weight",
-                         "encoder.layer.1.reft.default.rotate_layer"]
+    assert sorted(p) == ["encoder.layer.1.reft_default.learned_source.bias",
+                         "encoder.layer.1.reft_default.learned_source.weight",
+                         "encoder.layer.1.reft_default.rotate_layer"]
     ids = torch.arange(8).view(1, 8)
     assert not torch.allclose(ft.apply(model, p, (ids,)).last_hidden_state, model(ids).last_hidden_state)
 
@@ -146,7 +146,7 @@ def test_bad_configs_and_params_raise_clearly():
     with pytest.raises(ConfigError, match="hidden size"):
         ft.init(model, ft.ReftConfig(model_type="llama", r=64), generator=0)
     p = ft.init(model, ft.ReftConfig(model_type="llama", r=2), generator=0)
-    bad = p.replace({"model.layers.0.reft.default.rotate_layer": torch.zeros(32, 3)})
+    bad = p.replace({"model.layers.0.reft_default.rotate_layer": torch.zeros(32, 3)})
     with pytest.raises(ParamsMismatchError, match="rotate_layer"):
         ft.validate(model, bad)
     with pytest.raises(ConfigError, match="intervention_locations"):

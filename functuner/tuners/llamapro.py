@@ -7,10 +7,12 @@ layers and ``stride = L // num_groups``): after every original layer ``i`` with
 projection and MLP down projection (weights and biases) are zero, so the
 expanded model starts equal to the base model.  SWIFT names the new blocks by
 their index in the expanded list: with 2 layers and 2 new blocks the list is
-``[layer0, new, layer1, new]`` and the new blocks' keys are
-``model.layers.1.*`` and ``model.layers.3.*``; functuner's params use exactly
-those names (so SWIFT checkpoints load as they are), even though in the
-unexpanded model ``model.layers.1`` is an original layer.
+``[layer0, new, layer1, new]`` and SWIFT saves ``model.layers.1.*`` and
+``model.layers.3.*``.  Those names are original layers' names in the
+unexpanded model, so functuner's params name a new block after the layer it
+follows: ``model.layers.<i>.llamapro_<adapter>.<param>``
+(:func:`functuner.keys.llamapro_to_swift_state_dict` and its inverse convert
+to and from SWIFT's names; checkpoints use SWIFT's).
 
 Functional form: the model keeps its layers.  A forward slot on each original
 layer ``i`` that is followed by a new block runs that block on the layer's
@@ -38,7 +40,7 @@ from ..params import TunerParams
 from ..routing import Routes, ensure_slots
 from .base import CallContext, Tuner, TunerConfig, _clone_module_tree
 
-__all__ = ["LLaMAProConfig", "expansion_plan", "init", "routes", "tuner", "validate"]
+__all__ = ["LLaMAProConfig", "block_key", "expansion_plan", "init", "routes", "tuner", "validate"]
 
 # SWIFT's model_type -> keys (module list, attention, o_proj, down_proj relative to a layer)
 _LLAMA_LIKE = {"module_list": "model.layers", "attention": "self_attn", "o_proj": "self_attn.o_proj",
@@ -129,6 +131,17 @@ def _layers(model: nn.Module, cfg: LLaMAProConfig) -> tuple[str, nn.ModuleList, 
     return keys["module_list"], layer_list, keys
 
 
+def _own_parameters(layer: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The layer's own parameters: not those the stateful shim registered on it (its ``_Holder`` sub-trees)."""
+    holders = [n for n, m in layer.named_modules() if n and type(m).__name__ == "_Holder"]
+    return [(n, p) for n, p in layer.named_parameters() if not any(n.startswith(h + ".") for h in holders)]
+
+
+def block_key(module_list: str, source: int, adapter_name: str, param: str) -> str:
+    """functuner's name of a new block's parameter: ``<module_list>.<source>.llamapro_<adapter>.<param>``."""
+    return f"{module_list}.{source}.llamapro_{adapter_name}.{param}"
+
+
 def _plan(model: nn.Module, cfg: LLaMAProConfig) -> tuple[str, nn.ModuleList, dict[str, str], list[_Block]]:
     prefix, layer_list, keys = _layers(model, cfg)
     return prefix, layer_list, keys, expansion_plan(len(layer_list), cfg.num_new_blocks, cfg.num_groups)
@@ -143,11 +156,11 @@ def init(model: nn.Module, config: LLaMAProConfig, generator: torch.Generator,
     zeroed = (f"{keys['o_proj']}.", f"{keys['down_proj']}.")
     tensors: dict[str, torch.Tensor] = {}
     for b in plan:
-        for name, p in layer_list[b.source].named_parameters():
+        for name, p in _own_parameters(layer_list[b.source]):
             t = p.detach().clone()
             if name.startswith(zeroed):
                 t = torch.zeros_like(t)
-            tensors[f"{prefix}.{b.new_index}.{name}"] = t
+            tensors[block_key(prefix, b.source, adapter_name, name)] = t
     return TunerParams(tensors, config, adapter_name)
 
 
@@ -155,12 +168,12 @@ def _check(model: nn.Module, params: TunerParams) -> tuple[nn.ModuleList, dict[s
     prefix, layer_list, keys, plan = _plan(model, params.config)
     expected: dict[str, tuple[int, ...]] = {}
     for b in plan:
-        for name, p in layer_list[b.source].named_parameters():
-            expected[f"{prefix}.{b.new_index}.{name}"] = tuple(p.shape)
+        for name, p in _own_parameters(layer_list[b.source]):
+            expected[block_key(prefix, b.source, params.adapter_name, name)] = tuple(p.shape)
     missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
     if missing or extra:
         raise ParamsMismatchError(
-            f"LLaMA-Pro params do not fit the expansion {[b.new_index for b in plan]} of {prefix!r}:"
+            f"LLaMA-Pro params do not fit the new blocks after layers {[b.source for b in plan]} of {prefix!r}:"
             f" missing {missing[:4]}, unexpected {extra[:4]}"
         )
     for k, shape in expected.items():
@@ -209,7 +222,7 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
     private: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # caller's cache -> new blocks' cache
     fwd: dict[nn.Module, list[Any]] = {}
     for b in plan:
-        head = f"{prefix}.{b.new_index}."
+        head = block_key(prefix, b.source, params.adapter_name, "")
         tensors = {k[len(head):]: v for k, v in params.items() if k.startswith(head)}
         layer = layer_list[b.source]
         fwd.setdefault(layer, []).append(

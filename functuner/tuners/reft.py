@@ -31,9 +31,9 @@ indices, SWIFT's/pyreft's layout) as a keyword argument; a slot on the model
 takes it out of the model's kwargs, and intervention ``j`` (``j``-th chosen
 layer) rewrites only those positions.
 
-Param names: ``<layer_key>.<i>.reft.<adapter>.<pyreft state key>``, e.g.
-``model.layers.0.reft.default.rotate_layer``,
-``model.layers.0.reft.default.learned_source.weight``.  SWIFT saves ReFT with
+Param names: ``<layer_key>.<i>.reft_<adapter>.<pyreft state key>``, e.g.
+``model.layers.0.reft_default.rotate_layer``,
+``model.layers.0.reft_default.learned_source.weight``.  SWIFT saves ReFT with
 pyreft's ``save_intervention`` (pickled ``.bin`` files); functuner never
 unpickles, so those files cannot be read; see docs/tuners/reft.md.
 
@@ -232,7 +232,7 @@ def _sites(model: nn.Module, cfg: ReftConfig, adapter: str) -> list[_Site]:
     bad = [i for i in chosen if not 0 <= i < len(layer_list)]
     if bad:
         raise TargetError(f"layers={list(cfg.layers)!r}: {bad} out of range for {key!r} ({len(layer_list)} layers)")
-    return [_Site(i, j, layer_list[i], f"{key}.{i}.reft.{adapter}.") for j, i in enumerate(sorted(set(chosen)))]
+    return [_Site(i, j, layer_list[i], f"{key}.{i}.reft_{adapter}.") for j, i in enumerate(sorted(set(chosen)))]
 
 
 def _shapes(cfg: ReftConfig, d: int) -> dict[str, tuple[int, ...]]:
