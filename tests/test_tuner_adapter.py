@@ -240,3 +240,23 @@ def test_shim_refuses_a_bad_config_before_touching_the_model():
         ft.Swift.prepare_model(model, AdapterConfig(dim=32, target_modules=r".*layer\.\d+$", method_name="nope"))
     assert set(model.state_dict()) == keys_before
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_model_output_entry_by_key():
+    model = builders.tiny_bert()
+    cfg = AdapterConfig(dim=32, target_modules=["encoder"], hidden_pos="last_hidden_state", adapter_length=4)
+    params = ft.init(model, cfg, generator=2)
+    x = torch.randint(0, 64, (2, 5))
+    enc = model.encoder
+    seen = {}
+    h = enc.register_forward_hook(lambda m, a, o: seen.setdefault("out", o))
+    try:
+        model(x)
+    finally:
+        h.remove()
+    w = [params[f"encoder.adapter_default.{n}"] for n in ("linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias")]
+    want = adapter_mlp(seen["out"].last_hidden_state, *w, activation("gelu"))
+    out = ft.apply(model, params, (x,))
+    torch.testing.assert_close(out.last_hidden_state, want)
+    with pytest.raises(ConfigError, match="hidden_pos=0.*give a key"):
+        ft.apply(model, ft.init(model, cfg.__class__(**{**cfg.to_dict(), "hidden_pos": 0}), generator=2), (x,))
