@@ -164,13 +164,18 @@ def to_swift_state_dict(state: Mapping[str, torch.Tensor], adapter_name: str = "
     original module's keys: ``<module>.modules_to_save.<adapter>.<param>`` ->
     ``<module>.<param>``.  Part copies likewise: ``<module>._part_<adapter>.<param>``
     -> ``<module>.<param>``; Adapter / Prompt / Side keys are kept as they are.
+    Trainable biases of LoRA-adapted modules are at ``<module>.base_layer.bias``
+    (SWIFT's layer wraps the original as ``base_layer``).
     """
     marker = f".modules_to_save.{adapter_name}."
+    adapted = _adapted_modules(list(state), adapter_name)
     out: dict[str, torch.Tensor] = {}
     for key, value in llamapro_to_swift_state_dict(part_to_swift_state_dict(state, adapter_name), adapter_name).items():
         if marker in key:
             mod, _, rest = key.partition(marker)
             key = f"{mod}.{rest}"
+        elif key.endswith(".bias") and key[: -len(".bias")] in adapted:
+            key = key[: -len(".bias")] + ".base_layer.bias"  # SWIFT's LoRA layer wraps the original as base_layer
         out[key] = value
     return out
 
@@ -193,7 +198,9 @@ def from_swift_state_dict(
             raise CheckpointError(f"key {key!r} has PEFT's {PEFT_PREFIX!r} prefix; this file is in PEFT layout, not SWIFT's")
         new = key
         is_lora = any(f".{part}.{adapter_name}" in key for part in _LORA_PARTS)
-        if not is_lora and modules_to_save:
+        if key.endswith(".base_layer.bias"):  # a LoRA-adapted module's trainable bias (bias='all')
+            new = key[: -len(".base_layer.bias")] + ".bias"
+        elif not is_lora and modules_to_save:
             module = _saved_module_of(key, modules_to_save)
             if module is not None:
                 new = f"{module}.modules_to_save.{adapter_name}.{key[len(module) + 1:]}"

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).parent / "swift_interop"))
 from tiny_models import checksum, output_of  # noqa: E402
 
 FIX = Path(__file__).parent / "fixtures" / "swift"
-BUILD = {"llama_two": tiny_llama, "bert_mts": tiny_bert, "gpt2_dora": tiny_gpt2}
-NAMES = {"llama_two": ["default", "lora"], "bert_mts": ["default"], "gpt2_dora": ["adapter"]}
+BUILD = {"llama_two": tiny_llama, "bert_mts": tiny_bert, "bert_bias": tiny_bert, "gpt2_dora": tiny_gpt2}
+NAMES = {"llama_two": ["default", "lora"], "bert_mts": ["default"], "bert_bias": ["default"], "gpt2_dora": ["adapter"]}
 X = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
 
 

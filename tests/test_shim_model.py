@@ -309,3 +309,20 @@ def test_per_thread_activation(monkeypatch: pytest.MonkeyPatch) -> None:
         pool.submit(sm.set_active_adapters, ["default"]).result()
         with pytest.raises(ConfigError, match="another thread"):
             sm.deactivate_adapter("default", offload="meta")
+
+
+def test_several_tuner_types_together() -> None:
+    from functuner.tuners.adapter import AdapterConfig
+
+    base = tiny_llama()
+    torch.manual_seed(0)
+    sm = Swift.prepare_model(tiny_llama(), {
+        "ad": AdapterConfig(dim=32, target_modules=r".*mlp", hidden_pos=0, adapter_length=4),
+        "lo": LoRAConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
+    })
+    assert "base_model.model.layers.0.mlp.adapter_ad.linear1.weight" in dict(sm.named_parameters())
+    want = _logits(sm)
+    assert torch.allclose(want, _oracle(base, sm, ["ad", "lo"]), atol=1e-6)
+    Swift.merge_and_unload(sm)  # only LoRA has a merged form; the Adapter stays
+    assert set(sm.adapters) == {"ad"}
+    assert torch.allclose(_logits(sm), want, atol=1e-5)

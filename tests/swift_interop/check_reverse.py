@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from tiny_models import BUILDERS, checksum, output_of  # noqa: E402
 
-ARCH = {"llama_two": "llama", "bert_mts": "bert", "gpt2_dora": "gpt2"}
+ARCH = {"llama_two": "llama", "bert_mts": "bert", "bert_bias": "bert", "gpt2_dora": "gpt2"}
 
 
 def main(root: str) -> int:

@@ -32,6 +32,9 @@ CASES = {
         "default": LoRAConfig(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["pooler"],
                               use_rslora=True),
     }),
+    "bert_bias": ("bert", lambda: {
+        "default": LoRAConfig(r=2, lora_alpha=4, target_modules=["query"], bias="all"),
+    }),
     "gpt2_dora": ("gpt2", lambda: {
         "adapter": LoRAConfig(r=4, lora_alpha=8, target_modules=["c_attn"], use_dora=True, fan_in_fan_out=True),
     }),
