@@ -309,3 +309,57 @@ def test_two_active_adapters_match_peft_forward_and_merge(use_dora: bool) -> Non
     merged = ft.merge(model, ps)
     for k, v in theirs_merged.items():
         torch.testing.assert_close(merged[k], v, atol=ATOL, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+# ---------------------------------------------------------------------------
+# init_lora_weights: the same distributions and zero patterns as PEFT's own init
+# ---------------------------------------------------------------------------
+def _by_suffix(named: dict[str, torch.Tensor], part: str) -> torch.Tensor:
+    return torch.cat([t.detach().flatten() for n, t in named.items() if f".{part}." in n or n.endswith(f".{part}")])
+
+
+@pytest.mark.parametrize("init", [True, "gaussian"])
+def test_init_distributions_match_peft(init) -> None:
+    model = tiny_llama()
+    cfg = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "o_proj", "embed_tokens"], init_lora_weights=init)
+    p = ft.init(model, ft.LoRAConfig(**cfg), generator=0)
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**cfg))
+    theirs = {n[len("base_model.model."):]: t for n, t in pm.named_parameters() if "lora_" in n}
+    assert set(theirs) == set(p)
+    for name, t in p.items():
+        assert t.shape == theirs[name].shape and t.dtype == theirs[name].dtype, name
+        # B (and the embedding's A) start at zero in both: the adapted model starts as the base model
+        assert bool((t == 0).all()) == bool((theirs[name] == 0).all()), name
+    linear_a = {n: t for n, t in p.items() if ".lora_A." in n}
+    ours_a, theirs_a = _by_suffix(linear_a, "lora_A"), _by_suffix({n: theirs[n] for n in linear_a}, "lora_A")
+    if init is True:  # kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = 32
+        bound = 1 / 32**0.5
+        assert ours_a.abs().max() <= bound and theirs_a.abs().max() <= bound
+        expected_std = bound / 3**0.5
+    else:  # normal with std 1/r
+        expected_std = 1 / 8
+    for a in (ours_a, theirs_a):
+        assert abs(float(a.std()) / expected_std - 1) < 0.1
+    emb_b = _by_suffix({n: t for n, t in p.items() if "lora_embedding_B" in n}, "default")
+    assert abs(float(emb_b.std()) - 1) < 0.15  # normal(0, 1), as PEFT
+    with torch.no_grad():
+        ids = {"input_ids": _ids()}
+        assert torch.equal(_out(ft.apply(model, p, kwargs=ids)), _out(model(**ids)))
+
+
+def test_dora_magnitude_init_equals_peft() -> None:
+    """With B = 0 the magnitude is the row norm of the base weight: exactly PEFT's for every kind."""
+    for make_model, cfg in [
+        (tiny_gpt2, dict(r=2, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)),
+        (tiny_llama, dict(r=2, target_modules=["q_proj", "embed_tokens"])),
+        (conv_net, dict(r=2, target_modules=["c1", "c2"])),
+    ]:
+        model = make_model()
+        p = ft.init(model, ft.LoRAConfig(use_dora=True, **cfg), generator=0)
+        pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(use_dora=True, **cfg))
+        theirs = dict(pm.named_parameters())
+        mags = [k for k in p if "lora_magnitude_vector" in k]
+        assert mags
+        for k in mags:
+            torch.testing.assert_close(p[k], theirs["base_model.model." + k].detach(), atol=1e-6, rtol=1e-6)
