@@ -2,14 +2,14 @@
 
 Layer kinds: ``nn.Linear`` (with/without bias), GPT-2 ``Conv1D``, ``nn.Embedding``,
 ``nn.Conv1d``, ``nn.Conv2d`` (random kernel/stride/padding); 1-3 adapters;
-rsLoRA and DoRA where the property holds for them.
+rsLoRA and DoRA where the property holds for them; adapters in the model's
+dtype or (SWIFT's ``lora_dtype='fp32'``) in fp32 on a half-precision model.
 
 Tolerances established here.  ``eps`` is the dtype's machine epsilon (fp32
 1.2e-7, bf16 7.8e-3, fp16 9.8e-4); ``scale`` is the largest magnitude of the
 tensor compared, over the whole tensor; ``n`` the number of adapters.  The
-"measured" figures are the worst seen over 300 random examples per property
-(kinds, shapes, ranks, alphas, rsLoRA/DoRA, 1-3 adapters); the asserted bounds
-keep a margin of 2-4x over them.
+"measured" figures are the worst seen over two runs of 300 random examples per
+property (kinds, shapes, ranks, alphas, rsLoRA/DoRA, lora_dtype, 1-3 adapters).
 
 * ``apply(model, p)`` vs the model run on ``merge(model, p)``:
   ``max|diff| <= TOL_APPLY_MERGE[dtype] * scale`` with ``scale`` the largest
@@ -19,17 +19,19 @@ keep a margin of 2-4x over them.
   separately while the merged path rounds ``W + s B A`` once, so a few eps of
   the output's scale is the honest bound, not bitwise equality.
 * ``unmerge(merge(W, p), p)`` vs ``W``, elementwise:
-  ``|diff| <= n * eps * (|W| + sum |s B A|)``.  Measured: at most 0.5 of that
-  (half an ulp of the merged weight per adapter) in all three dtypes: both
-  deltas are computed in fp32 from the same A and B and rounded once each, so
-  only the merge's own rounding survives.  50 merge/unmerge cycles stay inside
-  the same one-cycle bound (measured 0.5; in every example the weights were a
-  fixed point after the first cycle): no drift, unlike PEFT's (design notes).
-  DoRA has no unmerge from merged weights (it raises).
+  ``|diff| <= n * eps * (|W| + sum |s B A|)``: the rigorous bound for two
+  roundings (merge, then unmerge) of values no larger than ``|W| + |s B A|``;
+  both use the same fp32 ``s B A``, so nothing else enters.  Measured: 0.5 of
+  the bound in bf16/fp16 (half an ulp of the merged weight: the second
+  rounding is exact there), 0.71 in fp32.  50 merge/unmerge cycles stay inside
+  the same one-cycle bound (same measured figures; in 200 examples the weights
+  were a fixed point after the first cycle): no drift, unlike PEFT's (design
+  notes).  DoRA has no unmerge from merged weights (it raises).
 * merging ``n`` adapters vs merging one adapter whose delta is their sum
-  (A stacked along the rank, each B scaled by its ``s_i``): ``2 n eps * scale``
-  with ``scale`` the largest merged weight (measured 0.7 n eps in fp32, 0.4 n
-  eps in bf16/fp16).  The adapter forward of ``n`` adapters vs their sum:
+  (A stacked along the rank, each B scaled by its ``s_i``): ``TOL_SUM * n *
+  scale`` with ``scale`` the largest merged weight: fp32 ``8 eps`` (measured
+  1.6 n eps: the fp32 products ``B_i A_i`` round differently from the stacked
+  one), bf16/fp16 ``2 eps`` (measured 0.44 n eps).  The adapter forward of ``n`` adapters vs their sum:
   ``n * TOL_APPLY_MERGE``.
 * every pure function leaves its inputs (model tensors, params, base/merged
   mappings, call inputs) bitwise unchanged.
@@ -51,7 +53,7 @@ import functuner as ft
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS = {k: torch.finfo(v).eps for k, v in DTYPES.items()}
 TOL_APPLY_MERGE = {"fp32": 32 * EPS["fp32"], "bf16": 4 * EPS["bf16"], "fp16": 4 * EPS["fp16"]}
-TOL_SUM = {k: 2 * e for k, e in EPS.items()}
+TOL_SUM = {"fp32": 8 * EPS["fp32"], "bf16": 2 * EPS["bf16"], "fp16": 2 * EPS["fp16"]}
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -110,6 +112,7 @@ def cases(draw: Any, kinds=("linear", "conv1d_gpt2", "embedding", "conv1d", "con
     seed = draw(st.integers(0, 2**16))
     n = draw(st.integers(1, max_adapters))
     use_dora = dora and draw(st.booleans())
+    lora_dtype = draw(st.sampled_from([None, "fp32"]))  # SWIFT's lora_dtype: fp32 adapters on a half model
     configs = []
     for _ in range(n):
         configs.append(ft.LoRAConfig(
@@ -117,6 +120,7 @@ def cases(draw: Any, kinds=("linear", "conv1d_gpt2", "embedding", "conv1d", "con
             lora_alpha=draw(st.floats(0.5, 32.0)),
             use_rslora=draw(st.booleans()),
             use_dora=use_dora,
+            lora_dtype=lora_dtype,
             target_modules=["0"],
             init_lora_weights=False,  # B != 0: the adapter really changes the output
         ))
@@ -136,7 +140,7 @@ def _merged_forward(case: Case, merged: dict[str, torch.Tensor]) -> torch.Tensor
 
 
 def _scale(t: torch.Tensor) -> float:
-    return float(t.float().abs().max()) + 1e-6
+    return float(t.detach().float().abs().max()) + 1e-6
 
 
 # ---------------------------------------------------------------------------
@@ -146,6 +150,8 @@ def _scale(t: torch.Tensor) -> float:
 @given(case=cases())
 def test_apply_equals_merged_forward(case: Case) -> None:
     ps = case.params()
+    want = torch.float32 if case.configs[0].lora_dtype == "fp32" else case.dtype
+    assert all(t.dtype == want for p in ps for t in p.values())
     with torch.no_grad():
         y_apply = ft.apply(case.model, ps, case.x)
         y_merged = _merged_forward(case, ft.merge(case.model, ps))
