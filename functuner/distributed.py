@@ -18,8 +18,9 @@ pytree of ordinary tensors, so data parallelism is PyTorch's own collectives:
   original placements (or whole, with ``full=True``).
 
 Every helper works without an initialised process group (world size 1): it
-then does no communication and returns its input's values.  None of them
-writes to the tensors it is given; results are new tensors.
+then does no communication and returns its input's values.  Apart from
+:func:`average_grads_` (in place, as its name says), none of them writes to
+the tensors it is given; results are new tensors.
 """
 
 from __future__ import annotations
