@@ -326,3 +326,20 @@ def test_several_tuner_types_together() -> None:
     Swift.merge_and_unload(sm)  # only LoRA has a merged form; the Adapter stays
     assert set(sm.adapters) == {"ad"}
     assert torch.allclose(_logits(sm), want, atol=1e-5)
+
+
+def test_transformers_trainer_trains_the_adapters(tmp_path) -> None:
+    import transformers
+
+    torch.manual_seed(0)
+    sm = Swift.prepare_model(tiny_llama(), LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], lorap_lr_ratio=4.0))
+    data = [{"input_ids": X[i % 2], "labels": X[i % 2]} for i in range(4)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2,
+                                          report_to=[], save_strategy="no", use_cpu=True, learning_rate=1e-2,
+                                          disable_tqdm=True)
+    opt = torch.optim.AdamW(sm.create_optimizer_param_groups(lr=1e-2, weight_decay=0.0))
+    before = {k: v.detach().clone() for k, v in sm.adapters["default"].tensors.items()}
+    frozen = sm.model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    transformers.Trainer(model=sm, args=args, train_dataset=data, optimizers=(opt, None)).train()
+    assert all(not torch.equal(before[k], v) for k, v in sm.adapters["default"].tensors.items())
+    assert torch.equal(sm.model.model.layers[0].self_attn.q_proj.weight, frozen)
