@@ -83,7 +83,7 @@ class LLaMAProConfig(TunerConfig):
     def keys(self) -> dict[str, str]:
         """module_list, attention, o_proj, down_proj (the last three relative to a layer)."""
         if self.model_key_mapping is None:
-            return dict(_ARCHS[self.model_type])
+            return dict(_ARCHS[str(self.model_type)])
         m = dict(self.model_key_mapping)
         out = {"module_list": m.get("module_list")}
         for f in ("attention", "o_proj", "down_proj"):
@@ -92,7 +92,7 @@ class LLaMAProConfig(TunerConfig):
         missing = [k for k, v in out.items() if not v]
         if missing:
             raise ConfigError(f"model_key_mapping lacks {missing}; LLaMA-Pro needs module_list, attention, o_proj, down_proj")
-        return out
+        return {k: str(v) for k, v in out.items()}
 
 
 class _Block(NamedTuple):
@@ -144,7 +144,7 @@ def block_key(module_list: str, source: int, adapter_name: str, param: str) -> s
 
 def _plan(model: nn.Module, cfg: LLaMAProConfig) -> tuple[str, nn.ModuleList, dict[str, str], list[_Block]]:
     prefix, layer_list, keys = _layers(model, cfg)
-    return prefix, layer_list, keys, expansion_plan(len(layer_list), cfg.num_new_blocks, cfg.num_groups)
+    return prefix, layer_list, keys, expansion_plan(len(layer_list), int(cfg.num_new_blocks or 0), cfg.num_groups)
 
 
 def init(model: nn.Module, config: LLaMAProConfig, generator: torch.Generator,

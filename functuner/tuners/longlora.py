@@ -186,7 +186,8 @@ def _s2_mask(module: nn.Module, given: torch.Tensor | None, q_len: int, batch: i
         raise ConfigError(
             f"LongLoRA S2-Attn needs attn_implementation 'eager' or 'sdpa' in training, the model uses {impl!r}"
         )
-    num_heads = int(module.config.num_attention_heads)
+    model_config: Any = module.config
+    num_heads = int(model_config.num_attention_heads)
     g = _group_size(q_len, ratio)
     allowed = s2_allowed(q_len, num_heads, g, device).unsqueeze(0).expand(batch, -1, -1, -1)
     if given is not None:

@@ -97,6 +97,7 @@ class ReftConfig(TunerConfig):
     r: int = 4
     intervention_type: str = "LoreftIntervention"
     args: Any = None
+    model_key_mapping: Any = None  # a SwiftConfig field SWIFT writes; unused by ReFT
     swift_type: str = "reft"
 
     def __post_init__(self) -> None:
@@ -220,7 +221,7 @@ def _hidden_size(model: nn.Module) -> int:
 
 
 class _Site(NamedTuple):
-    index: int  # layer index
+    layer: int  # layer index
     order: int  # which intervention (column of intervention_locations)
     module: nn.Module
     prefix: str

@@ -237,7 +237,7 @@ def _apply_tuner(s: _Spec, t: dict[str, torch.Tensor], x: Any, target_size: Any)
 # layout
 # ---------------------------------------------------------------------------
 class _Block(NamedTuple):
-    index: int
+    layer: int
     tuners: tuple[tuple[str, _Spec], ...]  # ("lateral_tuner", spec), ("vertical_tuner", ...), ("aux_tuner", ...)
 
 
@@ -277,7 +277,7 @@ def _layout(model: nn.Module, cfg: ResTuningConfig, adapter: str) -> _Layout:
         stem_names = list(cfg.stem_modules)
     if not stem_names:
         raise TargetError(f"stem_modules={cfg.stem_modules!r} matched no module of {type(model).__name__}")
-    targets = [(n, model.get_submodule(n)) for n in names if re.fullmatch(cfg.target_modules, n)]
+    targets = [(n, model.get_submodule(n)) for n in names if re.fullmatch(str(cfg.target_modules), n)]
     if not targets:
         raise TargetError(f"target_modules={cfg.target_modules!r} matched no module of {type(model).__name__}")
     for n, m in targets:
@@ -317,7 +317,7 @@ def init(model: nn.Module, config: ResTuningConfig, generator: torch.Generator,
     tensors: dict[str, torch.Tensor] = {}
     for blk in lay.blocks:
         for stage, s in blk.tuners:
-            head = f"restuning_{adapter_name}.bypass_blocks.{blk.index}.{stage}.tuner."
+            head = f"restuning_{adapter_name}.bypass_blocks.{blk.layer}.{stage}.tuner."
             for key, shape in lay.shapes.items():
                 if key.startswith(head):
                     t = _init_tensor(key[len(head):], shape, s, generator)
@@ -351,9 +351,9 @@ def bypass(blocks: tuple[_Block, ...], tensors: dict[int, dict[str, dict[str, to
     """The bypass network on detached probes: ``x = lateral(stem_i) + vertical(x)``, then aux. Pure."""
     x = root
     for blk, stem in zip(blocks, stems, strict=True):
-        size = stems[blk.index + 1].shape[2:] if blk.index < len(stems) - 1 else None
+        size = stems[blk.layer + 1].shape[2:] if blk.layer < len(stems) - 1 else None
         parts = dict(blk.tuners)
-        t = tensors[blk.index]
+        t = tensors[blk.layer]
         out = _apply_tuner(parts["lateral_tuner"], t["lateral_tuner"], stem, None) + _apply_tuner(
             parts["vertical_tuner"], t["vertical_tuner"], x, None)
         if "aux_tuner" in parts:
@@ -371,8 +371,8 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
     tensors: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
     for blk in lay.blocks:
         for stage, _ in blk.tuners:
-            pre_ = f"{head}{blk.index}.{stage}.tuner."
-            tensors.setdefault(blk.index, {})[stage] = {k[len(pre_):]: v for k, v in params.items() if k.startswith(pre_)}
+            pre_ = f"{head}{blk.layer}.{stage}.tuner."
+            tensors.setdefault(blk.layer, {})[stage] = {k[len(pre_):]: v for k, v in params.items() if k.startswith(pre_)}
     fwd: dict[nn.Module, list[Any]] = {}
     pre: dict[nn.Module, list[Any]] = {}
 

@@ -57,6 +57,7 @@ class SCETuningConfig(TunerConfig):
     tuner_mode: str = "decoder"
     tuner_op: str = "SCEAdapter"
     down_ratio: float = 1.0
+    model_key_mapping: Any = None  # a SwiftConfig field SWIFT writes; unused by SCEdit
     swift_type: str = "SCETuning"
 
     def __post_init__(self) -> None:
