@@ -260,3 +260,11 @@ def test_model_output_entry_by_key():
     torch.testing.assert_close(out.last_hidden_state, want)
     with pytest.raises(ConfigError, match="hidden_pos=0.*give a key"):
         ft.apply(model, ft.init(model, cfg.__class__(**{**cfg.to_dict(), "hidden_pos": 0}), generator=2), (x,))
+
+
+@pytest.mark.parametrize("case_name", ["adapter_llama", "adapter_bert_method", "prompt_bert", "prompt_vit_extract",
+                                       "side_vit_mlp", "side_toy_fcn4", "part_bert", "neftune_llama", "compose_bert"])
+def test_configs_round_trip_to_swifts_own_json(case_name):
+    # all five SWIFT-native tuners: reading SWIFT's adapter_config.json and writing it back gives the same JSON
+    for files in load_case(case_name).adapters.values():
+        assert ckpt.config_to_json(ckpt.config_from_json(files.config)) == files.config
