@@ -26,6 +26,13 @@ def per_sample_grads(
     like ``params`` whose leaves have a leading batch dimension: the same
     numbers as looping over samples, computed as
     ``vmap(grad(loss), in_dims=(None, 0, ...))``.  Pure.
+
+    Random ops (LoRA dropout in training mode, driven by the ``generator`` that
+    ``loss_fn`` passes to :func:`functuner.apply`) need ``randomness="same"``:
+    the generator draws one mask of a single sample's shape, shared by every
+    sample, which equals a loop that gives each sample a generator with the same
+    seed.  ``"different"`` is refused by ``vmap`` (the mask is not batched), and
+    the default ``"error"`` refuses any random op.
     """
 
     def one(p: Any, *sample: Any) -> torch.Tensor:

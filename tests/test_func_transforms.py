@@ -184,3 +184,24 @@ def test_training_forward_does_not_materialise_delta_weight() -> None:
     with rec_c:
         ft.lora_delta(p[a], p[b], 2.0)
     assert _weight_shaped(rec_c, shapes) != []
+
+
+def test_per_sample_grads_with_dropout_in_training_mode() -> None:
+    """randomness='same': one generator-drawn mask shared by all samples, equal to a loop reseeding per sample."""
+    model = tiny_llama().train()
+    p = _lora(model, lora_dropout=0.3)
+    x = _ids((3, 5))
+
+    def loss(params: ft.TunerParams, xs: torch.Tensor, seed: int = 11) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return ft.apply(model, params, kwargs={"input_ids": xs, "labels": xs}, generator=gen).loss
+
+    with pytest.raises(RuntimeError, match="randomness"):
+        ft.per_sample_grads(loss, p, x)
+    psg = ft.per_sample_grads(loss, p, x, randomness="same")
+    for i in range(3):
+        gi = torch.func.grad(loss)(p, x[i : i + 1])
+        assert _max_diff(psg.map(lambda t, i=i: t[i]), gi) < 1e-5
+    # the mask matters: another seed gives other gradients
+    other = torch.func.grad(lambda q, xs: loss(q, xs, seed=12))(p, x[:1])
+    assert _max_diff(psg.map(lambda t: t[0]), other) > 1e-5
