@@ -200,10 +200,11 @@ def test_modules_to_save_copy_is_what_changes_the_classifier() -> None:
         assert not torch.allclose(_out(ft.apply(model, p, kwargs=inputs)), _out(model(**inputs)))
 
 
-def test_bf16_model_with_fp32_lora_dtype_matches_peft_autocast() -> None:
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_bf16_model_with_fp32_lora_dtype_matches_peft_autocast(use_dora: bool) -> None:
     """A bf16 base with SWIFT's lora_dtype='fp32' matches PEFT, whose default autocast keeps adapters in fp32."""
     model = tiny_llama().to(torch.bfloat16)
-    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dtype="fp32")
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dtype="fp32", use_dora=use_dora)
     p, pm = make_pair(model, **cfg)
     assert all(t.dtype == torch.float32 for t in p.values())
     assert all(t.dtype == torch.float32 for n, t in pm.named_parameters() if "lora_" in n)
@@ -363,3 +364,13 @@ def test_dora_magnitude_init_equals_peft() -> None:
         assert mags
         for k in mags:
             torch.testing.assert_close(p[k], theirs["base_model.model." + k].detach(), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_conv_dropout_in_train_mode_matches_peft_with_same_mask(use_dora: bool) -> None:
+    rate = 0.5
+    model = conv_net().train()
+    p, pm = make_pair(model, r=2, lora_alpha=4, target_modules=["c2"], lora_dropout=rate, use_dora=use_dora)
+    keep = torch.empty(2, 6, 8, 4).bernoulli_(1.0 - rate, generator=torch.Generator().manual_seed(3))
+    pm.base_model.model.c2.lora_dropout["default"] = FixedMaskDropout(keep, rate)
+    assert_parity(model, _conv_inputs(), p, pm, generator=torch.Generator().manual_seed(3))
