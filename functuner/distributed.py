@@ -174,11 +174,13 @@ def run_on_rank0(fn: Callable[..., T], *args: Any, group: Any = None, **kwargs: 
             result = fn(*args, **kwargs)
         except BaseException as exc:  # re-raised below, after telling the other ranks
             error = exc
-    failed = [error is not None]
-    dist.broadcast_object_list(failed, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    # a tensor flag, not broadcast_object_list (which pickles): rank 0 tells everyone whether fn failed
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    failed = torch.tensor([1 if error is not None else 0], dtype=torch.int32, device=device)
+    dist.broadcast(failed, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
     if error is not None:
         raise error
-    if failed[0]:
+    if failed.item():
         raise RuntimeError("run_on_rank0: the function failed on rank 0 (see rank 0's traceback)")
     return result
 
