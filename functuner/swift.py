@@ -265,33 +265,57 @@ class SwiftModel(nn.Module):
                 params = _filled(params, loaded[name])
             prepared.append((name, params))
         base_names = dict(model.named_parameters(remove_duplicate=False))
-        if not getattr(model, "_functuner_frozen", False):
-            for p in model.parameters():
-                p.requires_grad_(False)
-            model.__dict__["_functuner_frozen"] = True
-        for name, params in prepared:
-            tensors: dict[str, nn.Parameter] = {}
-            shared: set[str] = set()
-            for key, value in params.items():
-                if key in base_names:
-                    tensors[key] = base_names[key]
-                    shared.add(key)
-                    if name in loaded:
-                        with torch.no_grad():
-                            base_names[key].copy_(value)
-                else:
-                    tensors[key] = _register(model, key, value)
-            adapter = _Adapter(name, params.config, tensors, frozenset(shared), ())
-            routes = bind_routes(model, adapter.params)
-            adapter.modules = tuple(dict.fromkeys([*routes.forward, *routes.pre]))
-            set_default_routes(list(adapter.modules), state.provider)
-            for p in tensors.values():
-                p.requires_grad_(trainable)
-            state.adapters[name] = adapter
-            state.active.add(name)
-            ts = state.thread_state(create=False)
-            if ts is not None:
-                ts.active.add(name)
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        was_frozen = bool(getattr(model, "_functuner_frozen", False))
+        registered: list[str] = []
+        overwritten: dict[str, torch.Tensor] = {}
+        added: list[str] = []
+        try:
+            if not was_frozen:
+                for p in model.parameters():
+                    p.requires_grad_(False)
+                model.__dict__["_functuner_frozen"] = True
+            for name, params in prepared:
+                tensors: dict[str, nn.Parameter] = {}
+                shared: set[str] = set()
+                for key, value in params.items():
+                    if key in base_names:  # a trainable bias: the model's own parameter (as SWIFT/PEFT train it)
+                        tensors[key] = base_names[key]
+                        shared.add(key)
+                        if name in loaded:
+                            overwritten.setdefault(key, base_names[key].detach().clone())
+                            with torch.no_grad():
+                                base_names[key].copy_(value)
+                    else:
+                        tensors[key] = _register(model, key, value)
+                        registered.append(key)
+                adapter = _Adapter(name, params.config, tensors, frozenset(shared), ())
+                routes = bind_routes(model, adapter.params)
+                adapter.modules = tuple(dict.fromkeys([*routes.forward, *routes.pre]))
+                set_default_routes(list(adapter.modules), state.provider)
+                for p in tensors.values():
+                    p.requires_grad_(trainable)
+                state.adapters[name] = adapter
+                added.append(name)
+                state.active.add(name)
+                ts = state.thread_state(create=False)
+                if ts is not None:
+                    ts.active.add(name)
+        except BaseException:  # leave the model as it was
+            for key in reversed(registered):
+                _unregister(model, key)
+            with torch.no_grad():
+                for key, old in overwritten.items():
+                    base_names[key].copy_(old)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            if not was_frozen:
+                model.__dict__.pop("_functuner_frozen", None)
+            for name in added:
+                state.adapters.pop(name, None)
+                state.active.discard(name)
+            state.refresh()
+            raise
         state.refresh()
 
     # -- SWIFT attributes -----------------------------------------------------
@@ -778,6 +802,8 @@ def _register(model: nn.Module, key: str, value: torch.Tensor) -> nn.Parameter:
     node = owner
     for part in rest[:-1]:
         child = node._modules.get(part)
+        if child is None and (part in node._parameters or part in node._buffers or part in node.__dict__):
+            raise ParamsMismatchError(f"cannot place {key!r}: the model already has something named {part!r} there")
         if child is None:
             child = _Holder()
             node.add_module(part, child)

@@ -343,3 +343,18 @@ def test_transformers_trainer_trains_the_adapters(tmp_path) -> None:
     transformers.Trainer(model=sm, args=args, train_dataset=data, optimizers=(opt, None)).train()
     assert all(not torch.equal(before[k], v) for k, v in sm.adapters["default"].tensors.items())
     assert torch.equal(sm.model.model.layers[0].self_attn.q_proj.weight, frozen)
+
+
+def test_failed_prepare_changes_nothing() -> None:
+    model = tiny_llama()
+    names_before = [n for n, _ in model.named_parameters()]
+    out_before = _logits(model)
+    clash = LoRAConfig(r=2, target_modules=["q_proj"])
+    # the second adapter would place its tensors where the model already has a parameter called 'lora_A'
+    model.model.layers[1].self_attn.q_proj.register_parameter("lora_A", torch.nn.Parameter(torch.zeros(1)))
+    with pytest.raises(ParamsMismatchError, match="already has"):
+        Swift.prepare_model(model, {"ok": LoRAConfig(r=2, target_modules=["v_proj"]), "default": clash})
+    del model.model.layers[1].self_attn.q_proj.lora_A
+    assert [n for n, _ in model.named_parameters()] == names_before
+    assert all(p.requires_grad for p in model.parameters())
+    assert torch.equal(_logits(model), out_before)
