@@ -159,6 +159,10 @@ CASES = {
     "gpt2_conv1d_bias_lora_only": (tiny_gpt2, lambda: {"input_ids": _ids()},
                                    dict(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True,
                                         bias="lora_only")),
+    "gpt2_tied_embedding": (tiny_gpt2, lambda: {"input_ids": _ids()},
+                            dict(r=2, lora_alpha=4, target_modules=["wte", "c_attn"], fan_in_fan_out=True)),
+    "bert_word_embeddings_padding_idx": (tiny_bert, lambda: {"input_ids": _ids(4).index_fill(1, torch.tensor([0]), 0)},
+                                         dict(r=2, lora_alpha=4, target_modules=["word_embeddings"])),
     "vit_linear_and_patch_conv2d": (tiny_vit, lambda: {"pixel_values": _pixels()},
                                     dict(r=4, lora_alpha=8, target_modules=["q_proj", "fc1", "projection"])),
     "vit_dora": (tiny_vit, lambda: {"pixel_values": _pixels()},
@@ -266,8 +270,10 @@ def test_training_mode_without_generator_is_refused() -> None:
 # merged weights: functuner.merge equals PEFT's merge_and_unload
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["llama_linear", "llama_dora_linear", "gpt2_dora_conv1d", "convnet_dora_conv_embedding",
-                                  "llama_dora_embedding", "bert_linear_bias_all"])
+                                  "llama_dora_embedding", "bert_linear_bias_all", "gpt2_tied_embedding"])
 def test_merge_matches_peft_merge_and_unload(case: str) -> None:
+    """Merged weights equal PEFT's.  For GPT-2's tied wte/lm_head both names get the merged weight, as in PEFT
+    (whose in-place merge changes the shared tensor), so there the merged model differs from the adapter forward."""
     make_model, _, cfg = CASES[case]
     model = make_model()
     p, pm = make_pair(model, **cfg)
