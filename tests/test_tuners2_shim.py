@@ -84,3 +84,21 @@ def test_shim_activation_and_checkpoint_round_trip(name, tmp_path):
     assert torch.equal(_out(loaded, x), active)
     a, b = sm.state_dict(), loaded.state_dict()
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tuners_compose_functionally():
+    """LoRA + LLaMA-Pro + ReFT on one model: identity-initialised tuners change nothing exactly, trained ones add up."""
+    model = tiny_llama()
+    ids = IDS
+    lora = ft.init(model, ft.LoRAConfig(r=2, target_modules=["q_proj"]), generator=0)  # B = 0
+    pro = ft.init(model, ft.LLaMAProConfig(model_type="llama", num_new_blocks=2), generator=0)  # zero projections
+    reft = ft.init(model, ft.ReftConfig(model_type="llama", layers=[0], r=2), generator=0)
+    alone = ft.apply(model, reft, (ids,)).logits
+    assert torch.equal(ft.apply(model, [lora, pro, reft], (ids,)).logits, alone)
+    gen = torch.Generator().manual_seed(3)
+    pro = pro.map(lambda t: t + 0.05 * torch.randn(t.shape, generator=gen))
+    both = ft.apply(model, [reft, pro], (ids,)).logits
+    assert not torch.allclose(both, alone) and not torch.allclose(both, ft.apply(model, pro, (ids,)).logits)
+    grads = torch.func.grad(lambda ps: ft.apply(model, ps, (ids,), {"labels": ids}).loss)([lora, pro, reft])
+    assert [set(g) for g in grads] == [set(lora), set(pro), set(reft)]
+    assert torch.equal(model(ids).logits, tiny_llama()(ids).logits)  # the model itself never changed
