@@ -29,7 +29,9 @@ when ``None``).  Which positions: every position, unless the call passes
 ``intervention_locations`` (``(batch, n_interventions, n_positions)`` token
 indices, SWIFT's/pyreft's layout) as a keyword argument; a slot on the model
 takes it out of the model's kwargs, and intervention ``j`` (``j``-th chosen
-layer) rewrites only those positions.
+layer) rewrites only those positions.  Limitation: when several ReFT adapters run in
+one call, only the first reads ``intervention_locations``; the others
+intervene at every position.
 
 Param names: ``<layer_key>.<i>.reft_<adapter>.<pyreft state key>``, e.g.
 ``model.layers.0.reft_default.rotate_layer``,
