@@ -132,6 +132,11 @@ def test_merge_and_unload_with_tied_embeddings() -> None:
     assert sm.model.lm_head.weight is sm.model.transformer.wte.weight
     wte_before = sm.model.transformer.wte.weight.detach().clone()
     want = _logits(sm)
+    Swift.merge(sm)  # merge unties (lm_head and wte take different deltas); unmerge re-ties the same object
+    assert torch.allclose(_logits(sm), want, atol=1e-5)
+    Swift.unmerge(sm)
+    assert sm.model.lm_head.weight is sm.model.transformer.wte.weight
+    assert torch.equal(_logits(sm), want)
     Swift.merge_and_unload(sm)
     assert not list(sm.adapters) and not [n for n, _ in sm.named_parameters() if "lora" in n]
     assert torch.allclose(_logits(sm), want, atol=1e-5)
