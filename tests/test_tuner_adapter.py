@@ -268,3 +268,24 @@ def test_configs_round_trip_to_swifts_own_json(case_name):
     # all five SWIFT-native tuners: reading SWIFT's adapter_config.json and writing it back gives the same JSON
     for files in load_case(case_name).adapters.values():
         assert ckpt.config_to_json(ckpt.config_from_json(files.config)) == files.config
+
+
+@pytest.mark.parametrize("config", [
+    AdapterConfig(dim=32, target_modules=r".*layer\.\d+$", method_name="feed_forward_chunk", adapter_length=4),
+    ft.PromptConfig(dim=32, target_modules=r".*layer\.\d+$", embedding_pos=0, prompt_length=2),
+    ft.SideConfig(dim=32, target_modules=r".*layer\.0$", side_module_name="mlp"),
+    ft.PartConfig(target_modules=r".*layer\.0\.output\.dense"),
+], ids=lambda c: type(c).__name__)
+def test_per_sample_grads_under_vmap_equal_a_loop(config):
+    model = builders.tiny_bert()
+    params = ft.init(model, config, generator=0)
+    x = torch.randint(0, 64, (2, 4), generator=torch.Generator().manual_seed(0))
+
+    def loss(p, xi):
+        return logits(ft.apply(model, p, (xi,))).pow(2).mean()
+
+    per_sample = ft.per_sample_grads(loss, params, x)
+    for i in range(x.shape[0]):
+        one = torch.func.grad(loss)(params, x[i : i + 1])
+        for k in params:
+            torch.testing.assert_close(per_sample[k][i], one[k], rtol=1e-4, atol=1e-6)
