@@ -214,6 +214,15 @@ def test_save_to_peft_format_loads_in_real_peft(tmp_path: Path) -> None:
     assert _files(tmp_path / "inplace") == first
 
 
+def test_save_pretrained_peft_format_loads_in_real_peft(tmp_path: Path) -> None:
+    sm = _trained_llama()
+    sm.save_pretrained(tmp_path, peft_format=True)
+    assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "second" / "adapter_config.json").is_file()
+    got = _peft_outputs(tmp_path, ["default", "second"])
+    sm.set_active_adapters(["default", "second"])
+    assert torch.allclose(got["all"], _out(sm), atol=1e-6)
+
+
 def test_swift_written_fixture_converts_for_peft(tmp_path: Path) -> None:
     ref = _ref("llama_two")
     Swift.save_to_peft_format(str(FIX / "llama_two"), str(tmp_path / "p"))
