@@ -138,3 +138,13 @@ def test_output_is_the_sigmoid_blend(alpha, seed):
     a = torch.sigmoid(torch.tensor(alpha))
     blended = a * feats["y"] + (1 - a) * side_net_forward("fcn4", net, x)
     torch.testing.assert_close(ft.apply(model, params, (x,)), model.head(blended))
+
+
+def test_fp32_side_network_on_a_bf16_model():
+    model = builders.tiny_vit().to(torch.bfloat16)
+    params = ft.init(model, SideConfig(dim=32, target_modules=r"vit\.layers\.0", side_module_name="mlp"), generator=0)
+    assert all(t.dtype == torch.float32 for t in params.values())
+    x = torch.randn(2, 3, 16, 16, dtype=torch.bfloat16)
+    out = logits(ft.apply(model, params, (x,)))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert not torch.equal(out, logits(model(x)))

@@ -8,7 +8,9 @@ its output ``y`` (the whole output if a tensor, else the entry at
 
 ``side_net`` is SWIFT's ``'fcn4'`` (4 conv + GroupNorm + ReLU blocks on an image
 ``(batch, 3, H, W)``, global average pool, linear to ``dim``) or ``'mlp'``
-(``fc2(gelu(fc1(x)))``, ``dim -> dim -> dim`` on the last axis).  SWIFT's
+(``fc2(gelu(fc1(x)))``, ``dim -> dim -> dim`` on the last axis).  The side network
+runs in its params' dtype and its result is cast to ``y``'s dtype (so an fp32 side
+network works on a bf16 model, where SWIFT raises a dtype error).  SWIFT's
 ``'alexnet'`` downloads pretrained torchvision weights and is not supported.
 
 Param names = SWIFT's: ``<module>.side_<adapter>.alpha`` (scalar) and
@@ -205,7 +207,9 @@ def _slot(site: _Site, cfg: SideConfig, alpha: torch.Tensor, net: dict[str, torc
     if y.shape[-1] != cfg.dim:
         raise ConfigError(f"SideConfig.dim={cfg.dim} does not match the output of {where} of shape {tuple(y.shape)}")
     a = torch.sigmoid(alpha)
-    return with_output_at(out, cfg.target_hidden_pos, a * y + (1 - a) * side_net_forward(kind, net, x))
+    dtype = next(iter(net.values())).dtype  # run the side network in its params' dtype (fp32 by default)
+    side = side_net_forward(kind, net, x.to(dtype)).to(y.dtype)
+    return with_output_at(out, cfg.target_hidden_pos, a.to(y.dtype) * y + (1 - a.to(y.dtype)) * side)
 
 
 def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
