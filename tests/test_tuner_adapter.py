@@ -289,3 +289,19 @@ def test_per_sample_grads_under_vmap_equal_a_loop(config):
         one = torch.func.grad(loss)(params, x[i : i + 1])
         for k in params:
             torch.testing.assert_close(per_sample[k][i], one[k], rtol=1e-4, atol=1e-6)
+
+
+def test_shallow_copy_gets_its_own_method_slot():
+    model = builders.tiny_bert()
+    case = load_case("adapter_bert_method", model)
+    params = swift_params(case)
+    x = case.io["input_0"]
+    out = logits(ft.apply(model, params, (x,)))
+    layer = model.encoder.layer[0]
+    twin = copy.copy(layer)  # shares the instance dict entries, including the source's slot
+    from functuner.tuners._swift_hooks import ensure_method_slot
+
+    slot = ensure_method_slot(twin, "feed_forward_chunk")
+    assert slot.module is twin and slot.original.__self__ is twin
+    assert layer.__dict__["feed_forward_chunk"].module is layer
+    assert torch.equal(logits(ft.apply(model, params, (x,))), out)

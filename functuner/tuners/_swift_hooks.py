@@ -219,8 +219,8 @@ def ensure_method_slot(module: nn.Module, method_name: str) -> MethodSlot:
         if isinstance(current, MethodSlot) and current.module is module:
             return current
         original = getattr(module, method_name)
-        if isinstance(original, MethodSlot):  # a slot bound to another module: unwrap it
-            original = original.original
+        if isinstance(original, MethodSlot):  # a shallow copy's slot still bound to the source module
+            original = getattr(type(module), method_name).__get__(module, type(module))
         slot = MethodSlot(module, method_name, original)
         module.__dict__[method_name] = slot
         return slot
