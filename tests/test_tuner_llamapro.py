@@ -123,3 +123,19 @@ def test_bad_configs_raise_before_anything_changes():
     with pytest.raises(ConfigError, match="no merged form"):
         ft.merge(model, p)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_loads_the_files_swift_saved(tmp_path):
+    """adapter_config.json and adapter_model.safetensors exactly as SWIFT's save_pretrained wrote them."""
+    import shutil
+
+    model, _, out, _ = _swift_setup()
+    (tmp_path / "default").mkdir()
+    shutil.copy(FIX / "llamapro_config.json", tmp_path / "default" / "adapter_config.json")
+    shutil.copy(FIX / "llamapro_adapter.safetensors", tmp_path / "default" / "adapter_model.safetensors")
+    loaded = ft.SwiftModel.from_pretrained(model, str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(out["ids"]).logits, out["tuned_out"], rtol=1e-6, atol=1e-6)
+    loaded.save_pretrained(tmp_path / "again")
+    assert sorted(load_file(tmp_path / "again" / "default" / "adapter_model.safetensors")) == sorted(
+        load_file(FIX / "llamapro_adapter.safetensors"))

@@ -106,3 +106,16 @@ def test_bad_configs_raise_clearly_and_change_nothing():
     with pytest.raises(ParamsMismatchError, match="ln1.weight"):
         ft.validate(model, trained.replace({key: torch.zeros(2, 2)}))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_loads_the_files_swift_saved(tmp_path):
+    """SWIFT's adapter_config.json plus its tensors under SWIFT's key names load through the shim."""
+    from safetensors.torch import save_file
+
+    model, _, data, adapter = _vit_case()
+    (tmp_path / "default").mkdir()
+    (tmp_path / "default" / "adapter_config.json").write_text((FIX / "tuners2" / "restuning_config.json").read_text())
+    save_file(adapter, tmp_path / "default" / "adapter_model.safetensors")
+    loaded = ft.SwiftModel.from_pretrained(model, str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(data["x"]).logits, data["tuned_out"], rtol=1e-5, atol=1e-6)
