@@ -11,7 +11,7 @@ Every rank builds the same model from a config (no download), draws the same
 LoRA init, and trains on its slice of one global batch; gradients are
 averaged with ``functuner.distributed.all_reduce_grads``, so after each step
 the params equal a single-process run on the whole batch.  Rank 0 writes the
-adapter to ``<out>/adapter.safetensors``; every rank then reads it back, and
+adapter in SWIFT's layout to ``<out>/default/``; every rank then reads it back, and
 the merged weights are computed on the (possibly sharded) model.
 """
 
@@ -94,9 +94,8 @@ def main() -> None:
         if rank == 0:
             print(f"step {step}: loss {mean_loss:.6f}", flush=True)
 
-    path = args.out / "adapter.safetensors"
-    ftd.save_params_on_rank0(params, path)  # rank 0 writes; every rank waits until the file is there
-    loaded = ftd.load_params(path, like=params)  # every rank reads it
+    path = ftd.save_params_on_rank0(params, args.out)  # rank 0 writes <out>/default/; the others wait for it
+    loaded = ftd.load_params(args.out, like=params)  # every rank reads it
     assert all(torch.equal(loaded[k], params[k]) for k in params)
 
     merged = ftd.merge_sharded(model, params)  # stays sharded under FSDP2; one module gathered at a time

@@ -9,9 +9,10 @@ pytree of ordinary tensors, so data parallelism is PyTorch's own collectives:
 * :func:`average_grads_` does the same in place on parameters' ``.grad``
   (eager training without a ``DistributedDataParallel`` wrapper).
 * :func:`broadcast_params` makes every rank hold rank ``src``'s params.
-* :func:`run_on_rank0` / :func:`save_params_on_rank0` write a checkpoint from
-  rank 0 only, then wait on a barrier; a failure on rank 0 is raised on every
-  rank (nobody hangs).  :func:`load_params` reads it on every rank.
+* :func:`run_on_rank0` / :func:`save_params_on_rank0` write a checkpoint (SWIFT's
+  layout, via :mod:`functuner.checkpoint`) from rank 0 only while the other
+  ranks wait; a failure on rank 0 is raised on every rank (nobody hangs).
+  :func:`load_params` reads it on every rank.
 * :func:`merge_sharded` folds an adapter into base weights that
   ``torch.distributed.fsdp.fully_shard`` has sharded into DTensors, gathering
   one adapted module's weights at a time and returning them re-sharded with the
@@ -25,10 +26,9 @@ the tensors it is given; results are new tensors.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
 import torch
@@ -185,81 +185,55 @@ def run_on_rank0(fn: Callable[..., T], *args: Any, group: Any = None, **kwargs: 
     return result
 
 
-_FORMAT = "functuner.params.v1"
+def save_params_on_rank0(params: TunerParams, save_directory: str | os.PathLike[str], group: Any = None) -> Path:
+    """Write ``params`` in SWIFT's layout from rank 0 only; every rank returns once it is on disk.
 
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def save_params_on_rank0(params: TunerParams, path: str | os.PathLike[str], group: Any = None) -> None:
-    """Write ``params`` to one safetensors file from rank 0 only; every rank returns once it is on disk.
-
-    Tensor names are functuner's (SWIFT's in-memory names); the adapter name
-    and config are kept in the file's metadata.  The write is atomic (a temp
-    file renamed into place), so a crash never leaves half a file at ``path``.
-    Call it on every rank (it contains a collective).
+    The adapter lands in ``save_directory/<adapter_name>/`` (``adapter_config.json``
+    and ``adapter_model.safetensors``, what ``SwiftModel.save_pretrained`` and
+    ms-swift write), through :func:`functuner.checkpoint.write_swift_adapter`:
+    an atomic directory swap, so a crash never leaves half a checkpoint.  Call
+    it on every rank (it contains a collective); returns the adapter folder.
     """
+    from .checkpoint import write_swift_adapter
+
     if not isinstance(params, TunerParams):
         raise TypeError(f"save_params_on_rank0 expects TunerParams, got {type(params).__name__}")
     tensors = {k: v.detach().contiguous().cpu() for k, v in params.items()}
-    config = params.config
-    metadata = {
-        "format": _FORMAT,
-        "adapter_name": params.adapter_name,
-        "config_class": type(config).__name__,
-        "config": json.dumps(config.to_dict() if hasattr(config, "to_dict") else {}, default=repr),
-    }
-    run_on_rank0(_atomic_save, tensors, path, metadata, group=group)
+    run_on_rank0(write_swift_adapter, save_directory, params.adapter_name, params.config, tensors, group=group)
+    return Path(save_directory) / params.adapter_name
 
 
-def load_params(path: str | os.PathLike[str], like: TunerParams, *, device: torch.device | str | None = None) -> TunerParams:
-    """Read params written by :func:`save_params_on_rank0` (on every rank; no collective, no unpickling).
+def load_params(save_directory: str | os.PathLike[str], like: TunerParams, *,
+                device: torch.device | str | None = None) -> TunerParams:
+    """Read an adapter written by :func:`save_params_on_rank0` (on every rank; no collective, no unpickling).
 
-    ``like`` supplies the config, the adapter name and the expected names,
-    shapes and dtypes: a file that does not match it exactly raises
-    :class:`~functuner.errors.CheckpointError` naming the file and the keys
-    that differ.  Tensors are placed on ``device`` (default: where ``like``'s are).
+    Reads ``save_directory/<like.adapter_name>/`` with
+    :func:`functuner.checkpoint.read_adapter` (SWIFT or PEFT layout).  ``like``
+    supplies the expected config, names, shapes and dtypes: anything that
+    differs raises :class:`~functuner.errors.CheckpointError` naming the folder
+    and what differs.  Tensors go to ``device`` (default: where ``like``'s are).
     """
-    from safetensors import safe_open
+    from .checkpoint import read_adapter
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            keys = list(f.keys())
-            tensors = {k: f.get_tensor(k) for k in keys}
-    except Exception as exc:  # safetensors raises its own types for corrupt files
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
-    if meta.get("format") != _FORMAT:
-        raise CheckpointError(f"{path}: metadata format is {meta.get('format')!r}, expected {_FORMAT!r}")
-    if meta.get("adapter_name") != like.adapter_name:
-        raise CheckpointError(f"{path}: holds adapter {meta.get('adapter_name')!r}, expected {like.adapter_name!r}")
-    missing, unexpected = sorted(set(like) - set(keys)), sorted(set(keys) - set(like))
+    folder = Path(save_directory) / like.adapter_name
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such adapter folder")
+    loaded = read_adapter(folder, like.adapter_name)
+    if loaded.config != like.config:
+        ours = like.config.to_dict() if hasattr(like.config, "to_dict") else {}
+        theirs = loaded.config.to_dict() if hasattr(loaded.config, "to_dict") else {}
+        diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        raise CheckpointError(f"{folder}: config differs from the expected one in {diff or type(loaded.config).__name__}")
+    missing, unexpected = sorted(set(like) - set(loaded.state)), sorted(set(loaded.state) - set(like))
     if missing or unexpected:
-        raise CheckpointError(f"{path}: keys differ from the expected params: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(f"{folder}: keys differ from the expected params: missing {missing}, unexpected {unexpected}")
     for k, ref in like.items():
-        got = tensors[k]
+        got = loaded.state[k]
         if got.shape != ref.shape or got.dtype != ref.dtype:
             raise CheckpointError(
-                f"{path}: {k!r} is {got.dtype} {tuple(got.shape)}, expected {ref.dtype} {tuple(ref.shape)}"
+                f"{folder}: {k!r} is {got.dtype} {tuple(got.shape)}, expected {ref.dtype} {tuple(ref.shape)}"
             )
-    out = {k: tensors[k].to(device if device is not None else like[k].device) for k in like}
+    out = {k: loaded.state[k].to(device if device is not None else like[k].device) for k in like}
     return TunerParams(out, like.config, like.adapter_name)
 
 

@@ -16,6 +16,7 @@ one-sided failure cannot hang the suite.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -106,9 +107,9 @@ def _scenario_ddp_functional(rank: int, out: pathlib.Path) -> None:
         grads = ftd.all_reduce_grads(grads)
         params = _sgd(params, grads)
         losses.append(ftd.all_reduce_grads(loss.detach()).item())
-    path = out / "ckpt" / "ddp_functional.safetensors"
-    ftd.save_params_on_rank0(params, path)
-    loaded = ftd.load_params(path, like=params)  # every rank reads the file rank 0 wrote
+    folder = ftd.save_params_on_rank0(params, out / "ckpt")
+    assert folder == out / "ckpt" / "default"
+    loaded = ftd.load_params(out / "ckpt", like=params)  # every rank reads what rank 0 wrote
     assert loaded.keys() == params.keys()
     assert all(torch.equal(loaded[k], params[k]) for k in params), "loaded checkpoint differs from this rank's params"
     _write(out, "ddp_functional", rank, params, losses)
@@ -413,36 +414,24 @@ def test_merge_sharded_equals_single_process_merge(runs, request, name, ref) -> 
 
 def test_checkpoint_from_rank0_equals_single_process_checkpoint(runs, reference_lora, tmp_path) -> None:
     _, ref_params, _ = reference_lora
-    single = tmp_path / "single.safetensors"
-    ftd.save_params_on_rank0(ref_params, single)  # no process group: plain save
-    from safetensors import safe_open
+    ftd.save_params_on_rank0(ref_params, tmp_path)  # no process group: a plain save
+    multi, single = runs / "ckpt" / "default", tmp_path / "default"
+    assert sorted(p.name for p in (runs / "ckpt").iterdir()) == ["default"], "temp folders left behind"
+    assert sorted(p.name for p in multi.iterdir()) == sorted(p.name for p in single.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((multi / "adapter_config.json").read_text()) == json.loads((single / "adapter_config.json").read_text())
+    a, b = load_file(str(multi / "adapter_model.safetensors")), load_file(str(single / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) == len(ref_params)
+    for k in a:
+        _assert_close_rel(a[k], b[k], f"checkpoint {k}")
+    # the shim (SWIFT's API) loads it like any SWIFT checkpoint
+    from conftest import tiny_llama
 
-    dist_file = runs / "ckpt" / "ddp_functional.safetensors"
-    with safe_open(str(dist_file), "pt") as f, safe_open(str(single), "pt") as g:
-        assert f.metadata() == g.metadata()
-        assert sorted(f.keys()) == sorted(g.keys()) == sorted(ref_params)
-        for k in f.keys():
-            _assert_close_rel(f.get_tensor(k), g.get_tensor(k), f"checkpoint {k}")
-    assert [p.name for p in dist_file.parent.iterdir()] == ["ddp_functional.safetensors"], "temp files left behind"
-    assert ftd.load_params(dist_file, like=ref_params).keys() == ref_params.keys()
-
-
-def test_collectives_and_rank0_calls(runs) -> None:
-    results = _results(runs, "collectives")
-    for rank, res in enumerate(results):
-        assert torch.equal(res["__sum_a__"], torch.full((3, 2), 3.0))
-        assert torch.equal(res["__sum_b__"], torch.arange(5, dtype=torch.bfloat16) * 3)
-        assert res["__sum_b__"].dtype == torch.bfloat16
-        assert torch.equal(res["__sum_c__"], torch.tensor(2.0))
-        assert torch.equal(res["__mean_a__"], torch.full((3, 2), 1.5))
-        assert torch.equal(res["__mean_b__"], torch.arange(5, dtype=torch.bfloat16) * 1.5)
-        assert torch.equal(res["__mean_c__"], torch.tensor(1.0))
-        rank0 = ft.init(_small(), _SMALL_CONFIG, generator=100)
-        for k in rank0:
-            assert torch.equal(res[k], rank0[k]), f"rank {rank} did not receive rank 0's {k}"
-    assert (runs / "rank0_calls.txt").read_text() == "0", "run_on_rank0 ran on a rank other than 0"
-    assert (runs / "raised.rank0.txt").read_text() == "ValueError"
-    assert (runs / "raised.rank1.txt").read_text() == "RuntimeError"
+    swift = ft.SwiftModel.from_pretrained(tiny_llama(), str(runs / "ckpt"))
+    loaded = swift.adapters["default"].params
+    assert loaded.keys() == ref_params.keys()
+    for k in ref_params:
+        _assert_close_rel(loaded[k].detach(), ref_params[k], f"SwiftModel.from_pretrained {k}")
 
 
 # ---------------------------------------------------------------------------
@@ -479,52 +468,36 @@ def test_without_process_group_helpers_are_local(reference_lora, tmp_path) -> No
     assert merged.keys() == want.keys() and all(torch.equal(merged[k], want[k]) for k in want)
 
 
-def test_load_params_rejects_mismatched_files(reference_lora, tmp_path) -> None:
+def test_load_params_rejects_mismatched_checkpoints(reference_lora, tmp_path) -> None:
+    from functuner.checkpoint import write_swift_adapter
+
     _, params, _ = reference_lora
-    good = tmp_path / "good.safetensors"
-    ftd.save_params_on_rank0(params, good)
     first = next(iter(params))
+    state = {k: v.detach() for k, v in params.items()}
 
-    with pytest.raises(CheckpointError, match="no such checkpoint"):
-        ftd.load_params(tmp_path / "absent.safetensors", like=params)
-    garbage = tmp_path / "garbage.safetensors"
-    garbage.write_bytes(b"\x00" * 20)
-    with pytest.raises(CheckpointError, match="garbage.safetensors"):
-        ftd.load_params(garbage, like=params)
-    tensors = load_file(str(good))
-    meta = {"format": "functuner.params.v1", "adapter_name": "default"}
-    missing = tmp_path / "missing.safetensors"
-    save_file({k: v for k, v in tensors.items() if k != first}, str(missing), metadata=meta)
-    with pytest.raises(CheckpointError, match=rf"missing.safetensors.*missing \['{first}'\]"):
-        ftd.load_params(missing, like=params)
-    wrong = tmp_path / "wrong.safetensors"
-    save_file({**tensors, first: tensors[first].double()}, str(wrong), metadata=meta)
+    with pytest.raises(CheckpointError, match="absent"):
+        ftd.load_params(tmp_path / "absent", like=params)
+    garbage = tmp_path / "garbage" / "default"
+    write_swift_adapter(tmp_path / "garbage", "default", params.config, state)
+    (garbage / "adapter_model.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(CheckpointError, match="garbage"):
+        ftd.load_params(tmp_path / "garbage", like=params)
+    write_swift_adapter(tmp_path / "missing", "default", params.config, {k: v for k, v in state.items() if k != first})
+    with pytest.raises(CheckpointError, match=rf"missing.*missing \['{first}'\]"):
+        ftd.load_params(tmp_path / "missing", like=params)
+    write_swift_adapter(tmp_path / "wrong", "default", params.config, {**state, first: state[first].double()})
     with pytest.raises(CheckpointError, match="torch.float64"):
-        ftd.load_params(wrong, like=params)
-    other = tmp_path / "other.safetensors"
-    save_file(tensors, str(other), metadata={**meta, "adapter_name": "other"})
-    with pytest.raises(CheckpointError, match="'other'"):
-        ftd.load_params(other, like=params)
-    plain = tmp_path / "plain.safetensors"
-    save_file(tensors, str(plain))
-    with pytest.raises(CheckpointError, match="format"):
-        ftd.load_params(plain, like=params)
-    assert json.loads(load_meta(good)["config"])["r"] == params.config.r
-
-
-def load_meta(path: pathlib.Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return dict(f.metadata())
-
-
-def test_failed_save_leaves_no_file(tmp_path) -> None:
-    target = tmp_path / "ckpt.safetensors"
-    shared = torch.zeros(4)
-    with pytest.raises(RuntimeError, match="share memory"):  # safetensors refuses aliased tensors
-        ftd._atomic_save({"a": shared, "b": shared}, target, {})
-    assert list(tmp_path.iterdir()) == [], "a failed save left files behind"
+        ftd.load_params(tmp_path / "wrong", like=params)
+    other = dataclasses.replace(params.config, lora_alpha=99)
+    write_swift_adapter(tmp_path / "other", "default", other, state)
+    with pytest.raises(CheckpointError, match="lora_alpha"):
+        ftd.load_params(tmp_path / "other", like=params)
+    renamed = ft.TunerParams(ft.rename_adapter(state, "default", "mine"), params.config, "mine")
+    with pytest.raises(CheckpointError, match="mine"):  # the folder holds 'default', not 'mine'
+        ftd.load_params(tmp_path / "other", like=renamed)
+    ftd.save_params_on_rank0(params, tmp_path / "good")
+    got = ftd.load_params(tmp_path / "good", like=params)
+    assert got == params
 
 
 # ---------------------------------------------------------------------------
@@ -541,8 +514,7 @@ def test_example_under_torchrun_matches_single_process(reference_lora, tmp_path)
            "--lr", str(LR), "--out", str(tmp_path)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    got = load_file(str(tmp_path / "adapter.safetensors"))
-    assert got.keys() == set(ref_params)
+    got = ftd.load_params(tmp_path, like=ref_params)
     for k in got:
         _assert_close_rel(got[k], ref_params[k], f"example checkpoint {k}")
     last = [line for line in r.stdout.splitlines() if line.startswith("final loss")]
