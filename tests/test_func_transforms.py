@@ -205,3 +205,36 @@ def test_per_sample_grads_with_dropout_in_training_mode() -> None:
     # the mask matters: another seed gives other gradients
     other = torch.func.grad(lambda q, xs: loss(q, xs, seed=12))(p, x[:1])
     assert _max_diff(psg.map(lambda t: t[0]), other) > 1e-5
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_autograd_saves_no_weight_sized_tensor_but_the_base_weights(use_dora: bool) -> None:
+    """What the backward keeps: weight-shaped saved tensors are only the base model's own weights (or views).
+
+    DoRA needs the row norms of ``W + s B A`` (detached); computing them may take
+    one weight-sized temporary per module in the forward (at most one, checked),
+    which is freed at once: never kept for the backward.
+    """
+    model = tiny_llama().train()
+    p = _lora(model, r=3, use_dora=use_dora).map(lambda t: t.requires_grad_(True))
+    adapted = [m for n, m in model.named_modules() if n.endswith(tuple(TARGETS))]
+    shapes = {s for m in adapted for s in (tuple(m.weight.shape), tuple(m.weight.shape)[::-1])}
+    base_storages = {w.untyped_storage().data_ptr() for w in model.parameters()}
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    ids = _ids((2, 7))
+    rec = AllocationRecorder()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), rec:
+        loss = ft.apply(model, p, kwargs={"input_ids": ids, "labels": ids}).loss
+    assert saved  # the hook saw the graph
+    weight_sized = [t for t in saved if tuple(t.shape) in shapes]
+    foreign = [(tuple(t.shape), t.grad_fn) for t in weight_sized if t.untyped_storage().data_ptr() not in base_storages]
+    assert foreign == []
+    temporaries = _weight_shaped(rec, shapes)
+    assert len(temporaries) <= (len(adapted) if use_dora else 0), temporaries
+    grads = torch.autograd.grad(loss, list(p.values()))
+    assert all(g.shape == t.shape for g, t in zip(grads, p.values(), strict=True))
