@@ -300,13 +300,13 @@ def test_per_thread_activation(monkeypatch: pytest.MonkeyPatch) -> None:
     def work(i: int) -> bool:
         names = choices[i % len(choices)]
         ok = True
-        for _ in range(3):
+        for _ in range(2):
             sm.set_active_adapters(list(names))
             ok &= torch.allclose(_logits(sm), expected[names], atol=1e-6) and sm.active_adapters == set(names)
         return ok
 
     with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(work, range(16)))
+        results = list(pool.map(work, range(8)))
     assert all(results)
     assert sm.active_adapters == {"default", "other"}  # the main thread's choice is untouched
     # offloading an adapter another thread still uses is refused
