@@ -133,6 +133,7 @@ def _scenario_ddp_swift(rank: int, out: pathlib.Path) -> None:
         loss.backward()  # DDP averages the LoRA gradients across ranks here
         opt.step()
         losses.append(ftd.all_reduce_grads(loss.detach()).item())
+    ftd.run_on_rank0(swift.save_pretrained, str(out / "swift_ckpt"))  # the shim's own save, rank 0 only
     _write(out, "ddp_swift", rank, adapter.params, losses)
 
 
@@ -380,6 +381,14 @@ def test_ddp_functional_matches_single_process(runs, reference_lora) -> None:
 
 def test_ddp_swift_model_matches_single_process(runs, reference_lora) -> None:
     _assert_matches_reference(runs, "ddp_swift", reference_lora)
+    # SwiftModel.save_pretrained run through run_on_rank0 wrote the trained adapter
+    from functuner.checkpoint import read_adapter
+
+    saved = read_adapter(runs / "swift_ckpt" / "default", "default")
+    ref_params = reference_lora[1]
+    assert saved.state.keys() == ref_params.keys()
+    for k in ref_params:
+        _assert_close_rel(saved.state[k], ref_params[k], f"save_pretrained {k}")
 
 
 def test_fsdp2_lora_functional_matches_single_process(runs, reference_lora) -> None:
