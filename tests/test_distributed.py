@@ -46,7 +46,7 @@ LR = 0.5
 GLOBAL_BATCH = 4
 SEQ = 16
 RTOL = 1e-5
-PG_TIMEOUT = datetime.timedelta(seconds=40)
+PG_TIMEOUT = datetime.timedelta(seconds=120)  # generous: CI machines may be loaded
 
 
 # ---------------------------------------------------------------------------
