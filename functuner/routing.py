@@ -74,13 +74,21 @@ class Routes:
 
 
 _ROUTES: contextvars.ContextVar[Routes | None] = contextvars.ContextVar("functuner_routes", default=None)
-_COMPILED = threading.local()
+class _CompiledRoutes(threading.local):
+    """Per-thread routes under ``torch.compile``.  ``__init__`` runs once in each thread, so ``routes``
+    always exists and Dynamo's guard on it holds from the first call on (no recompilation)."""
+
+    def __init__(self) -> None:
+        self.routes: Routes | None = None
+
+
+_COMPILED = _CompiledRoutes()
 
 
 def current_routes() -> Routes | None:
     """The routes of the call under way in this thread/task, or ``None``."""
     if torch.compiler.is_compiling():
-        return getattr(_COMPILED, "routes", None)
+        return _COMPILED.routes
     return _ROUTES.get()
 
 
@@ -88,7 +96,7 @@ def current_routes() -> Routes | None:
 def routed(routes: Routes | None) -> Iterator[None]:
     """Make ``routes`` the current routes inside the ``with`` block (this thread/task only)."""
     if torch.compiler.is_compiling():
-        prev = getattr(_COMPILED, "routes", None)
+        prev = _COMPILED.routes
         _COMPILED.routes = routes
         try:
             yield
@@ -165,6 +173,16 @@ def _has_hook(hooks: Mapping[int, Any], fn: Any) -> bool:
     return any(h is fn for h in hooks.values())
 
 
+def _check_slots_while_compiling(modules: Sequence[nn.Module], pre: bool) -> None:
+    for m in modules:
+        if not _has_hook(m._forward_hooks, _forward_slot_hook) or (
+                pre and not _has_hook(m._forward_pre_hooks, _pre_slot_hook)):
+            raise RuntimeError(
+                "functuner: a module has no slot yet; call functuner.apply (or functuner.bind_routes) once"
+                " outside torch.compile so the slots exist before tracing"
+            )
+
+
 def ensure_slots(modules: Sequence[nn.Module], *, pre: bool = False) -> None:
     """Give each module a dormant slot (idempotent, thread-safe).
 
@@ -173,6 +191,9 @@ def ensure_slots(modules: Sequence[nn.Module], *, pre: bool = False) -> None:
     registered ``prepend=True`` so the slot sees the module's own output before
     any user hook, exactly where a wrapping layer would add its delta.
     """
+    if torch.compiler.is_compiling():  # Dynamo traces neither the lock nor hook registration
+        _check_slots_while_compiling(modules, pre)
+        return
     with _LOCK:
         for m in modules:
             if not _has_hook(m._forward_hooks, _forward_slot_hook):

@@ -337,7 +337,11 @@ def _build_layout(model: nn.Module, params: TunerParams) -> _Layout:
 
 
 def _layout(model: nn.Module, params: TunerParams) -> _Layout:
-    sig = (tuple(params), params.config, params.adapter_name)
+    """The cached layout of ``params`` on ``model`` (validated once per model and params structure)."""
+    if torch.compiler.is_compiling():
+        return _compiled_layout(model, params)
+    # shapes are part of the key: params with the same names but other shapes must be checked again
+    sig = (tuple(params), params.config, params.adapter_name, tuple(t.shape for t in params.values()))
     with _LAYOUT_LOCK:
         per_model = _LAYOUT_CACHE.get(model)
         if per_model is not None and sig in per_model:
@@ -346,7 +350,24 @@ def _layout(model: nn.Module, params: TunerParams) -> _Layout:
     _check_shapes(model, params, layout)
     with _LAYOUT_LOCK:
         _LAYOUT_CACHE.setdefault(model, {})[sig] = layout
+        _COMPILE_INDEX.append((id(model), params.config, params.adapter_name, sig[0], layout))
     return layout
+
+
+# Under torch.compile, Dynamo can neither take the lock nor hash a config (json), so layouts are found
+# here by identity: the eager call that built the layout (functuner.apply once before compiling) indexed it.
+_COMPILE_INDEX: list[tuple[int, Any, str, tuple[str, ...], _Layout]] = []
+
+
+def _compiled_layout(model: nn.Module, params: TunerParams) -> _Layout:
+    names = tuple(params._tensors)  # (Dynamo compares this tuple correctly; tuple(params) it does not)
+    for model_id, config, adapter, keys, layout in _COMPILE_INDEX:
+        if model_id == id(model) and config is params.config and adapter == params.adapter_name and keys == names:
+            return layout
+    raise RuntimeError(
+        "functuner under torch.compile: these params were never applied to this model eagerly; call"
+        " functuner.apply(model, params, ...) once outside torch.compile before compiling"
+    )
 
 
 def _check_shapes(model: nn.Module, params: TunerParams, layout: _Layout) -> None:
@@ -608,6 +629,21 @@ def _set_with_aliases(out: dict[str, torch.Tensor], base: Mapping[str, torch.Ten
             out[k] = value
 
 
+def _plus_delta(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float, kind: str) -> torch.Tensor:
+    """``W + alpha * B A`` in ``W``'s layout, float32 (the caller rounds to ``W.dtype``).
+
+    Linear, GPT-2 Conv1D and embeddings use one ``addmm``, so a float32 merge
+    allocates only the result (no full-size delta or sum temporaries); conv
+    kernels go through :func:`lora_delta`.
+    """
+    if kind == "conv":
+        return W.float() + lora_delta(A, B, alpha, kind)
+    A32, B32 = A.float(), B.float()
+    if kind == "linear":
+        return torch.addmm(W.float(), B32, A32, alpha=alpha)
+    return torch.addmm(W.float(), A32.T, B32.T, alpha=alpha)  # (in, out) / (num_embeddings, dim) layouts
+
+
 def _merge_impl(model: nn.Module, params: TunerParams, base: Mapping[str, torch.Tensor] | None,
                 sign: int, unmerged: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     layout = _layout(model, params)
@@ -619,10 +655,10 @@ def _merge_impl(model: nn.Module, params: TunerParams, base: Mapping[str, torch.
         if wkey not in state:
             raise ParamsMismatchError(f"merge: base state has no {wkey!r}")
         W = state[wkey]
-        delta = lora_delta(params[site.a], params[site.b], site.scaling, site.kind)
         if site.m is None:
-            new = W.float() + sign * delta
+            new = _plus_delta(W, params[site.a], params[site.b], sign * site.scaling, site.kind)
         else:
+            delta = lora_delta(params[site.a], params[site.b], site.scaling, site.kind)
             M = params[site.m].float()
             if sign < 0:
                 raise ConfigError(
@@ -690,7 +726,7 @@ def unmerge(model: nn.Module, params: TunerParams, merged: Mapping[str, torch.Te
             )
         wkey = f"{site.name}.weight"
         W = merged[wkey]
-        new = (W.float() - lora_delta(params[site.a], params[site.b], site.scaling, site.kind)).to(W.dtype)
+        new = _plus_delta(W, params[site.a], params[site.b], -site.scaling, site.kind).to(W.dtype)
         _set_with_aliases(out, merged, wkey, new)
     return out
 
