@@ -250,3 +250,17 @@ def test_params_of_an_unknown_kind() -> None:
     model = tiny_llama()
     with pytest.raises(TypeError, match="TunerParams"):
         ft.apply(model, {"x": torch.zeros(1)}, kwargs={"input_ids": _ids()})  # type: ignore[arg-type]
+
+
+def test_wrong_shape_is_caught_even_after_good_params_with_the_same_names() -> None:
+    """Validation results are cached per params structure; the shapes are part of that structure."""
+    model = tiny_llama()
+    p = _llama_params(model)
+    ft.validate(model, p)
+    with torch.no_grad():
+        ft.apply(model, p, kwargs={"input_ids": _ids()})
+    key = "model.layers.0.self_attn.q_proj.lora_B.default.weight"
+    bad = p.replace({key: torch.zeros(17, 2)})
+    _all_fail(model, bad, ParamsMismatchError, rf"{key.replace('.', r'.')}.*\(17, 2\)")
+    # the good params are still accepted afterwards
+    ft.validate(model, p)
