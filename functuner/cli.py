@@ -78,7 +78,7 @@ def _config_summary(config: dict[str, Any]) -> str:
     shown = []
     for k in sorted(config):
         v = config[k]
-        if v in (None, False, {}, [], "") or k in ("peft_version", "auto_mapping"):
+        if v in (None, False, {}, [], "") or k in ("peft_version", "auto_mapping", "megatron_core", "qalora_group_size"):
             continue
         shown.append(f"{k}={v!r}" if not isinstance(v, list) else f"{k}={sorted(map(str, v))}")
     return ", ".join(shown)

@@ -19,6 +19,7 @@ nothing at the destination.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -387,17 +388,21 @@ def merge_checkpoint(base_dir: Path, tmp_out: Path, tensors: Mapping[str, torch.
         on_plan(sum(i.nbytes for i in all_infos.values()))
     tick = progress or (lambda n: None)
     total = 0
+    current = tmp_out
     try:
         for name, h in zip(names, headers, strict=True):
-            total += _write_shard(h, tmp_out / name, plan, dtype, tick)
+            current = tmp_out / name
+            total += _write_shard(h, current, plan, dtype, tick)
         for item in sorted(base_dir.iterdir()):
             if item.name in names or item.name == INDEX:
                 continue
+            current = tmp_out / item.name
             if item.is_dir():
                 shutil.copytree(item, tmp_out / item.name)
             else:
                 shutil.copy2(item, tmp_out / item.name)
         if index is not None:
+            current = tmp_out / INDEX
             new_index = dict(index)
             new_index["metadata"] = {**dict(index.get("metadata") or {}), "total_size": total}
             with open(tmp_out / INDEX, "w", encoding="utf-8") as f:
@@ -405,8 +410,8 @@ def merge_checkpoint(base_dir: Path, tmp_out: Path, tensors: Mapping[str, torch.
                 f.flush()
                 os.fsync(f.fileno())
     except OSError as exc:
-        full = "disk full: " if exc.errno in (28, 27) else ""
-        where = exc.filename or tmp_out
+        full = "disk full: " if exc.errno == errno.ENOSPC else ""
+        where = exc.filename or current
         raise CheckpointError(f"{full}could not write {where} ({exc.strerror}); no output was written") from None
     return {"shards": len(names), "merged": len(plan.sites), "replaced": len(plan.replacements), "bytes": total}
 

@@ -45,6 +45,16 @@ def run(*args: str, preexec=None, cmd=None) -> subprocess.CompletedProcess:
                           preexec_fn=preexec)
 
 
+def run_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """``functuner.cli.main`` in this process (for variants of an error already checked through the script)."""
+    from functuner.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["functuner", *args], code, out, err)
+
+
 def assert_error(res: subprocess.CompletedProcess, command: str, *fragments: str) -> None:
     assert res.returncode == 1, (res.returncode, res.stdout, res.stderr)
     lines = res.stderr.strip().splitlines()
@@ -160,18 +170,18 @@ def test_merge_swift_layout_with_dtype(ck):
         torch.testing.assert_close(v, expected[k].to(torch.bfloat16), atol=0, rtol=0)
 
 
-def test_merge_needs_adapter_name_when_several(ck):
+def test_merge_needs_adapter_name_when_several(ck, capsys):
     root = ck["root"]
     res = run("merge", "--base", str(root / "single"), "--adapter", str(root / "peft_multi"), "--out",
               str(root / "never"))
     assert_error(res, "merge", "2 adapters", "'default', 'second'", "--adapter-name")
-    res = run("merge", "--base", str(root / "single"), "--adapter", str(root / "peft_multi"), "--out",
-              str(root / "never"), "--adapter-name", "third")
+    res = run_here(capsys, "merge", "--base", str(root / "single"), "--adapter", str(root / "peft_multi"), "--out",
+                   str(root / "never"), "--adapter-name", "third")
     assert_error(res, "merge", "no adapter 'third'")
     assert not (root / "never").exists()
 
 
-def test_merge_rejects_adapter_that_does_not_fit(ck, tmp_path):
+def test_merge_rejects_adapter_that_does_not_fit(ck, tmp_path, capsys):
     wide = peft.get_peft_model(tiny_llama(hidden_size=48), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     wide.save_pretrained(tmp_path / "wide")
     res = run("merge", "--base", str(ck["root"] / "sharded"), "--adapter", str(tmp_path / "wide"), "--out",
@@ -180,8 +190,8 @@ def test_merge_rejects_adapter_that_does_not_fit(ck, tmp_path):
                  "'model.layers.0.self_attn.q_proj.weight'")
     gpt = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
     gpt.save_pretrained(tmp_path / "gpt")
-    res = run("merge", "--base", str(ck["root"] / "sharded"), "--adapter", str(tmp_path / "gpt"), "--out",
-              str(tmp_path / "out"))
+    res = run_here(capsys, "merge", "--base", str(ck["root"] / "sharded"), "--adapter", str(tmp_path / "gpt"),
+                   "--out", str(tmp_path / "out"))
     assert_error(res, "merge", "'transformer.h.0.attn.c_attn.weight'", "does not have")
     assert not (tmp_path / "out").exists()
 
@@ -192,7 +202,7 @@ def _copy_base(ck, tmp_path: Path) -> Path:
     return dst
 
 
-def test_merge_truncated_and_corrupt_shards(ck, tmp_path):
+def test_merge_truncated_and_corrupt_shards(ck, tmp_path, capsys):
     base = _copy_base(ck, tmp_path)
     shard = sorted(base.glob("model-*.safetensors"))[1]
     data = shard.read_bytes()
@@ -200,7 +210,7 @@ def test_merge_truncated_and_corrupt_shards(ck, tmp_path):
     args = ["--adapter", str(ck["root"] / "peft_one"), "--out", str(tmp_path / "out")]
     assert_error(run("merge", "--base", str(base), *args), "merge", str(shard), "truncated")
     shard.write_bytes(b"\xff" * 8 + data[8:])
-    assert_error(run("merge", "--base", str(base), *args), "merge", str(shard), "corrupt")
+    assert_error(run_here(capsys, "merge", "--base", str(base), *args), "merge", str(shard), "corrupt")
     shard.write_bytes(data[:8] + b"{not json" + data[17:])
     assert_error(run("merge", "--base", str(base), *args), "merge", str(shard), "corrupt")
     assert not (tmp_path / "out").exists()
@@ -282,7 +292,7 @@ def test_streaming_merge_equals_functional_merge(tmp_path_factory, r, alpha, rsl
     want = ft.merge(model, params)
     assert set(got) == set(state)
     for k in got:
-        torch.testing.assert_close(got[k], want[k].to(got[k].dtype), atol=0, rtol=0)
+        torch.testing.assert_close(got[k], want[k].to(got[k].dtype))  # fp32 sums may differ in the last bit
 
 
 # ---------------------------------------------------------------------------
@@ -319,24 +329,24 @@ def test_python_dash_m(ck):
     assert json.loads(res.stdout)["adapters"][0]["format"] == "swift"
 
 
-def test_bad_paths_are_one_line_errors(ck, tmp_path):
+def test_bad_paths_are_one_line_errors(ck, tmp_path, capsys):
     assert_error(run("inspect", str(tmp_path / "missing")), "inspect", "missing", "no such file or directory")
-    assert_error(run("inspect", str(ck["root"] / "sharded")), "inspect", "neither a SWIFT nor a PEFT")
     assert_error(run("convert", str(ck["root"] / "single"), str(tmp_path / "x"), "--to", "peft"), "convert",
                  "neither a SWIFT nor a PEFT")
-    assert_error(run("merge", "--base", str(tmp_path / "nobase"), "--adapter", str(ck["root"] / "peft_one"),
-                     "--out", str(tmp_path / "o")), "merge", "nobase")
-    assert_error(run("merge", "--base", str(ck["root"] / "peft_one"), "--adapter", str(ck["root"] / "peft_one"),
-                     "--out", str(tmp_path / "o")), "merge", "no model.safetensors")
+    assert_error(run_here(capsys, "inspect", str(ck["root"] / "sharded")), "inspect", "neither a SWIFT nor a PEFT")
+    assert_error(run_here(capsys, "merge", "--base", str(tmp_path / "nobase"), "--adapter",
+                          str(ck["root"] / "peft_one"), "--out", str(tmp_path / "o")), "merge", "nobase")
+    assert_error(run_here(capsys, "merge", "--base", str(ck["root"] / "peft_one"), "--adapter",
+                          str(ck["root"] / "peft_one"), "--out", str(tmp_path / "o")), "merge", "no model.safetensors")
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
     (pickled / "adapter_model.bin").write_bytes(b"\x80\x04not loaded")
-    assert_error(run("inspect", str(pickled)), "inspect", "adapter_model.bin", "never unpickles")
+    assert_error(run_here(capsys, "inspect", str(pickled)), "inspect", "adapter_model.bin", "never unpickles")
     bad_json = tmp_path / "badjson"
     bad_json.mkdir()
     (bad_json / "adapter_config.json").write_text("{oops")
-    assert_error(run("inspect", str(bad_json)), "inspect", "adapter_config.json", "not valid JSON")
+    assert_error(run_here(capsys, "inspect", str(bad_json)), "inspect", "adapter_config.json", "not valid JSON")
     assert not (tmp_path / "x").exists() and not (tmp_path / "o").exists()
 
 
@@ -384,24 +394,24 @@ def test_convert_swift_to_peft_loads_in_peft(ck, tmp_path):
         torch.testing.assert_close(reloaded(X).logits, ck["pm"](X).logits, atol=1e-6, rtol=1e-6)
 
 
-def test_convert_refusals(ck, tmp_path):
+def test_convert_refusals(ck, tmp_path, capsys):
     root = ck["root"]
-    assert_error(run("convert", str(root / "peft_one"), str(tmp_path / "a"), "--to", "peft"), "convert",
-                 "already in PEFT format")
+    assert_error(run_here(capsys, "convert", str(root / "peft_one"), str(tmp_path / "a"), "--to", "peft"),
+                 "convert", "already in PEFT format")
     qa = tmp_path / "qa"
     shutil.copytree(root / "swift_one", qa)
     cfg = json.loads((qa / "default" / "adapter_config.json").read_text())
     (qa / "default" / "adapter_config.json").write_text(json.dumps({**cfg, "use_qa_lora": True}))
-    assert_error(run("convert", str(qa), str(tmp_path / "b"), "--to", "peft"), "convert", "use_qa_lora",
+    assert_error(run_here(capsys, "convert", str(qa), str(tmp_path / "b"), "--to", "peft"), "convert", "use_qa_lora",
                  "cannot hold")
     (qa / "default" / "adapter_config.json").write_text(json.dumps({**cfg, "swift_type": "ADAPTER"}))
-    assert_error(run("convert", str(qa), str(tmp_path / "c"), "--to", "peft"), "convert", "ADAPTER", "only LoRA")
+    assert_error(run_here(capsys, "convert", str(qa), str(tmp_path / "c"), "--to", "peft"), "convert", "ADAPTER", "only LoRA")
     (qa / "default" / "adapter_config.json").write_text(json.dumps(cfg))
     (qa / "extra_states").mkdir()
-    assert_error(run("convert", str(qa), str(tmp_path / "d"), "--to", "peft"), "convert", "extra_states")
+    assert_error(run_here(capsys, "convert", str(qa), str(tmp_path / "d"), "--to", "peft"), "convert", "extra_states")
     existing = tmp_path / "exists"
     existing.mkdir()
-    assert_error(run("convert", str(root / "swift_one"), str(existing), "--to", "peft"), "convert", "already exists")
+    assert_error(run_here(capsys, "convert", str(root / "swift_one"), str(existing), "--to", "peft"), "convert", "already exists")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists", "qa"]
 
 
