@@ -147,11 +147,15 @@ def _scale(t: torch.Tensor) -> float:
 # apply == forward on merged weights
 # ---------------------------------------------------------------------------
 @SETTINGS
-@given(case=cases())
-def test_apply_equals_merged_forward(case: Case) -> None:
-    ps = case.params()
+@given(case=cases(), bias=st.sampled_from(["none", "lora_only"]))
+def test_apply_equals_merged_forward(case: Case, bias: str) -> None:
+    """Also with trainable biases (moved by a different amount per adapter, so they matter)."""
+    case.configs = [dataclasses.replace(c, bias=bias) for c in case.configs]
+    ps = [p.replace({k: v + 0.25 * (i + 1) for k, v in p.items() if k.endswith(".bias")})
+          for i, p in enumerate(case.params())]
     want = torch.float32 if case.configs[0].lora_dtype == "fp32" else case.dtype
-    assert all(t.dtype == want for p in ps for t in p.values())
+    assert all(t.dtype == want for p in ps for k, t in p.items() if ".lora_" in k)
+    assert all(t.dtype == case.dtype for p in ps for k, t in p.items() if k.endswith(".bias"))  # the model's own
     with torch.no_grad():
         y_apply = ft.apply(case.model, ps, case.x)
         y_merged = _merged_forward(case, ft.merge(case.model, ps))
@@ -326,3 +330,24 @@ def test_pure_functions_leave_inputs_unchanged(case: Case, bias: str, train: boo
     check_params()
     check_base()
     check_merged()
+
+
+def test_two_adapters_carrying_biases_apply_equals_merge() -> None:
+    """Biases of an adapted module carried by two adapters add up as deltas (apply and merge agree);
+    biases of non-adapted modules (bias='all') are replaced, the last adapter winning, in both."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).eval()
+    ps = []
+    for i in range(2):
+        p = ft.init(model, ft.LoRAConfig(r=2, target_modules=["0"], bias="all", init_lora_weights=False),
+                    generator=i, adapter_name=f"a{i}")
+        ps.append(p.replace({k: v + (i + 1) for k, v in p.items() if k.endswith(".bias")}))
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    merged = ft.merge(model, ps)
+    b0 = model[0].bias.detach()
+    torch.testing.assert_close(merged["0.bias"], b0 + (ps[0]["0.bias"] - b0) + (ps[1]["0.bias"] - b0))
+    assert torch.equal(merged["1.bias"], ps[1]["1.bias"])
+    with torch.no_grad():
+        torch.testing.assert_close(ft.apply(model, ps, x), torch.func.functional_call(model, merged, (x,)),
+                                   atol=1e-6, rtol=0)

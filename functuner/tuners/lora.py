@@ -677,7 +677,13 @@ def _merge_impl(model: nn.Module, params: TunerParams, base: Mapping[str, torch.
             new = _weight_as_out_in(new_oi, site.kind)  # transposing back is its own inverse
         _set_with_aliases(out, state, wkey, new.to(W.dtype))
         if site.bias is not None:
-            _set_with_aliases(out, state, f"{site.name}.bias", params[site.bias])
+            bkey = f"{site.name}.bias"
+            new_bias = params[site.bias]
+            if unmerged is not None and bkey in unmerged and state[bkey] is not unmerged[bkey]:
+                # an earlier adapter already replaced this bias: add ours as a delta from the unmerged bias,
+                # as the forward does when several adapters carry the bias of one adapted module
+                new_bias = state[bkey] + (new_bias - unmerged[bkey])
+            _set_with_aliases(out, state, bkey, new_bias)
     for module, pairs in layout.overrides:
         mname = next(n for n, m in model.named_modules() if m is module)
         for pname, key in pairs:
@@ -694,6 +700,11 @@ def merge(model: nn.Module, params: TunerParams, base: Mapping[str, torch.Tensor
     under every name).  Returns a new dict: merged entries are new tensors,
     every other entry is the same tensor object as in ``base`` (no copies).
     Trainable biases and ``modules_to_save`` copies replace their originals.
+    When several adapters are merged in turn (``unmerged`` given), the bias of
+    an adapted module that more than one of them carries is summed as deltas
+    from the unmerged bias, as the adapter forward does; other biases and
+    ``modules_to_save`` copies are replaced (the last adapter wins), as in the
+    forward too.
 
     DoRA: ``m / ||W0 + s B A||_row * (W + s B A)`` where ``W0`` comes from
     ``unmerged`` (default: ``base``), the weights before any adapter was merged.
