@@ -50,7 +50,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import keys
-from .errors import AdapterNameError, CheckpointError, ConfigError, UnsafeCheckpointError
+from .errors import AdapterNameError, CheckpointError, ConfigError, TargetError, UnsafeCheckpointError
 from .naming import check_adapter_name
 from .targets import match_name
 from .tuners import tuner_for
@@ -62,6 +62,8 @@ __all__ = [
     "SAFETENSORS_NAME",
     "AdapterCheckpoint",
     "atomic_dir",
+    "check_finite",
+    "check_lora_ranks",
     "config_from_json",
     "config_to_json",
     "peft_config_json",
@@ -273,6 +275,7 @@ def read_adapter(folder: str | os.PathLike[str], adapter_name: str, *, weights_o
     fmt = "swift" if "swift_type" in data else "peft"
     raw = read_tensors(folder, weights_only=weights_only, root=root_p)
     raw = raw or {}
+    check_finite(raw, str(folder / (SAFETENSORS_NAME if (folder / SAFETENSORS_NAME).exists() else BIN_NAME)))
     base_weights: dict[str, torch.Tensor] = {}
     if fmt == "peft":
         raw, base_weights = keys.split_peft_base_weights(raw)
@@ -290,6 +293,45 @@ def read_adapter(folder: str | os.PathLike[str], adapter_name: str, *, weights_o
         if saved_name != adapter_name:
             state = keys.rename_adapter(state, saved_name, adapter_name)
     return AdapterCheckpoint(adapter_name, config, state, fmt, str(folder), base_weights)
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse NaN or infinite values in floating-point ``tensors`` (:class:`CheckpointError` naming ``source`` and the key).
+
+    A diverged run saves NaN/inf adapters; loading one would silently turn
+    every output into NaN, so functuner refuses it at the file boundary.
+    """
+    for key, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and t.numel() and not bool(torch.isfinite(t).all()):
+            n_bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{source}: tensor {key!r} holds {n_bad} NaN/inf value(s); refusing to load it")
+
+
+def check_lora_ranks(model: torch.nn.Module, config: Any, source: str) -> None:
+    """Refuse a LoRA config whose rank exceeds both dimensions of a targeted layer (:class:`CheckpointError`).
+
+    Checked before any tensor is allocated, so a config from a stranger with
+    ``r=10**9`` fails at once instead of exhausting memory.  (A rank between the
+    two dimensions is wasteful but valid, as in PEFT, and is accepted.)
+    """
+    if tuner_for(config).swift_type != "LORA":
+        return
+    from .tuners.lora import _in_out, _kind
+    from .targets import select_modules
+
+    try:
+        selected = select_modules(model, config.target_modules, exclude_modules=config.exclude_modules,
+                                  layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern)
+    except TargetError as e:
+        raise TargetError(f"{source}: {e}") from None
+    for name, module in selected:
+        if config.modules_to_save and match_name(name, config.modules_to_save):
+            continue
+        r = config.rank_for(name)
+        fan_in, fan_out = _in_out(module, _kind(module, name))
+        if r > max(fan_in, fan_out):
+            raise CheckpointError(f"{source}: field r={r} is larger than layer {name!r} ({fan_in} in, {fan_out} out);"
+                                  " the checkpoint is corrupt or not for this model")
 
 
 def _saved_module_names(raw: Mapping[str, torch.Tensor], config: Any) -> set[str]:
@@ -433,12 +475,23 @@ def _fsync_tree(folder: Path) -> None:
                 os.close(fd)
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-link ``src`` at ``dst`` (no data copied); copy where the file system cannot link."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike[str], *, start_from_existing: bool = False) -> Iterator[Path]:
+def atomic_dir(target: str | os.PathLike[str], *, start_from_existing: bool = False,
+               link_existing: bool = False) -> Iterator[Path]:
     """Build a directory in a temporary sibling, then put it at ``target`` in one step.
 
     Yields the temporary directory (a copy of ``target`` when
-    ``start_from_existing``).  On normal exit it replaces ``target`` atomically
+    ``start_from_existing``; with ``link_existing`` the copy hard-links the
+    files instead, so the caller must only *replace* files there, never write
+    into them).  On normal exit it replaces ``target`` atomically
     (the old content is removed afterwards); on an exception the temporary
     directory is deleted and ``target`` is untouched.  A symlinked ``target``
     is refused.
@@ -453,7 +506,8 @@ def atomic_dir(target: str | os.PathLike[str], *, start_from_existing: bool = Fa
     try:
         if start_from_existing and target.is_dir():
             shutil.rmtree(tmp)
-            shutil.copytree(target, tmp, symlinks=True)
+            shutil.copytree(target, tmp, symlinks=True,
+                            copy_function=_link_or_copy if link_existing else shutil.copy2)
         yield tmp
         _fsync_tree(tmp)
         if target.exists():

@@ -47,7 +47,7 @@ from . import checkpoint as ckpt
 from . import keys
 from .core import bind_routes
 from .core import merge as core_merge
-from .errors import AdapterNameError, CheckpointError, ConfigError, ParamsMismatchError
+from .errors import AdapterNameError, CheckpointError, ConfigError, FunctunerError, ParamsMismatchError
 from .hub import resolve_model_dir
 from .naming import check_adapter_name
 from .params import TunerParams
@@ -701,17 +701,22 @@ class SwiftModel(nn.Module):
             if peft_format:
                 ckpt.peft_config_json(adapter.config)
                 keys.to_peft_state_dict(snapshots[n], n)
-        root.mkdir(parents=True, exist_ok=True)
-        if peft_format:
-            ckpt.write_peft_checkpoint(root, {
-                n: ckpt.AdapterCheckpoint(n, self.adapters[n].config, snapshots[n], "peft", str(root)) for n in names})
-        else:
-            for n in names:
-                ckpt.write_swift_adapter(root, n, self.adapters[n].config, snapshots[n])
         extra = self._extra_states()
-        if extra:
-            ckpt.write_extra_states(root, self._state.extra_state_keys, extra)
-        ckpt.write_configuration_json(root)
+        if root.is_symlink():  # the user's own link: write where it points, swapping the real directory
+            root = Path(os.path.realpath(root))
+        # one atomic step for the whole directory: a crash leaves the old checkpoint or the new one, never a mix
+        # (files kept from the old directory are hard links, and every file written is a new one)
+        with ckpt.atomic_dir(root, start_from_existing=True, link_existing=True) as tmp:
+            if peft_format:
+                ckpt.write_peft_checkpoint(tmp, {
+                    n: ckpt.AdapterCheckpoint(n, self.adapters[n].config, snapshots[n], "peft", str(root))
+                    for n in names})
+            else:
+                for n in names:
+                    ckpt.write_swift_adapter(tmp, n, self.adapters[n].config, snapshots[n])
+            if extra:
+                ckpt.write_extra_states(tmp, self._state.extra_state_keys, extra)
+            ckpt.write_configuration_json(tmp)
 
     # -- loading ------------------------------------------------------------------------
     @classmethod
@@ -756,8 +761,13 @@ class SwiftModel(nn.Module):
         configs = {n: c.config for n, c in found.items()}
         if not configs and not extra:
             raise CheckpointError(f"{model_dir}: no adapter found (no adapter_config.json at the root or in sub-folders)")
-        self = cls(model, configs, extra_state_keys, inference_mode,
-                   _loaded_states={n: c.state for n, c in found.items()})
+        for ck in found.values():
+            ckpt.check_lora_ranks(inner, ck.config, f"{ck.path}/{ckpt.CONFIG_NAME}")
+        try:
+            self = cls(model, configs, extra_state_keys, inference_mode,
+                       _loaded_states={n: c.state for n, c in found.items()})
+        except FunctunerError as e:  # same type, but naming the checkpoint that does not fit
+            raise type(e)(f"checkpoint {model_dir}: {e}") from None
         if extra:
             with torch.no_grad():
                 own_p = dict(inner.state_dict(keep_vars=True))
@@ -855,6 +865,10 @@ def _filled(params: TunerParams, values: Mapping[str, torch.Tensor]) -> TunerPar
            if tuple(values[k].shape) != tuple(params[k].shape)]
     if bad:
         raise ParamsMismatchError(f"adapter {params.adapter_name!r}: shape mismatch (loaded vs model): {bad[:8]}")
+    kinds = [f"{k}: {values[k].dtype} for a {params[k].dtype} parameter" for k in params
+             if params[k].is_floating_point() and not values[k].is_floating_point()]
+    if kinds:  # an integer or bool tensor would be cast silently into nonsense weights
+        raise ParamsMismatchError(f"adapter {params.adapter_name!r}: wrong dtype (loaded vs model): {kinds[:8]}")
     return params.replace({k: values[k].to(device=params[k].device, dtype=params[k].dtype) for k in params})
 
 
