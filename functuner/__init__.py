@@ -16,35 +16,35 @@ from .core import apply, bind_routes, init, merge, unmerge, validate
 from .grads import per_sample_grads, value_and_grad
 from .keys import from_peft_state_dict, rename_adapter, to_peft_state_dict
 from .params import TunerParams, tree_map
-from .routing import remove_slots
+from .routing import checkpoint_context_fn, gradient_checkpointing_enable, remove_slots
 from .tuners import REGISTRY, Tuner, TunerConfig, register, tuner_for
-from .tuners.lora import LoRAConfig, LoraConfig, lora_delta
-from .tuners.restuning import ResTuningConfig
-from .tuners.scetuning import SCETuningConfig
-from .tuners.llamapro import LLaMAProConfig
-from .tuners.reft import ReftConfig
 from .tuners.adapter import AdapterConfig
+from .tuners.lora import LoRAConfig, LoraConfig, lora_delta
+from .swift import Swift, SwiftConfig, SwiftModel
 from .tuners.neftune import NEFTuneConfig
 from .tuners.part import PartConfig
 from .tuners.prompt import PromptConfig
 from .tuners.side import SideConfig
-from .swift import Swift, SwiftConfig, SwiftModel
 from .tuners.longlora import LongLoRAConfig
+from .tuners.reft import ReftConfig
+from .tuners.llamapro import LLaMAProConfig
+from .tuners.scetuning import SCETuningConfig
+from .tuners.restuning import ResTuningConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ResTuningConfig",
-    "SCETuningConfig",
-    "LLaMAProConfig",
-    "ReftConfig",
     "AdapterConfig",
     "NEFTuneConfig",
     "PartConfig",
     "PromptConfig",
     "SideConfig",
-    "LongLoRAConfig",
     "LoRAConfig",
+    "LongLoRAConfig",
+    "ReftConfig",
+    "LLaMAProConfig",
+    "SCETuningConfig",
+    "ResTuningConfig",
     "LoraConfig",
     "REGISTRY",
     "Swift",
@@ -54,6 +54,8 @@ __all__ = [
     "TunerConfig",
     "TunerParams",
     "apply",
+    "checkpoint_context_fn",
+    "gradient_checkpointing_enable",
     "bind_routes",
     "errors",
     "from_peft_state_dict",

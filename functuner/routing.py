@@ -26,6 +26,7 @@ model directly.  Routes set by :func:`routed` always win.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import threading
 import weakref
@@ -108,6 +109,42 @@ def routed(routes: Routes | None) -> Iterator[None]:
             yield
         finally:
             _ROUTES.reset(token)
+
+
+def checkpoint_context_fn() -> tuple[Any, Any]:
+    """``context_fn`` for non-reentrant ``torch.utils.checkpoint``: recompute with the forward's routes.
+
+    Activation checkpointing re-runs a block's forward during ``backward``, after
+    :func:`routed` has exited, so the slots would see no routes and recompute the
+    base model's activations.  Passing this as ``context_fn`` captures the
+    routes current at forward time and sets them again around the
+    recomputation (per checkpointed call, so several ``apply`` calls in one
+    backward each get their own).  :func:`gradient_checkpointing_enable` wires it
+    into a transformers model.
+    """
+    captured = current_routes()
+    return contextlib.nullcontext(), routed(captured)
+
+
+def gradient_checkpointing_enable(model: nn.Module, **checkpoint_kwargs: Any) -> None:
+    """Turn on a transformers model's activation checkpointing in a form that works with ``apply``.
+
+    Equivalent to ``model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=
+    {"use_reentrant": False, "context_fn": checkpoint_context_fn, **checkpoint_kwargs})``.
+    This is a deliberate, explicit change of the model's configuration (like
+    calling transformers' own method); ``apply`` itself never makes it.
+    """
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if not callable(enable):
+        raise TypeError(
+            f"{type(model).__name__} has no gradient_checkpointing_enable(); wrap its blocks with"
+            " torch.utils.checkpoint.checkpoint(..., use_reentrant=False, context_fn=functuner.routing."
+            "checkpoint_context_fn) yourself"
+        )
+    kwargs = {"use_reentrant": False, "context_fn": checkpoint_context_fn, **checkpoint_kwargs}
+    if kwargs["use_reentrant"]:
+        raise ValueError("use_reentrant=True cannot carry functuner's per-call routes into the recomputation")
+    enable(gradient_checkpointing_kwargs=kwargs)
 
 
 # module -> zero-argument callable returning the Routes to use when none are set (see module docstring)
