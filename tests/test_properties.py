@@ -34,7 +34,9 @@ property (kinds, shapes, ranks, alphas, rsLoRA/DoRA, lora_dtype, 1-3 adapters).
   one), bf16/fp16 ``2 eps`` (measured 0.44 n eps).  The adapter forward of ``n`` adapters vs their sum:
   ``n * TOL_APPLY_MERGE``.
 * every pure function leaves its inputs (model tensors, params, base/merged
-  mappings, call inputs) bitwise unchanged.
+  mappings, call inputs) bitwise unchanged, never draws from torch's global
+  RNG (dropout uses the explicit generator), and ``init`` is determined by its
+  seed.
 """
 
 from __future__ import annotations
@@ -305,6 +307,7 @@ def test_pure_functions_leave_inputs_unchanged(case: Case, bias: str, train: boo
     configs = [dataclasses.replace(c, bias=bias, lora_dropout=0.25) for c in case.configs]
     case.model.train(train)
     check_model = _unchanged(case.model, case.x)
+    global_rng = torch.get_rng_state()
     ps = [ft.init(case.model, c, generator=case.seed + i, adapter_name=f"a{i}") for i, c in enumerate(configs)]
     check_model()
     check_params = _unchanged(ps)
@@ -330,6 +333,10 @@ def test_pure_functions_leave_inputs_unchanged(case: Case, bias: str, train: boo
     check_params()
     check_base()
     check_merged()
+    # randomness came only from the explicit generators: the global RNG was never drawn from
+    assert torch.equal(torch.get_rng_state(), global_rng)
+    # and init is a function of its generator: the same seed gives the same params
+    assert ft.init(case.model, configs[0], generator=case.seed, adapter_name="a0") == ps[0]
 
 
 def test_two_adapters_carrying_biases_apply_equals_merge() -> None:
