@@ -149,3 +149,32 @@ def test_exception_inside_call_leaves_no_routes() -> None:
     assert current_routes() is None
     with torch.no_grad():
         assert _same(model(input_ids=ids).logits, base)
+
+
+def test_two_threads_training_get_their_own_gradients() -> None:
+    """Forward and backward in two threads at once: each thread's gradients are those of its own params."""
+    model, params, ids, _, _ = _setup()
+    model.train()  # no dropout configured: training mode changes nothing random
+
+    def loss(p: ft.TunerParams) -> torch.Tensor:
+        return ft.apply(model, p, kwargs={"input_ids": ids, "labels": ids}).loss
+
+    expected = [torch.func.grad(loss)(p) for p in params]
+    first = next(iter(params[0]))
+    assert (expected[0][first] - expected[1][first.replace(".a0.", ".a1.")]).abs().max() > 1e-4
+    barrier = threading.Barrier(2)
+    wrong = [0, 0]
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        for _ in range(50):
+            leaves = params[i].map(lambda t: t.detach().clone().requires_grad_(True))
+            grads = torch.autograd.grad(loss(leaves), list(leaves.values()))
+            wrong[i] += not all(_same(g, expected[i][k]) for g, k in zip(grads, leaves, strict=True))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == [0, 0]
