@@ -46,11 +46,11 @@ def _describe(adapter: Any) -> dict[str, Any]:
     named, base_weights = rename_from_disk(adapter, infos)
     modules: list[str] = []
     ranks: set[int] = set()
-    for key, info in named.items():
+    for key, named_info in named.items():
         for marker in (f".lora_A.{adapter.name}.weight", f".lora_embedding_A.{adapter.name}"):
             if key.endswith(marker):
                 modules.append(key[: -len(marker)])
-                ranks.add(int(info.shape[0]))  # type: ignore[attr-defined]
+                ranks.add(int(named_info.shape[0]))
     numel = 0
     for info in infos.values():
         n = 1

@@ -105,8 +105,8 @@ def _load_model(kind: str, seed: int, say: Callable[[str], None]) -> tuple[Calla
     def make_tiny() -> Any:
         torch.manual_seed(seed)
         cfg = transformers.BertConfig(vocab_size=len(wt.vocab) + 4, hidden_size=32, num_hidden_layers=2,
-                                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=32,
-                                      num_labels=2)
+                                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=32)
+        cfg.num_labels = 2
         return transformers.BertForSequenceClassification(cfg).eval()
 
     return make_tiny, wt, "a 2-layer BERT (hidden 32) built from a config, random weights"
@@ -205,7 +205,7 @@ def run_demo(model: str = "minilm", steps: int | None = None, out_dir: str | Non
 
     # save (SWIFT layout, safetensors), then convert to PEFT with the CLI's own code
     keep = out_dir is not None
-    root = Path(out_dir) if keep else Path(tempfile.mkdtemp(prefix="functuner-demo-"))
+    root = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="functuner-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     swift_dir, peft_dir = root / "swift_adapter", root / "peft_adapter"
     from .cli_io import AdapterDir, atomic_directory
