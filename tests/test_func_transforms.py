@@ -238,3 +238,22 @@ def test_autograd_saves_no_weight_sized_tensor_but_the_base_weights(use_dora: bo
     assert len(temporaries) <= (len(adapted) if use_dora else 0), temporaries
     grads = torch.autograd.grad(loss, list(p.values()))
     assert all(g.shape == t.shape for g, t in zip(grads, p.values(), strict=True))
+
+
+def test_vmap_over_stacked_params_with_biases_and_modules_to_save() -> None:
+    """Overrides (bias='all' on non-adapted modules, modules_to_save copies) batch under vmap too."""
+    model = tiny_bert(num_labels=3)
+    cfg = ft.LoRAConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"], bias="all",
+                        init_lora_weights=False)
+    adapters = [ft.init(model, cfg, generator=s).map(lambda t, s=s: t + 0.01 * s) for s in range(3)]
+    stacked = ft.tree_map(lambda *ts: torch.stack(ts), *adapters)
+    ids = _ids((2, 5))
+
+    def logits(params: ft.TunerParams) -> torch.Tensor:
+        return ft.apply(model, params, kwargs={"input_ids": ids}).logits
+
+    with torch.no_grad():
+        batched = torch.func.vmap(logits)(stacked)
+        looped = torch.stack([logits(a) for a in adapters])
+    torch.testing.assert_close(batched, looped, atol=1e-5, rtol=0)
+    assert (looped[0] - looped[2]).abs().max() > 1e-3
