@@ -94,11 +94,16 @@ def resolve_path(path: str) -> Path:
             from modelscope import snapshot_download
         except Exception as exc:  # noqa: BLE001 - any import failure means "cannot fetch"
             raise CheckpointError(f"{path}: no such local directory, and ModelScope is unavailable ({exc})") from None
+        import logging
+
+        logging.disable(logging.CRITICAL)  # ModelScope logs each retry on stderr; the error below says it once
         try:
             return Path(snapshot_download(path))
         except Exception as exc:  # noqa: BLE001 - network/hub errors come in many types
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"{path}: no such local directory, and fetching it from ModelScope failed: {reason}") from None
+            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        finally:
+            logging.disable(logging.NOTSET)
+        raise CheckpointError(f"{path}: no such local directory, and fetching it from ModelScope failed: {reason}")
     raise CheckpointError(f"{path}: no such file or directory")
 
 
