@@ -316,8 +316,8 @@ def check_lora_ranks(model: torch.nn.Module, config: Any, source: str) -> None:
     """
     if tuner_for(config).swift_type != "LORA":
         return
-    from .tuners.lora import _in_out, _kind
     from .targets import select_modules
+    from .tuners.lora import _in_out, _kind
 
     try:
         selected = select_modules(model, config.target_modules, exclude_modules=config.exclude_modules,

@@ -12,9 +12,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.conftest import tiny_llama  # noqa: E402
-
 from functuner import LoRAConfig, Swift, SwiftModel  # noqa: E402
+from tests.conftest import tiny_llama  # noqa: E402
 
 __all__ = ["DirSnapshot", "ModelSnapshot", "X", "lora_llama", "out_of", "tiny_llama"]
 
