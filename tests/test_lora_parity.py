@@ -380,3 +380,37 @@ def test_conv_dropout_in_train_mode_matches_peft_with_same_mask(use_dora: bool) 
     keep = torch.empty(2, 6, 8, 4).bernoulli_(1.0 - rate, generator=torch.Generator().manual_seed(3))
     pm.base_model.model.c2.lora_dropout["default"] = FixedMaskDropout(keep, rate)
     assert_parity(model, _conv_inputs(), p, pm, generator=torch.Generator().manual_seed(3))
+
+
+# ---------------------------------------------------------------------------
+# target selection: the same modules as PEFT
+# ---------------------------------------------------------------------------
+TARGET_SPECS = [
+    (tiny_llama, dict(target_modules="all-linear")),
+    (tiny_gpt2, dict(target_modules="all-linear")),
+    (tiny_bert, dict(target_modules="all-linear")),
+    (tiny_vit, dict(target_modules="all-linear")),
+    (tiny_llama, dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1])),
+    (tiny_llama, dict(target_modules=["q_proj", "v_proj"], layers_to_transform=0, layers_pattern="layers")),
+    (tiny_llama, dict(target_modules=r".*proj", exclude_modules=r".*mlp.*")),
+    (tiny_bert, dict(target_modules=["dense"], exclude_modules=["output.dense"])),
+    (tiny_llama, dict(target_modules=["self_attn.q_proj", "mlp.up_proj"])),
+]
+
+
+@pytest.mark.parametrize(("make_model", "spec"), TARGET_SPECS, ids=lambda v: getattr(v, "__name__", None) or repr(v))
+def test_target_selection_matches_peft(make_model, spec: dict) -> None:
+    model = make_model()
+    ours = set(ft.init(model, ft.LoRAConfig(r=2, **spec), generator=0))
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, **spec))
+    theirs = {n[len("base_model.model."):] for n, _ in pm.named_parameters() if "lora_" in n}
+    assert ours == theirs
+
+
+def test_targets_matching_nothing_fail_in_both() -> None:
+    model = tiny_llama()
+    spec = dict(target_modules=["proj"])  # list entries match whole name components, not substrings
+    with pytest.raises(ValueError):
+        peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, **spec))
+    with pytest.raises(ft.errors.TargetError, match="target_modules"):
+        ft.init(model, ft.LoRAConfig(r=2, **spec), generator=0)
