@@ -22,8 +22,8 @@ X = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
 
 def lora_llama(seed: int = 0, names: tuple[str, ...] = ("default",)) -> SwiftModel:
     """A tiny Llama with trained-looking (non-zero B) LoRA adapters ``names`` on q/v (r=4)."""
-    torch.manual_seed(seed)
-    model = tiny_llama()
+    model = tiny_llama()  # (seeds torch's RNG with 0 itself)
+    torch.manual_seed(seed)  # the shim draws adapter inits from torch's global RNG, as SWIFT does
     cfgs = {n: LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
             for n in names}
     return Swift.prepare_model(model, cfgs)
