@@ -53,9 +53,6 @@ __all__ = [
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PICKLED = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
-# config keys PEFT/SWIFT write that carry no meaning for the tensors' math
-_BOOKKEEPING = {"peft_version", "auto_mapping", "model_key_mapping", "lr_ratio", "has_additional_modules",
-                "megatron_core", "qalora_group_size"}
 _SWIFT_ONLY = ("swift_type", "lora_dtype", "lorap_lr_ratio", "lorap_emb_lr", "use_qa_lora", "use_merged_linear",
                "enable_lora", "lr_ratio", "model_key_mapping")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -235,31 +232,17 @@ def load_tensors(adapter: AdapterDir) -> AdapterTensors:
 
 
 def lora_config(adapter: AdapterDir) -> Any:
-    """The adapter's :class:`~functuner.LoRAConfig` from its JSON.
+    """The adapter's :class:`~functuner.LoRAConfig` from its JSON (via :func:`functuner.checkpoint.config_from_json`).
 
-    Unknown keys are accepted only when they carry no meaning (PEFT's
-    bookkeeping, or a neutral ``None``/``False``/empty value); any other raises
-    :class:`CheckpointError` naming the field, rather than being silently dropped.
+    Fields with no functuner counterpart raise :class:`CheckpointError` naming
+    the file and field, rather than being silently dropped.
     """
-    from .tuners.lora import LoRAConfig
+    from .checkpoint import config_from_json
 
+    where = adapter.folder / ADAPTER_CONFIG
     if adapter.tuner_type.upper() != "LORA":
-        raise CheckpointError(f"{adapter.folder / ADAPTER_CONFIG}: tuner type {adapter.tuner_type!r} is not LoRA")
-    known = {f.name for f in dataclasses.fields(LoRAConfig)}
-    kept: dict[str, Any] = {}
-    for field, value in adapter.config.items():
-        if field in known:
-            kept[field] = value
-        elif field in _BOOKKEEPING or value in (None, False, {}, [], "", 0):
-            continue
-        else:
-            raise CheckpointError(
-                f"{adapter.folder / ADAPTER_CONFIG}: field {field}={value!r} is not supported by functuner's LoRA"
-            )
-    try:
-        return LoRAConfig.from_dict(kept)
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{adapter.folder / ADAPTER_CONFIG}: {exc}") from None
+        raise CheckpointError(f"{where}: tuner type {adapter.tuner_type!r} is not LoRA; only LoRA can be merged here")
+    return config_from_json(adapter.config, str(where))
 
 
 def peft_config_json(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -170,6 +170,25 @@ def test_merge_swift_layout_with_dtype(ck):
         torch.testing.assert_close(v, expected[k].to(torch.bfloat16), atol=0, rtol=0)
 
 
+def test_merge_adapter_with_saved_embedding_weights(ck, tmp_path, capsys):
+    """PEFT saves the whole embedding (``base_layer.weight``) next to an adapter that targets it; merge uses it."""
+    torch.manual_seed(7)
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"],
+                                                           init_lora_weights=False)).eval()
+    pm.save_pretrained(tmp_path / "emb")
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in load_file(tmp_path / "emb" / "adapter_model.safetensors")
+    res = run_here(capsys, "inspect", str(tmp_path / "emb"), "--json")
+    assert json.loads(res.stdout)["adapters"][0]["full_base_weights"] == ["model.embed_tokens.weight"]
+    res = run("merge", "--base", str(ck["root"] / "single"), "--adapter", str(tmp_path / "emb"), "--out",
+              str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr
+    assert "1 replaced tensors" in res.stdout
+    torch.testing.assert_close(_from_pretrained_logits(tmp_path / "out"), _merged_logits(pm, "default"),
+                               atol=1e-5, rtol=1e-5)
+    assert_error(run_here(capsys, "convert", str(tmp_path / "emb"), str(tmp_path / "sw"), "--to", "swift"),
+                 "convert", "full base weights")
+
+
 def test_merge_needs_adapter_name_when_several(ck, capsys):
     root = ck["root"]
     res = run("merge", "--base", str(root / "single"), "--adapter", str(root / "peft_multi"), "--out",
