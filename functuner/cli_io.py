@@ -216,7 +216,39 @@ def rename_from_disk(adapter: AdapterDir, raw: Mapping[str, Any]) -> AdapterTens
     if adapter.layout == "peft":
         rest, base = keys.split_peft_base_weights(raw)
         return AdapterTensors(keys.from_peft_state_dict(rest, adapter.name, mts), base)
-    return AdapterTensors(keys.from_swift_state_dict(raw, adapter.name, mts), {})
+    saved, own = _own_swift_tensors(raw, adapter)
+    state = keys.from_swift_state_dict(own, saved, mts)
+    if saved != adapter.name:
+        state = keys.rename_adapter(state, saved, adapter.name)
+    return AdapterTensors(state, {})
+
+
+_LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def _adapter_in_key(key: str) -> str | None:
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in _LORA_PARTS:
+            return parts[i + 1]
+    return None
+
+
+def _own_swift_tensors(raw: Mapping[str, Any], adapter: AdapterDir) -> tuple[str, dict[str, Any]]:
+    """The adapter name a SWIFT file was saved under, and only that adapter's entries.
+
+    ms-swift 4.6 picks an adapter's tensors by substring, so an adapter named
+    ``lora`` also saves every other adapter's LoRA tensors (``.lora_A.default``
+    contains ``.lora``); those are dropped, as :mod:`functuner.checkpoint` does.
+    """
+    found = {n for k in raw if (n := _adapter_in_key(k)) is not None}
+    if not found or adapter.name in found:
+        name = adapter.name
+    elif len(found) == 1:
+        name = next(iter(found))
+    else:
+        raise CheckpointError(f"{adapter.weights}: holds tensors of adapters {sorted(found)}; none is {adapter.name!r}")
+    return name, {k: v for k, v in raw.items() if _adapter_in_key(k) in (None, name)}
 
 
 def load_tensors(adapter: AdapterDir) -> AdapterTensors:
