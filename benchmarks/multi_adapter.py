@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -42,6 +43,10 @@ from functuner.mixed import apply_mixed, stack_adapters
 
 PREFIX = "base_model.model."
 SAMPLES = 16
+
+
+def _progress(msg: str) -> None:
+    print(f"[multi_adapter] {msg}", file=sys.stderr, flush=True)
 
 
 def _load_adapters(model: torch.nn.Module, count: int, rank: int,
@@ -143,7 +148,7 @@ def _switch(report: Report, model: torch.nn.Module, peft_models: dict[int, Any],
         # PEFT: a model with exactly k adapters loaded
         pm = peft_models[k]
         assert len(pm.peft_config) == k
-        out[f"PEFT set_adapter {k}"] = _per_op(lambda i, t=two, m=pm: m.set_adapter(t[i & 1]), max(1, n // 20))
+        out[f"PEFT set_adapter {k}"] = _per_op(lambda i, t=two, m=pm: m.set_adapter(t[i & 1]), max(1, n // 250))
     for k in loaded:
         report.add(f"functuner switch (choose params), {k} loaded", out[f"functuner choose {k}"] * 1e6, 20, " us")
     for k in loaded:
@@ -164,6 +169,7 @@ def _combine(report: Report, pm: Any, ours: dict[str, ft.TunerParams], repeats: 
     pair = list(ours)[:2]
     weights = [0.7, 1.3]
     for ctype in COMBINATION_TYPES:
+        _progress(f"add_weighted_adapter {ctype}")
         kw: dict[str, Any] = {} if ctype in ("svd", "linear", "cat") else {"density": 0.5}
         ft_times, peft_times = [], []
         for r in range(repeats):
@@ -204,16 +210,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     targets = ("q_proj", "v_proj") if args.quick else LLAMA_TARGETS
     warmup, repeats = (1, 1) if args.quick else (2, 7)
     model = build_llama(shape)
+    _progress(f"loading {max(max(counts), max(loaded))} adapters into PEFT")
     pm, ours = _load_adapters(model, max(max(counts), max(loaded)), shape.rank, targets)
 
     fwd = Report(f"Mixed-batch forward, {SAMPLES} samples x {shape.seq} tokens (ratios of median times)")
     sw = Report("Adapter switch latency (microseconds per switch)")
     comb = Report("add_weighted_adapter, 2 adapters (ratios functuner / PEFT)")
+    _progress("mixed-batch forward")
+    forward = _mixed_forward(fwd, model, pm, ours, shape, counts, warmup, repeats)
+    _progress("switch latency")
     results = {
-        "forward": _mixed_forward(fwd, model, pm, ours, shape, counts, warmup, repeats),
+        "forward": forward,
         "switch": _switch(sw, model, {loaded[0]: _load_adapters(model, loaded[0], shape.rank, targets)[0],
                                       loaded[-1]: pm}, ours, loaded, 100 if args.quick else 5000),
-        "combine": _combine(comb, pm, ours, 1 if args.quick else 2),
+        "combine": _combine(comb, pm, ours, 1),
     }
     sw.notes.append("functuner keeps no active adapter: switching is choosing which params value the next call"
                     " gets. Every call (switching or not) builds its routes; that cost is listed separately.")

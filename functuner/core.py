@@ -21,7 +21,7 @@ from .params import TunerParams
 from .routing import Routes, routed
 from .tuners import CallContext, tuner_for
 
-__all__ = ["apply", "bind_routes", "init", "merge", "unmerge", "as_params_list"]
+__all__ = ["apply", "bind_routes", "guard_static", "init", "merge", "unmerge", "as_params_list"]
 
 ParamsLike = TunerParams | Sequence[TunerParams] | Mapping[str, TunerParams]
 
@@ -70,6 +70,23 @@ def as_params_list(params: ParamsLike) -> list[TunerParams]:
     return out
 
 
+_STATIC_SEEN: dict[Any, None] = {}
+
+
+def guard_static(plist: Sequence[TunerParams]) -> None:
+    """Under ``torch.compile``: make the compiled graph depend on each params' static data.
+
+    Dynamo does not guard on a pytree node's aux data (our config and adapter
+    name), so a graph traced for one config would silently run for another of
+    the same shapes (e.g. a different ``lora_alpha``).  Looking up the config's
+    identity and the adapter name here installs guards on them: a different
+    config object recompiles instead.  A no-op outside tracing.
+    """
+    for p in plist:
+        _STATIC_SEEN.get(id(p.config))
+        _STATIC_SEEN.get(p.adapter_name)
+
+
 def bind_routes(model: nn.Module, params: ParamsLike, generator: torch.Generator | None = None) -> Routes:
     """The routes that run ``params`` on ``model`` (validated; slots installed). Used by :func:`apply` and the shim."""
     plist = as_params_list(params)
@@ -113,6 +130,8 @@ def apply(
     if not isinstance(args, tuple):
         args = (args,)
     plist = as_params_list(params)
+    if torch.compiler.is_compiling():
+        guard_static(plist)
     if generator is None:
         for p in plist:
             if tuner_for(p.config).needs_generator(model, p):

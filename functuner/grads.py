@@ -45,6 +45,18 @@ def per_sample_grads(
     )
 
 
+def _guard_params(tree: Any) -> None:
+    from .core import guard_static
+    from .params import TunerParams
+
+    if isinstance(tree, TunerParams):
+        guard_static([tree])
+    elif isinstance(tree, (list, tuple)):
+        guard_static([p for p in tree if isinstance(p, TunerParams)])
+    elif isinstance(tree, dict):
+        guard_static([p for p in tree.values() if isinstance(p, TunerParams)])
+
+
 def _inside_functorch_transform() -> bool:
     return torch._C._functorch.maybe_current_level() is not None
 
@@ -78,7 +90,10 @@ def value_and_grad(fn: Callable[..., Any], argnums: int = 0, has_aux: bool = Fal
         return value, grads
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling() or _inside_functorch_transform():
+        if torch.compiler.is_compiling():
+            _guard_params(args[argnums])  # guards on configs before torch.func hides them from Dynamo
+            return func_path(*args, **kwargs)
+        if _inside_functorch_transform():
             return func_path(*args, **kwargs)
         leaves, spec = torch_pytree.tree_flatten(args[argnums])
         if not all(isinstance(t, torch.Tensor) for t in leaves):

@@ -341,33 +341,39 @@ def _layout(model: nn.Module, params: TunerParams) -> _Layout:
     if torch.compiler.is_compiling():
         return _compiled_layout(model, params)
     # shapes are part of the key: params with the same names but other shapes must be checked again
+    # (tests/test_bad_input.py::test_wrong_shape_is_caught_even_after_good_params_with_the_same_names)
     sig = (tuple(params), params.config, params.adapter_name, tuple(t.shape for t in params.values()))
     with _LAYOUT_LOCK:
         per_model = _LAYOUT_CACHE.get(model)
-        if per_model is not None and sig in per_model:
-            return per_model[sig]
-    layout = _build_layout(model, params)
-    _check_shapes(model, params, layout)
-    with _LAYOUT_LOCK:
-        _LAYOUT_CACHE.setdefault(model, {})[sig] = layout
-        _COMPILE_INDEX.append((id(model), params.config, params.adapter_name, sig[0], layout))
+        layout = per_model.get(sig) if per_model is not None else None
+    if layout is None:
+        layout = _build_layout(model, params)
+        _check_shapes(model, params, layout)
+        with _LAYOUT_LOCK:
+            _LAYOUT_CACHE.setdefault(model, {})[sig] = layout
+    key = (id(model), id(params.config), params.adapter_name, sig[0])
+    if key not in _COMPILE_INDEX:
+        with _LAYOUT_LOCK:
+            _COMPILE_INDEX[key] = (weakref.ref(model), params.config, layout)
     return layout
 
 
 # Under torch.compile, Dynamo can neither take the lock nor hash a config (json), so layouts are found
-# here by identity: the eager call that built the layout (functuner.apply once before compiling) indexed it.
-_COMPILE_INDEX: list[tuple[int, Any, str, tuple[str, ...], _Layout]] = []
+# here by the identity of the model and the config object, indexed by the eager call that preceded
+# compilation (functuner.apply once before compiling).  The entry keeps the config alive (its id is
+# never reused) and checks the model through a weak reference.
+_COMPILE_INDEX: dict[tuple[int, int, str, tuple[str, ...]], tuple[Any, Any, _Layout]] = {}
 
 
 def _compiled_layout(model: nn.Module, params: TunerParams) -> _Layout:
-    names = tuple(params._tensors)  # (Dynamo compares this tuple correctly; tuple(params) it does not)
-    for model_id, config, adapter, keys, layout in _COMPILE_INDEX:
-        if model_id == id(model) and config is params.config and adapter == params.adapter_name and keys == names:
-            return layout
-    raise RuntimeError(
-        "functuner under torch.compile: these params were never applied to this model eagerly; call"
-        " functuner.apply(model, params, ...) once outside torch.compile before compiling"
-    )
+    key = (id(model), id(params.config), params.adapter_name, tuple(params._tensors))
+    entry = _COMPILE_INDEX.get(key)
+    if entry is None or entry[0]() is not model:
+        raise RuntimeError(
+            "functuner under torch.compile: these params were never applied to this model eagerly; call"
+            " functuner.apply(model, params, ...) once outside torch.compile before compiling"
+        )
+    return entry[2]
 
 
 def _check_shapes(model: nn.Module, params: TunerParams, layout: _Layout) -> None:
