@@ -51,8 +51,9 @@ def _describe(adapter: Any) -> dict[str, Any]:
             if key.endswith(marker):
                 modules.append(key[: -len(marker)])
                 ranks.add(int(named_info.shape[0]))
+    own = [*named.values(), *base_weights.values()]  # without tensors of other adapters (ms-swift's 'lora' quirk)
     numel = 0
-    for info in infos.values():
+    for info in own:
         n = 1
         for d in info.shape:
             n *= d
@@ -66,8 +67,8 @@ def _describe(adapter: Any) -> dict[str, Any]:
         "target_modules": sorted(modules),
         "num_target_modules": len(modules),
         "ranks": sorted(ranks),
-        "dtypes": sorted({i.dtype for i in infos.values()}),
-        "num_tensors": len(infos),
+        "dtypes": sorted({i.dtype for i in own}),
+        "num_tensors": len(own),
         "full_base_weights": sorted(base_weights),
         "num_parameters": numel,
         "size_on_disk": adapter.weights.stat().st_size,
