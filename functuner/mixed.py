@@ -14,7 +14,7 @@ Public API::
   meaning no adapter.  :func:`index_of` converts names to the tensor.
 
 How: for each adapted module the adapters' factors are stacked once per
-:func:`stack_adapters` call: ``A (K+1, R, in)``, ``B (K+1, out, R)`` with each
+:func:`stack_adapters` call: ``A (K+1, in, R)``, ``B (K+1, R, out)`` with each
 adapter's scaling folded into ``B``, ranks zero-padded to the largest ``R``, and
 a zero slot ``K`` (= index ``-1``) for "no adapter".  The forward gathers each
 sample's factors (``A[index]``) and runs two batched matmuls: the cost does not
@@ -61,9 +61,10 @@ BASE = "__base__"  # the name PEFT uses for "no adapter" in adapter_names
 class _StackSite(NamedTuple):
     """One adapted module with every adapter's factors stacked (row ``K`` is the zero "no adapter" slot).
 
-    Shapes (``K`` adapters, ``R`` the largest rank): linear / GPT-2 Conv1D ``A (K+1, R, in)``,
-    ``B (K+1, out, R)``; embedding ``A (K+1, num_embeddings, R)``, ``B (K+1, dim, R)``; conv
-    ``A (K+1, R, in, *k)``, ``B (K+1, out, R, 1...)``.  ``B`` includes each adapter's scaling.
+    Shapes (``K`` adapters, ``R`` the largest rank): linear / GPT-2 Conv1D ``A (K+1, in, R)``,
+    ``B (K+1, R, out)`` (transposed and contiguous, ready for ``bmm``); embedding
+    ``A (K+1, num_embeddings, R)``, ``B (K+1, R, dim)``; conv ``A (K+1, R, in, *k)``,
+    ``B (K+1, out, R, 1...)``.  ``B`` includes each adapter's scaling.
     ``dora (K+1, out)``: per-adapter DoRA scale ``m / ||W + s B A||`` (1 for plain LoRA), or None.
     ``bias (K+1, out)``: per-adapter bias shift ``bias - base bias``, or None.
     """
@@ -119,9 +120,9 @@ def _per_adapter_factors(kind: str, A: torch.Tensor, B: torch.Tensor, s: float, 
                          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """One adapter's factors in stacked layout, rank padded to ``R``, scaling folded into ``B``."""
     A, B = A.to(dtype), B.to(dtype) * s
-    if kind == "embedding":
-        return _pad_dim(A.T, 1, R), _pad_dim(B, 1, R)
-    return _pad_dim(A, 0, R), _pad_dim(B, 1, R)
+    if kind == "conv":
+        return _pad_dim(A, 0, R), _pad_dim(B, 1, R)
+    return _pad_dim(A.T, 1, R), _pad_dim(B.T, 0, R)  # linear, GPT-2 Conv1D, embedding: (in, R), (R, out)
 
 
 def _dora_scale(module: nn.Module, kind: str, A: torch.Tensor, B: torch.Tensor, M: torch.Tensor,
@@ -161,7 +162,7 @@ def stack_adapters(model: nn.Module, adapters: Sequence[TunerParams] | Mapping[s
         a0, b0 = _per_adapter_factors(kind, entries[0][2][first.a], entries[0][2][first.b], 1.0, R, dtype)
         As = [torch.zeros_like(a0)] * (K + 1)
         Bs = [torch.zeros_like(b0)] * (K + 1)
-        out_features = b0.shape[0]
+        out_features = b0.shape[0] if kind == "conv" else b0.shape[1]
         any_dora = any(s.m is not None for _, s, _ in entries)
         any_bias = any(s.bias is not None for _, s, _ in entries)
         ones = torch.ones(out_features, dtype=dtype, device=a0.device)
@@ -209,12 +210,12 @@ def _broadcast(v: torch.Tensor, out: torch.Tensor, kind: str) -> torch.Tensor:
 def _lora_out(site: _StackSite, module: nn.Module, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Each sample's ``s B A x`` with its own factors: a gather plus batched products, no per-adapter loop."""
     n = idx.shape[0]
-    B = site.B[idx]
+    B = site.B.index_select(0, idx)
     if site.kind == "embedding":
         rows = site.A[idx.reshape(n, *([1] * (x.dim() - 1))), x]  # (n, ..., R)
         h = rows.reshape(n, -1, rows.shape[-1])
-        return torch.bmm(h, B.transpose(1, 2)).reshape(*x.shape, B.shape[1])
-    A = site.A[idx]
+        return torch.bmm(h, B).reshape(*x.shape, B.shape[-1])
+    A = site.A.index_select(0, idx)
     xa = x.to(A.dtype)
     if site.kind == "conv":
         conv = F.conv1d if A.dim() == 4 else F.conv2d
@@ -223,8 +224,8 @@ def _lora_out(site: _StackSite, module: nn.Module, x: torch.Tensor, idx: torch.T
         h = conv(grouped, A.reshape(-1, *A.shape[2:]), stride=geometry.stride, padding=geometry.padding, groups=n)
         y = conv(h, B.reshape(-1, *B.shape[2:]), groups=n)
         return y.reshape(n, -1, *y.shape[2:])
-    h = torch.bmm(xa.reshape(n, -1, xa.shape[-1]), A.transpose(1, 2))
-    return torch.bmm(h, B.transpose(1, 2)).reshape(*x.shape[:-1], B.shape[1])
+    h = torch.bmm(xa.reshape(n, -1, xa.shape[-1]), A)  # (n, tokens, R)
+    return torch.bmm(h, B).reshape(*x.shape[:-1], B.shape[-1])
 
 
 def _mixed_slot(site: _StackSite, idx: torch.Tensor, module: nn.Module, args: tuple[Any, ...],
@@ -266,8 +267,10 @@ def _as_index(stack: AdapterStack, adapter_index: torch.Tensor | Sequence[str]) 
             if lo < -1 or hi >= len(stack.names):
                 raise ConfigError(f"adapter_index entries must be in [-1, {len(stack.names) - 1}] (-1: no adapter),"
                                   f" got values from {lo} to {hi}")
-        return idx.long()
-    return index_of(stack.names, adapter_index)
+        idx = idx.long()
+    else:
+        idx = index_of(stack.names, adapter_index)
+    return torch.remainder(idx, len(stack.names) + 1)  # -1 -> K, the zero "no adapter" row
 
 
 def mixed_routes(model: nn.Module, stack: AdapterStack, adapter_index: torch.Tensor | Sequence[str]) -> Routes:
