@@ -30,10 +30,12 @@ def build_model(quick: bool) -> transformers.LlamaForCausalLM:
     return transformers.LlamaForCausalLM(config).eval().requires_grad_(False)
 
 
-def copy_task(n: int, length: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
-    """Sequences whose second half repeats the first: learnable by attention, shape (n, 2 * length), int64."""
-    half = torch.randint(0, vocab, (n, length), generator=generator)
-    return torch.cat([half, half], dim=1)
+def counting_task(n: int, length: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
+    """Counting sequences ``start, start+1, ...`` (mod ``vocab``): each next token follows from the current one.
+
+    Shape (n, 2 * length), int64."""
+    start = torch.randint(0, vocab, (n, 1), generator=generator)
+    return (start + torch.arange(2 * length)) % vocab
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> float:
         return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), batch[:, 1:].reshape(-1))
 
     data = torch.Generator().manual_seed(1)
-    dataset = copy_task(8 if args.quick else 512, 8, vocab, data)   # quick: overfit one fixed batch
+    dataset = counting_task(8 if args.quick else 512, 8, vocab, data)   # quick: overfit one fixed batch
     lr, b1, b2, eps = 1e-2, 0.9, 0.999, 1e-8
     m = ft.tree_map(torch.zeros_like, params)
     v = ft.tree_map(torch.zeros_like, params)
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> float:
         print(f"saved and reloaded {Path(folder).name}/ ({len(loaded.state)} tensors)")
 
     # Merge: new weights; the model itself is not changed.
-    batch = copy_task(2, 8, vocab, data)
+    batch = counting_task(2, 8, vocab, data)
     with torch.no_grad():
         merged = ft.merge(model, params)
         merged_out = torch.func.functional_call(model, merged, (batch,)).logits

@@ -31,12 +31,12 @@ def build_model(quick: bool) -> transformers.LlamaForCausalLM:
     return transformers.LlamaForCausalLM(config).eval()
 
 
-class CopyTask(torch.utils.data.Dataset):
-    """Causal-LM examples whose second half repeats the first (``input_ids`` = ``labels``, int64, length 16)."""
+class CountingTask(torch.utils.data.Dataset):
+    """Causal-LM counting sequences ``start, start+1, ...`` mod ``vocab`` (``input_ids`` = ``labels``, int64, length 16)."""
 
     def __init__(self, n: int, vocab: int, seed: int) -> None:
-        half = torch.randint(0, vocab, (n, 8), generator=torch.Generator().manual_seed(seed))
-        self.ids = torch.cat([half, half], dim=1)
+        start = torch.randint(0, vocab, (n, 1), generator=torch.Generator().manual_seed(seed))
+        self.ids = (start + torch.arange(16)) % vocab
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -56,14 +56,14 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
     model = Swift.prepare_model(build_model(args.quick), LoRAConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     print(model.get_trainable_parameters())
     vocab = model.config.vocab_size
-    train = CopyTask(8 if args.quick else 1024, vocab, seed=2)   # quick: overfit one batch
-    evaluation = CopyTask(8, vocab, seed=2 if args.quick else 3)
+    train = CountingTask(8 if args.quick else 1024, vocab, seed=2)   # quick: overfit one batch
+    evaluation = CountingTask(8, vocab, seed=2 if args.quick else 3)
 
     with tempfile.TemporaryDirectory(prefix="functuner-trainer-") as work:
         return _train_save_reload(model, train, evaluation, steps, work, args.quick)
 
 
-def _train_save_reload(model: SwiftModel, train: CopyTask, evaluation: CopyTask, steps: int, work: str,
+def _train_save_reload(model: SwiftModel, train: CountingTask, evaluation: CountingTask, steps: int, work: str,
                        quick: bool) -> tuple[float, float]:
     training_args = transformers.TrainingArguments(
         output_dir=os.path.join(work, "trainer"), per_device_train_batch_size=8, per_device_eval_batch_size=8,
