@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> float:
         grads, loss = torch.func.grad_and_value(loss_fn)(params, batch)
         m = ft.tree_map(lambda m_, g: b1 * m_ + (1 - b1) * g, m, grads)
         v = ft.tree_map(lambda v_, g: b2 * v_ + (1 - b2) * g * g, v, grads)
-        params = ft.tree_map(
-            lambda p, m_, v_: p - lr * (m_ / (1 - b1**step)) / ((v_ / (1 - b2**step)).sqrt() + eps), params, m, v)
+        c1, c2 = 1 - b1**step, 1 - b2**step  # Adam's bias corrections
+        params = ft.tree_map(lambda p, m_, v_, c1=c1, c2=c2: p - lr * (m_ / c1) / ((v_ / c2).sqrt() + eps), params, m, v)
         losses.append(loss.item())
         if step == 1 or step % max(1, steps // 5) == 0 or step == steps:
             print(f"step {step:4d}  loss {loss.item():.4f}")
