@@ -45,6 +45,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import keys
+from ._undo import undo_on_error
 from .core import bind_routes
 from .core import merge as core_merge
 from .errors import AdapterNameError, CheckpointError, ConfigError, FunctunerError, ParamsMismatchError
@@ -410,10 +411,11 @@ class SwiftModel(nn.Module):
         unknown = names - set(self.adapters)
         if unknown:
             raise AdapterNameError(f"unknown adapter(s) {sorted(unknown)}; have {sorted(self.adapters)}")
-        for name in sorted(names):
-            self.activate_adapter(name)
-        for name in sorted(set(self.adapters) - names):
-            self.deactivate_adapter(name, offload)
+        with undo_on_error(self._state.model, self._state):  # all or nothing, offload included
+            for name in sorted(names):
+                self.activate_adapter(name)
+            for name in sorted(set(self.adapters) - names):
+                self.deactivate_adapter(name, offload)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -458,9 +460,7 @@ class SwiftModel(nn.Module):
             return
         if adapter.offload == "meta":
             assert adapter.offload_file is not None
-            values = load_file(adapter.offload_file, device="cpu")
-            os.unlink(adapter.offload_file)
-            adapter.offload_file = None
+            values = load_file(adapter.offload_file, device="cpu")  # the file stays until the adapter is deleted
         else:
             values = {k: adapter.tensors[k].data for k in adapter.devices}
         for k, dev in adapter.devices.items():
@@ -480,6 +480,11 @@ class SwiftModel(nn.Module):
         state = self._state
         if not names:
             return
+        with undo_on_error(state.model, state):
+            self._merge_now(names)
+
+    def _merge_now(self, names: Sequence[str]) -> None:
+        state = self._state
         model = state.model
         for n in names:
             self._reload(state.adapters[n])
@@ -492,27 +497,31 @@ class SwiftModel(nn.Module):
         shared_ids: dict[int, int] = {}
         for t in live.values():
             shared_ids[id(t)] = shared_ids.get(id(t), 0) + 1
+        ready = []  # every new tensor made before the first swap
+        for key, value in changes:
+            owner_path, _, leaf = key.rpartition(".")
+            owner = model.get_submodule(owner_path) if owner_path else model
+            is_param = leaf in owner._parameters
+            orig = owner._parameters[leaf] if is_param else owner._buffers[leaf]
+            new = value.detach().to(orig.dtype)
+            ready.append((owner, leaf, orig, is_param, nn.Parameter(new, requires_grad=False) if is_param else new))
         with state.lock:
-            for key, value in changes:
-                owner_path, _, leaf = key.rpartition(".")
-                owner = model.get_submodule(owner_path) if owner_path else model
-                if leaf in owner._parameters:
-                    orig = owner._parameters[leaf]
+            for owner, leaf, orig, is_param, new in ready:
+                if is_param:
                     if shared_ids.get(id(orig), 0) > 1:
                         state.untied = True
                     state.originals.setdefault((id(owner), leaf), (owner, leaf, orig, True))
-                    owner._parameters[leaf] = nn.Parameter(value.detach().to(orig.dtype), requires_grad=False)
+                    owner._parameters[leaf] = new
                 else:
-                    orig = owner._buffers[leaf]
                     state.originals.setdefault((id(owner), leaf), (owner, leaf, orig, False))
-                    owner._buffers[leaf] = value.detach().to(orig.dtype)
+                    owner._buffers[leaf] = new
             state.merged.extend(names)
             state.refresh()
 
     def _unmerge(self) -> None:
         """Put the original weight objects back (exact: nothing is subtracted)."""
         state = self._state
-        with state.lock:
+        with state.lock, undo_on_error(state.model, state):
             for owner, leaf, orig, is_param in state.originals.values():
                 (owner._parameters if is_param else owner._buffers)[leaf] = orig
             state.originals.clear()
@@ -666,10 +675,11 @@ class SwiftModel(nn.Module):
         adapter = self.adapters[adapter_name]
         named = _to_functuner_names(state_dict, adapter_name, adapter.config)
         values = _filled(adapter.params, named)
-        self._reload(adapter)
-        with torch.no_grad():
-            for k, v in values.items():
-                adapter.tensors[k].copy_(v)
+        with undo_on_error(self._state.model, self._state, overwritten=adapter.tensors.values()):
+            self._reload(adapter)
+            with torch.no_grad():
+                for k, v in values.items():
+                    adapter.tensors[k].copy_(v)
         return None
 
     # -- saving ------------------------------------------------------------------------
@@ -763,16 +773,18 @@ class SwiftModel(nn.Module):
             raise CheckpointError(f"{model_dir}: no adapter found (no adapter_config.json at the root or in sub-folders)")
         for ck in found.values():
             ckpt.check_lora_ranks(inner, ck.config, f"{ck.path}/{ckpt.CONFIG_NAME}")
+        own_p = dict(inner.state_dict(keep_vars=True))
+        shim_state = model._state if isinstance(model, SwiftModel) else None
         try:
-            self = cls(model, configs, extra_state_keys, inference_mode,
-                       _loaded_states={n: c.state for n, c in found.items()})
+            with undo_on_error(inner, shim_state, overwritten=[own_p[k] for k in extra or {}]):
+                self = cls(model, configs, extra_state_keys, inference_mode,
+                           _loaded_states={n: c.state for n, c in found.items()})
+                if extra:
+                    with torch.no_grad():
+                        for k, v in extra.items():
+                            own_p[k].copy_(v)
         except FunctunerError as e:  # same type, but naming the checkpoint that does not fit
             raise type(e)(f"checkpoint {model_dir}: {e}") from None
-        if extra:
-            with torch.no_grad():
-                own_p = dict(inner.state_dict(keep_vars=True))
-                for k, v in extra.items():
-                    own_p[k].copy_(v)
         return self
 
     # -- reporting ------------------------------------------------------------------------
@@ -951,18 +963,19 @@ class Swift:
                 sm._require(n)
                 if tuner_for(state.adapters[n].config).merge is None:
                     raise ConfigError(f"adapter {n!r} ({state.adapters[n].swift_type}) has no merged form")
-        if state.merged:
-            sm._unmerge()
-        sm._merge(names)
-        with state.lock:
-            untied = state.untied
-            state.originals.clear()
-            state.merged.clear()
-            state.untied = False
-            for n in names:
-                sm._delete_adapter(n)
-        if untied and hasattr(getattr(state.model, "config", None), "tie_word_embeddings"):
-            state.model.config.tie_word_embeddings = False
+        with undo_on_error(state.model, state):  # all or nothing
+            if state.merged:
+                sm._unmerge()
+            sm._merge(names)
+            with state.lock:
+                untied = state.untied
+                state.originals.clear()
+                state.merged.clear()
+                state.untied = False
+                for n in names:
+                    sm._delete_adapter(n)
+            if untied and hasattr(getattr(state.model, "config", None), "tie_word_embeddings"):
+                state.model.config.tie_word_embeddings = False
         return sm
 
     @staticmethod
