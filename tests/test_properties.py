@@ -8,31 +8,34 @@ dtype or (SWIFT's ``lora_dtype='fp32'``) in fp32 on a half-precision model.
 Tolerances established here.  ``eps`` is the dtype's machine epsilon (fp32
 1.2e-7, bf16 7.8e-3, fp16 9.8e-4); ``scale`` is the largest magnitude of the
 tensor compared, over the whole tensor; ``n`` the number of adapters.  The
-"measured" figures are the worst seen over two runs of 300 random examples per
-property (kinds, shapes, ranks, alphas, rsLoRA/DoRA, lora_dtype, 1-3 adapters).
+"measured" figures are the worst seen over three runs of 300-600 random
+examples per property (kinds, shapes, ranks, alphas, rsLoRA/DoRA, lora_dtype,
+1-3 adapters).
 
 * ``apply(model, p)`` vs the model run on ``merge(model, p)``:
   ``max|diff| <= TOL_APPLY_MERGE[dtype] * scale`` with ``scale`` the largest
   absolute output.  Asserted: fp32 ``32 eps`` (3.8e-6), bf16 and fp16 ``4 eps``
-  (3.1e-2, 3.9e-3).  Measured: fp32 7.8 eps, bf16 2.1 eps, fp16 1.5 eps.  In
+  (3.1e-2, 3.9e-3).  Measured: fp32 7.8 eps, bf16 2.1 eps, fp16 2.1 eps.  In
   half precision the adapter path rounds the base output and the LoRA term
   separately while the merged path rounds ``W + s B A`` once, so a few eps of
   the output's scale is the honest bound, not bitwise equality.
 * ``unmerge(merge(W, p), p)`` vs ``W``, elementwise:
-  ``|diff| <= n * eps * (|W| + sum |s B A|)``: the rigorous bound for two
-  roundings (merge, then unmerge) of values no larger than ``|W| + |s B A|``;
-  both use the same fp32 ``s B A``, so nothing else enters.  Measured: 0.5 of
-  the bound in bf16/fp16 (half an ulp of the merged weight: the second
-  rounding is exact there), 0.71 in fp32.  50 merge/unmerge cycles stay inside
-  the same one-cycle bound (same measured figures; in 200 examples the weights
-  were a fixed point after the first cycle): no drift, unlike PEFT's (design
-  notes).  DoRA has no unmerge from merged weights (it raises).
+  ``|diff| <= UNMERGE_ULPS[dtype] * n * eps * (|W| + sum |s B A|)``.  bf16/fp16:
+  factor 1, the bound for two roundings (merge, unmerge) of values no larger
+  than ``|W| + |s B A|``; measured 0.5 (half an ulp of the merged weight: the
+  fp32 work is exact at half precision, so only the merge's rounding
+  survives).  fp32: factor 4; measured 1.65, because merge and unmerge each
+  run one fused fp32 ``addmm`` whose internal roundings differ between the two.
+  50 merge/unmerge cycles stay inside the same one-cycle bound (measured 0.5
+  in bf16/fp16, 0.85 in fp32; in 200 examples the weights were a fixed point
+  after the first cycle): no drift, unlike PEFT's (design notes).  DoRA has no
+  unmerge from merged weights (it raises).
 * merging ``n`` adapters vs merging one adapter whose delta is their sum
   (A stacked along the rank, each B scaled by its ``s_i``): ``TOL_SUM * n *
   scale`` with ``scale`` the largest merged weight: fp32 ``8 eps`` (measured
   1.6 n eps: the fp32 products ``B_i A_i`` round differently from the stacked
-  one), bf16/fp16 ``2 eps`` (measured 0.44 n eps).  The adapter forward of ``n`` adapters vs their sum:
-  ``n * TOL_APPLY_MERGE``.
+  one), bf16/fp16 ``2 eps`` (measured 0.47 n eps).  The adapter forward of
+  ``n`` adapters vs their sum: ``n * TOL_APPLY_MERGE``.
 * every pure function leaves its inputs (model tensors, params, base/merged
   mappings, call inputs) bitwise unchanged, never draws from torch's global
   RNG (dropout uses the explicit generator), and ``init`` is determined by its
@@ -55,6 +58,7 @@ import functuner as ft
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS = {k: torch.finfo(v).eps for k, v in DTYPES.items()}
 TOL_APPLY_MERGE = {"fp32": 32 * EPS["fp32"], "bf16": 4 * EPS["bf16"], "fp16": 4 * EPS["fp16"]}
+UNMERGE_ULPS = {"fp32": 4.0, "bf16": 1.0, "fp16": 1.0}
 TOL_SUM = {"fp32": 8 * EPS["fp32"], "bf16": 2 * EPS["bf16"], "fp16": 2 * EPS["fp16"]}
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -194,7 +198,7 @@ def test_unmerge_inverts_merge_within_two_roundings(case: Case) -> None:
     w, w_back = base["0.weight"], restored["0.weight"]
     assert w_back.dtype == w.dtype
     assert not torch.equal(merged["0.weight"], w)  # the merge did something
-    bound = EPS[case.dtype_name] * _delta_bound(case, ps) * len(ps)
+    bound = UNMERGE_ULPS[case.dtype_name] * EPS[case.dtype_name] * _delta_bound(case, ps) * len(ps)
     err = (w_back.float() - w.float()).abs()
     assert bool((err <= bound + torch.finfo(case.dtype).smallest_normal).all()), float((err - bound).max())
     for k in base:
@@ -210,7 +214,7 @@ def test_merge_unmerge_cycles_do_not_drift(case: Case) -> None:
     w = state["0.weight"]
     for _ in range(50):
         state = ft.unmerge(case.model, ps, ft.merge(case.model, ps, state))
-    bound = EPS[case.dtype_name] * _delta_bound(case, ps)  # the one-cycle bound: no accumulation
+    bound = UNMERGE_ULPS[case.dtype_name] * EPS[case.dtype_name] * _delta_bound(case, ps)  # one cycle's bound
     err = (state["0.weight"].float() - w.float()).abs()
     assert bool((err <= bound + torch.finfo(case.dtype).smallest_normal).all()), float((err - bound).max())
 
