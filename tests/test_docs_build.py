@@ -42,6 +42,10 @@ def test_mkdocs_build_strict_has_no_warnings(tmp_path: pathlib.Path) -> None:
         assert f'id="{name}"' in reference, f"{name} is missing from the generated API reference"
     shim = (tmp_path / "site" / "reference" / "shim" / "index.html").read_text()
     assert 'id="functuner.swift.SwiftModel"' in shim and 'id="functuner.swift.Swift"' in shim
+    # docstrings' Sphinx roles are rendered (mkdocs_hooks.py), cross-linked where the target has a page
+    for page in (reference, shim):
+        assert not re.search(r":(func|class|mod|meth|attr|data|exc):<code>", page)
+    assert 'href="#functuner.errors.ConfigError"' in reference
 
 
 def _load_mkdocs_yml() -> dict:

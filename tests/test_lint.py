@@ -16,7 +16,7 @@ import sys
 import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PATHS = ["functuner", "tests", "benchmarks", "examples"]
+PATHS = ["functuner", "tests", "benchmarks", "examples", "mkdocs_hooks.py"]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
