@@ -37,8 +37,22 @@ def _resolve(spec: str) -> Callable[[C.Settings], C.Report]:
     return getattr(importlib.import_module(f"benchmarks.{mod}"), fn)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
+    import os
+
+    cpu = f"{_cpu_name()} ({os.cpu_count()} logical CPUs visible)"
+    dev = f"{torch.cuda.get_device_name()}, host {cpu}" if torch.cuda.is_available() else cpu
     return (f"{dev}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); Python {platform.python_version()};"
             f" {platform.system()} {platform.release()}")
 

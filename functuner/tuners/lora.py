@@ -30,7 +30,7 @@ import functools
 import math
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -583,7 +583,8 @@ def _fused_linear(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, M: torch.Te
     if M is None:
         return _add_lowrank(out, h, B, s)
     with torch.no_grad():
-        norm = _dora_row_norm_lowrank(_weight_as_out_in(module.weight, kind).detach(), A.detach(), B.detach(), s)
+        weight: torch.Tensor = module.weight  # type: ignore[assignment]
+        norm = _dora_row_norm_lowrank(_weight_as_out_in(weight, kind).detach(), A.detach(), B.detach(), s)
     scale = M.view(-1) / norm.to(M.dtype)
     base_result = out if base_bias is None else out - base_bias
     scaled = _add_lowrank(base_result, h, B, s) * scale.to(out.dtype)
