@@ -37,7 +37,9 @@ def _generator(seed_or_generator: int | torch.Generator | None) -> torch.Generat
     )
 
 
-def init(model: nn.Module, config: Any, *, generator: int | torch.Generator, adapter_name: str = "default") -> TunerParams:
+def init(
+    model: nn.Module, config: Any, *, generator: int | torch.Generator, adapter_name: str = "default"
+) -> TunerParams:
     """Fresh params for ``config``'s tuner on ``model``.
 
     ``generator`` is an int seed or a ``torch.Generator`` (the only randomness
@@ -97,8 +99,8 @@ def bind_routes(model: nn.Module, params: ParamsLike, generator: torch.Generator
         r = tuner_for(p.config).routes(model, p, ctx)
         for m, fns in r.forward.items():
             fwd.setdefault(m, []).extend(fns)
-        for m, fns in r.pre.items():
-            pre.setdefault(m, []).extend(fns)
+        for m, pre_fns in r.pre.items():
+            pre.setdefault(m, []).extend(pre_fns)
     return Routes(forward=fwd, pre=pre)
 
 
@@ -151,7 +153,9 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def merge(model: nn.Module, params: ParamsLike, base: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def merge(
+    model: nn.Module, params: ParamsLike, base: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Base weights with every adapter in ``params`` folded in (applied in order).
 
     Returns a new ``{name: tensor}`` dict covering ``base`` (default: the
@@ -168,7 +172,8 @@ def merge(model: nn.Module, params: ParamsLike, base: Mapping[str, torch.Tensor]
             raise ConfigError(f"{t.swift_type} has no merged form; keep it as an adapter")
         if state is not original and "unmerged" in (getattr(t.merge, "__kwdefaults__", None) or {}):
             # weight-dependent merges (DoRA's norm) must see the weights before earlier adapters were folded in
-            state = t.merge(model, p, state, unmerged=original)
+            merge_with_unmerged: Any = t.merge  # the Tuner field's type does not name this optional keyword
+            state = merge_with_unmerged(model, p, state, unmerged=original)
         else:
             state = t.merge(model, p, state)
     return dict(state)

@@ -155,8 +155,9 @@ def test_grouped_conv_is_unsupported() -> None:
 # params that do not fit the model
 # ---------------------------------------------------------------------------
 def _llama_params(model: nn.Module, **kw) -> ft.TunerParams:
-    return ft.init(model, ft.LoRAConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **kw),
-                   generator=0)
+    return ft.init(
+        model, ft.LoRAConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **kw), generator=0
+    )
 
 
 def _all_fail(model: nn.Module, params: ft.TunerParams, exc: type[Exception], pattern: str) -> None:
@@ -227,8 +228,11 @@ def test_modules_to_save_of_wrong_shape() -> None:
     key = "classifier.modules_to_save.default.weight"
     bad = p.replace({key: torch.zeros(4, 32)})
     snap = Snapshot(model, bad)
-    for call in (lambda: ft.validate(model, bad), lambda: ft.merge(model, bad),
-                 lambda: ft.apply(model, bad, kwargs={"input_ids": _ids()})):
+    for call in (
+        lambda: ft.validate(model, bad),
+        lambda: ft.merge(model, bad),
+        lambda: ft.apply(model, bad, kwargs={"input_ids": _ids()}),
+    ):
         with pytest.raises(ParamsMismatchError, match=r"classifier\.modules_to_save\.default\.weight.*\(4, 32\)"):
             call()
     snap.assert_unchanged()

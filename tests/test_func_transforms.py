@@ -106,8 +106,13 @@ def test_per_sample_grads_equal_loop(family: str) -> None:
             return ft.apply(model, params, kwargs={"input_ids": xs, "labels": ys}).loss
     else:
         model = tiny_bert(num_labels=3)
-        p = ft.init(model, ft.LoRAConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"],
-                                         init_lora_weights=False), generator=0)
+        p = ft.init(
+            model,
+            ft.LoRAConfig(
+                r=2, target_modules=["query", "value"], modules_to_save=["classifier"], init_lora_weights=False
+            ),
+            generator=0,
+        )
         x = _ids((4, 6))
         y = torch.tensor([0, 2, 1, 2])
 
@@ -180,7 +185,10 @@ def test_training_forward_does_not_materialise_delta_weight() -> None:
 
     # control: the recorder does catch a materialised delta
     rec_c = AllocationRecorder()
-    a, b = "model.layers.0.self_attn.q_proj.lora_A.default.weight", "model.layers.0.self_attn.q_proj.lora_B.default.weight"
+    a, b = (
+        "model.layers.0.self_attn.q_proj.lora_A.default.weight",
+        "model.layers.0.self_attn.q_proj.lora_B.default.weight",
+    )
     with rec_c:
         ft.lora_delta(p[a], p[b], 2.0)
     assert _weight_shaped(rec_c, shapes) != []
@@ -243,8 +251,9 @@ def test_autograd_saves_no_weight_sized_tensor_but_the_base_weights(use_dora: bo
 def test_vmap_over_stacked_params_with_biases_and_modules_to_save() -> None:
     """Overrides (bias='all' on non-adapted modules, modules_to_save copies) batch under vmap too."""
     model = tiny_bert(num_labels=3)
-    cfg = ft.LoRAConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"], bias="all",
-                        init_lora_weights=False)
+    cfg = ft.LoRAConfig(
+        r=2, target_modules=["query", "value"], modules_to_save=["classifier"], bias="all", init_lora_weights=False
+    )
     adapters = [ft.init(model, cfg, generator=s).map(lambda t, s=s: t + 0.01 * s) for s in range(3)]
     stacked = ft.tree_map(lambda *ts: torch.stack(ts), *adapters)
     ids = _ids((2, 5))

@@ -33,9 +33,11 @@ CASES = {
     "dora_embedding": (tiny_llama, dict(r=2, lora_alpha=8, target_modules=["embed_tokens"], use_dora=True), None),
     "bias_all": (tiny_bert, dict(r=4, lora_alpha=8, target_modules=["query", "value"], bias="all"), None),
     "bias_lora_only": (tiny_bert, dict(r=4, lora_alpha=8, target_modules=["query", "dense"], bias="lora_only"), None),
-    "modules_to_save": (lambda: tiny_bert(num_labels=3),
-                        dict(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"]),
-                        {"classifier"}),
+    "modules_to_save": (
+        lambda: tiny_bert(num_labels=3),
+        dict(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"]),
+        {"classifier"},
+    ),
 }
 
 
@@ -66,7 +68,7 @@ def test_ours_to_peft_file_and_back(case: str, tmp_path: Path) -> None:
     assert loaded.unexpected_keys == []
 
     on_disk = _peft_save(pm, tmp_path)
-    assert set(on_disk) == set(ours_peft), (sorted(set(on_disk) ^ set(ours_peft)))
+    assert set(on_disk) == set(ours_peft), sorted(set(on_disk) ^ set(ours_peft))
     for k, v in on_disk.items():
         assert torch.equal(v, ours_peft[k]), k
 
@@ -77,8 +79,9 @@ def test_ours_to_peft_file_and_back(case: str, tmp_path: Path) -> None:
     # the loaded params run and give PEFT's output
     q = ft.TunerParams(back, p.config, "default")
     with torch.no_grad():
-        torch.testing.assert_close(_out(ft.apply(model, q, kwargs={"input_ids": _ids()})),
-                                   _out(pm(input_ids=_ids())), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            _out(ft.apply(model, q, kwargs={"input_ids": _ids()})), _out(pm(input_ids=_ids())), atol=1e-5, rtol=0
+        )
 
 
 @pytest.mark.parametrize("case", ["lora", "dora", "embedding", "bias_all", "modules_to_save"])
@@ -92,8 +95,9 @@ def test_peft_initialised_adapter_loads_into_functuner(case: str, tmp_path: Path
         with torch.no_grad():
             pm.base_model.model.classifier.modules_to_save["default"].weight.add_(0.25)
     on_disk = _peft_save(pm, tmp_path)
-    p = ft.TunerParams(ft.from_peft_state_dict(on_disk, "default", modules_to_save=saved_modules),
-                       ft.LoRAConfig(**cfg), "default")
+    p = ft.TunerParams(
+        ft.from_peft_state_dict(on_disk, "default", modules_to_save=saved_modules), ft.LoRAConfig(**cfg), "default"
+    )
     ft.validate(model, p)
     # every trainable PEFT tensor arrived
     ours = ft.init(model, ft.LoRAConfig(**cfg), generator=0)
@@ -134,8 +138,11 @@ _module = st.lists(_part, min_size=1, max_size=4).map(".".join)
 
 
 @settings(max_examples=25, deadline=None)
-@given(modules=st.lists(_module, min_size=1, max_size=4, unique=True),
-       adapter=st.from_regex(r"[A-Za-z][A-Za-z0-9_\-]{0,7}", fullmatch=True), dora=st.booleans())
+@given(
+    modules=st.lists(_module, min_size=1, max_size=4, unique=True),
+    adapter=st.from_regex(r"[A-Za-z][A-Za-z0-9_\-]{0,7}", fullmatch=True),
+    dora=st.booleans(),
+)
 def test_key_round_trip_property(modules: list[str], adapter: str, dora: bool) -> None:
     """to_peft then from_peft is the identity on LoRA keys; tensors are passed through, never copied."""
     reserved = {"lora_A", "lora_B", "lora_magnitude_vector", "weight", "bias", "base_layer", "modules_to_save"}

@@ -124,55 +124,118 @@ def assert_parity(model: nn.Module, inputs: dict, p, pm, *, atol: float = ATOL, 
 # one case per layer kind / option set
 # ---------------------------------------------------------------------------
 CASES = {
-    "llama_linear": (tiny_llama, lambda: {"input_ids": _ids()},
-                     dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])),
-    "llama_regex_targets": (tiny_llama, lambda: {"input_ids": _ids()},
-                            dict(r=3, lora_alpha=5, target_modules=r".*layers\.1\.self_attn\.(q|k)_proj")),
-    "llama_dora_linear": (tiny_llama, lambda: {"input_ids": _ids()},
-                          dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True)),
-    "llama_embedding": (tiny_llama, lambda: {"input_ids": _ids()},
-                        dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "o_proj"])),
-    "llama_dora_embedding": (tiny_llama, lambda: {"input_ids": _ids()},
-                             dict(r=4, lora_alpha=8, target_modules=["embed_tokens"], use_dora=True)),
-    "llama_rslora": (tiny_llama, lambda: {"input_ids": _ids()},
-                     dict(r=8, lora_alpha=4, target_modules=["q_proj", "up_proj"], use_rslora=True)),
-    "llama_rank_alpha_pattern": (tiny_llama, lambda: {"input_ids": _ids()},
-                                 dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"],
-                                      rank_pattern={"v_proj": 2, "layers.1.self_attn.q_proj": 6},
-                                      alpha_pattern={"layers.0.self_attn.q_proj": 3})),
-    "llama_dropout_eval": (tiny_llama, lambda: {"input_ids": _ids()},
-                           dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.3)),
-    "bert_linear_bias_all": (tiny_bert, lambda: {"input_ids": _ids()},
-                             dict(r=4, lora_alpha=8, target_modules=["query", "value"], bias="all")),
-    "bert_bias_lora_only": (tiny_bert, lambda: {"input_ids": _ids()},
-                            dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"], bias="lora_only")),
-    "bert_dora_bias_all": (tiny_bert, lambda: {"input_ids": _ids()},
-                           dict(r=2, lora_alpha=8, target_modules=["key", "dense"], use_dora=True, bias="all")),
-    "bert_cls_modules_to_save": (lambda: tiny_bert(num_labels=3), lambda: {"input_ids": _ids()},
-                                 dict(r=4, lora_alpha=8, target_modules=["query", "value"],
-                                      modules_to_save=["classifier"])),
-    "gpt2_conv1d": (tiny_gpt2, lambda: {"input_ids": _ids()},
-                    dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
-    "gpt2_dora_conv1d": (tiny_gpt2, lambda: {"input_ids": _ids()},
-                         dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
-                              use_dora=True)),
-    "gpt2_conv1d_bias_lora_only": (tiny_gpt2, lambda: {"input_ids": _ids()},
-                                   dict(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True,
-                                        bias="lora_only")),
-    "gpt2_tied_embedding": (tiny_gpt2, lambda: {"input_ids": _ids()},
-                            dict(r=2, lora_alpha=4, target_modules=["wte", "c_attn"], fan_in_fan_out=True)),
-    "bert_word_embeddings_padding_idx": (tiny_bert, lambda: {"input_ids": _ids(4).index_fill(1, torch.tensor([0]), 0)},
-                                         dict(r=2, lora_alpha=4, target_modules=["word_embeddings"])),
-    "vit_linear_and_patch_conv2d": (tiny_vit, lambda: {"pixel_values": _pixels()},
-                                    dict(r=4, lora_alpha=8, target_modules=["q_proj", "fc1", "projection"])),
-    "vit_dora": (tiny_vit, lambda: {"pixel_values": _pixels()},
-                 dict(r=4, lora_alpha=8, target_modules=["v_proj", "projection"], use_dora=True)),
-    "convnet_conv_embedding": (conv_net, _conv_inputs,
-                               dict(r=2, lora_alpha=4, target_modules=["c1", "c2", "emb", "head"])),
-    "convnet_dora_conv_embedding": (conv_net, _conv_inputs,
-                                    dict(r=2, lora_alpha=4, target_modules=["c1", "c2", "emb"], use_dora=True)),
-    "convnet_conv_bias_all": (conv_net, _conv_inputs,
-                              dict(r=3, lora_alpha=2, target_modules=["c1", "c2"], bias="all")),
+    "llama_linear": (
+        tiny_llama,
+        lambda: {"input_ids": _ids()},
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]),
+    ),
+    "llama_regex_targets": (
+        tiny_llama,
+        lambda: {"input_ids": _ids()},
+        dict(r=3, lora_alpha=5, target_modules=r".*layers\.1\.self_attn\.(q|k)_proj"),
+    ),
+    "llama_dora_linear": (
+        tiny_llama,
+        lambda: {"input_ids": _ids()},
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True),
+    ),
+    "llama_embedding": (
+        tiny_llama,
+        lambda: {"input_ids": _ids()},
+        dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "o_proj"]),
+    ),
+    "llama_dora_embedding": (
+        tiny_llama,
+        lambda: {"input_ids": _ids()},
+        dict(r=4, lora_alpha=8, target_modules=["embed_tokens"], use_dora=True),
+    ),
+    "llama_rslora": (
+        tiny_llama,
+        lambda: {"input_ids": _ids()},
+        dict(r=8, lora_alpha=4, target_modules=["q_proj", "up_proj"], use_rslora=True),
+    ),
+    "llama_rank_alpha_pattern": (
+        tiny_llama,
+        lambda: {"input_ids": _ids()},
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "embed_tokens"],
+            rank_pattern={"v_proj": 2, "layers.1.self_attn.q_proj": 6},
+            alpha_pattern={"layers.0.self_attn.q_proj": 3},
+        ),
+    ),
+    "llama_dropout_eval": (
+        tiny_llama,
+        lambda: {"input_ids": _ids()},
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.3),
+    ),
+    "bert_linear_bias_all": (
+        tiny_bert,
+        lambda: {"input_ids": _ids()},
+        dict(r=4, lora_alpha=8, target_modules=["query", "value"], bias="all"),
+    ),
+    "bert_bias_lora_only": (
+        tiny_bert,
+        lambda: {"input_ids": _ids()},
+        dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"], bias="lora_only"),
+    ),
+    "bert_dora_bias_all": (
+        tiny_bert,
+        lambda: {"input_ids": _ids()},
+        dict(r=2, lora_alpha=8, target_modules=["key", "dense"], use_dora=True, bias="all"),
+    ),
+    "bert_cls_modules_to_save": (
+        lambda: tiny_bert(num_labels=3),
+        lambda: {"input_ids": _ids()},
+        dict(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"]),
+    ),
+    "gpt2_conv1d": (
+        tiny_gpt2,
+        lambda: {"input_ids": _ids()},
+        dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
+    ),
+    "gpt2_dora_conv1d": (
+        tiny_gpt2,
+        lambda: {"input_ids": _ids()},
+        dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, use_dora=True),
+    ),
+    "gpt2_conv1d_bias_lora_only": (
+        tiny_gpt2,
+        lambda: {"input_ids": _ids()},
+        dict(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True, bias="lora_only"),
+    ),
+    "gpt2_tied_embedding": (
+        tiny_gpt2,
+        lambda: {"input_ids": _ids()},
+        dict(r=2, lora_alpha=4, target_modules=["wte", "c_attn"], fan_in_fan_out=True),
+    ),
+    "bert_word_embeddings_padding_idx": (
+        tiny_bert,
+        lambda: {"input_ids": _ids(4).index_fill(1, torch.tensor([0]), 0)},
+        dict(r=2, lora_alpha=4, target_modules=["word_embeddings"]),
+    ),
+    "vit_linear_and_patch_conv2d": (
+        tiny_vit,
+        lambda: {"pixel_values": _pixels()},
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "fc1", "projection"]),
+    ),
+    "vit_dora": (
+        tiny_vit,
+        lambda: {"pixel_values": _pixels()},
+        dict(r=4, lora_alpha=8, target_modules=["v_proj", "projection"], use_dora=True),
+    ),
+    "convnet_conv_embedding": (
+        conv_net,
+        _conv_inputs,
+        dict(r=2, lora_alpha=4, target_modules=["c1", "c2", "emb", "head"]),
+    ),
+    "convnet_dora_conv_embedding": (
+        conv_net,
+        _conv_inputs,
+        dict(r=2, lora_alpha=4, target_modules=["c1", "c2", "emb"], use_dora=True),
+    ),
+    "convnet_conv_bias_all": (conv_net, _conv_inputs, dict(r=3, lora_alpha=2, target_modules=["c1", "c2"], bias="all")),
 }
 
 
@@ -194,8 +257,9 @@ def test_modules_to_save_copy_is_what_changes_the_classifier() -> None:
     p = ft.init(model, ft.LoRAConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]), generator=0)
     key = "classifier.modules_to_save.default.weight"
     p = p.replace({key: p[key] + 0.5})
-    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["query"],
-                                                                   modules_to_save=["classifier"]))
+    pm = peft.get_peft_model(
+        copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"])
+    )
     peft.set_peft_model_state_dict(pm, ft.to_peft_state_dict(p))
     pm.eval()
     inputs = {"input_ids": _ids()}
@@ -242,8 +306,9 @@ def test_dropout_in_train_mode_matches_peft_with_same_mask(use_dora: bool) -> No
     """
     rate = 0.4
     model = tiny_llama().train()
-    cfg = dict(r=4, lora_alpha=8, target_modules=r"model\.layers\.0\.self_attn\.q_proj", lora_dropout=rate,
-               use_dora=use_dora)
+    cfg = dict(
+        r=4, lora_alpha=8, target_modules=r"model\.layers\.0\.self_attn\.q_proj", lora_dropout=rate, use_dora=use_dora
+    )
     p, pm = make_pair(model, **cfg)
     inputs = {"input_ids": _ids()}
     x_shape = (2, 7, 32)  # q_proj input: (batch, seq, hidden)
@@ -269,8 +334,18 @@ def test_training_mode_without_generator_is_refused() -> None:
 # ---------------------------------------------------------------------------
 # merged weights: functuner.merge equals PEFT's merge_and_unload
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("case", ["llama_linear", "llama_dora_linear", "gpt2_dora_conv1d", "convnet_dora_conv_embedding",
-                                  "llama_dora_embedding", "bert_linear_bias_all", "gpt2_tied_embedding"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "llama_linear",
+        "llama_dora_linear",
+        "gpt2_dora_conv1d",
+        "convnet_dora_conv_embedding",
+        "llama_dora_embedding",
+        "bert_linear_bias_all",
+        "gpt2_tied_embedding",
+    ],
+)
 def test_merge_matches_peft_merge_and_unload(case: str) -> None:
     """Merged weights equal PEFT's.  For GPT-2's tied wte/lm_head both names get the merged weight, as in PEFT
     (whose in-place merge changes the shared tensor), so there the merged model differs from the adapter forward."""
@@ -294,14 +369,20 @@ def test_merge_matches_peft_merge_and_unload(case: str) -> None:
 def test_two_active_adapters_match_peft_forward_and_merge(use_dora: bool) -> None:
     """Adapters run in order; DoRA norms use the unmerged base weight (PEFT's rule), in the forward and in merge."""
     model = tiny_llama()
-    cfgs = {"a": dict(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"], use_dora=use_dora),
-            "b": dict(r=4, lora_alpha=12, target_modules=["q_proj", "o_proj"], use_dora=use_dora)}
-    ps = [ft.init(model, ft.LoRAConfig(init_lora_weights=False, **c), generator=i, adapter_name=n)
-          for i, (n, c) in enumerate(cfgs.items())]
+    cfgs = {
+        "a": dict(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"], use_dora=use_dora),
+        "b": dict(r=4, lora_alpha=12, target_modules=["q_proj", "o_proj"], use_dora=use_dora),
+    }
+    ps = [
+        ft.init(model, ft.LoRAConfig(init_lora_weights=False, **c), generator=i, adapter_name=n)
+        for i, (n, c) in enumerate(cfgs.items())
+    ]
     pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**cfgs["a"]), adapter_name="a")
     pm.add_adapter("b", peft.LoraConfig(**cfgs["b"]))
     for p in ps:
-        loaded = peft.set_peft_model_state_dict(pm, ft.to_peft_state_dict(p, p.adapter_name), adapter_name=p.adapter_name)
+        loaded = peft.set_peft_model_state_dict(
+            pm, ft.to_peft_state_dict(p, p.adapter_name), adapter_name=p.adapter_name
+        )
         assert loaded.unexpected_keys == []
     pm.base_model.set_adapter(["a", "b"])
     pm.eval()
@@ -328,11 +409,13 @@ def _by_suffix(named: dict[str, torch.Tensor], part: str) -> torch.Tensor:
 @pytest.mark.parametrize("init", [True, "gaussian"])
 def test_init_distributions_match_peft(init) -> None:
     model = tiny_llama()
-    cfg = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "o_proj", "embed_tokens"], init_lora_weights=init)
+    cfg = dict(
+        r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "o_proj", "embed_tokens"], init_lora_weights=init
+    )
     p = ft.init(model, ft.LoRAConfig(**cfg), generator=0)
     torch.manual_seed(0)
     pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**cfg))
-    theirs = {n[len("base_model.model."):]: t for n, t in pm.named_parameters() if "lora_" in n}
+    theirs = {n[len("base_model.model.") :]: t for n, t in pm.named_parameters() if "lora_" in n}
     assert set(theirs) == set(p)
     for name, t in p.items():
         assert t.shape == theirs[name].shape and t.dtype == theirs[name].dtype, name
@@ -403,7 +486,7 @@ def test_target_selection_matches_peft(make_model, spec: dict) -> None:
     model = make_model()
     ours = set(ft.init(model, ft.LoRAConfig(r=2, **spec), generator=0))
     pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, **spec))
-    theirs = {n[len("base_model.model."):] for n, _ in pm.named_parameters() if "lora_" in n}
+    theirs = {n[len("base_model.model.") :] for n, _ in pm.named_parameters() if "lora_" in n}
     assert ours == theirs
 
 

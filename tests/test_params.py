@@ -16,8 +16,9 @@ from functuner.params import TunerParams
 
 CFG = ft.LoRAConfig(r=2, target_modules=["q_proj"])
 
-names = st.lists(st.from_regex(r"[a-z]{1,6}(\.[a-z0-9]{1,4}){0,3}", fullmatch=True), min_size=0, max_size=6,
-                 unique=True)
+names = st.lists(
+    st.from_regex(r"[a-z]{1,6}(\.[a-z0-9]{1,4}){0,3}", fullmatch=True), min_size=0, max_size=6, unique=True
+)
 
 
 def _params(keys: list[str], adapter: str = "default", cfg=CFG) -> TunerParams:

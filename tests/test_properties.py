@@ -80,8 +80,9 @@ class Case:
         return DTYPES[self.dtype_name]
 
     def params(self) -> list[ft.TunerParams]:
-        return [ft.init(self.model, c, generator=self.seed + i, adapter_name=f"a{i}")
-                for i, c in enumerate(self.configs)]
+        return [
+            ft.init(self.model, c, generator=self.seed + i, adapter_name=f"a{i}") for i, c in enumerate(self.configs)
+        ]
 
 
 def _layer(kind: str, fan_in: int, fan_out: int, k: tuple[int, int], stride: int, pad: int, bias: bool) -> nn.Module:
@@ -107,8 +108,13 @@ def _input(kind: str, fan_in: int, gen: torch.Generator) -> torch.Tensor:
 
 
 @st.composite
-def cases(draw: Any, kinds=("linear", "conv1d_gpt2", "embedding", "conv1d", "conv2d"), dtypes=tuple(DTYPES),
-          max_adapters: int = 3, dora: bool = True) -> Case:
+def cases(
+    draw: Any,
+    kinds=("linear", "conv1d_gpt2", "embedding", "conv1d", "conv2d"),
+    dtypes=tuple(DTYPES),
+    max_adapters: int = 3,
+    dora: bool = True,
+) -> Case:
     kind = draw(st.sampled_from(kinds))
     fan_in, fan_out = draw(st.integers(2, 12)), draw(st.integers(1, 12))
     k = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
@@ -121,15 +127,17 @@ def cases(draw: Any, kinds=("linear", "conv1d_gpt2", "embedding", "conv1d", "con
     lora_dtype = draw(st.sampled_from([None, "fp32"]))  # SWIFT's lora_dtype: fp32 adapters on a half model
     configs = []
     for _ in range(n):
-        configs.append(ft.LoRAConfig(
-            r=draw(st.integers(1, 6)),
-            lora_alpha=draw(st.floats(0.5, 32.0)),
-            use_rslora=draw(st.booleans()),
-            use_dora=use_dora,
-            lora_dtype=lora_dtype,
-            target_modules=["0"],
-            init_lora_weights=False,  # B != 0: the adapter really changes the output
-        ))
+        configs.append(
+            ft.LoRAConfig(
+                r=draw(st.integers(1, 6)),
+                lora_alpha=draw(st.floats(0.5, 32.0)),
+                use_rslora=draw(st.booleans()),
+                use_dora=use_dora,
+                lora_dtype=lora_dtype,
+                target_modules=["0"],
+                init_lora_weights=False,  # B != 0: the adapter really changes the output
+            )
+        )
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -157,8 +165,10 @@ def _scale(t: torch.Tensor) -> float:
 def test_apply_equals_merged_forward(case: Case, bias: str) -> None:
     """Also with trainable biases (moved by a different amount per adapter, so they matter)."""
     case.configs = [dataclasses.replace(c, bias=bias) for c in case.configs]
-    ps = [p.replace({k: v + 0.25 * (i + 1) for k, v in p.items() if k.endswith(".bias")})
-          for i, p in enumerate(case.params())]
+    ps = [
+        p.replace({k: v + 0.25 * (i + 1) for k, v in p.items() if k.endswith(".bias")})
+        for i, p in enumerate(case.params())
+    ]
     want = torch.float32 if case.configs[0].lora_dtype == "fp32" else case.dtype
     assert all(t.dtype == want for p in ps for k, t in p.items() if ".lora_" in k)
     assert all(t.dtype == case.dtype for p in ps for k, t in p.items() if k.endswith(".bias"))  # the model's own
@@ -226,8 +236,11 @@ def _sum_adapter(case: Case, ps: list[ft.TunerParams]) -> ft.TunerParams:
     """One adapter with delta s1 B1 A1 + s2 B2 A2: A stacked along the rank, B scaled by s_i / s and stacked."""
     r = sum(p.config.r for p in ps)
     cfg = ft.LoRAConfig(r=r, lora_alpha=float(r), target_modules=["0"])  # scaling 1
-    names = ("0.lora_embedding_A.sum", "0.lora_embedding_B.sum") if case.kind == "embedding" \
+    names = (
+        ("0.lora_embedding_A.sum", "0.lora_embedding_B.sum")
+        if case.kind == "embedding"
         else ("0.lora_A.sum.weight", "0.lora_B.sum.weight")
+    )
     As, Bs = [], []
     for p in ps:
         a_key = next(k for k in p if ".lora_A." in k or ".lora_embedding_A." in k)
@@ -276,8 +289,12 @@ def _fingerprint(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return ("t", obj.detach().clone(), obj.data_ptr(), obj.dtype, tuple(obj.shape), obj.requires_grad)
     if isinstance(obj, nn.Module):
-        return ("m", _fingerprint(dict(obj.state_dict(keep_vars=True))), obj.training,
-                [sorted(m._parameters) for m in obj.modules()])
+        return (
+            "m",
+            _fingerprint(dict(obj.state_dict(keep_vars=True))),
+            obj.training,
+            [sorted(m._parameters) for m in obj.modules()],
+        )
     if isinstance(obj, ft.TunerParams):
         return ("p", _fingerprint(dict(obj)), obj.config, obj.adapter_name)
     if isinstance(obj, dict):
@@ -351,8 +368,12 @@ def test_two_adapters_carrying_biases_apply_equals_merge() -> None:
         model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).eval()
     ps = []
     for i in range(2):
-        p = ft.init(model, ft.LoRAConfig(r=2, target_modules=["0"], bias="all", init_lora_weights=False),
-                    generator=i, adapter_name=f"a{i}")
+        p = ft.init(
+            model,
+            ft.LoRAConfig(r=2, target_modules=["0"], bias="all", init_lora_weights=False),
+            generator=i,
+            adapter_name=f"a{i}",
+        )
         ps.append(p.replace({k: v + (i + 1) for k, v in p.items() if k.endswith(".bias")}))
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
     merged = ft.merge(model, ps)
@@ -360,5 +381,6 @@ def test_two_adapters_carrying_biases_apply_equals_merge() -> None:
     torch.testing.assert_close(merged["0.bias"], b0 + (ps[0]["0.bias"] - b0) + (ps[1]["0.bias"] - b0))
     assert torch.equal(merged["1.bias"], ps[1]["1.bias"])
     with torch.no_grad():
-        torch.testing.assert_close(ft.apply(model, ps, x), torch.func.functional_call(model, merged, (x,)),
-                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            ft.apply(model, ps, x), torch.func.functional_call(model, merged, (x,)), atol=1e-6, rtol=0
+        )

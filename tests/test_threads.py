@@ -81,8 +81,7 @@ def test_thread_with_params_and_thread_without_params() -> None:
         barrier.wait()
         with torch.no_grad():
             for _ in range(N_CALLS):
-                wrong["adapter"] += not _same(ft.apply(model, params[0], kwargs={"input_ids": ids}).logits,
-                                                    expected[0])
+                wrong["adapter"] += not _same(ft.apply(model, params[0], kwargs={"input_ids": ids}).logits, expected[0])
 
     def plain_worker() -> None:
         barrier.wait()
