@@ -7,6 +7,12 @@ B is non-zero and the adapter really changes the output), copied into a
 both are run on the same inputs.  Outputs must agree to 1e-5 (fp32 max abs
 difference) and so must the gradients of a scalar loss with respect to every
 adapter tensor (A, B, magnitudes, trainable biases, ``modules_to_save`` copies).
+
+Also against PEFT: merged weights (``merge_and_unload``), two adapters active at
+once (forward and merge, LoRA and DoRA), ``lora_dropout`` in training mode (PEFT's
+dropout module given the mask functuner's generator draws), bf16 models with
+fp32 adapters, ``init_lora_weights`` distributions, DoRA magnitude init, and
+which modules a target spec selects.
 """
 
 from __future__ import annotations
