@@ -63,12 +63,23 @@ class TunerConfig:
         return out
 
     def _canonical(self) -> str:
-        return type(self).__name__ + json.dumps(self.to_dict(), sort_keys=True, default=repr)
+        """Canonical JSON text of the config, computed once (configs are frozen; nested dicts must not be mutated)."""
+        cached = self.__dict__.get("_canonical_cache")
+        if cached is None:
+            cached = type(self).__name__ + json.dumps(self.to_dict(), sort_keys=True, default=repr)
+            object.__setattr__(self, "_canonical_cache", cached)
+        return cached
 
     def __hash__(self) -> int:
-        return hash(self._canonical())
+        cached = self.__dict__.get("_hash_cache")
+        if cached is None:
+            cached = hash(self._canonical())
+            object.__setattr__(self, "_hash_cache", cached)
+        return cached
 
     def __eq__(self, other: object) -> bool:
+        if other is self:
+            return True
         if type(other) is not type(self):
             return NotImplemented
         return self._canonical() == other._canonical()  # type: ignore[attr-defined]
