@@ -142,9 +142,35 @@ def apply(
                     f"{getattr(p.config, 'lora_dropout', '?')}): pass apply(..., generator=torch.Generator()"
                     ".manual_seed(...)), or call model.eval()"
                 )
+    if model.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        _check_activation_checkpointing(model)
     routes = bind_routes(model, plist, generator)
     with routed(routes):
         return model(*args, **dict(kwargs or {}))
+
+
+def _check_activation_checkpointing(model: nn.Module) -> None:
+    """Refuse transformers' activation checkpointing unless it carries the call's routes into the recomputation.
+
+    Without :func:`functuner.routing.checkpoint_context_fn` the backward pass
+    recomputes blocks with no tuner applied: torch then fails on a saved-tensor
+    mismatch (non-reentrant) or, worse, the tuner params silently get no
+    gradient (reentrant).
+    """
+    from .routing import checkpoint_context_fn
+
+    for name, m in model.named_modules():
+        if getattr(m, "gradient_checkpointing", False) is not True:
+            continue
+        fn = getattr(m, "_gradient_checkpointing_func", None)
+        keywords = getattr(fn, "keywords", None) or {}
+        if keywords.get("context_fn") is not checkpoint_context_fn or keywords.get("use_reentrant", True):
+            raise ConfigError(
+                f"module {name or type(model).__name__!r} uses activation checkpointing without functuner's"
+                " context_fn, so the backward pass would recompute it without the adapter; enable it with"
+                " functuner.gradient_checkpointing_enable(model) (non-reentrant, carries each call's params)"
+            )
+        return
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -62,3 +62,16 @@ def test_reentrant_refused(setup) -> None:
     _, ckpt, *_ = setup
     with pytest.raises(ValueError, match="use_reentrant"):
         ft.gradient_checkpointing_enable(copy.deepcopy(ckpt), use_reentrant=True)
+
+
+def test_plain_transformers_checkpointing_is_refused_with_the_fix(setup) -> None:
+    model, _, p, _, x = setup
+    for reentrant in (False, True):
+        plain = copy.deepcopy(model)
+        plain.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        before = {k: v.clone() for k, v in plain.state_dict().items()}
+        with pytest.raises(ft.errors.ConfigError, match="gradient_checkpointing_enable"):
+            _loss(plain, p, x)
+        assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())
+        with torch.no_grad():  # inference needs no recomputation: allowed
+            _loss(plain, p, x)
