@@ -95,7 +95,7 @@ def run(s: C.Settings) -> C.Report:
             "functuner": f_ft,
             "peft": (lambda: copy.deepcopy(base), lambda m: PeftModel.from_pretrained(m, folder)),
         }
-        times = C.interleaved(fns, warmup=s.warmup, repeats=s.repeats * 2)
+        times = C.interleaved(fns, warmup=s.warmup, repeats=s.repeats * 5)
     report.add("functuner / safetensors alone", C.ratio(times["functuner"], times["safetensors"]), 1.2)
     report.add("functuner / (safetensors + one read pass)", C.ratio(times["functuner"], times["safetensors + read"]), 1.2)
     report.add("functuner / peft", C.ratio(times["functuner"], times["peft"]), 0.1)

@@ -48,7 +48,7 @@ def run(s: C.Settings) -> C.Report:
         "peft merge+unmerge": (lambda: C.peft_lora(model, params),
                                lambda pm: (pm.merge_adapter(), pm.unmerge_adapter())),
     }
-    times = C.interleaved(fns, warmup=s.warmup, repeats=s.repeats)
+    times = C.interleaved(fns, warmup=s.warmup, repeats=s.repeats * 3)
     report.add("functuner merge / peft merge_and_unload", C.ratio(times["functuner merge"], times["peft merge_and_unload"]), 0.5)
     report.add("functuner merge+unmerge / peft merge_adapter+unmerge_adapter (in place; no target)",
                C.ratio(times["functuner merge+unmerge"], times["peft merge+unmerge"]))
