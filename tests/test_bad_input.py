@@ -268,3 +268,11 @@ def test_wrong_shape_is_caught_even_after_good_params_with_the_same_names() -> N
     _all_fail(model, bad, ParamsMismatchError, rf"{key.replace('.', r'.')}.*\(17, 2\)")
     # the good params are still accepted afterwards
     ft.validate(model, p)
+
+
+def test_params_whose_rank_disagrees_with_the_config() -> None:
+    """A rank-2 adapter under a config saying r=4 would be scaled by alpha/4: refused, naming the key."""
+    model = tiny_llama()
+    p = _llama_params(model)
+    relabelled = p.replace(config=dataclasses.replace(p.config, r=4))
+    _all_fail(model, relabelled, ParamsMismatchError, r"q_proj\.lora_A\.default\.weight.*rank 2.*r=4")

@@ -379,6 +379,12 @@ def _compiled_layout(model: nn.Module, params: TunerParams) -> _Layout:
 def _check_shapes(model: nn.Module, params: TunerParams, layout: _Layout) -> None:
     for s in layout.sites:
         r = params[s.a].shape[0] if params[s.a].dim() > 0 else -1
+        want_r = params.config.rank_for(s.name)
+        if r != want_r:
+            raise ParamsMismatchError(
+                f"params[{s.a!r}] has rank {r}, but the config says r={want_r} for module {s.name!r}"
+                " (the scaling lora_alpha/r depends on it; fix r or rank_pattern)"
+            )
         ea, eb, em = _expected_shapes(s.module, s.kind, r)
         for key, expect in ((s.a, ea), (s.b, eb), (s.m, em)):
             if key is None:
