@@ -71,3 +71,14 @@ def gpt2():
 @pytest.fixture
 def vit():
     return tiny_vit()
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_is_restored():
+    """Every test must leave torch's global grad mode as it found it (a leak silently breaks later tests)."""
+    before = torch.is_grad_enabled()
+    yield
+    after = torch.is_grad_enabled()
+    if after != before:
+        torch.set_grad_enabled(before)
+        pytest.fail(f"test changed torch's global grad mode from {before} to {after} and did not restore it")
