@@ -175,8 +175,9 @@ def config_from_json(data: Mapping[str, Any], source: str = "adapter_config.json
             raise CheckpointError(f"{source}: field {key!r} is unknown to functuner's {tuner.config_cls.__name__}")
     try:
         return tuner.config_cls.from_dict(kept)  # type: ignore[attr-defined]
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{source}: {e}") from None
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError, RecursionError) as e:
+        # ConfigError names the field; a raw error means a value of a JSON type the field cannot take
+        raise CheckpointError(f"{source}: {e if isinstance(e, ConfigError) else f'{type(e).__name__}: {e}'}") from None
 
 
 def peft_config_json(config: Any) -> dict[str, Any]:
@@ -203,8 +204,8 @@ def _read_json(path: Path, root: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON ({e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: cannot read JSON ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
@@ -277,21 +278,24 @@ def read_adapter(folder: str | os.PathLike[str], adapter_name: str, *, weights_o
     raw = raw or {}
     check_finite(raw, str(folder / (SAFETENSORS_NAME if (folder / SAFETENSORS_NAME).exists() else BIN_NAME)))
     base_weights: dict[str, torch.Tensor] = {}
-    if fmt == "peft":
-        raw, base_weights = keys.split_peft_base_weights(raw)
-        try:
-            state = keys.from_peft_state_dict(raw, adapter_name, _saved_module_names(raw, config))
-        except CheckpointError as e:
-            raise CheckpointError(f"{folder}: {e}") from None
-    else:
-        saved_name, raw = _own_tensors(raw, adapter_name if folder == root_p else folder.name, folder)
-        state = keys.from_swift_state_dict(raw, saved_name, _modules_to_save(config))
-        if getattr(config, "swift_type", None) == "part":  # SWIFT saves Part copies at the original keys
-            state = keys.part_from_swift_state_dict(state, config.target_modules, saved_name)
-        if getattr(config, "swift_type", None) == "LLAMAPRO":  # SWIFT saves new blocks at expanded-list keys
-            state = keys.llamapro_from_swift_state_dict(state, config.keys()["module_list"], saved_name)
-        if saved_name != adapter_name:
-            state = keys.rename_adapter(state, saved_name, adapter_name)
+    try:  # config values from a stranger's file may have any JSON type
+        if fmt == "peft":
+            raw, base_weights = keys.split_peft_base_weights(raw)
+            try:
+                state = keys.from_peft_state_dict(raw, adapter_name, _saved_module_names(raw, config))
+            except CheckpointError as e:
+                raise CheckpointError(f"{folder}: {e}") from None
+        else:
+            saved_name, raw = _own_tensors(raw, adapter_name if folder == root_p else folder.name, folder)
+            state = keys.from_swift_state_dict(raw, saved_name, _modules_to_save(config))
+            if getattr(config, "swift_type", None) == "part":  # SWIFT saves Part copies at the original keys
+                state = keys.part_from_swift_state_dict(state, config.target_modules, saved_name)
+            if getattr(config, "swift_type", None) == "LLAMAPRO":  # SWIFT saves new blocks at expanded-list keys
+                state = keys.llamapro_from_swift_state_dict(state, config.keys()["module_list"], saved_name)
+            if saved_name != adapter_name:
+                state = keys.rename_adapter(state, saved_name, adapter_name)
+    except (TypeError, AttributeError, KeyError, IndexError) as e:
+        raise CheckpointError(f"{cfg_path}: config does not fit its tensors ({type(e).__name__}: {e})") from None
     return AdapterCheckpoint(adapter_name, config, state, fmt, str(folder), base_weights)
 
 
