@@ -63,7 +63,8 @@ class Steps(TorchFunctionMode):
             raise Injected(f"injected failure at step {self.n} ({what})")
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.tick(func)
+        if "grad_enabled" not in getattr(func, "__name__", ""):  # torch's own no_grad() enter/exit: not a step
+            self.tick(func)
         return func(*args, **(kwargs or {}))
 
 
