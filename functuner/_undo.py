@@ -78,7 +78,7 @@ class _Snapshot:
                 if provider is _MISSING:
                     routing._DEFAULT_PROVIDERS.pop(m, None)
                 else:
-                    routing._DEFAULT_PROVIDERS[m] = provider
+                    routing._DEFAULT_PROVIDERS[m] = provider  # type: ignore[assignment]
         with torch.no_grad():
             for t, data, grad_flag, grad in self.tensors:
                 if t.data is not data:
