@@ -171,6 +171,27 @@ class _State:
         return self.routes
 
 
+@contextlib.contextmanager
+def _active_sets_restored_on_error(state: _State) -> Iterator[None]:
+    """Undo changes to the active sets (global and per thread) if the block raises (cheap: no tensors move)."""
+    active = set(state.active)
+    threads = [(ts, set(ts.active)) for ts in list(state.thread_states)]
+    mine = getattr(state.tls, "state", None)
+    try:
+        yield
+    except BaseException:
+        with state.lock:
+            state.active.clear()
+            state.active.update(active)
+            for ts, names in threads:
+                ts.active.clear()
+                ts.active.update(names)
+            if mine is None:
+                state.tls.__dict__.pop("state", None)
+            state.refresh()
+        raise
+
+
 def _global_generator() -> torch.Generator:
     """A generator seeded from torch's global RNG: the shim's init follows ``torch.manual_seed`` like SWIFT/PEFT."""
     seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
@@ -411,7 +432,11 @@ class SwiftModel(nn.Module):
         unknown = names - set(self.adapters)
         if unknown:
             raise AdapterNameError(f"unknown adapter(s) {sorted(unknown)}; have {sorted(self.adapters)}")
-        with undo_on_error(self._state.model, self._state):  # all or nothing, offload included
+        state = self._state
+        moves = offload is not None or any(state.adapters[n].offload is not None for n in names)
+        # all or nothing; only a call that moves tensors pays for a full snapshot (switching stays cheap)
+        guard = undo_on_error(state.model, state) if moves else _active_sets_restored_on_error(state)
+        with guard:
             for name in sorted(names):
                 self.activate_adapter(name)
             for name in sorted(set(self.adapters) - names):

@@ -3,7 +3,7 @@
 For each shim call that changes state (``merge``, ``unmerge``,
 ``merge_and_unload``, ``load_state_dict``, ``from_pretrained`` onto a
 SwiftModel and onto a plain model, ``set_active_adapters`` with
-``offload='cpu'``/``'meta'`` and back), the call is first run once to count
+``offload='cpu'``/``'meta'`` and back, and without offload), the call is first run once to count
 its steps: every torch function it calls (a ``TorchFunctionMode``) and every
 call of the shim's own per-tensor helpers (``_register``, ``_unregister``,
 ``_set_registered``, ``bind_routes``, ``load_file``, ``save_file``: patched
@@ -262,3 +262,12 @@ def test_set_active_adapters_reloading_an_offloaded_adapter_is_atomic(steps) -> 
 
     _, sm = _fail_everywhere(steps, build)
     assert sm.active_adapters == {"b"} and sm.adapters["a"].offload == "meta" and sm.adapters["b"].offload is None
+
+
+def test_set_active_adapters_without_offload_is_atomic(steps) -> None:
+    def build():
+        sm = _two_adapters()
+        return sm, lambda: sm.set_active_adapters(["b"])
+
+    _, sm = _fail_everywhere(steps, build)
+    assert sm.active_adapters == {"b"}
