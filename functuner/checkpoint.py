@@ -66,7 +66,9 @@ __all__ = [
     "check_lora_ranks",
     "config_from_json",
     "config_to_json",
+    "is_peft_native_type",
     "peft_config_json",
+    "peft_native_adapters",
     "read_adapter",
     "read_adapter_config",
     "read_adapter_dir",
@@ -156,6 +158,9 @@ def config_from_json(data: Mapping[str, Any], source: str = "adapter_config.json
     kind = data.get("swift_type") or data.get("peft_type")
     if not kind:
         raise CheckpointError(f"{source}: has neither 'swift_type' nor 'peft_type'")
+    if "swift_type" not in data and is_peft_native_type(kind):
+        raise CheckpointError(f"{source}: a PEFT {kind} adapter; functuner implements only LoRA of PEFT's types."
+                              " Load it with Swift.from_pretrained, which passes it to peft.PeftModel.from_pretrained")
     try:
         tuner = tuner_for(str(kind))
     except ConfigError as e:
@@ -407,6 +412,17 @@ def read_adapter_dir(path: str | os.PathLike[str], adapter_names: Sequence[str] 
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a directory")
     found = _list_adapters(root)
+    wanted = _wanted(root, found, adapter_names)
+    out: dict[str, AdapterCheckpoint] = {}
+    for disk_name, new_name in wanted.items():
+        check_adapter_name(new_name)
+        out[new_name] = read_adapter(found[disk_name], new_name, weights_only=weights_only, root=root)
+    return out
+
+
+def _wanted(root: Path, found: Mapping[str, Path],
+            adapter_names: Sequence[str] | Mapping[str, str] | str | None) -> dict[str, str]:
+    """``{name on disk: name to load as}`` for ``adapter_names`` (see :func:`read_adapter_dir`); all must exist."""
     if adapter_names is None:
         wanted = {n: n for n in found}
     elif isinstance(adapter_names, str):
@@ -418,11 +434,53 @@ def read_adapter_dir(path: str | os.PathLike[str], adapter_names: Sequence[str] 
     missing = sorted(set(wanted) - set(found))
     if missing:
         raise CheckpointError(f"{root}: no adapter(s) {missing}; found {sorted(found)}")
-    out: dict[str, AdapterCheckpoint] = {}
-    for disk_name, new_name in wanted.items():
-        check_adapter_name(new_name)
-        out[new_name] = read_adapter(found[disk_name], new_name, weights_only=weights_only, root=root)
-    return out
+    return wanted
+
+
+def is_peft_native_type(peft_type: Any) -> bool:
+    """Whether ``peft_type`` (an ``adapter_config.json`` value) names one of PEFT's tuners other than LoRA.
+
+    Those are loaded by ``peft`` itself (:mod:`functuner._peft_passthrough`), never read as functuner configs.
+    """
+    if not isinstance(peft_type, str) or peft_type.upper() == "LORA":
+        return False
+    try:
+        import peft
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return peft_type in {t.value for t in peft.PeftType}
+
+
+def peft_native_adapters(path: str | os.PathLike[str],
+                         adapter_names: Sequence[str] | Mapping[str, str] | str | None = None
+                         ) -> tuple[dict[str, Path], dict[str, str]] | None:
+    """The adapters of a checkpoint directory that only ``peft`` can load, or ``None`` when functuner reads it.
+
+    Returns ``({name on disk: folder}, {name on disk: name to load as})`` when
+    every selected adapter is PEFT-format (no ``swift_type``) of one PEFT type
+    other than LoRA (IA3, LOHA, PROMPT_TUNING...).  A directory mixing such
+    adapters with functuner's, or with another PEFT type, raises
+    :class:`CheckpointError` (neither library can hold the mix).  Reads only
+    the JSON configs; changes nothing.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    found = _list_adapters(root)
+    wanted = _wanted(root, found, adapter_names)
+    kinds: dict[str, str] = {}
+    for disk_name in wanted:
+        data = _read_json(found[disk_name] / CONFIG_NAME, root)
+        kind = data.get("peft_type")
+        if "swift_type" not in data and is_peft_native_type(kind):
+            kinds[disk_name] = str(kind)
+    if not kinds:
+        return None
+    others = sorted(set(wanted) - set(kinds))
+    if others or len(set(kinds.values())) > 1:
+        raise CheckpointError(f"{root}: mixes PEFT adapters {kinds} with {others or 'each other'}; PEFT holds one"
+                              " PEFT type per model and functuner does not implement these: load them separately")
+    return {n: found[n] for n in wanted}, wanted
 
 
 def _list_adapters(root: Path) -> dict[str, Path]:

@@ -954,6 +954,7 @@ class Swift:
     def merge(model: Any, **kwargs: Any) -> None:
         """Fold every active mergeable adapter into the base weights (exact, atomic; undo with :meth:`unmerge`)."""
         if _is_peft_model(model):
+            _require_peft_mergeable(model)
             model.merge_adapter(**kwargs)
             return
         _require_swift(model)._merge(model._mergeable_active())
@@ -962,6 +963,7 @@ class Swift:
     def unmerge(model: Any, **kwargs: Any) -> None:
         """Restore the exact original base weights after :meth:`merge`."""
         if _is_peft_model(model):
+            _require_peft_mergeable(model)
             model.unmerge_adapter()
             return
         _require_swift(model)._unmerge()
@@ -977,6 +979,9 @@ class Swift:
         ``SwiftModel`` (a ``PeftModel`` returns its unloaded base model).
         """
         if _is_peft_model(model):
+            _require_peft_mergeable(model)
+            if adapter_name is not None:  # PEFT's keyword for the same choice
+                kwargs["adapter_names"] = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
             return model.merge_and_unload(**kwargs)
         sm = _require_swift(model)
         state = sm._state
@@ -1026,12 +1031,47 @@ class Swift:
 
     @staticmethod
     def from_pretrained(model: nn.Module | SwiftModel, model_id: str, adapter_name: Any = None,
-                        revision: str | None = None, **kwargs: Any) -> SwiftModel:
+                        revision: str | None = None, **kwargs: Any) -> Any:
         """Load adapters from a local directory or a ModelScope hub id (see :meth:`SwiftModel.from_pretrained`).
 
-        PEFT-format directories load into a SwiftModel too (SWIFT would return a PeftModel).
+        SWIFT directories and PEFT LoRA directories load into a ``SwiftModel``
+        (SWIFT would return a PeftModel for the latter).  A PEFT directory of
+        PEFT's other tuners (IA3, LoHa, LoKr, AdaLoRA, VeRA, BOFT, prompt or
+        prefix tuning...) goes to ``peft.PeftModel.from_pretrained`` (or
+        ``load_adapter`` when ``model`` is a ``PeftModel``) and a ``PeftModel``
+        is returned; functuner's safety checks still apply (no unpickling
+        without ``weights_only=True``, no NaN/inf, every key must load) and a
+        failure leaves the model as it was.  ``inference_mode=False`` there
+        means peft's ``is_trainable=True``; other unknown keywords go to peft.
         """
-        return SwiftModel.from_pretrained(model, model_id, adapter_name=adapter_name, revision=revision, **kwargs)
+        if model_id is None:
+            raise CheckpointError("from_pretrained needs model_id (a directory or a hub id)")
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "local_files_only") if k in kwargs}
+        model_dir = resolve_model_dir(model_id, revision=revision, **hub_kwargs)
+        native = ckpt.peft_native_adapters(model_dir, adapter_name)
+        if native is None:
+            return SwiftModel.from_pretrained(model, model_dir, adapter_name=adapter_name, revision=revision, **kwargs)
+        folders, renames = native
+        if isinstance(model, SwiftModel):
+            raise CheckpointError(f"{model_dir}: PEFT adapters {sorted(folders)} are of a type only peft implements,"
+                                  " which a SwiftModel cannot hold; pass the plain model (a PeftModel is returned)")
+        for k in hub_kwargs:
+            kwargs.pop(k)
+        if kwargs.pop("extra_state_keys", None):
+            raise ConfigError("extra_state_keys is a SWIFT feature; PEFT adapters cannot carry extra states")
+        weights_only = bool(kwargs.pop("weights_only", False))
+        if "inference_mode" in kwargs:
+            kwargs["is_trainable"] = not kwargs.pop("inference_mode")
+        from ._peft_passthrough import load_peft_native
+
+        return load_peft_native(model, model_dir, folders, renames, weights_only=weights_only, **kwargs)
+
+
+def _require_peft_mergeable(model: Any) -> None:
+    """Prompt-learning PeftModels (prompt, prefix, p-tuning) have no merged form: say so instead of an AttributeError."""
+    kinds = {name: cfg.peft_type for name, cfg in model.peft_config.items() if cfg.is_prompt_learning}
+    if kinds:
+        raise ConfigError(f"PEFT adapters {kinds} are prompt learning, which has no merged form")
 
 
 def _require_swift(model: Any) -> SwiftModel:
