@@ -37,11 +37,12 @@ from dataclasses import dataclass, field
 from inspect import Parameter, Signature, signature
 from pathlib import Path
 from types import MethodType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import checkpoint as ckpt
 from . import keys
@@ -50,12 +51,13 @@ from .core import bind_routes
 from .core import merge as core_merge
 from .errors import AdapterNameError, CheckpointError, ConfigError, FunctunerError, ParamsMismatchError
 from .hub import resolve_model_dir
+from .mixed import BASE, AdapterStack, mixed_routes, stack_adapters
 from .naming import check_adapter_name
 from .params import TunerParams
-from .routing import Routes, set_default_routes
+from .routing import Routes, routed, set_default_routes
 from .tuners import tuner_for
 from .tuners.base import TunerConfig
-from .tuners.lora import LoRAConfig
+from .tuners.lora import LoRAConfig, _layout
 
 __all__ = ["Swift", "SwiftConfig", "SwiftModel"]
 
@@ -129,6 +131,7 @@ class _State:
         self.lock = threading.RLock()
         self.extra_state_keys: list[str] = []
         self.offload_dir: tempfile.TemporaryDirectory[str] | None = None
+        self.mixed: _MixedEntry | None = None  # the stacked LoRA adapters of adapter_names= calls
 
     # -- activation ---------------------------------------------------------
     def thread_state(self, create: bool) -> _ThreadState | None:
@@ -264,7 +267,11 @@ class SwiftModel(nn.Module):
 
     def _install_forward_signature(self) -> None:
         def forward(self: SwiftModel, *args: Any, **kwargs: Any) -> Any:
-            return self.base_model(*args, **kwargs)
+            adapter_names = kwargs.pop("adapter_names", None)
+            if adapter_names is None:
+                return self.base_model(*args, **kwargs)
+            with routed(self._mixed_routes(adapter_names, _batch_size(args, kwargs))):
+                return self.base_model(*args, **kwargs)
 
         params = [Parameter("self", Parameter.POSITIONAL_ONLY)]
         params += list(signature(self.base_model.forward).parameters.values())
@@ -370,6 +377,93 @@ class SwiftModel(nn.Module):
                 return getattr(modules["base_model"], key)
             raise
 
+    # -- per-sample adapters (PEFT's adapter_names=) ----------------------------
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's ``generate``; ``adapter_names=[...]`` gives each prompt its own LoRA adapter.
+
+        With beam search or several returned sequences each name is repeated
+        for the prompt's copies (as PEFT does).  Encoder-decoder models with
+        more than one copy per prompt are not supported (:class:`ConfigError`).
+        """
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            return self.base_model.generate(*args, **kwargs)
+        gc = kwargs.get("generation_config") or getattr(self.base_model, "generation_config", None)
+        copies = max(int(kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1),
+                     int(kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", 1)) or 1))
+        names = _names_list(adapter_names)
+        batch = _batch_size(args, kwargs)
+        if batch is not None and len(names) != batch:
+            raise ConfigError(f"adapter_names has {len(names)} entries but the batch has {batch} samples;"
+                              " give one adapter name per sample")
+        if copies > 1 and getattr(getattr(self.base_model, "config", None), "is_encoder_decoder", False):
+            raise ConfigError("generate(adapter_names=...) with num_beams / num_return_sequences > 1 is not"
+                              " supported for encoder-decoder models (the encoder runs on the unexpanded batch)")
+        expanded = [n for n in names for _ in range(copies)]
+        with routed(self._mixed_routes(expanded, None)):
+            return self.base_model.generate(*args, **kwargs)
+
+    def _mixed_routes(self, adapter_names: Any, batch: int | None) -> Routes:
+        """Routes of one ``adapter_names=`` call: sample ``b`` runs LoRA adapter ``adapter_names[b]``.
+
+        ``'__base__'`` means no adapter.  Checks everything before any forward
+        runs; the model and the shim's state are never written (the routes are
+        per call, see :func:`functuner.mixed.mixed_routes`).
+        """
+        state = self._state
+        names = _names_list(adapter_names)
+        if batch is not None and len(names) != batch:
+            raise ConfigError(f"adapter_names has {len(names)} entries but the batch has {batch} samples;"
+                              " give one adapter name per sample")
+        wanted = [n for n in dict.fromkeys(names) if n != BASE]
+        unknown = [n for n in wanted if n not in state.adapters]
+        if unknown:
+            raise AdapterNameError(f"unknown adapter(s) {unknown} in adapter_names; have {sorted(state.adapters)}"
+                                   f" and {BASE!r} (no adapter)")
+        if state.model.training:  # as PEFT: dropout, checkpoint recomputation and the like are per-call state
+            raise ConfigError("adapter_names cannot be used while the model is in training mode; call model.eval()")
+        if state.merged:
+            raise ConfigError(f"adapter(s) {state.merged} are merged into the base weights, so every sample would"
+                              " get them; call Swift.unmerge(model) before using adapter_names")
+        skipped = sorted(n for n in state.active_set() if not isinstance(state.adapters[n].config, LoRAConfig))
+        if skipped:
+            raise ConfigError(f"adapter_names runs LoRA adapters per sample, but non-LoRA adapter(s) {skipped} are"
+                              " active and would be skipped; deactivate them first")
+        for n in wanted:
+            why = _not_stackable(state.model, state.adapters[n])
+            if why is not None:
+                raise ConfigError(f"adapter {n!r} cannot be used in adapter_names: it {why}")
+        if not wanted:
+            return Routes()  # every sample runs the base model
+        return mixed_routes(state.model, self._adapter_stack(wanted), names)
+
+    def _adapter_stack(self, wanted: Sequence[str]) -> AdapterStack:
+        """The stacked LoRA adapters: cached (built without autograd) unless gradients must reach the adapters.
+
+        The cache holds every stackable LoRA adapter of the shim and is rebuilt
+        when :func:`_stack_key` changes: any adapter's tensor replaced, written
+        in place (version counter) or stepped by a ``torch.optim`` optimizer, an
+        adapter added, deleted or offloaded.  With grad mode on and adapter
+        tensors that require grad, a differentiable stack of just ``wanted`` is
+        built for this call (not cached).
+        """
+        state = self._state
+        model = state.model
+        if torch.is_grad_enabled() and any(t.requires_grad for n in wanted for t in state.adapters[n].tensors.values()):
+            return stack_adapters(model, {n: state.adapters[n].params for n in wanted})
+        _count_optimizer_steps()
+        lora = [a for a in state.adapters.values() if isinstance(a.config, LoRAConfig)]
+        key = _stack_key(lora)
+        entry = state.mixed
+        if entry is None or entry.key != key:
+            usable = [a for a in lora if _not_stackable(model, a) is None]
+            keepalive = tuple(t.detach() for a in lora for t in _watched(a))
+            with torch.no_grad():
+                stack = stack_adapters(model, {a.name: a.params for a in usable})
+            entry = _MixedEntry(key, stack, keepalive)
+            state.mixed = entry
+        return entry.stack
+
     # -- activation -------------------------------------------------------------
     def activate_adapter(self, adapter_name: str) -> None:
         """Activate one adapter (for the calling thread only with ``USE_UNIQUE_THREAD=0``).
@@ -459,6 +553,7 @@ class SwiftModel(nn.Module):
     def _offload(self, adapter: _Adapter, where: str) -> None:
         if adapter.offload is not None:
             return
+        self._state.mixed = None
         own = {k: p for k, p in adapter.tensors.items() if k not in adapter.shared}
         adapter.devices = {k: p.device for k, p in own.items()}
         if where == "meta":
@@ -556,6 +651,7 @@ class SwiftModel(nn.Module):
 
     def _delete_adapter(self, name: str) -> None:
         state = self._state
+        state.mixed = None
         adapter = state.adapters.pop(name)
         for key in adapter.tensors:
             if key not in adapter.shared:
@@ -826,6 +922,82 @@ class SwiftModel(nn.Module):
         pct = 100 * trainable / total if total else 0.0
         return (f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
                 f"|| cuda memory: {mem:.2f}GiB.")
+
+
+# ---------------------------------------------------------------------------
+# per-sample adapters: the cache of stacked LoRA adapters (no tuner math: bookkeeping only)
+# ---------------------------------------------------------------------------
+class _MixedEntry(NamedTuple):
+    """A cached :class:`AdapterStack` and the key it was built for.
+
+    ``keepalive`` holds the watched tensors' storages, so a storage address in
+    ``key`` cannot be reused by a new tensor while the entry exists.
+    """
+
+    key: tuple[Any, ...]
+    stack: AdapterStack
+    keepalive: tuple[torch.Tensor, ...]
+
+
+_OPTIMIZER_STEPS = [0]  # torch.optim steps seen since the hook was installed
+_STEP_HOOK: list[Any] = []
+_STEP_HOOK_LOCK = threading.Lock()
+
+
+def _count_optimizer_steps() -> None:
+    """Count every ``torch.optim`` step from now on (fused optimizers write without bumping version counters)."""
+    if _STEP_HOOK:
+        return
+    with _STEP_HOOK_LOCK:
+        if not _STEP_HOOK:
+            def bump(optimizer: Any, args: Any, kwargs: Any) -> None:
+                _OPTIMIZER_STEPS[0] += 1
+
+            _STEP_HOOK.append(register_optimizer_step_post_hook(bump))
+
+
+def _watched(adapter: _Adapter) -> list[torch.Tensor]:
+    """Tensors a stacked adapter depends on: its own, plus the adapted weights for DoRA (the norm uses them)."""
+    out: list[torch.Tensor] = list(adapter.tensors.values())
+    if getattr(adapter.config, "use_dora", False):
+        out += [w for m in adapter.modules if isinstance(w := getattr(m, "weight", None), torch.Tensor)]
+    return out
+
+
+def _stack_key(adapters: Sequence[_Adapter]) -> tuple[Any, ...]:
+    """What a stack of ``adapters`` depends on: names, configs, offload state, each tensor's storage and version."""
+    parts: list[Any] = [_OPTIMIZER_STEPS[0]]
+    for a in adapters:
+        parts += (a.name, a.config, a.offload)
+        for t in _watched(a):
+            parts += (t.data_ptr(), t._version, t.dtype, t.device)
+    return tuple(parts)
+
+
+def _not_stackable(model: nn.Module, adapter: _Adapter) -> str | None:
+    """Why ``adapter`` cannot run per sample (completes "it ..."), or None."""
+    if not isinstance(adapter.config, LoRAConfig):
+        return f"is a {adapter.swift_type} adapter; per-sample adapters are LoRA only"
+    if adapter.offload is not None:
+        return f"is offloaded to {adapter.offload!r}; call activate_adapter({adapter.name!r}) first"
+    if _layout(model, adapter.params).overrides:
+        return "has modules_to_save copies or biases of modules LoRA does not adapt (not supported per sample)"
+    return None
+
+
+def _names_list(adapter_names: Any) -> list[str]:
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+        raise TypeError(f"adapter_names must be a list with one adapter name per sample, got"
+                        f" {type(adapter_names).__name__}")
+    return list(adapter_names)
+
+
+def _batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int | None:
+    """The batch size of a call: the first dimension of its main input tensor (None if there is none)."""
+    for v in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds"), kwargs.get("pixel_values")):
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    return None
 
 
 # ---------------------------------------------------------------------------
