@@ -452,16 +452,17 @@ def is_peft_native_type(peft_type: Any) -> bool:
 
 
 def peft_native_adapters(path: str | os.PathLike[str],
-                         adapter_names: Sequence[str] | Mapping[str, str] | str | None = None
-                         ) -> tuple[dict[str, Path], dict[str, str]] | None:
+                         adapter_names: Sequence[str] | Mapping[str, str] | str | None = None,
+                         *, lora_too: bool = False) -> tuple[dict[str, Path], dict[str, str]] | None:
     """The adapters of a checkpoint directory that only ``peft`` can load, or ``None`` when functuner reads it.
 
     Returns ``({name on disk: folder}, {name on disk: name to load as})`` when
     every selected adapter is PEFT-format (no ``swift_type``) of one PEFT type
-    other than LoRA (IA3, LOHA, PROMPT_TUNING...).  A directory mixing such
-    adapters with functuner's, or with another PEFT type, raises
-    :class:`CheckpointError` (neither library can hold the mix).  Reads only
-    the JSON configs; changes nothing.
+    other than LoRA (IA3, LOHA, PROMPT_TUNING...); with ``lora_too`` PEFT-format
+    LoRA counts as well (for loading into an existing ``PeftModel``).  A
+    directory mixing such adapters with functuner's, or with another PEFT type,
+    raises :class:`CheckpointError` (neither library can hold the mix).  Reads
+    only the JSON configs; changes nothing.
     """
     root = Path(path)
     if not root.is_dir():
@@ -472,7 +473,7 @@ def peft_native_adapters(path: str | os.PathLike[str],
     for disk_name in wanted:
         data = _read_json(found[disk_name] / CONFIG_NAME, root)
         kind = data.get("peft_type")
-        if "swift_type" not in data and is_peft_native_type(kind):
+        if "swift_type" not in data and (is_peft_native_type(kind) or (lora_too and kind == "LORA")):
             kinds[disk_name] = str(kind)
     if not kinds:
         return None

@@ -1210,8 +1210,8 @@ class Swift:
         (SWIFT would return a PeftModel for the latter).  A PEFT directory of
         PEFT's other tuners (IA3, LoHa, LoKr, AdaLoRA, VeRA, BOFT, prompt or
         prefix tuning...) goes to ``peft.PeftModel.from_pretrained`` (or
-        ``load_adapter`` when ``model`` is a ``PeftModel``) and a ``PeftModel``
-        is returned; functuner's safety checks still apply (no unpickling
+        ``load_adapter`` when ``model`` is a ``PeftModel``, which also takes PEFT
+        LoRA directories that way) and a ``PeftModel`` is returned; functuner's safety checks still apply (no unpickling
         without ``weights_only=True``, no NaN/inf, every key must load) and a
         failure leaves the model as it was.  ``inference_mode=False`` there
         means peft's ``is_trainable=True``; other unknown keywords go to peft.
@@ -1220,7 +1220,7 @@ class Swift:
             raise CheckpointError("from_pretrained needs model_id (a directory or a hub id)")
         hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "local_files_only") if k in kwargs}
         model_dir = resolve_model_dir(model_id, revision=revision, **hub_kwargs)
-        native = ckpt.peft_native_adapters(model_dir, adapter_name)
+        native = ckpt.peft_native_adapters(model_dir, adapter_name, lora_too=_is_peft_model(model))
         if native is None:
             return SwiftModel.from_pretrained(model, model_dir, adapter_name=adapter_name, revision=revision, **kwargs)
         folders, renames = native

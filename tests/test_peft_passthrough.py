@@ -282,3 +282,21 @@ def test_mixed_directory_is_refused_before_loading(tmp_path: Path) -> None:
     assert isinstance(only_ia3, peft.PeftModel)
     only_lora = Swift.from_pretrained(tiny_llama(), str(folder), adapter_name="other")
     assert isinstance(only_lora, SwiftModel)
+
+
+def test_peft_lora_directory_into_an_existing_peft_model_uses_load_adapter(tmp_path: Path) -> None:
+    def lora() -> peft.LoraConfig:
+        return peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+
+    torch.manual_seed(1)
+    saved = peft.get_peft_model(tiny_llama(), lora())
+    saved.save_pretrained(str(tmp_path))
+    torch.manual_seed(2)
+    pm = peft.get_peft_model(tiny_llama(), lora())
+    got = Swift.from_pretrained(pm, str(tmp_path), adapter_name={"default": "second"})
+    assert got is pm and set(pm.peft_config) == {"default", "second"}
+    pm.set_adapter("second")
+    assert torch.equal(out(pm), out(saved))
+    # a plain model still gets functuner's own LoRA (a SwiftModel), with the same outputs
+    ours = Swift.from_pretrained(tiny_llama(), str(tmp_path))
+    assert isinstance(ours, SwiftModel) and torch.allclose(out(ours), out(saved), atol=1e-6)
