@@ -28,12 +28,16 @@ X = torch.randint(0, 64, (4, 7), generator=torch.Generator().manual_seed(1))
 def _shim(dora: bool = True) -> SwiftModel:
     """Three LoRA adapters of different ranks / targets (one DoRA, one rsLoRA) on a tiny Llama, eval mode."""
     torch.manual_seed(0)
-    return Swift.prepare_model(tiny_llama(), {
-        "default": LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
-        "other": LoRAConfig(r=2, target_modules=["o_proj", "up_proj", "q_proj"], init_lora_weights=False,
-                            use_rslora=True),
-        "third": LoRAConfig(r=3, target_modules=["k_proj", "down_proj"], init_lora_weights=False, use_dora=dora),
-    })
+    return Swift.prepare_model(
+        tiny_llama(),
+        {
+            "default": LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+            "other": LoRAConfig(
+                r=2, target_modules=["o_proj", "up_proj", "q_proj"], init_lora_weights=False, use_rslora=True
+            ),
+            "third": LoRAConfig(r=3, target_modules=["k_proj", "down_proj"], init_lora_weights=False, use_dora=dora),
+        },
+    )
 
 
 def _alone(sm: SwiftModel, x: torch.Tensor, names: list[str]) -> torch.Tensor:
@@ -43,7 +47,7 @@ def _alone(sm: SwiftModel, x: torch.Tensor, names: list[str]) -> torch.Tensor:
     with torch.no_grad():
         for i, n in enumerate(names):
             sm.set_active_adapters([] if n == "__base__" else [n])
-            rows.append(sm(x[i:i + 1]).logits)
+            rows.append(sm(x[i : i + 1]).logits)
     sm.set_active_adapters(before)
     return torch.cat(rows)
 
@@ -95,24 +99,34 @@ def test_equals_real_peft_adapter_names(tmp_path: Path) -> None:
     with torch.no_grad():
         want = pm(X, adapter_names=names).logits
     assert torch.allclose(_mixed(sm, X, names), want, rtol=1e-5, atol=ATOL)
-    gen = pm.generate(input_ids=X[:, :3], adapter_names=names, max_new_tokens=3, do_sample=False,
-                      attention_mask=torch.ones(4, 3, dtype=torch.long))
-    ours = sm.generate(X[:, :3], adapter_names=names, max_new_tokens=3, do_sample=False,
-                       attention_mask=torch.ones(4, 3, dtype=torch.long))
+    gen = pm.generate(
+        input_ids=X[:, :3],
+        adapter_names=names,
+        max_new_tokens=3,
+        do_sample=False,
+        attention_mask=torch.ones(4, 3, dtype=torch.long),
+    )
+    ours = sm.generate(
+        X[:, :3],
+        adapter_names=names,
+        max_new_tokens=3,
+        do_sample=False,
+        attention_mask=torch.ones(4, 3, dtype=torch.long),
+    )
     assert torch.equal(ours, gen)
 
 
 def test_generate_with_beams_expands_names_per_prompt(sm: SwiftModel) -> None:
     names = ["other", "__base__"]
     mask = torch.ones(2, 3, dtype=torch.long)
-    got = sm.generate(X[:2, :3], adapter_names=names, max_new_tokens=3, num_beams=2, do_sample=False,
-                      attention_mask=mask)
+    got = sm.generate(
+        X[:2, :3], adapter_names=names, max_new_tokens=3, num_beams=2, do_sample=False, attention_mask=mask
+    )
     before = sorted(sm.active_adapters)
     for i, n in enumerate(names):
         sm.set_active_adapters([] if n == "__base__" else [n])
-        alone = sm.generate(X[i:i + 1, :3], max_new_tokens=3, num_beams=2, do_sample=False,
-                            attention_mask=mask[:1])
-        assert torch.equal(got[i:i + 1], alone), n
+        alone = sm.generate(X[i : i + 1, :3], max_new_tokens=3, num_beams=2, do_sample=False, attention_mask=mask[:1])
+        assert torch.equal(got[i : i + 1], alone), n
     sm.set_active_adapters(before)
 
 
@@ -128,10 +142,14 @@ def _train_step(sm: SwiftModel, opt: torch.optim.Optimizer, name: str) -> None:
     sm.set_active_adapters(["default", "other", "third"])
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda ps: torch.optim.AdamW(ps, lr=0.05, fused=True),  # fused: writes without bumping version counters
-    lambda ps: torch.optim.SGD(ps, lr=0.5),
-], ids=["adamw_fused", "sgd"])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.AdamW(ps, lr=0.05, fused=True),  # fused: writes without bumping version counters
+        lambda ps: torch.optim.SGD(ps, lr=0.5),
+    ],
+    ids=["adamw_fused", "sgd"],
+)
 def test_cache_follows_optimizer_steps(make_opt) -> None:  # type: ignore[no-untyped-def]
     sm = _shim()
     names = ["third", "other", "__base__", "default"]
@@ -170,8 +188,11 @@ def test_cache_follows_writes_loads_replacements_and_offload() -> None:
     assert sm._state.mixed is None  # offloading drops the cache (and the tensors it kept alive)
     with pytest.raises(ConfigError, match=r"'third'.*offloaded"):
         _mixed(sm, X, names)
-    assert torch.allclose(_mixed(sm, X, ["other", "__base__", "default", "other"]),
-                          _alone(sm, X, ["other", "__base__", "default", "other"]), atol=ATOL)
+    assert torch.allclose(
+        _mixed(sm, X, ["other", "__base__", "default", "other"]),
+        _alone(sm, X, ["other", "__base__", "default", "other"]),
+        atol=ATOL,
+    )
     sm.activate_adapter("third")
     assert torch.allclose(_mixed(sm, X, names), _alone(sm, X, names), atol=ATOL)
     Swift.prepare_model(sm, {"new": LoRAConfig(r=2, target_modules=["gate_proj"], init_lora_weights=False)})
@@ -188,7 +209,7 @@ def test_gradients_reach_the_named_adapters_in_grad_mode() -> None:
     sm.zero_grad()
     for i, n in enumerate(names[:3]):  # the '__base__' row reaches no adapter
         sm.set_active_adapters([n])
-        sm(X[i:i + 1]).logits.square().sum().backward()
+        sm(X[i : i + 1]).logits.square().sum().backward()
     for k, g in mixed.items():
         p = sm.adapters[k.split(".")[-2]].tensors[k]
         assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-6), k
@@ -200,10 +221,13 @@ def test_gradients_reach_the_named_adapters_in_grad_mode() -> None:
 # ---------------------------------------------------------------------------
 def test_errors_name_the_problem_and_change_nothing() -> None:
     torch.manual_seed(0)
-    sm = Swift.prepare_model(tiny_llama(), {
-        "default": LoRAConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
-        "ad": AdapterConfig(dim=32, target_modules=r".*mlp", hidden_pos=0, adapter_length=4),
-    })
+    sm = Swift.prepare_model(
+        tiny_llama(),
+        {
+            "default": LoRAConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
+            "ad": AdapterConfig(dim=32, target_modules=r".*mlp", hidden_pos=0, adapter_length=4),
+        },
+    )
     sm.deactivate_adapter("ad")
     with torch.no_grad():
         before = sm(X).logits
@@ -232,3 +256,16 @@ def test_errors_name_the_problem_and_change_nothing() -> None:
     with torch.no_grad():
         assert torch.equal(sm(X).logits, before)  # no routes or state left behind by the failed calls
     assert sm.active_adapters == {"default"}
+
+
+def test_threads_each_get_their_own_assignment(sm: SwiftModel) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    plans = [["default", "__base__", "third", "other"], ["other", "third", "__base__", "default"]]
+    want = [_mixed(sm, X, p) for p in plans]
+
+    def run(i: int) -> bool:
+        return all(torch.equal(_mixed(sm, X, plans[i % 2]), want[i % 2]) for _ in range(5))
+
+    with ThreadPoolExecutor(2) as pool:
+        assert all(pool.map(run, range(4)))
