@@ -25,8 +25,9 @@ def build_model(quick: bool) -> transformers.LlamaForCausalLM:
     """A randomly initialised LLaMA built from a config (no download), frozen and in eval mode."""
     torch.manual_seed(0)
     size = dict(hidden_size=32, intermediate_size=64) if quick else dict(hidden_size=256, intermediate_size=512)
-    config = transformers.LlamaConfig(vocab_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, **size)
+    config = transformers.LlamaConfig(
+        vocab_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **size
+    )
     return transformers.LlamaForCausalLM(config).eval().requires_grad_(False)
 
 
@@ -48,15 +49,15 @@ def main(argv: list[str] | None = None) -> float:
     model = build_model(args.quick)
     vocab = model.config.vocab_size
     config = ft.LoRAConfig(r=8, lora_alpha=16, target_modules="all-linear")
-    params = ft.init(model, config, generator=0)          # explicit randomness, model only read
+    params = ft.init(model, config, generator=0)  # explicit randomness, model only read
     print(f"LoRA params: {params.num_parameters():,} in {len(params)} tensors")
 
     def loss_fn(p: ft.TunerParams, batch: torch.Tensor) -> torch.Tensor:
-        logits = ft.apply(model, p, (batch,)).logits      # pure: model and p are untouched
+        logits = ft.apply(model, p, (batch,)).logits  # pure: model and p are untouched
         return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), batch[:, 1:].reshape(-1))
 
     data = torch.Generator().manual_seed(1)
-    dataset = counting_task(8 if args.quick else 512, 8, vocab, data)   # quick: overfit one fixed batch
+    dataset = counting_task(8 if args.quick else 512, 8, vocab, data)  # quick: overfit one fixed batch
     lr, b1, b2, eps = 1e-2, 0.9, 0.999, 1e-8
     m = ft.tree_map(torch.zeros_like, params)
     v = ft.tree_map(torch.zeros_like, params)
@@ -67,7 +68,9 @@ def main(argv: list[str] | None = None) -> float:
         m = ft.tree_map(lambda m_, g: b1 * m_ + (1 - b1) * g, m, grads)
         v = ft.tree_map(lambda v_, g: b2 * v_ + (1 - b2) * g * g, v, grads)
         c1, c2 = 1 - b1**step, 1 - b2**step  # Adam's bias corrections
-        params = ft.tree_map(lambda p, m_, v_, c1=c1, c2=c2: p - lr * (m_ / c1) / ((v_ / c2).sqrt() + eps), params, m, v)
+        params = ft.tree_map(
+            lambda p, m_, v_, c1=c1, c2=c2: p - lr * (m_ / c1) / ((v_ / c2).sqrt() + eps), params, m, v
+        )
         losses.append(loss.item())
         if step == 1 or step % max(1, steps // 5) == 0 or step == steps:
             print(f"step {step:4d}  loss {loss.item():.4f}")
@@ -79,7 +82,9 @@ def main(argv: list[str] | None = None) -> float:
         folder = write_swift_adapter(tmp, params.adapter_name, params.config, params.state_dict())
         loaded = read_adapter(folder, "default")
         reloaded = ft.TunerParams({k: loaded.state[k] for k in params}, loaded.config, loaded.name)
-        assert set(loaded.state) == set(params) and reloaded == params.detach(), "the adapter did not read back unchanged"
+        assert set(loaded.state) == set(params) and reloaded == params.detach(), (
+            "the adapter did not read back unchanged"
+        )
         print(f"saved and reloaded {Path(folder).name}/ ({len(loaded.state)} tensors)")
 
     # Merge: new weights; the model itself is not changed.

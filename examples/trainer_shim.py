@@ -26,8 +26,9 @@ def build_model(quick: bool) -> transformers.LlamaForCausalLM:
     """The same randomly initialised LLaMA (built from a config, no download) on every call."""
     torch.manual_seed(0)
     size = dict(hidden_size=32, intermediate_size=64) if quick else dict(hidden_size=256, intermediate_size=512)
-    config = transformers.LlamaConfig(vocab_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, **size)
+    config = transformers.LlamaConfig(
+        vocab_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **size
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -56,20 +57,31 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
     model = Swift.prepare_model(build_model(args.quick), LoRAConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     print(model.get_trainable_parameters())
     vocab = model.config.vocab_size
-    train = CountingTask(8 if args.quick else 1024, vocab, seed=2)   # quick: overfit one batch
+    train = CountingTask(8 if args.quick else 1024, vocab, seed=2)  # quick: overfit one batch
     evaluation = CountingTask(8, vocab, seed=2 if args.quick else 3)
 
     with tempfile.TemporaryDirectory(prefix="functuner-trainer-") as work:
         return _train_save_reload(model, train, evaluation, steps, work, args.quick)
 
 
-def _train_save_reload(model: SwiftModel, train: CountingTask, evaluation: CountingTask, steps: int, work: str,
-                       quick: bool) -> tuple[float, float]:
+def _train_save_reload(
+    model: SwiftModel, train: CountingTask, evaluation: CountingTask, steps: int, work: str, quick: bool
+) -> tuple[float, float]:
     training_args = transformers.TrainingArguments(
-        output_dir=os.path.join(work, "trainer"), per_device_train_batch_size=8, per_device_eval_batch_size=8,
-        max_steps=steps, learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=max(1, steps // 4),
-        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
-        label_names=["labels"])  # Trainer cannot read the label names off the wrapper's generic forward
+        output_dir=os.path.join(work, "trainer"),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        max_steps=steps,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=max(1, steps // 4),
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        label_names=["labels"],
+    )  # Trainer cannot read the label names off the wrapper's generic forward
     # Trainer builds its usual AdamW over the trainable parameters: the adapters' (the base model is frozen).
     # For LoRA+ pass optimizers=(torch.optim.AdamW(model.create_optimizer_param_groups(lr=...)), None).
     trainer = transformers.Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation)
@@ -98,8 +110,10 @@ def _train_save_reload(model: SwiftModel, train: CountingTask, evaluation: Count
 
         Swift.merge_and_unload(model)
         gap_merged = (model(x).logits - want).abs().max().item()
-    print(f"max |reloaded - trained| = {gap_swift:.2e}, |peft - trained| = {gap_peft:.2e}, "
-          f"|merged - trained| = {gap_merged:.2e}")
+    print(
+        f"max |reloaded - trained| = {gap_swift:.2e}, |peft - trained| = {gap_peft:.2e}, "
+        f"|merged - trained| = {gap_merged:.2e}"
+    )
     assert gap_swift == 0.0 and gap_peft < 1e-5 and gap_merged < 1e-4
     return before, after
 

@@ -29,16 +29,27 @@ def _nav_pages(nav: list) -> list[str]:
 
 def test_mkdocs_build_strict_has_no_warnings(tmp_path: pathlib.Path) -> None:
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log
     warnings = [line for line in log.splitlines() if re.match(r"\s*(WARNING|ERROR)\b", line)]
     assert not warnings, "\n".join(warnings)
     assert (tmp_path / "site" / "index.html").is_file()
     reference = (tmp_path / "site" / "reference" / "functional" / "index.html").read_text()
-    for name in ("functuner.core.init", "functuner.core.apply", "functuner.core.merge", "functuner.core.unmerge",
-                 "functuner.params.TunerParams"):
+    for name in (
+        "functuner.core.init",
+        "functuner.core.apply",
+        "functuner.core.merge",
+        "functuner.core.unmerge",
+        "functuner.params.TunerParams",
+    ):
         assert f'id="{name}"' in reference, f"{name} is missing from the generated API reference"
     shim = (tmp_path / "site" / "reference" / "shim" / "index.html").read_text()
     assert 'id="functuner.swift.SwiftModel"' in shim and 'id="functuner.swift.Swift"' in shim

@@ -20,8 +20,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def _run(script: str, tmp_path: pathlib.Path) -> str:
     env = dict(os.environ, PYTHONWARNINGS="ignore", TMPDIR=str(tmp_path), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--quick"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), "--quick"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, f"{script} --quick exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     return proc.stdout
 
@@ -47,7 +53,8 @@ def test_trainer_shim_quick(tmp_path: pathlib.Path) -> None:
     before, after = _floats(r"eval loss ([\d.]+) -> ([\d.]+)", out)
     assert after < before
     reloaded, peft_gap, merged = _floats(
-        r"reloaded - trained\| = ([\d.e+-]+), \|peft - trained\| = ([\d.e+-]+), \|merged - trained\| = ([\d.e+-]+)", out)
+        r"reloaded - trained\| = ([\d.e+-]+), \|peft - trained\| = ([\d.e+-]+), \|merged - trained\| = ([\d.e+-]+)", out
+    )
     assert reloaded == 0.0 and peft_gap < 1e-5 and merged < 1e-4
     assert not list(tmp_path.glob("functuner-trainer-*")), "the example left its temporary folder behind"
 
