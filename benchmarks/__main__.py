@@ -53,8 +53,10 @@ def machine() -> str:
 
     cpu = f"{_cpu_name()} ({os.cpu_count()} logical CPUs visible)"
     dev = f"{torch.cuda.get_device_name()}, host {cpu}" if torch.cuda.is_available() else cpu
-    return (f"{dev}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); Python {platform.python_version()};"
-            f" {platform.system()} {platform.release()}")
+    return (
+        f"{dev}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); Python {platform.python_version()};"
+        f" {platform.system()} {platform.release()}"
+    )
 
 
 def run_suite(quick: bool, only: list[str] | None = None, threads: int | None = None) -> list[C.Report]:
@@ -85,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    header = (f"# functuner benchmarks ({'quick' if args.quick else 'full'} mode)\n\nMachine: {machine()}\n"
-              f"Command: python -m benchmarks {' '.join(argv if argv is not None else sys.argv[1:])}\n")
+    header = (
+        f"# functuner benchmarks ({'quick' if args.quick else 'full'} mode)\n\nMachine: {machine()}\n"
+        f"Command: python -m benchmarks {' '.join(argv if argv is not None else sys.argv[1:])}\n"
+    )
     print(header, flush=True)
     reports = run_suite(args.quick, args.only, args.threads)
     if args.out:

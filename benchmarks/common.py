@@ -75,9 +75,14 @@ def build_llama(shape: Shape, seed: int = 0, dtype: torch.dtype = torch.float32)
 
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
-        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
-        max_position_embeddings=max(shape.seq, 64), attn_implementation="sdpa",
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        max_position_embeddings=max(shape.seq, 64),
+        attn_implementation="sdpa",
     )
     model = transformers.LlamaForCausalLM(cfg).to(device=device(), dtype=dtype).eval()
     for p in model.parameters():
@@ -100,8 +105,13 @@ def peft_lora(model: torch.nn.Module, params: Any, *, use_dora: bool = False) ->
 
     cfg = params.config
     pcfg = peft.LoraConfig(
-        r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules), lora_dropout=0.0,
-        use_dora=use_dora, use_rslora=cfg.use_rslora, bias="none",
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=list(cfg.target_modules),
+        lora_dropout=0.0,
+        use_dora=use_dora,
+        use_rslora=cfg.use_rslora,
+        bias="none",
     )
     pm = peft.get_peft_model(copy.deepcopy(model), pcfg)
     sd = ft.to_peft_state_dict(params, params.adapter_name)
@@ -122,8 +132,9 @@ def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, *, rtol: floa
     return diff
 
 
-def interleaved(fns: Mapping[str, Callable[[], Any] | tuple[Callable[[], Any], Callable[[Any], Any]]], *,
-                warmup: int, repeats: int) -> dict[str, float]:
+def interleaved(
+    fns: Mapping[str, Callable[[], Any] | tuple[Callable[[], Any], Callable[[Any], Any]]], *, warmup: int, repeats: int
+) -> dict[str, float]:
     """Median seconds per call of each function, measured round-robin (rotating start) after ``warmup`` calls each.
 
     A value may be a pair ``(setup, run)``: ``setup()`` runs untimed before every call and its result is
@@ -151,7 +162,7 @@ def interleaved(fns: Mapping[str, Callable[[], Any] | tuple[Callable[[], Any], C
             once(n)
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(repeats):
-        order = names[i % len(names):] + names[: i % len(names)]
+        order = names[i % len(names) :] + names[: i % len(names)]
         for n in order:
             times[n].append(once(n))
     return {n: statistics.median(v) for n, v in times.items()}
@@ -236,5 +247,6 @@ def lora_config(shape: Shape, *, dora: bool = False, rank: int | None = None) ->
     import functuner as ft
 
     r = rank or shape.rank
-    return ft.LoRAConfig(r=r, lora_alpha=2 * r, target_modules=list(LLAMA_TARGETS), init_lora_weights=False,
-                         use_dora=dora)
+    return ft.LoRAConfig(
+        r=r, lora_alpha=2 * r, target_modules=list(LLAMA_TARGETS), init_lora_weights=False, use_dora=dora
+    )

@@ -48,7 +48,9 @@ def run(s: C.Settings) -> C.Report:
         return ft.apply(model, p, (ids,), {"labels": labels}).loss
 
     eager = ft.value_and_grad(loss_fn)
-    want = {n: eager(p, ids, labels) for n, p in (("p1", p1), ("p2", p2), ("p3", p3), ("p4", p4))}  # also builds layouts/slots
+    want = {
+        n: eager(p, ids, labels) for n, p in (("p1", p1), ("p2", p2), ("p3", p3), ("p4", p4))
+    }  # also builds layouts/slots
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -75,8 +77,11 @@ def run(s: C.Settings) -> C.Report:
         raise AssertionError(f"switching adapters of one config recompiled {switch_recompiles} time(s)")
     report.check("fullgraph=True compiled; switching p1 -> p2 -> p1 recompiled 0 times")
 
-    times = C.interleaved({"eager": lambda: eager(p1, ids, labels), "compiled": lambda: compiled(p1, ids, labels)},
-                          warmup=s.warmup, repeats=s.repeats * 2)
+    times = C.interleaved(
+        {"eager": lambda: eager(p1, ids, labels), "compiled": lambda: compiled(p1, ids, labels)},
+        warmup=s.warmup,
+        repeats=s.repeats * 2,
+    )
     report.add("compiled / eager step time", C.ratio(times["compiled"], times["eager"]), 1.0)
     report.info("speedup (eager / compiled)", f"{C.ratio(times['eager'], times['compiled']):.2f}x")
     report.info("recompiles switching adapters (one config object)", str(switch_recompiles))

@@ -46,8 +46,9 @@ def _max_err(now: dict[str, torch.Tensor], orig: dict[str, torch.Tensor]) -> flo
 def run_dtype(shape: C.Shape, dtype: torch.dtype, cycles: int) -> tuple[float, list[tuple[int, float, float]]]:
     """Largest original ``|W|`` and ``[(cycle, functuner max error, PEFT max error)]`` at 1, 10, 100, ..., ``cycles``."""
     base = C.build_llama(shape, dtype=dtype)
-    cfg = ft.LoRAConfig(r=shape.rank, lora_alpha=2 * shape.rank, target_modules=list(C.LLAMA_TARGETS),
-                        init_lora_weights=False)
+    cfg = ft.LoRAConfig(
+        r=shape.rank, lora_alpha=2 * shape.rank, target_modules=list(C.LLAMA_TARGETS), init_lora_weights=False
+    )
     params = ft.init(base, cfg, generator=0)
     # B scaled down to a trained adapter's typical size (deltas ~1e-2 of the weights)
     params = params.replace({k: v * 0.05 for k, v in params.items() if ".lora_B." in k})
@@ -71,8 +72,13 @@ def run_dtype(shape: C.Shape, dtype: torch.dtype, cycles: int) -> tuple[float, l
         pm.merge_adapter()
         pm.unmerge_adapter()
         if c in marks:
-            rows.append((c, _max_err(_weights(ours_model, adapted), ours_orig),
-                         _max_err(_weights(inner, list(theirs_orig)), theirs_orig)))
+            rows.append(
+                (
+                    c,
+                    _max_err(_weights(ours_model, adapted), ours_orig),
+                    _max_err(_weights(inner, list(theirs_orig)), theirs_orig),
+                )
+            )
     return max(float(w.float().abs().max()) for w in ours_orig.values()), rows
 
 
@@ -84,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     shape = C.QUICK if args.quick else C.FULL
     cycles = args.cycles or (20 if args.quick else 1000)
     torch.manual_seed(0)
-    print(f"merge/unmerge drift: Llama hidden {shape.hidden}, {shape.layers} layers, LoRA r={shape.rank} on "
-          f"{len(C.LLAMA_TARGETS)} linears per layer, {cycles} cycles")
+    print(
+        f"merge/unmerge drift: Llama hidden {shape.hidden}, {shape.layers} layers, LoRA r={shape.rank} on "
+        f"{len(C.LLAMA_TARGETS)} linears per layer, {cycles} cycles"
+    )
     print(f"{'dtype':<6}{'cycles':>8}{'functuner max err':>20}{'PEFT max err':>16}{'max |W|':>10}")
     for name, dtype in DTYPES.items():
         wmax, rows = run_dtype(shape, dtype, cycles)

@@ -52,8 +52,12 @@ def run(s: C.Settings) -> C.Report:
     with torch.inference_mode():
         want = f_peft()
         report.check(f"unmerged == peft (max |diff| {C.assert_close('unmerged vs peft', f_unmerged(), want):.1e})")
-        report.check(f"merged == peft (max |diff| {C.assert_close('merged vs peft', f_merged(), want, rtol=1e-4, atol=1e-4):.1e})")
-        report.check(f"dormant slots == plain (max |diff| {C.assert_close('dormant vs plain', f_dormant(), f_plain(), rtol=0, atol=0):.1e})")
+        report.check(
+            f"merged == peft (max |diff| {C.assert_close('merged vs peft', f_merged(), want, rtol=1e-4, atol=1e-4):.1e})"
+        )
+        report.check(
+            f"dormant slots == plain (max |diff| {C.assert_close('dormant vs plain', f_dormant(), f_plain(), rtol=0, atol=0):.1e})"
+        )
         times = C.interleaved(fns, warmup=s.warmup, repeats=s.repeats * 2)
     report.add("merged / plain", C.ratio(times["merged"], times["plain"]), 1.02)
     report.add("unmerged / peft", C.ratio(times["unmerged"], times["peft"]), 1.0)

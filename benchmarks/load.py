@@ -34,9 +34,11 @@ def _functuner_loader() -> tuple[str, Any]:
     except ImportError:
         read_adapter = None
     if read_adapter is not None:
+
         def load(folder: str) -> ft.TunerParams:
             ck = read_adapter(folder, "default")
             return ft.TunerParams(ck.state, ck.config, "default")
+
         return "functuner.checkpoint.read_adapter", load
 
     import json
@@ -48,6 +50,7 @@ def _functuner_loader() -> tuple[str, Any]:
         cfg = ft.LoRAConfig.from_dict(data, strict=False)
         state = ft.from_peft_state_dict(load_file(str(Path(folder) / "adapter_model.safetensors")), "default")
         return ft.TunerParams(state, cfg, "default")
+
     return "safetensors + functuner.from_peft_state_dict", load_functional
 
 
@@ -81,8 +84,9 @@ def run(s: C.Settings) -> C.Report:
         report.check(f"functuner load returns all {len(params)} saved tensors bit-exactly")
         pm = PeftModel.from_pretrained(copy.deepcopy(base), folder)
         with torch.inference_mode():
-            diff = C.assert_close("load: functuner vs peft outputs", ft.apply(base, loaded, (ids,)).logits,
-                                  pm(input_ids=ids).logits)
+            diff = C.assert_close(
+                "load: functuner vs peft outputs", ft.apply(base, loaded, (ids,)).logits, pm(input_ids=ids).logits
+            )
         report.check(f"outputs with the loaded adapter == PEFT's loaded model (max |diff| {diff:.1e})")
 
         def f_read() -> None:
@@ -97,9 +101,13 @@ def run(s: C.Settings) -> C.Report:
         }
         times = C.interleaved(fns, warmup=s.warmup, repeats=s.repeats * 5)
     report.add("functuner / safetensors alone", C.ratio(times["functuner"], times["safetensors"]), 1.2)
-    report.add("functuner / (safetensors + one read pass)", C.ratio(times["functuner"], times["safetensors + read"]), 1.2)
+    report.add(
+        "functuner / (safetensors + one read pass)", C.ratio(times["functuner"], times["safetensors + read"]), 1.2
+    )
     report.add("functuner / peft", C.ratio(times["functuner"], times["peft"]), 0.1)
     report.add("peft / safetensors alone", C.ratio(times["peft"], times["safetensors"]))
-    report.info("adapter file", f"{C.mib(size)}, {len(params)} tensors; safetensors alone {times['safetensors'] * 1e3:.2f} ms")
+    report.info(
+        "adapter file", f"{C.mib(size)}, {len(params)} tensors; safetensors alone {times['safetensors'] * 1e3:.2f} ms"
+    )
     report.notes.append(f"functuner row = {how} + TunerParams + functuner.validate")
     return report

@@ -30,7 +30,9 @@ def run(s: C.Settings) -> C.Report:
     new_keys = [k for k, v in merged.items() if own.get(k) is not v]
     for k in new_keys:
         worst = max(worst, C.assert_close(f"merged {k}", merged[k], peft_merged[k], rtol=1e-5, atol=1e-6))
-    report.check(f"functuner.merge == PEFT merge_and_unload on all {len(new_keys)} merged weights (max |diff| {worst:.1e})")
+    report.check(
+        f"functuner.merge == PEFT merge_and_unload on all {len(new_keys)} merged weights (max |diff| {worst:.1e})"
+    )
     back = ft.unmerge(model, params, merged)
     worst = max(C.assert_close(f"unmerge {k}", back[k], own[k], rtol=1e-5, atol=1e-5) for k in new_keys)
     report.check(f"unmerge restores the base weights (max |diff| {worst:.1e})")
@@ -45,13 +47,21 @@ def run(s: C.Settings) -> C.Report:
         "functuner merge": ft_merge,
         "peft merge_and_unload": (lambda: C.peft_lora(model, params), lambda pm: pm.merge_and_unload()),
         "functuner merge+unmerge": ft_cycle,
-        "peft merge+unmerge": (lambda: C.peft_lora(model, params),
-                               lambda pm: (pm.merge_adapter(), pm.unmerge_adapter())),
+        "peft merge+unmerge": (
+            lambda: C.peft_lora(model, params),
+            lambda pm: (pm.merge_adapter(), pm.unmerge_adapter()),
+        ),
     }
     times = C.interleaved(fns, warmup=s.warmup, repeats=s.repeats * 3)
-    report.add("functuner merge / peft merge_and_unload", C.ratio(times["functuner merge"], times["peft merge_and_unload"]), 0.5)
-    report.add("functuner merge+unmerge / peft merge_adapter+unmerge_adapter (in place; no target)",
-               C.ratio(times["functuner merge+unmerge"], times["peft merge+unmerge"]))
+    report.add(
+        "functuner merge / peft merge_and_unload",
+        C.ratio(times["functuner merge"], times["peft merge_and_unload"]),
+        0.5,
+    )
+    report.add(
+        "functuner merge+unmerge / peft merge_adapter+unmerge_adapter (in place; no target)",
+        C.ratio(times["functuner merge+unmerge"], times["peft merge+unmerge"]),
+    )
     merged_bytes = sum(merged[k].numel() * merged[k].element_size() for k in new_keys)
     peak = C.peak_bytes(ft_merge)
     report.add("functuner merge peak allocation / merged weights' bytes", C.ratio(peak, merged_bytes), 1.0)

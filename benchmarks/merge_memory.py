@@ -59,12 +59,26 @@ def _config(quick: bool):
     import transformers
 
     if quick:
-        return transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                                        tie_word_embeddings=False)
-    return transformers.LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
-                                    num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=512,
-                                    tie_word_embeddings=False)
+        return transformers.LlamaConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
+    return transformers.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
 
 
 def make_base(folder: Path, quick: bool, shard_bytes: int) -> int:
@@ -100,7 +114,8 @@ def make_base(folder: Path, quick: bool, shard_bytes: int) -> int:
         save_file(tensors, str(folder / name), metadata={"format": "pt"})
         del tensors
     (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     cfg.save_pretrained(str(folder))
     return total
 
@@ -114,8 +129,15 @@ def make_adapter(folder: Path, quick: bool, r: int) -> int:
     cfg = _config(quick)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     h, inter = cfg.hidden_size, cfg.intermediate_size
-    dims = {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "o_proj": (h, h), "gate_proj": (h, inter),
-            "up_proj": (h, inter), "down_proj": (inter, h)}
+    dims = {
+        "q_proj": (h, h),
+        "k_proj": (h, h),
+        "v_proj": (h, h),
+        "o_proj": (h, h),
+        "gate_proj": (h, inter),
+        "up_proj": (h, inter),
+        "down_proj": (inter, h),
+    }
     gen = torch.Generator().manual_seed(1)
     tensors = {}
     for layer in range(cfg.num_hidden_layers):
@@ -187,19 +209,35 @@ def main() -> None:
         if functuner is None:
             raise SystemExit("the functuner console script is not installed (pip install -e .)")
         imports_rss, _ = peak_rss([sys.executable, "-c", IMPORTS_ONLY])
-        ours, ours_s = peak_rss([functuner, "merge", "--base", str(base), "--adapter", str(adapter),
-                                    "--out", str(work / "out_functuner"), "--quiet"])
-        theirs, theirs_s = peak_rss([sys.executable, "-c", IN_MEMORY, str(base), str(adapter),
-                                        str(work / "out_in_memory"), shard_arg])
+        ours, ours_s = peak_rss(
+            [
+                functuner,
+                "merge",
+                "--base",
+                str(base),
+                "--adapter",
+                str(adapter),
+                "--out",
+                str(work / "out_functuner"),
+                "--quiet",
+            ]
+        )
+        theirs, theirs_s = peak_rss(
+            [sys.executable, "-c", IN_MEMORY, str(base), str(adapter), str(work / "out_in_memory"), shard_arg]
+        )
         diff = compare(work / "out_functuner", work / "out_in_memory")
         budget = largest + adapter_bytes + 300 * MiB
-        print(f"base checkpoint: {total / MiB:.1f} MiB in {len(shards)} shards (largest {largest / MiB:.1f} MiB);"
-              f" adapter {adapter_bytes / MiB:.1f} MiB (LoRA r={args.rank} on 7 projections x"
-              f" {_config(args.quick).num_hidden_layers} layers)")
+        print(
+            f"base checkpoint: {total / MiB:.1f} MiB in {len(shards)} shards (largest {largest / MiB:.1f} MiB);"
+            f" adapter {adapter_bytes / MiB:.1f} MiB (LoRA r={args.rank} on 7 projections x"
+            f" {_config(args.quick).num_hidden_layers} layers)"
+        )
         print(f"peak RSS of a process that only imports torch + safetensors: {imports_rss / MiB:.1f} MiB")
         print(f"functuner merge peak RSS: {ours / MiB:.1f} MiB  (wall {ours_s:.1f} s)")
-        print(f"in-memory peak RSS: {theirs / MiB:.1f} MiB  (PeftModel.merge_and_unload + save_pretrained;"
-              f" wall {theirs_s:.1f} s)")
+        print(
+            f"in-memory peak RSS: {theirs / MiB:.1f} MiB  (PeftModel.merge_and_unload + save_pretrained;"
+            f" wall {theirs_s:.1f} s)"
+        )
         print(f"ratio functuner / in-memory: peak RSS {ours / theirs:.2f}, wall {ours_s / theirs_s:.2f}")
         verdict = "met" if ours <= budget else "NOT met"
         if args.quick:

@@ -49,8 +49,9 @@ def _progress(msg: str) -> None:
     print(f"[multi_adapter] {msg}", file=sys.stderr, flush=True)
 
 
-def _load_adapters(model: torch.nn.Module, count: int, rank: int,
-                   targets: Sequence[str] = LLAMA_TARGETS) -> tuple[Any, dict[str, ft.TunerParams]]:
+def _load_adapters(
+    model: torch.nn.Module, count: int, rank: int, targets: Sequence[str] = LLAMA_TARGETS
+) -> tuple[Any, dict[str, ft.TunerParams]]:
     """A PEFT model over a deep copy of ``model`` with ``count`` random adapters, and the same tensors as params."""
     import copy
 
@@ -71,8 +72,9 @@ def _load_adapters(model: torch.nn.Module, count: int, rank: int,
     assert pm is not None
     state = pm.state_dict()
     for name, p in ours.items():
-        tensors = {k[len(PREFIX):]: v.detach() for k, v in state.items()
-                   if f".lora_A.{name}." in k or f".lora_B.{name}." in k}
+        tensors = {
+            k[len(PREFIX) :]: v.detach() for k, v in state.items() if f".lora_A.{name}." in k or f".lora_B.{name}." in k
+        }
         ours[name] = ft.TunerParams(tensors, p.config, name)
     pm.eval()
     for prm in pm.parameters():
@@ -91,7 +93,7 @@ def _timed(fns: dict[str, Any], *, warmup: int, repeats: int) -> tuple[dict[str,
             fns[n]()
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(repeats):
-        for n in names[i % len(names):] + names[: i % len(names)]:
+        for n in names[i % len(names) :] + names[: i % len(names)]:
             sync()
             t0 = time.perf_counter()
             fns[n]()
@@ -100,8 +102,16 @@ def _timed(fns: dict[str, Any], *, warmup: int, repeats: int) -> tuple[dict[str,
     return ({n: statistics.median(v) for n, v in times.items()}, {n: min(v) for n, v in times.items()})
 
 
-def _mixed_forward(report: Report, model: torch.nn.Module, pm: Any, ours: dict[str, ft.TunerParams],
-                   shape: Any, counts: Sequence[int], warmup: int, repeats: int) -> dict[str, float]:
+def _mixed_forward(
+    report: Report,
+    model: torch.nn.Module,
+    pm: Any,
+    ours: dict[str, ft.TunerParams],
+    shape: Any,
+    counts: Sequence[int],
+    warmup: int,
+    repeats: int,
+) -> dict[str, float]:
     g = torch.Generator().manual_seed(2)
     x = torch.randint(0, shape.vocab, (SAMPLES, shape.seq), generator=g)
     names_all = list(ours)
@@ -126,26 +136,38 @@ def _mixed_forward(report: Report, model: torch.nn.Module, pm: Any, ours: dict[s
             want = pm(input_ids=x, adapter_names=per_sample).logits
             assert_close(f"mixed batch of {k} adapters: functuner vs PEFT", got, want)
             report.check(f"mixed batch with {k} adapters equals PEFT's adapter_names output")
-            fns[f"functuner mixed {k}"] = (lambda s=stack, n=per_sample: apply_mixed(model, s, n, (x,)))
-            fns[f"PEFT mixed {k}"] = (lambda n=per_sample: pm(input_ids=x, adapter_names=n))
+            fns[f"functuner mixed {k}"] = lambda s=stack, n=per_sample: apply_mixed(model, s, n, (x,))
+            fns[f"PEFT mixed {k}"] = lambda n=per_sample: pm(input_ids=x, adapter_names=n)
         times, fastest = _timed(fns, warmup=warmup, repeats=repeats)
     results.update(times)
     results.update({f"min {k}": v for k, v in fastest.items()})
     for k in counts:
-        report.add(f"functuner mixed ({k} adapters) / functuner single", ratio(times[f"functuner mixed {k}"],
-                                                                              times["functuner single"]), 1.1)
-        report.add(f"functuner mixed ({k} adapters) / functuner single, fastest runs",
-                   ratio(fastest[f"functuner mixed {k}"], fastest["functuner single"]), 1.1)
+        report.add(
+            f"functuner mixed ({k} adapters) / functuner single",
+            ratio(times[f"functuner mixed {k}"], times["functuner single"]),
+            1.1,
+        )
+        report.add(
+            f"functuner mixed ({k} adapters) / functuner single, fastest runs",
+            ratio(fastest[f"functuner mixed {k}"], fastest["functuner single"]),
+            1.1,
+        )
         report.add(f"PEFT mixed ({k} adapters) / PEFT single", ratio(times[f"PEFT mixed {k}"], times["PEFT single"]))
-        report.add(f"PEFT mixed ({k} adapters) / PEFT single, fastest runs",
-                   ratio(fastest[f"PEFT mixed {k}"], fastest["PEFT single"]))
-        report.add(f"functuner mixed ({k}) / PEFT mixed ({k})", ratio(times[f"functuner mixed {k}"],
-                                                                       times[f"PEFT mixed {k}"]))
-        report.info(f"stack_adapters ({k} adapters), once per adapter set",
-                    f"{results[f'stack build {k}'] * 1e3:.1f} ms")
+        report.add(
+            f"PEFT mixed ({k} adapters) / PEFT single, fastest runs",
+            ratio(fastest[f"PEFT mixed {k}"], fastest["PEFT single"]),
+        )
+        report.add(
+            f"functuner mixed ({k}) / PEFT mixed ({k})", ratio(times[f"functuner mixed {k}"], times[f"PEFT mixed {k}"])
+        )
+        report.info(
+            f"stack_adapters ({k} adapters), once per adapter set", f"{results[f'stack build {k}'] * 1e3:.1f} ms"
+        )
     report.add("functuner single / PEFT single", ratio(times["functuner single"], times["PEFT single"]))
     report.notes.append("Ratios are of median times unless marked 'fastest runs' (ratio of minima).")
-    report.info("functuner single-adapter forward (absolute, this machine)", f"{times['functuner single'] * 1e3:.1f} ms")
+    report.info(
+        "functuner single-adapter forward (absolute, this machine)", f"{times['functuner single'] * 1e3:.1f} ms"
+    )
     return results
 
 
@@ -160,8 +182,14 @@ def _per_op(fn: Any, n: int) -> float:
     return statistics.median(rounds)
 
 
-def _switch(report: Report, model: torch.nn.Module, peft_models: dict[int, Any], ours: dict[str, ft.TunerParams],
-            loaded: Sequence[int], n: int) -> dict[str, float]:
+def _switch(
+    report: Report,
+    model: torch.nn.Module,
+    peft_models: dict[int, Any],
+    ours: dict[str, ft.TunerParams],
+    loaded: Sequence[int],
+    n: int,
+) -> dict[str, float]:
     out: dict[str, float] = {}
     names = list(ours)
     for k in loaded:
@@ -178,15 +206,23 @@ def _switch(report: Report, model: torch.nn.Module, peft_models: dict[int, Any],
     for k in loaded:
         report.add(f"functuner switch (choose params), {k} loaded", out[f"functuner choose {k}"] * 1e6, 20, " us")
     for k in loaded:
-        report.add(f"functuner per-call route build (bind_routes), {k} loaded",
-                   out[f"functuner bind_routes {k}"] * 1e6, 20, " us")
+        report.add(
+            f"functuner per-call route build (bind_routes), {k} loaded",
+            out[f"functuner bind_routes {k}"] * 1e6,
+            20,
+            " us",
+        )
     for k in loaded:
         report.add(f"PEFT set_adapter, {k} loaded", out[f"PEFT set_adapter {k}"] * 1e6, None, " us")
     lo, hi = loaded[0], loaded[-1]
-    report.add(f"functuner bind_routes {hi} loaded / {lo} loaded",
-               ratio(out[f"functuner bind_routes {hi}"], out[f"functuner bind_routes {lo}"]))
-    report.add(f"PEFT set_adapter {hi} loaded / {lo} loaded",
-               ratio(out[f"PEFT set_adapter {hi}"], out[f"PEFT set_adapter {lo}"]))
+    report.add(
+        f"functuner bind_routes {hi} loaded / {lo} loaded",
+        ratio(out[f"functuner bind_routes {hi}"], out[f"functuner bind_routes {lo}"]),
+    )
+    report.add(
+        f"PEFT set_adapter {hi} loaded / {lo} loaded",
+        ratio(out[f"PEFT set_adapter {hi}"], out[f"PEFT set_adapter {lo}"]),
+    )
     return out
 
 
@@ -210,8 +246,13 @@ def _combine(report: Report, pm: Any, ours: dict[str, ft.TunerParams], repeats: 
                 mine = adapter_deltas(new)
                 name, delta = next(iter(mine.items()))
                 module = pm.base_model.model.get_submodule(name)
-                assert_close(f"add_weighted_adapter {ctype}: delta vs PEFT", delta,
-                             module.get_delta_weight("mix"), rtol=1e-4, atol=1e-5)
+                assert_close(
+                    f"add_weighted_adapter {ctype}: delta vs PEFT",
+                    delta,
+                    module.get_delta_weight("mix"),
+                    rtol=1e-4,
+                    atol=1e-5,
+                )
             pm.delete_adapter("mix")
         out[f"functuner {ctype}"] = statistics.median(ft_times)
         out[f"PEFT {ctype}"] = statistics.median(peft_times)
@@ -242,23 +283,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     fwd = Report(f"Mixed-batch forward, {SAMPLES} samples x {shape.seq} tokens (ratios of median times)")
     sw = Report("Adapter switch latency (microseconds per switch)")
-    comb = Report(f"add_weighted_adapter, 2 adapters r={shape.rank} on {', '.join(combine_targets)}"
-                  " (ratios functuner / PEFT)")
+    comb = Report(
+        f"add_weighted_adapter, 2 adapters r={shape.rank} on {', '.join(combine_targets)} (ratios functuner / PEFT)"
+    )
     _progress("mixed-batch forward")
     forward = _mixed_forward(fwd, model, pm, ours, shape, counts, warmup, repeats)
     _progress("switch latency")
     results = {
         "forward": forward,
-        "switch": _switch(sw, model, {loaded[0]: _load_adapters(model, loaded[0], shape.rank, targets)[0],
-                                      loaded[-1]: pm}, ours, loaded, 100 if args.quick else 5000),
+        "switch": _switch(
+            sw,
+            model,
+            {loaded[0]: _load_adapters(model, loaded[0], shape.rank, targets)[0], loaded[-1]: pm},
+            ours,
+            loaded,
+            100 if args.quick else 5000,
+        ),
         "combine": _combine(comb, *_load_adapters(model, 2, shape.rank, combine_targets), 1),
     }
-    sw.notes.append("functuner keeps no active adapter: switching is choosing which params value the next call"
-                    " gets. Every call (switching or not) builds its routes; that cost is listed separately.")
-    setup = (f"Model: transformers LlamaForCausalLM from a config, hidden {shape.hidden}, {shape.layers} layers,"
-             f" vocab {shape.vocab}; LoRA r={shape.rank} on {', '.join(targets)}; fp32; "
-             f"{torch.get_num_threads()} CPU threads; {'quick' if args.quick else 'full'} mode; torch"
-             f" {torch.__version__}.")
+    sw.notes.append(
+        "functuner keeps no active adapter: switching is choosing which params value the next call"
+        " gets. Every call (switching or not) builds its routes; that cost is listed separately."
+    )
+    setup = (
+        f"Model: transformers LlamaForCausalLM from a config, hidden {shape.hidden}, {shape.layers} layers,"
+        f" vocab {shape.vocab}; LoRA r={shape.rank} on {', '.join(targets)}; fp32; "
+        f"{torch.get_num_threads()} CPU threads; {'quick' if args.quick else 'full'} mode; torch"
+        f" {torch.__version__}."
+    )
     text = "\n".join([setup, "", fwd.markdown(), sw.markdown(), comb.markdown()])
     print(text)
     if args.markdown:

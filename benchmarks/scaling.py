@@ -26,12 +26,15 @@ def _point(shape: C.Shape, s: C.Settings) -> tuple[float, float, float]:
     p = _peft(model, params, ids, labels, dora=False)
     C.assert_close(f"scaling {shape.hidden}/{shape.rank}: loss", f.step(), p.step(), rtol=1e-5, atol=1e-5)
     t = C.interleaved({"functional": f.step, "peft": p.step}, warmup=1, repeats=s.repeats)
-    m = C.interleaved({
-        "functuner merge": lambda: ft.merge(model, params),
-        "peft merge_and_unload": (lambda: C.peft_lora(model, params), lambda pm: pm.merge_and_unload()),
-    }, warmup=1, repeats=s.repeats)
-    return (C.ratio(t["functional"], t["peft"]), C.ratio(m["functuner merge"], m["peft merge_and_unload"]),
-            t["peft"])
+    m = C.interleaved(
+        {
+            "functuner merge": lambda: ft.merge(model, params),
+            "peft merge_and_unload": (lambda: C.peft_lora(model, params), lambda pm: pm.merge_and_unload()),
+        },
+        warmup=1,
+        repeats=s.repeats,
+    )
+    return (C.ratio(t["functional"], t["peft"]), C.ratio(m["functuner merge"], m["peft merge_and_unload"]), t["peft"])
 
 
 def run(s: C.Settings) -> C.Report:
@@ -44,9 +47,13 @@ def run(s: C.Settings) -> C.Report:
         points += [dataclasses.replace(base, hidden=512, rank=r) for r in (4, 64)]
     for shape in points:
         step, merge, peft_s = _point(shape, s)
-        report.info(f"hidden {shape.hidden}, r={shape.rank}: step / merge",
-                    f"{step:.3f}x / {merge:.3f}x (PEFT step {peft_s * 1e3:.0f} ms)")
+        report.info(
+            f"hidden {shape.hidden}, r={shape.rank}: step / merge",
+            f"{step:.3f}x / {merge:.3f}x (PEFT step {peft_s * 1e3:.0f} ms)",
+        )
         torch.manual_seed(0)
     report.check("every point: functuner and PEFT losses equal")
-    report.notes.append(f"{base.layers} layers, batch {base.batch} x seq {base.seq}; hidden 512 r=16 is the main table's row")
+    report.notes.append(
+        f"{base.layers} layers, batch {base.batch} x seq {base.seq}; hidden 512 r=16 is the main table's row"
+    )
     return report

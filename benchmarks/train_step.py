@@ -39,8 +39,9 @@ class _Variant:
         self.name, self.step, self.grads = name, step, grads
 
 
-def _functional(model: torch.nn.Module, params: ft.TunerParams, ids: torch.Tensor, labels: torch.Tensor,
-                use_torch_func: bool) -> _Variant:
+def _functional(
+    model: torch.nn.Module, params: ft.TunerParams, ids: torch.Tensor, labels: torch.Tensor, use_torch_func: bool
+) -> _Variant:
     state = {"p": params.map(lambda t: t.detach().clone()), "g": None}
     opt = torch.optim.AdamW(list(state["p"].values()), lr=LR)
 
@@ -69,8 +70,7 @@ def _functional(model: torch.nn.Module, params: ft.TunerParams, ids: torch.Tenso
             t.grad = None
         return loss
 
-    return _Variant("torch.func.grad" if use_torch_func else "functional", step,
-                    lambda: dict(state["g"].items()))
+    return _Variant("torch.func.grad" if use_torch_func else "functional", step, lambda: dict(state["g"].items()))
 
 
 def _shim(model: torch.nn.Module, params: ft.TunerParams, ids: torch.Tensor, labels: torch.Tensor) -> _Variant:
@@ -108,8 +108,9 @@ def _shim(model: torch.nn.Module, params: ft.TunerParams, ids: torch.Tensor, lab
     return _Variant("shim", step, lambda: dict(last))
 
 
-def _peft(model: torch.nn.Module, params: ft.TunerParams, ids: torch.Tensor, labels: torch.Tensor,
-          dora: bool) -> _Variant:
+def _peft(
+    model: torch.nn.Module, params: ft.TunerParams, ids: torch.Tensor, labels: torch.Tensor, dora: bool
+) -> _Variant:
     pm = C.peft_lora(model, params, use_dora=dora)
     trainable = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=LR)
@@ -157,7 +158,9 @@ def _check_same(report: C.Report, variants: list[_Variant], ref: str) -> None:
             raise AssertionError(f"{report.group}: {name} grads cover other tensors than {ref}: {missing}")
         worst = 0.0
         for k in want:
-            worst = max(worst, C.assert_close(f"{report.group}: grad {k} of {name}", g[k], want[k], rtol=1e-3, atol=1e-5))
+            worst = max(
+                worst, C.assert_close(f"{report.group}: grad {k} of {name}", g[k], want[k], rtol=1e-3, atol=1e-5)
+            )
         report.check(f"{name} loss and all {len(want)} grads match {ref} (max |diff| {worst:.1e})")
 
 
@@ -208,4 +211,3 @@ def run_lora(s: C.Settings) -> C.Report:
 
 def run_dora(s: C.Settings) -> C.Report:
     return _step_group("DoRA training step (item 5)", s, dora=True)
-

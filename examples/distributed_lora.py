@@ -58,9 +58,15 @@ def main() -> None:
 
     # the same base model on every rank (same seed), frozen
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                                      num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = transformers.LlamaForCausalLM(config).eval().to(device)
     model.requires_grad_(False)
 
@@ -80,7 +86,7 @@ def main() -> None:
     # one global batch, each rank takes its slice
     ids = torch.randint(0, 64, (args.global_batch, args.seq), generator=torch.Generator().manual_seed(1))
     per = args.global_batch // world
-    local = ids[rank * per:(rank + 1) * per].to(device)
+    local = ids[rank * per : (rank + 1) * per].to(device)
 
     def loss_fn(p: ft.TunerParams, x: torch.Tensor) -> torch.Tensor:
         return ft.apply(model, p, (x,), {"labels": x}).loss
@@ -88,8 +94,9 @@ def main() -> None:
     for step in range(args.steps):
         grads, loss = torch.func.grad_and_value(loss_fn)(params, local)
         grads = ftd.all_reduce_grads(grads)  # mean over ranks == gradient of the global-batch loss
-        params = ft.TunerParams({k: (v - args.lr * grads[k]).detach() for k, v in params.items()},
-                                params.config, params.adapter_name)
+        params = ft.TunerParams(
+            {k: (v - args.lr * grads[k]).detach() for k, v in params.items()}, params.config, params.adapter_name
+        )
         mean_loss = ftd.all_reduce_grads(loss.detach()).item()
         if rank == 0:
             print(f"step {step}: loss {mean_loss:.6f}", flush=True)

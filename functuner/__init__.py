@@ -17,19 +17,19 @@ from .grads import per_sample_grads, value_and_grad
 from .keys import from_peft_state_dict, rename_adapter, to_peft_state_dict
 from .params import TunerParams, tree_map
 from .routing import checkpoint_context_fn, gradient_checkpointing_enable, remove_slots
+from .swift import Swift, SwiftConfig, SwiftModel
 from .tuners import REGISTRY, Tuner, TunerConfig, register, tuner_for
 from .tuners.adapter import AdapterConfig
+from .tuners.llamapro import LLaMAProConfig
+from .tuners.longlora import LongLoRAConfig
 from .tuners.lora import LoRAConfig, LoraConfig, lora_delta
-from .swift import Swift, SwiftConfig, SwiftModel
 from .tuners.neftune import NEFTuneConfig
 from .tuners.part import PartConfig
 from .tuners.prompt import PromptConfig
-from .tuners.side import SideConfig
-from .tuners.longlora import LongLoRAConfig
 from .tuners.reft import ReftConfig
-from .tuners.llamapro import LLaMAProConfig
-from .tuners.scetuning import SCETuningConfig
 from .tuners.restuning import ResTuningConfig
+from .tuners.scetuning import SCETuningConfig
+from .tuners.side import SideConfig
 
 __version__ = "0.1.0"
 

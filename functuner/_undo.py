@@ -25,15 +25,23 @@ from . import routing
 
 __all__ = ["undo_on_error"]
 
-_TABLES = ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_hooks_with_kwargs",
-           "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+_TABLES = (
+    "_parameters",
+    "_buffers",
+    "_modules",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+)
 _MISSING = object()
 
 
 class _Snapshot:
     def __init__(self, model: nn.Module, state: Any | None, overwritten: Iterable[torch.Tensor]) -> None:
-        self.modules = [(m, {t: dict(getattr(m, t)) for t in _TABLES if hasattr(m, t)}, dict(m.__dict__))
-                        for m in model.modules()]
+        self.modules = [
+            (m, {t: dict(getattr(m, t)) for t in _TABLES if hasattr(m, t)}, dict(m.__dict__)) for m in model.modules()
+        ]
         tensors: dict[int, torch.Tensor] = {}
         for _m, tables, _ in self.modules:
             for t in (*tables["_parameters"].values(), *tables["_buffers"].values()):
@@ -122,8 +130,9 @@ class _Snapshot:
 
 
 @contextlib.contextmanager
-def undo_on_error(model: nn.Module, state: Any | None = None,
-                  overwritten: Iterable[torch.Tensor] = ()) -> Iterator[None]:
+def undo_on_error(
+    model: nn.Module, state: Any | None = None, overwritten: Iterable[torch.Tensor] = ()
+) -> Iterator[None]:
     """Run the block; if it raises, put ``model`` (and the shim ``state``) back as they were, then re-raise."""
     snap = _Snapshot(model, state, overwritten)
     try:

@@ -159,8 +159,10 @@ def config_from_json(data: Mapping[str, Any], source: str = "adapter_config.json
     if not kind:
         raise CheckpointError(f"{source}: has neither 'swift_type' nor 'peft_type'")
     if "swift_type" not in data and is_peft_native_type(kind):
-        raise CheckpointError(f"{source}: a PEFT {kind} adapter; functuner implements only LoRA of PEFT's types."
-                              " Load it with Swift.from_pretrained, which passes it to peft.PeftModel.from_pretrained")
+        raise CheckpointError(
+            f"{source}: a PEFT {kind} adapter; functuner implements only LoRA of PEFT's types."
+            " Load it with Swift.from_pretrained, which passes it to peft.PeftModel.from_pretrained"
+        )
     try:
         tuner = tuner_for(str(kind))
     except ConfigError as e:
@@ -225,8 +227,9 @@ def _check_inside(path: Path, root: Path) -> None:
         raise CheckpointError(f"{path} resolves to {real}, outside the checkpoint directory {real_root}")
 
 
-def read_tensors(folder: str | os.PathLike[str], *, weights_only: bool = False,
-                 root: str | os.PathLike[str] | None = None) -> dict[str, torch.Tensor] | None:
+def read_tensors(
+    folder: str | os.PathLike[str], *, weights_only: bool = False, root: str | os.PathLike[str] | None = None
+) -> dict[str, torch.Tensor] | None:
     """The tensors of ``folder/adapter_model.safetensors`` on CPU, or ``None`` when there is no weights file.
 
     A pickled ``adapter_model.bin`` raises :class:`UnsafeCheckpointError` unless
@@ -262,8 +265,13 @@ def _modules_to_save(config: Any) -> set[str]:
     return set(spec) if spec else set()
 
 
-def read_adapter(folder: str | os.PathLike[str], adapter_name: str, *, weights_only: bool = False,
-                 root: str | os.PathLike[str] | None = None) -> AdapterCheckpoint:
+def read_adapter(
+    folder: str | os.PathLike[str],
+    adapter_name: str,
+    *,
+    weights_only: bool = False,
+    root: str | os.PathLike[str] | None = None,
+) -> AdapterCheckpoint:
     """Read one adapter folder (SWIFT or PEFT layout) as adapter ``adapter_name``.
 
     SWIFT files keep the adapter name they were saved with inside the keys;
@@ -335,8 +343,13 @@ def check_lora_ranks(model: torch.nn.Module, config: Any, source: str) -> None:
     from .tuners.lora import _in_out, _kind
 
     try:
-        selected = select_modules(model, config.target_modules, exclude_modules=config.exclude_modules,
-                                  layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern)
+        selected = select_modules(
+            model,
+            config.target_modules,
+            exclude_modules=config.exclude_modules,
+            layers_to_transform=config.layers_to_transform,
+            layers_pattern=config.layers_pattern,
+        )
     except TargetError as e:
         raise TargetError(f"{source}: {e}") from None
     for name, module in selected:
@@ -345,8 +358,10 @@ def check_lora_ranks(model: torch.nn.Module, config: Any, source: str) -> None:
         r = config.rank_for(name)
         fan_in, fan_out = _in_out(module, _kind(module, name))
         if r > max(fan_in, fan_out):
-            raise CheckpointError(f"{source}: field r={r} is larger than layer {name!r} ({fan_in} in, {fan_out} out);"
-                                  " the checkpoint is corrupt or not for this model")
+            raise CheckpointError(
+                f"{source}: field r={r} is larger than layer {name!r} ({fan_in} in, {fan_out} out);"
+                " the checkpoint is corrupt or not for this model"
+            )
 
 
 def _saved_module_names(raw: Mapping[str, torch.Tensor], config: Any) -> set[str]:
@@ -356,7 +371,7 @@ def _saved_module_names(raw: Mapping[str, torch.Tensor], config: Any) -> set[str
         return set()
     out = set()
     for key in raw:
-        parts = key[len(keys.PEFT_PREFIX):].split(".")
+        parts = key[len(keys.PEFT_PREFIX) :].split(".")
         for end in range(1, len(parts)):
             path = ".".join(parts[:end])
             if match_name(path, spec):
@@ -397,8 +412,12 @@ def _own_tensors(raw: Mapping[str, torch.Tensor], expected: str, source: Path) -
     return name, {k: v for k, v in raw.items() if _adapter_component(k) in (None, name)}
 
 
-def read_adapter_dir(path: str | os.PathLike[str], adapter_names: Sequence[str] | Mapping[str, str] | str | None = None,
-                     *, weights_only: bool = False) -> dict[str, AdapterCheckpoint]:
+def read_adapter_dir(
+    path: str | os.PathLike[str],
+    adapter_names: Sequence[str] | Mapping[str, str] | str | None = None,
+    *,
+    weights_only: bool = False,
+) -> dict[str, AdapterCheckpoint]:
     """Every adapter in a checkpoint directory, ``{adapter name: AdapterCheckpoint}``.
 
     ``adapter_names``: ``None`` (all), a name, a list of names, or a dict
@@ -420,8 +439,9 @@ def read_adapter_dir(path: str | os.PathLike[str], adapter_names: Sequence[str] 
     return out
 
 
-def _wanted(root: Path, found: Mapping[str, Path],
-            adapter_names: Sequence[str] | Mapping[str, str] | str | None) -> dict[str, str]:
+def _wanted(
+    root: Path, found: Mapping[str, Path], adapter_names: Sequence[str] | Mapping[str, str] | str | None
+) -> dict[str, str]:
     """``{name on disk: name to load as}`` for ``adapter_names`` (see :func:`read_adapter_dir`); all must exist."""
     if adapter_names is None:
         wanted = {n: n for n in found}
@@ -451,9 +471,12 @@ def is_peft_native_type(peft_type: Any) -> bool:
     return peft_type in {t.value for t in peft.PeftType}
 
 
-def peft_native_adapters(path: str | os.PathLike[str],
-                         adapter_names: Sequence[str] | Mapping[str, str] | str | None = None,
-                         *, lora_too: bool = False) -> tuple[dict[str, Path], dict[str, str]] | None:
+def peft_native_adapters(
+    path: str | os.PathLike[str],
+    adapter_names: Sequence[str] | Mapping[str, str] | str | None = None,
+    *,
+    lora_too: bool = False,
+) -> tuple[dict[str, Path], dict[str, str]] | None:
     """The adapters of a checkpoint directory that only ``peft`` can load, or ``None`` when functuner reads it.
 
     Returns ``({name on disk: folder}, {name on disk: name to load as})`` when
@@ -479,8 +502,10 @@ def peft_native_adapters(path: str | os.PathLike[str],
         return None
     others = sorted(set(wanted) - set(kinds))
     if others or len(set(kinds.values())) > 1:
-        raise CheckpointError(f"{root}: mixes PEFT adapters {kinds} with {others or 'each other'}; PEFT holds one"
-                              " PEFT type per model and functuner does not implement these: load them separately")
+        raise CheckpointError(
+            f"{root}: mixes PEFT adapters {kinds} with {others or 'each other'}; PEFT holds one"
+            " PEFT type per model and functuner does not implement these: load them separately"
+        )
     return {n: found[n] for n in wanted}, wanted
 
 
@@ -503,8 +528,9 @@ def _list_adapters(root: Path) -> dict[str, Path]:
     return found
 
 
-def read_extra_states(path: str | os.PathLike[str], *, weights_only: bool = False
-                      ) -> tuple[list[str] | None, dict[str, torch.Tensor] | None]:
+def read_extra_states(
+    path: str | os.PathLike[str], *, weights_only: bool = False
+) -> tuple[list[str] | None, dict[str, torch.Tensor] | None]:
     """``(extra_state_keys, tensors)`` from ``<path>/extra_states/`` (``None`` where absent)."""
     root = Path(path)
     folder = root / EXTRA_STATE_DIR
@@ -553,8 +579,9 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike[str], *, start_from_existing: bool = False,
-               link_existing: bool = False) -> Iterator[Path]:
+def atomic_dir(
+    target: str | os.PathLike[str], *, start_from_existing: bool = False, link_existing: bool = False
+) -> Iterator[Path]:
     """Build a directory in a temporary sibling, then put it at ``target`` in one step.
 
     Yields the temporary directory (a copy of ``target`` when
@@ -575,8 +602,7 @@ def atomic_dir(target: str | os.PathLike[str], *, start_from_existing: bool = Fa
     try:
         if start_from_existing and target.is_dir():
             shutil.rmtree(tmp)
-            shutil.copytree(target, tmp, symlinks=True,
-                            copy_function=_link_or_copy if link_existing else shutil.copy2)
+            shutil.copytree(target, tmp, symlinks=True, copy_function=_link_or_copy if link_existing else shutil.copy2)
         yield tmp
         _fsync_tree(tmp)
         if target.exists():
@@ -604,8 +630,9 @@ def _write_json(data: Mapping[str, Any], path: Path) -> None:
         f.write(json.dumps(data, indent=2, sort_keys=True))
 
 
-def write_swift_adapter(save_directory: str | os.PathLike[str], adapter_name: str, config: Any,
-                        state: Mapping[str, torch.Tensor]) -> Path:
+def write_swift_adapter(
+    save_directory: str | os.PathLike[str], adapter_name: str, config: Any, state: Mapping[str, torch.Tensor]
+) -> Path:
     """Write one adapter in SWIFT's layout at ``save_directory/adapter_name/`` (atomically); returns that path.
 
     ``state`` uses functuner's names; keys are converted to SWIFT's on-disk names.
@@ -627,8 +654,9 @@ def _write_peft_files(folder: Path, adapter_name: str, config: Any, state: Mappi
     _save_tensors(disk, folder / SAFETENSORS_NAME)
 
 
-def write_peft_adapter(folder: str | os.PathLike[str], adapter_name: str, config: Any,
-                       state: Mapping[str, torch.Tensor]) -> Path:
+def write_peft_adapter(
+    folder: str | os.PathLike[str], adapter_name: str, config: Any, state: Mapping[str, torch.Tensor]
+) -> Path:
     """Write one LoRA adapter in PEFT's layout into ``folder`` (atomically replacing it); returns ``folder``."""
     check_adapter_name(adapter_name)
     peft_config_json(config)  # refuse before touching the disk
@@ -637,8 +665,11 @@ def write_peft_adapter(folder: str | os.PathLike[str], adapter_name: str, config
     return Path(folder)
 
 
-def write_peft_checkpoint(output_dir: str | os.PathLike[str], adapters: Mapping[str, AdapterCheckpoint],
-                          copy_from: str | os.PathLike[str] | None = None) -> Path:
+def write_peft_checkpoint(
+    output_dir: str | os.PathLike[str],
+    adapters: Mapping[str, AdapterCheckpoint],
+    copy_from: str | os.PathLike[str] | None = None,
+) -> Path:
     """Write several LoRA adapters in PEFT's layout: ``default`` at the root, others in sub-folders.
 
     Validates every adapter before writing anything; the whole ``output_dir``
@@ -657,7 +688,12 @@ def write_peft_checkpoint(output_dir: str | os.PathLike[str], adapters: Mapping[
             src = Path(copy_from)
             for entry in os.listdir(src):
                 p = src / entry
-                if entry.startswith(".") or p.is_symlink() or p.is_dir() or entry in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME):
+                if (
+                    entry.startswith(".")
+                    or p.is_symlink()
+                    or p.is_dir()
+                    or entry in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME)
+                ):
                     continue
                 shutil.copy2(p, tmp / entry)
         for name, ck in adapters.items():
@@ -674,8 +710,9 @@ def write_peft_checkpoint(output_dir: str | os.PathLike[str], adapters: Mapping[
     return out
 
 
-def write_extra_states(save_directory: str | os.PathLike[str], patterns: Sequence[str],
-                       state: Mapping[str, torch.Tensor]) -> Path:
+def write_extra_states(
+    save_directory: str | os.PathLike[str], patterns: Sequence[str], state: Mapping[str, torch.Tensor]
+) -> Path:
     """Write ``extra_states/`` (SWIFT's layout: safetensors plus ``{"extra_state_keys": [...]}``) atomically."""
     target = Path(save_directory) / EXTRA_STATE_DIR
     with atomic_dir(target) as tmp:

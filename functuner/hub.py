@@ -15,8 +15,13 @@ from .errors import CheckpointError
 __all__ = ["resolve_model_dir"]
 
 
-def resolve_model_dir(model_id: str | os.PathLike[str], revision: str | None = None, *,
-                      cache_dir: str | os.PathLike[str] | None = None, local_files_only: bool = False) -> str:
+def resolve_model_dir(
+    model_id: str | os.PathLike[str],
+    revision: str | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+) -> str:
     """A local directory for ``model_id``.
 
     An existing directory is returned as is.  An existing *file* is an error
@@ -40,4 +45,6 @@ def resolve_model_dir(model_id: str | os.PathLike[str], revision: str | None = N
     try:
         return str(snapshot_download(path, **kwargs))
     except Exception as e:  # noqa: BLE001 - the hub client raises many types
-        raise CheckpointError(f"{path!r} is not a local directory and the ModelScope hub could not provide it: {e}") from e
+        raise CheckpointError(
+            f"{path!r} is not a local directory and the ModelScope hub could not provide it: {e}"
+        ) from e

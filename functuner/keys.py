@@ -71,7 +71,11 @@ def to_peft_state_dict(state: Mapping[str, torch.Tensor], adapter_name: str = "d
             if key.endswith(marker):
                 new = key[: -len(marker)] + f".{part}"
             elif key.endswith(marker + ".weight"):
-                new = key[: -len(marker + ".weight")] + f".{part}" + ("" if part == "lora_magnitude_vector" else ".weight")
+                new = (
+                    key[: -len(marker + ".weight")]
+                    + f".{part}"
+                    + ("" if part == "lora_magnitude_vector" else ".weight")
+                )
             if new:
                 break
         if new is None and f".modules_to_save.{adapter_name}." in key:
@@ -84,7 +88,9 @@ def to_peft_state_dict(state: Mapping[str, torch.Tensor], adapter_name: str = "d
             elif leaf == "bias":
                 new = key
         if new is None:
-            raise CheckpointError(f"key {key!r} is not a tensor of LoRA adapter {adapter_name!r}; cannot name it for PEFT")
+            raise CheckpointError(
+                f"key {key!r} is not a tensor of LoRA adapter {adapter_name!r}; cannot name it for PEFT"
+            )
         out[PEFT_PREFIX + new] = value
     return out
 
@@ -106,7 +112,7 @@ def from_peft_state_dict(
     for key, value in state.items():
         if not key.startswith(PEFT_PREFIX):
             raise CheckpointError(f"key {key!r} lacks PEFT's {PEFT_PREFIX!r} prefix")
-        k = key[len(PEFT_PREFIX):]
+        k = key[len(PEFT_PREFIX) :]
         new = None
         for part in _LORA_PARTS:
             if k.endswith(f".{part}.weight") and part in ("lora_A", "lora_B"):
@@ -122,7 +128,7 @@ def from_peft_state_dict(
         if new is None and modules_to_save:
             for mod in sorted(modules_to_save, key=len, reverse=True):
                 if k.startswith(mod + "."):
-                    new = f"{mod}.modules_to_save.{adapter_name}.{k[len(mod) + 1:]}"
+                    new = f"{mod}.modules_to_save.{adapter_name}.{k[len(mod) + 1 :]}"
                     break
         if new is None and k.endswith(".bias"):
             new = k
@@ -195,7 +201,9 @@ def from_swift_state_dict(
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key.startswith(PEFT_PREFIX):
-            raise CheckpointError(f"key {key!r} has PEFT's {PEFT_PREFIX!r} prefix; this file is in PEFT layout, not SWIFT's")
+            raise CheckpointError(
+                f"key {key!r} has PEFT's {PEFT_PREFIX!r} prefix; this file is in PEFT layout, not SWIFT's"
+            )
         new = key
         is_lora = any(f".{part}.{adapter_name}" in key for part in _LORA_PARTS)
         if key.endswith(".base_layer.bias"):  # a LoRA-adapted module's trainable bias (bias='all')
@@ -203,7 +211,7 @@ def from_swift_state_dict(
         elif not is_lora and modules_to_save:
             module = _saved_module_of(key, modules_to_save)
             if module is not None:
-                new = f"{module}.modules_to_save.{adapter_name}.{key[len(module) + 1:]}"
+                new = f"{module}.modules_to_save.{adapter_name}.{key[len(module) + 1 :]}"
         out[new] = value
     return out
 
@@ -232,7 +240,7 @@ def split_peft_base_weights(
     base: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key.startswith(PEFT_PREFIX) and key.endswith(".base_layer.weight"):
-            base[key[len(PEFT_PREFIX): -len(".base_layer.weight")] + ".weight"] = value
+            base[key[len(PEFT_PREFIX) : -len(".base_layer.weight")] + ".weight"] = value
         else:
             rest[key] = value
     return rest, base
@@ -260,7 +268,9 @@ def _swift_component_prefix(part: str, adapter_name: str, following: str) -> str
     return None
 
 
-def part_to_swift_state_dict(state: Mapping[str, torch.Tensor], adapter_name: str = "default") -> dict[str, torch.Tensor]:
+def part_to_swift_state_dict(
+    state: Mapping[str, torch.Tensor], adapter_name: str = "default"
+) -> dict[str, torch.Tensor]:
     """Part params -> SWIFT's on-disk keys: ``<module>._part_<adapter>.<param>`` -> ``<module>.<param>``.
 
     Keys without the marker pass through unchanged.
@@ -293,13 +303,15 @@ def part_from_swift_state_dict(
 
         def owner_of(key: str) -> str | None:
             parts = key.split(".")
-            return next((".".join(parts[:i]) for i in range(1, len(parts)) if pattern.fullmatch(".".join(parts[:i]))),
-                        None)
+            return next(
+                (".".join(parts[:i]) for i in range(1, len(parts)) if pattern.fullmatch(".".join(parts[:i]))), None
+            )
     else:
         mods = sorted(target, key=len, reverse=True)
 
         def owner_of(key: str) -> str | None:
             return next((m for m in mods if key.startswith(m + ".")), None)
+
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if f"._part_{adapter_name}." in key:  # already in memory naming (SWIFT loads these too)
@@ -308,11 +320,13 @@ def part_from_swift_state_dict(
         owner = owner_of(key)
         if owner is None:
             raise CheckpointError(f"key {key!r} lies under no module targeted by the Part adapter ({target!r})")
-        out[f"{owner}._part_{adapter_name}.{key[len(owner) + 1:]}"] = value
+        out[f"{owner}._part_{adapter_name}.{key[len(owner) + 1 :]}"] = value
     return out
 
 
-def llamapro_to_swift_state_dict(state: Mapping[str, torch.Tensor], adapter_name: str = "default") -> dict[str, torch.Tensor]:
+def llamapro_to_swift_state_dict(
+    state: Mapping[str, torch.Tensor], adapter_name: str = "default"
+) -> dict[str, torch.Tensor]:
     """LLaMA-Pro params -> SWIFT's keys: ``<list>.<i>.llamapro_<adapter>.<param>`` -> ``<list>.<j>.<param>``.
 
     ``j = i + 1 + k``, with ``k`` the number of new blocks before this one (the
@@ -351,7 +365,7 @@ def llamapro_from_swift_state_dict(
     for key in state:
         if marker in key:
             continue
-        idx = key[len(head):].split(".", 1)[0] if key.startswith(head) else ""
+        idx = key[len(head) :].split(".", 1)[0] if key.startswith(head) else ""
         if not idx.isdigit():
             raise CheckpointError(f"LLaMA-Pro key {key!r} is not a parameter of a block in {module_list!r}")
         indices.add(int(idx))
@@ -359,7 +373,7 @@ def llamapro_from_swift_state_dict(
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if marker not in key:
-            idx, _, rest = key[len(head):].partition(".")
+            idx, _, rest = key[len(head) :].partition(".")
             key = f"{module_list}.{int(idx) - 1 - rank[int(idx)]}{marker}{rest}"
         out[key] = value
     return out

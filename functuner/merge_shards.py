@@ -39,10 +39,21 @@ SINGLE = "model.safetensors"
 _CHUNK = 16 << 20
 _MAX_HEADER = 100 << 20
 _DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
-    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1), "U16": (None, 2), "U32": (None, 4), "U64": (None, 8),
-    "F8_E4M3": (getattr(torch, "float8_e4m3fn", None), 1), "F8_E5M2": (getattr(torch, "float8_e5m2", None), 1),
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+    "U16": (None, 2),
+    "U32": (None, 4),
+    "U64": (None, 8),
+    "F8_E4M3": (getattr(torch, "float8_e4m3fn", None), 1),
+    "F8_E5M2": (getattr(torch, "float8_e5m2", None), 1),
 }
 _FLOAT_NAMES = {"F64", "F32", "F16", "BF16"}
 _NAME_OF = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -84,7 +95,9 @@ def read_header(path: Path) -> Header:
                 raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", head)
             if n > min(_MAX_HEADER, size - 8):
-                raise CheckpointError(f"{path}: corrupt or truncated safetensors file (header length {n}, file size {size})")
+                raise CheckpointError(
+                    f"{path}: corrupt or truncated safetensors file (header length {n}, file size {size})"
+                )
             raw = f.read(n)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
@@ -114,7 +127,9 @@ def read_header(path: Path) -> Header:
     pos = base
     for key, t in entries:
         if t.start != pos:
-            raise CheckpointError(f"{path}: corrupt safetensors file (tensor {key!r} starts at {t.start - base}, expected {pos - base})")
+            raise CheckpointError(
+                f"{path}: corrupt safetensors file (tensor {key!r} starts at {t.start - base}, expected {pos - base})"
+            )
         pos = t.end
     if pos != size:
         what = "truncated" if pos > size else "corrupt"
@@ -132,7 +147,9 @@ def shard_files(base_dir: Path) -> tuple[list[str], dict[str, Any] | None]:
             if not isinstance(weight_map, dict):
                 raise TypeError
         except (OSError, json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index_path}: not a valid safetensors index (needs a 'weight_map' object)") from None
+            raise CheckpointError(
+                f"{index_path}: not a valid safetensors index (needs a 'weight_map' object)"
+            ) from None
         names: list[str] = []
         for name in weight_map.values():
             if name not in names:
@@ -144,7 +161,9 @@ def shard_files(base_dir: Path) -> tuple[list[str], dict[str, Any] | None]:
         return [SINGLE], None
     for pickled in ("pytorch_model.bin", "pytorch_model.bin.index.json"):
         if (base_dir / pickled).is_file():
-            raise UnsafeCheckpointError(f"{base_dir / pickled}: pickled weights; functuner never unpickles. Convert the base to safetensors first")
+            raise UnsafeCheckpointError(
+                f"{base_dir / pickled}: pickled weights; functuner never unpickles. Convert the base to safetensors first"
+            )
     raise CheckpointError(f"{base_dir}: no {SINGLE} or {INDEX} (not a safetensors model checkpoint)")
 
 
@@ -178,9 +197,15 @@ def _expected(kind: str, a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:
     return (b.shape[0], *a.shape[1:])
 
 
-def plan_merge(headers: Mapping[str, TensorInfo], tensors: Mapping[str, torch.Tensor], config: Any,
-               adapter_name: str, fan_in_fan_out: bool, adapter_path: Path,
-               base_weights: Mapping[str, torch.Tensor] | None = None) -> MergePlan:
+def plan_merge(
+    headers: Mapping[str, TensorInfo],
+    tensors: Mapping[str, torch.Tensor],
+    config: Any,
+    adapter_name: str,
+    fan_in_fan_out: bool,
+    adapter_path: Path,
+    base_weights: Mapping[str, torch.Tensor] | None = None,
+) -> MergePlan:
     """Match an adapter's tensors (functuner names) to base keys; raise naming the first mismatch.
 
     ``headers`` maps every base key to its info.  Raises
@@ -248,7 +273,9 @@ def plan_merge(headers: Mapping[str, TensorInfo], tensors: Mapping[str, torch.Te
         elif key.endswith(".bias"):
             target = key
         else:
-            raise ParamsMismatchError(f"{adapter_path}: adapter key {key!r} is not a LoRA, bias or modules_to_save tensor")
+            raise ParamsMismatchError(
+                f"{adapter_path}: adapter key {key!r} is not a LoRA, bias or modules_to_save tensor"
+            )
         info = base_info(target, key)
         if info.shape != tuple(tensors[key].shape):
             raise ParamsMismatchError(
@@ -315,8 +342,9 @@ def _out_dtype_name(info: TensorInfo, dtype: torch.dtype | None) -> str:
     return info.dtype
 
 
-def _write_shard(header: Header, dest: Path, plan: MergePlan, dtype: torch.dtype | None,
-                 progress: Callable[[int], None]) -> int:
+def _write_shard(
+    header: Header, dest: Path, plan: MergePlan, dtype: torch.dtype | None, progress: Callable[[int], None]
+) -> int:
     """Write ``header``'s file with the plan applied to ``dest``; return the data size in bytes."""
     out_entries: dict[str, Any] = {}
     pos = 0
@@ -356,11 +384,19 @@ def _write_shard(header: Header, dest: Path, plan: MergePlan, dtype: torch.dtype
     return pos
 
 
-def merge_checkpoint(base_dir: Path, tmp_out: Path, tensors: Mapping[str, torch.Tensor], config: Any,
-                     adapter_name: str, *, dtype: torch.dtype | None = None, adapter_path: Path | None = None,
-                     base_weights: Mapping[str, torch.Tensor] | None = None,
-                     progress: Callable[[int], None] | None = None,
-                     on_plan: Callable[[int], None] | None = None) -> dict[str, Any]:
+def merge_checkpoint(
+    base_dir: Path,
+    tmp_out: Path,
+    tensors: Mapping[str, torch.Tensor],
+    config: Any,
+    adapter_name: str,
+    *,
+    dtype: torch.dtype | None = None,
+    adapter_path: Path | None = None,
+    base_weights: Mapping[str, torch.Tensor] | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_plan: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """Merge the adapter into ``base_dir``'s shards, writing everything into the (empty) directory ``tmp_out``.
 
     Validates every shard header and matches every adapter key before writing
@@ -382,8 +418,9 @@ def merge_checkpoint(base_dir: Path, tmp_out: Path, tensors: Mapping[str, torch.
             if owner.get(k) != shard:
                 raise CheckpointError(f"{base_dir / INDEX}: maps {k!r} to {shard}, but that shard does not hold it")
     fan_in_fan_out = bool(getattr(config, "fan_in_fan_out", False)) or _model_type(base_dir) == "gpt2"
-    plan = plan_merge(all_infos, tensors, config, adapter_name, fan_in_fan_out, adapter_path or base_dir,
-                      base_weights or {})
+    plan = plan_merge(
+        all_infos, tensors, config, adapter_name, fan_in_fan_out, adapter_path or base_dir, base_weights or {}
+    )
     if on_plan is not None:
         on_plan(sum(i.nbytes for i in all_infos.values()))
     tick = progress or (lambda n: None)

@@ -92,8 +92,10 @@ class AdapterStack(NamedTuple):
 
 def _named(adapters: Sequence[TunerParams] | Mapping[str, TunerParams]) -> list[tuple[str, TunerParams]]:
     if isinstance(adapters, TunerParams):
-        raise TypeError("apply_mixed takes several adapters (a sequence or a {name: params} mapping); for one"
-                        " adapter use functuner.apply")
+        raise TypeError(
+            "apply_mixed takes several adapters (a sequence or a {name: params} mapping); for one"
+            " adapter use functuner.apply"
+        )
     items = list(adapters.items()) if isinstance(adapters, Mapping) else [(p.adapter_name, p) for p in adapters]
     if not items:
         raise ConfigError("apply_mixed needs at least one adapter, got none")
@@ -116,8 +118,9 @@ def _pad_dim(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
-def _per_adapter_factors(kind: str, A: torch.Tensor, B: torch.Tensor, s: float, R: int,
-                         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _per_adapter_factors(
+    kind: str, A: torch.Tensor, B: torch.Tensor, s: float, R: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One adapter's factors in stacked layout, rank padded to ``R``, scaling folded into ``B``."""
     A, B = A.to(dtype), B.to(dtype) * s
     if kind == "conv":
@@ -125,8 +128,9 @@ def _per_adapter_factors(kind: str, A: torch.Tensor, B: torch.Tensor, s: float, 
     return _pad_dim(A.T, 1, R), _pad_dim(B.T, 0, R)  # linear, GPT-2 Conv1D, embedding: (in, R), (R, out)
 
 
-def _dora_scale(module: nn.Module, kind: str, A: torch.Tensor, B: torch.Tensor, M: torch.Tensor,
-                s: float) -> torch.Tensor:
+def _dora_scale(
+    module: nn.Module, kind: str, A: torch.Tensor, B: torch.Tensor, M: torch.Tensor, s: float
+) -> torch.Tensor:
     """``m / ||W + s B A||`` per output unit, flattened to ``(out,)``; the norm is detached (as PEFT)."""
     with torch.no_grad():
         delta = lora_delta(A.detach(), B.detach(), s, kind)
@@ -148,8 +152,10 @@ def stack_adapters(model: nn.Module, adapters: Sequence[TunerParams] | Mapping[s
     for i, (name, p) in enumerate(named):
         layout = _layout(model, p)
         if layout.overrides:
-            raise ConfigError(f"adapter {name!r} has modules_to_save copies or biases of non-adapted modules;"
-                              " per-sample adapters support LoRA factors (and biases of adapted modules) only")
+            raise ConfigError(
+                f"adapter {name!r} has modules_to_save copies or biases of non-adapted modules;"
+                " per-sample adapters support LoRA factors (and biases of adapted modules) only"
+            )
         for site in layout.sites:
             per_module.setdefault(site.module, []).append((i, site, p))
     K = len(named)
@@ -176,11 +182,18 @@ def stack_adapters(model: nn.Module, adapters: Sequence[TunerParams] | Mapping[s
                 base_bias = getattr(module, "bias", None)
                 shift = p[s.bias] - base_bias if base_bias is not None else p[s.bias]
                 biases[i] = shift.to(dtype)
-        sites.append(_StackSite(
-            module, first.name, kind, torch.stack(As), torch.stack(Bs),
-            torch.stack(doras) if any_dora else None, torch.stack(biases) if any_bias else None,
-            max(s.dropout for _, s, _ in entries),
-        ))
+        sites.append(
+            _StackSite(
+                module,
+                first.name,
+                kind,
+                torch.stack(As),
+                torch.stack(Bs),
+                torch.stack(doras) if any_dora else None,
+                torch.stack(biases) if any_bias else None,
+                max(s.dropout for _, s, _ in entries),
+            )
+        )
     return AdapterStack(tuple(n for n, _ in named), tuple(sites))
 
 
@@ -228,8 +241,14 @@ def _lora_out(site: _StackSite, module: nn.Module, x: torch.Tensor, idx: torch.T
     return torch.bmm(h, B).reshape(*x.shape[:-1], B.shape[-1])
 
 
-def _mixed_slot(site: _StackSite, idx: torch.Tensor, module: nn.Module, args: tuple[Any, ...],
-                kwargs: dict[str, Any], out: torch.Tensor) -> torch.Tensor:
+def _mixed_slot(
+    site: _StackSite,
+    idx: torch.Tensor,
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    out: torch.Tensor,
+) -> torch.Tensor:
     x = _first_arg(args, kwargs)
     if x.dim() < 2 or x.shape[0] != idx.shape[0]:
         raise ConfigError(
@@ -260,13 +279,17 @@ def _as_index(stack: AdapterStack, adapter_index: torch.Tensor | Sequence[str]) 
     if isinstance(adapter_index, torch.Tensor):
         idx = adapter_index
         if idx.dim() != 1 or idx.dtype not in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
-            raise ConfigError(f"adapter_index must be a 1-D integer tensor (one entry per sample), got"
-                              f" {idx.dtype} of shape {tuple(idx.shape)}")
+            raise ConfigError(
+                f"adapter_index must be a 1-D integer tensor (one entry per sample), got"
+                f" {idx.dtype} of shape {tuple(idx.shape)}"
+            )
         if not _is_transformed(idx) and idx.numel():
             lo, hi = int(idx.min()), int(idx.max())
             if lo < -1 or hi >= len(stack.names):
-                raise ConfigError(f"adapter_index entries must be in [-1, {len(stack.names) - 1}] (-1: no adapter),"
-                                  f" got values from {lo} to {hi}")
+                raise ConfigError(
+                    f"adapter_index entries must be in [-1, {len(stack.names) - 1}] (-1: no adapter),"
+                    f" got values from {lo} to {hi}"
+                )
         idx = idx.long()
     else:
         idx = index_of(stack.names, adapter_index)
@@ -279,8 +302,10 @@ def mixed_routes(model: nn.Module, stack: AdapterStack, adapter_index: torch.Ten
     fwd: dict[nn.Module, list[Any]] = {}
     for site in stack.sites:
         if site.dropout > 0 and site.module.training:
-            raise ConfigError(f"per-sample adapters run without dropout, but module {site.name!r} is in training"
-                              f" mode with lora_dropout={site.dropout}; call model.eval()")
+            raise ConfigError(
+                f"per-sample adapters run without dropout, but module {site.name!r} is in training"
+                f" mode with lora_dropout={site.dropout}; call model.eval()"
+            )
         device = site.A.device
         fwd.setdefault(site.module, []).append(functools.partial(_mixed_slot, site, idx.to(device)))
     ensure_slots(list(fwd))

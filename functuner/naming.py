@@ -21,7 +21,5 @@ def check_adapter_name(name: object) -> str:
     if not isinstance(name, str) or not name:
         raise AdapterNameError(f"adapter name must be a non-empty string, got {name!r}")
     if ".." in name or not _OK.fullmatch(name):
-        raise AdapterNameError(
-            f"adapter name {name!r} is not allowed: use letters, digits, '_' and '-' only"
-        )
+        raise AdapterNameError(f"adapter name {name!r} is not allowed: use letters, digits, '_' and '-' only")
     return name

@@ -110,7 +110,11 @@ class TunerParams(Mapping[str, torch.Tensor]):
         """Structural equality plus exact tensor equality (for tests and caches)."""
         if not isinstance(other, TunerParams):
             return NotImplemented
-        if (self.config, self.adapter_name, list(self._tensors)) != (other.config, other.adapter_name, list(other._tensors)):
+        if (self.config, self.adapter_name, list(self._tensors)) != (
+            other.config,
+            other.adapter_name,
+            list(other._tensors),
+        ):
             return False
         return all(torch.equal(a, other._tensors[k]) for k, a in self._tensors.items())
 

@@ -75,6 +75,8 @@ class Routes:
 
 
 _ROUTES: contextvars.ContextVar[Routes | None] = contextvars.ContextVar("functuner_routes", default=None)
+
+
 class _CompiledRoutes(threading.local):
     """Per-thread routes under ``torch.compile``.  ``__init__`` runs once in each thread, so ``routes``
     always exists and Dynamo's guard on it holds from the first call on (no recompilation)."""
@@ -213,7 +215,8 @@ def _has_hook(hooks: Mapping[int, Any], fn: Any) -> bool:
 def _check_slots_while_compiling(modules: Sequence[nn.Module], pre: bool) -> None:
     for m in modules:
         if not _has_hook(m._forward_hooks, _forward_slot_hook) or (
-                pre and not _has_hook(m._forward_pre_hooks, _pre_slot_hook)):
+            pre and not _has_hook(m._forward_pre_hooks, _pre_slot_hook)
+        ):
             raise RuntimeError(
                 "functuner: a module has no slot yet; call functuner.apply (or functuner.bind_routes) once"
                 " outside torch.compile so the slots exist before tracing"

@@ -226,9 +226,14 @@ class SwiftModel(nn.Module):
 
     EXTRA_STATE_DIR = ckpt.EXTRA_STATE_DIR
 
-    def __init__(self, model: nn.Module | SwiftModel, config: Any | Mapping[str, Any],
-                 extra_state_keys: Sequence[str] | None = None, inference_mode: bool = False,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module | SwiftModel,
+        config: Any | Mapping[str, Any],
+        extra_state_keys: Sequence[str] | None = None,
+        inference_mode: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__()
         loaded: Mapping[str, Mapping[str, torch.Tensor]] = kwargs.pop("_loaded_states", {}) or {}
         if kwargs:
@@ -278,8 +283,9 @@ class SwiftModel(nn.Module):
         forward.__signature__ = Signature(params)  # type: ignore[attr-defined]
         self.__dict__["forward"] = MethodType(forward, self)
 
-    def _add_adapters(self, configs: Mapping[str, Any], loaded: Mapping[str, Mapping[str, torch.Tensor]],
-                      trainable: bool) -> None:
+    def _add_adapters(
+        self, configs: Mapping[str, Any], loaded: Mapping[str, Mapping[str, torch.Tensor]], trainable: bool
+    ) -> None:
         """Create (and optionally fill) adapters: all tensors prepared and checked before the model changes."""
         state = self._state
         model = state.model
@@ -389,16 +395,22 @@ class SwiftModel(nn.Module):
         if adapter_names is None:
             return self.base_model.generate(*args, **kwargs)
         gc = kwargs.get("generation_config") or getattr(self.base_model, "generation_config", None)
-        copies = max(int(kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1),
-                     int(kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", 1)) or 1))
+        copies = max(
+            int(kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1),
+            int(kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", 1)) or 1),
+        )
         names = _names_list(adapter_names)
         batch = _batch_size(args, kwargs)
         if batch is not None and len(names) != batch:
-            raise ConfigError(f"adapter_names has {len(names)} entries but the batch has {batch} samples;"
-                              " give one adapter name per sample")
+            raise ConfigError(
+                f"adapter_names has {len(names)} entries but the batch has {batch} samples;"
+                " give one adapter name per sample"
+            )
         if copies > 1 and getattr(getattr(self.base_model, "config", None), "is_encoder_decoder", False):
-            raise ConfigError("generate(adapter_names=...) with num_beams / num_return_sequences > 1 is not"
-                              " supported for encoder-decoder models (the encoder runs on the unexpanded batch)")
+            raise ConfigError(
+                "generate(adapter_names=...) with num_beams / num_return_sequences > 1 is not"
+                " supported for encoder-decoder models (the encoder runs on the unexpanded batch)"
+            )
         expanded = [n for n in names for _ in range(copies)]
         with routed(self._mixed_routes(expanded, None)):
             return self.base_model.generate(*args, **kwargs)
@@ -413,22 +425,30 @@ class SwiftModel(nn.Module):
         state = self._state
         names = _names_list(adapter_names)
         if batch is not None and len(names) != batch:
-            raise ConfigError(f"adapter_names has {len(names)} entries but the batch has {batch} samples;"
-                              " give one adapter name per sample")
+            raise ConfigError(
+                f"adapter_names has {len(names)} entries but the batch has {batch} samples;"
+                " give one adapter name per sample"
+            )
         wanted = [n for n in dict.fromkeys(names) if n != BASE]
         unknown = [n for n in wanted if n not in state.adapters]
         if unknown:
-            raise AdapterNameError(f"unknown adapter(s) {unknown} in adapter_names; have {sorted(state.adapters)}"
-                                   f" and {BASE!r} (no adapter)")
+            raise AdapterNameError(
+                f"unknown adapter(s) {unknown} in adapter_names; have {sorted(state.adapters)}"
+                f" and {BASE!r} (no adapter)"
+            )
         if state.model.training:  # as PEFT: dropout, checkpoint recomputation and the like are per-call state
             raise ConfigError("adapter_names cannot be used while the model is in training mode; call model.eval()")
         if state.merged:
-            raise ConfigError(f"adapter(s) {state.merged} are merged into the base weights, so every sample would"
-                              " get them; call Swift.unmerge(model) before using adapter_names")
+            raise ConfigError(
+                f"adapter(s) {state.merged} are merged into the base weights, so every sample would"
+                " get them; call Swift.unmerge(model) before using adapter_names"
+            )
         skipped = sorted(n for n in state.active_set() if not isinstance(state.adapters[n].config, LoRAConfig))
         if skipped:
-            raise ConfigError(f"adapter_names runs LoRA adapters per sample, but non-LoRA adapter(s) {skipped} are"
-                              " active and would be skipped; deactivate them first")
+            raise ConfigError(
+                f"adapter_names runs LoRA adapters per sample, but non-LoRA adapter(s) {skipped} are"
+                " active and would be skipped; deactivate them first"
+            )
         for n in wanted:
             why = _not_stackable(state.model, state.adapters[n])
             if why is not None:
@@ -500,8 +520,9 @@ class SwiftModel(nn.Module):
         with state.lock:
             if state.per_thread:
                 me = state.thread_state(create=True)
-                if offload is not None and any(adapter_name in t.active for t in list(state.thread_states)
-                                               if t is not me):
+                if offload is not None and any(
+                    adapter_name in t.active for t in list(state.thread_states) if t is not me
+                ):
                     raise ConfigError(f"adapter {adapter_name!r} is still active in another thread; not offloading")
                 assert me is not None
                 me.active.discard(adapter_name)
@@ -592,8 +613,13 @@ class SwiftModel(nn.Module):
     # -- merge ------------------------------------------------------------------
     def _mergeable_active(self) -> list[str]:
         state = self._state
-        return [n for n in state.adapters if n in state.active_set() and n not in state.merged
-                and tuner_for(state.adapters[n].config).merge is not None]
+        return [
+            n
+            for n in state.adapters
+            if n in state.active_set()
+            and n not in state.merged
+            and tuner_for(state.adapters[n].config).merge is not None
+        ]
 
     def _merge(self, names: Sequence[str]) -> None:
         """Fold ``names`` into the base weights: all new weights computed first, then swapped in."""
@@ -711,11 +737,19 @@ class SwiftModel(nn.Module):
         return groups
 
     # -- combination ----------------------------------------------------------------
-    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: int | None = None,
-                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
-                             svd_driver: str | None = None, density: float | None = None,
-                             majority_sign_method: str = "total") -> None:
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> None:
         """Add ``adapter_name``, a weighted combination of LoRA ``adapters`` (PEFT's signature), and activate only it.
 
         Uses :func:`functuner.combine.add_weighted_adapter` (pure); random types
@@ -730,19 +764,35 @@ class SwiftModel(nn.Module):
             self._require(n)
             self._reload(self.adapters[n])
         with torch.no_grad():
-            new = combine({n: self.adapters[n].params.detach() for n in adapters}, list(weights), adapter_name,
-                          combination_type, svd_rank=svd_rank, svd_clamp=svd_clamp,
-                          svd_full_matrices=svd_full_matrices, svd_driver=svd_driver, density=density,
-                          majority_sign_method=majority_sign_method,
-                          generator=_global_generator() if combination_type.startswith("dare") else None,
-                          model=self.model, names=list(adapters))
+            new = combine(
+                {n: self.adapters[n].params.detach() for n in adapters},
+                list(weights),
+                adapter_name,
+                combination_type,
+                svd_rank=svd_rank,
+                svd_clamp=svd_clamp,
+                svd_full_matrices=svd_full_matrices,
+                svd_driver=svd_driver,
+                density=density,
+                majority_sign_method=majority_sign_method,
+                generator=_global_generator() if combination_type.startswith("dare") else None,
+                model=self.model,
+                names=list(adapters),
+            )
         self._add_adapters({adapter_name: new.config}, {adapter_name: dict(new)}, trainable=True)
         self.set_active_adapters([adapter_name])
 
     # -- state dicts ---------------------------------------------------------------
     def state_dict(  # type: ignore[override]  # SWIFT's extra keywords
-            self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False,
-            adapter_name: str | None = None, peft_format: bool = False, **kwargs: Any) -> dict[str, Any]:
+        self,
+        *args: Any,
+        destination: Any = None,
+        prefix: str = "",
+        keep_vars: bool = False,
+        adapter_name: str | None = None,
+        peft_format: bool = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
         """The adapters' tensors (SWIFT's on-disk names) plus extra states, as SWIFT returns them.
 
         ``adapter_name`` selects one adapter (default: all); ``peft_format=True``
@@ -777,11 +827,15 @@ class SwiftModel(nn.Module):
         if not pats:
             return {}
         adapter_keys = {k for a in self.adapters.values() for k in a.tensors if k not in a.shared}
-        return {n: grab(p) for n, p in self._state.model.state_dict(keep_vars=True).items()
-                if n not in adapter_keys and any(re.fullmatch(k, n) for k in pats)}
+        return {
+            n: grab(p)
+            for n, p in self._state.model.state_dict(keep_vars=True).items()
+            if n not in adapter_keys and any(re.fullmatch(k, n) for k in pats)
+        }
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False,
-                        adapter_name: str | None = None) -> Any:
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False, adapter_name: str | None = None
+    ) -> Any:
         """Load tensors into one adapter (``adapter_name``) strictly, or into the wrapped model.
 
         With ``adapter_name``: keys may be SWIFT's (adapter name inside) or
@@ -804,8 +858,13 @@ class SwiftModel(nn.Module):
         return None
 
     # -- saving ------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike[str], safe_serialization: bool = True,
-                        adapter_name: str | Sequence[str] | None = None, **kwargs: Any) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        safe_serialization: bool = True,
+        adapter_name: str | Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         """Save adapters in SWIFT's layout (one sub-folder each), ``extra_states/`` and ``configuration.json``.
 
         Each adapter folder is written atomically.  ``peft_format=True`` writes
@@ -839,9 +898,13 @@ class SwiftModel(nn.Module):
         # (files kept from the old directory are hard links, and every file written is a new one)
         with ckpt.atomic_dir(root, start_from_existing=True, link_existing=True) as tmp:
             if peft_format:
-                ckpt.write_peft_checkpoint(tmp, {
-                    n: ckpt.AdapterCheckpoint(n, self.adapters[n].config, snapshots[n], "peft", str(root))
-                    for n in names})
+                ckpt.write_peft_checkpoint(
+                    tmp,
+                    {
+                        n: ckpt.AdapterCheckpoint(n, self.adapters[n].config, snapshots[n], "peft", str(root))
+                        for n in names
+                    },
+                )
             else:
                 for n in names:
                     ckpt.write_swift_adapter(tmp, n, self.adapters[n].config, snapshots[n])
@@ -851,9 +914,15 @@ class SwiftModel(nn.Module):
 
     # -- loading ------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, model: nn.Module | SwiftModel, model_id: str | None = None,
-                        adapter_name: str | Sequence[str] | Mapping[str, str] | None = None,
-                        inference_mode: bool = True, revision: str | None = None, **kwargs: Any) -> SwiftModel:
+    def from_pretrained(
+        cls,
+        model: nn.Module | SwiftModel,
+        model_id: str | None = None,
+        adapter_name: str | Sequence[str] | Mapping[str, str] | None = None,
+        inference_mode: bool = True,
+        revision: str | None = None,
+        **kwargs: Any,
+    ) -> SwiftModel:
         """Load adapters saved in ``model_id`` (a local directory or a ModelScope hub id) onto ``model``.
 
         ``adapter_name``: ``None`` loads every adapter, a name or list of
@@ -879,11 +948,16 @@ class SwiftModel(nn.Module):
         inner = model._state.model if isinstance(model, SwiftModel) else model
         own_state = inner.state_dict()
         for ck in found.values():  # PEFT's saved copies of base weights must be the model's own
-            differ = sorted(k for k, v in ck.base_weights.items()
-                            if k not in own_state or own_state[k].shape != v.shape or not torch.equal(own_state[k].cpu(), v))
+            differ = sorted(
+                k
+                for k, v in ck.base_weights.items()
+                if k not in own_state or own_state[k].shape != v.shape or not torch.equal(own_state[k].cpu(), v)
+            )
             if differ:
-                raise CheckpointError(f"{ck.path}: holds base weights {differ[:4]} that differ from the model's;"
-                                      " functuner loads adapters, not base weights (load that base model first)")
+                raise CheckpointError(
+                    f"{ck.path}: holds base weights {differ[:4]} that differ from the model's;"
+                    " functuner loads adapters, not base weights (load that base model first)"
+                )
         if extra:
             own = inner.state_dict()
             bad = sorted(k for k, v in extra.items() if k not in own or own[k].shape != v.shape)
@@ -891,15 +965,22 @@ class SwiftModel(nn.Module):
                 raise CheckpointError(f"{model_dir}/extra_states: keys that do not fit the model: {bad[:8]}")
         configs = {n: c.config for n, c in found.items()}
         if not configs and not extra:
-            raise CheckpointError(f"{model_dir}: no adapter found (no adapter_config.json at the root or in sub-folders)")
+            raise CheckpointError(
+                f"{model_dir}: no adapter found (no adapter_config.json at the root or in sub-folders)"
+            )
         for ck in found.values():
             ckpt.check_lora_ranks(inner, ck.config, f"{ck.path}/{ckpt.CONFIG_NAME}")
         own_p = dict(inner.state_dict(keep_vars=True))
         shim_state = model._state if isinstance(model, SwiftModel) else None
         try:
             with undo_on_error(inner, shim_state, overwritten=[own_p[k] for k in extra or {}]):
-                self = cls(model, configs, extra_state_keys, inference_mode,
-                           _loaded_states={n: c.state for n, c in found.items()})
+                self = cls(
+                    model,
+                    configs,
+                    extra_state_keys,
+                    inference_mode,
+                    _loaded_states={n: c.state for n, c in found.items()},
+                )
                 if extra:
                     with torch.no_grad():
                         for k, v in extra.items():
@@ -920,8 +1001,10 @@ class SwiftModel(nn.Module):
         if torch.cuda.is_available():
             mem = sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())) / 1024**3
         pct = 100 * trainable / total if total else 0.0
-        return (f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
-                f"|| cuda memory: {mem:.2f}GiB.")
+        return (
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
+            f"|| cuda memory: {mem:.2f}GiB."
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -950,6 +1033,7 @@ def _count_optimizer_steps() -> None:
         return
     with _STEP_HOOK_LOCK:
         if not _STEP_HOOK:
+
             def bump(optimizer: Any, args: Any, kwargs: Any) -> None:
                 _OPTIMIZER_STEPS[0] += 1
 
@@ -987,8 +1071,9 @@ def _not_stackable(model: nn.Module, adapter: _Adapter) -> str | None:
 
 def _names_list(adapter_names: Any) -> list[str]:
     if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
-        raise TypeError(f"adapter_names must be a list with one adapter name per sample, got"
-                        f" {type(adapter_names).__name__}")
+        raise TypeError(
+            f"adapter_names must be a list with one adapter name per sample, got {type(adapter_names).__name__}"
+        )
     return list(adapter_names)
 
 
@@ -1070,12 +1155,18 @@ def _filled(params: TunerParams, values: Mapping[str, torch.Tensor]) -> TunerPar
             f"adapter {params.adapter_name!r}: loaded tensors do not match the config; missing {missing[:8]}"
             f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
         )
-    bad = [f"{k}: {tuple(values[k].shape)} vs {tuple(params[k].shape)}" for k in params
-           if tuple(values[k].shape) != tuple(params[k].shape)]
+    bad = [
+        f"{k}: {tuple(values[k].shape)} vs {tuple(params[k].shape)}"
+        for k in params
+        if tuple(values[k].shape) != tuple(params[k].shape)
+    ]
     if bad:
         raise ParamsMismatchError(f"adapter {params.adapter_name!r}: shape mismatch (loaded vs model): {bad[:8]}")
-    kinds = [f"{k}: {values[k].dtype} for a {params[k].dtype} parameter" for k in params
-             if params[k].is_floating_point() and not values[k].is_floating_point()]
+    kinds = [
+        f"{k}: {values[k].dtype} for a {params[k].dtype} parameter"
+        for k in params
+        if params[k].is_floating_point() and not values[k].is_floating_point()
+    ]
     if kinds:  # an integer or bool tensor would be cast silently into nonsense weights
         raise ParamsMismatchError(f"adapter {params.adapter_name!r}: wrong dtype (loaded vs model): {kinds[:8]}")
     return params.replace({k: values[k].to(device=params[k].device, dtype=params[k].dtype) for k in params})
@@ -1086,9 +1177,15 @@ def _to_functuner_names(state: Mapping[str, torch.Tensor], adapter_name: str, co
     data = dict(state)
     if data and all(k.startswith(keys.PEFT_PREFIX) for k in data):
         spec = getattr(config, "modules_to_save", None) or ()
-        mods = {k[len(keys.PEFT_PREFIX):].rsplit(".", 1)[0] for k in data if any(
-            k[len(keys.PEFT_PREFIX):].rsplit(".", 1)[0] == m or k[len(keys.PEFT_PREFIX):].rsplit(".", 1)[0].endswith("." + m)
-            for m in spec)}
+        mods = {
+            k[len(keys.PEFT_PREFIX) :].rsplit(".", 1)[0]
+            for k in data
+            if any(
+                k[len(keys.PEFT_PREFIX) :].rsplit(".", 1)[0] == m
+                or k[len(keys.PEFT_PREFIX) :].rsplit(".", 1)[0].endswith("." + m)
+                for m in spec
+            )
+        }
         return keys.from_peft_state_dict(data, adapter_name, mods)
     mts = set(getattr(config, "modules_to_save", None) or ())
     state = keys.from_swift_state_dict(data, adapter_name, mts)
@@ -1202,8 +1299,13 @@ class Swift:
         ckpt.write_peft_checkpoint(output_dir, adapters, copy_from=src)
 
     @staticmethod
-    def from_pretrained(model: nn.Module | SwiftModel, model_id: str, adapter_name: Any = None,
-                        revision: str | None = None, **kwargs: Any) -> Any:
+    def from_pretrained(
+        model: nn.Module | SwiftModel,
+        model_id: str,
+        adapter_name: Any = None,
+        revision: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Load adapters from a local directory or a ModelScope hub id (see :meth:`SwiftModel.from_pretrained`).
 
         SWIFT directories and PEFT LoRA directories load into a ``SwiftModel``
@@ -1225,8 +1327,10 @@ class Swift:
             return SwiftModel.from_pretrained(model, model_dir, adapter_name=adapter_name, revision=revision, **kwargs)
         folders, renames = native
         if isinstance(model, SwiftModel):
-            raise CheckpointError(f"{model_dir}: PEFT adapters {sorted(folders)} are of a type only peft implements,"
-                                  " which a SwiftModel cannot hold; pass the plain model (a PeftModel is returned)")
+            raise CheckpointError(
+                f"{model_dir}: PEFT adapters {sorted(folders)} are of a type only peft implements,"
+                " which a SwiftModel cannot hold; pass the plain model (a PeftModel is returned)"
+            )
         for k in hub_kwargs:
             kwargs.pop(k)
         if kwargs.pop("extra_state_keys", None):
@@ -1250,4 +1354,3 @@ def _require_swift(model: Any) -> SwiftModel:
     if not isinstance(model, SwiftModel):
         raise TypeError(f"expected a SwiftModel or a PeftModel, got {type(model).__name__}")
     return model
-

@@ -20,14 +20,16 @@ from safetensors.torch import load_file
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures", "tuners")
 
-_spec = importlib.util.spec_from_file_location("make_tuner_fixtures", os.path.join(HERE, "fixtures", "make_tuner_fixtures.py"))
+_spec = importlib.util.spec_from_file_location(
+    "make_tuner_fixtures", os.path.join(HERE, "fixtures", "make_tuner_fixtures.py")
+)
 assert _spec is not None and _spec.loader is not None
 builders = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(builders)  # the model builders SWIFT's side used (tiny_bert, tiny_vit, tiny_toy...)
 
 
 class SwiftAdapterFiles(NamedTuple):
-    config: dict[str, Any]          # adapter_config.json as SWIFT wrote it
+    config: dict[str, Any]  # adapter_config.json as SWIFT wrote it
     state: dict[str, torch.Tensor]  # adapter_model.safetensors (empty when SWIFT wrote none)
     folder: str
 
@@ -58,7 +60,8 @@ def load_case(name: str, model: torch.nn.Module | None = None) -> Case:
         want = float(meta["base_checksum"])
         assert abs(got - want) <= 1e-9 * max(1.0, abs(want)), (
             f"rebuilt base model differs from the one SWIFT's fixture used ({got!r} vs {want!r});"
-            " regenerate the fixtures with tests/fixtures/make_tuner_fixtures.py")
+            " regenerate the fixtures with tests/fixtures/make_tuner_fixtures.py"
+        )
     return Case(io, meta, adapters, folder)
 
 

@@ -14,8 +14,15 @@ def tiny_llama(seed: int = 0, **overrides):
     import transformers
 
     torch.manual_seed(seed)
-    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64)
+    kw = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     kw.update(overrides)
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
 
@@ -24,8 +31,14 @@ def tiny_bert(seed: int = 0, num_labels: int | None = None, **overrides):
     import transformers
 
     torch.manual_seed(seed)
-    kw = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-              max_position_embeddings=64)
+    kw = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     kw.update(overrides)
     cfg = transformers.BertConfig(**kw)
     if num_labels is not None:
@@ -47,8 +60,16 @@ def tiny_vit(seed: int = 0, **overrides):
     import transformers
 
     torch.manual_seed(seed)
-    kw = dict(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
-              num_attention_heads=4, intermediate_size=64, num_labels=3)
+    kw = dict(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=3,
+    )
     kw.update(overrides)
     return transformers.ViTForImageClassification(transformers.ViTConfig(**kw)).eval()
 

@@ -13,8 +13,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "merge_memory.py
 
 def test_merge_memory_benchmark_quick_runs():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, str(BENCH), "--quick"], capture_output=True, text=True, env=env,
-                         timeout=600)
+    res = subprocess.run([sys.executable, str(BENCH), "--quick"], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     ours = re.search(r"functuner merge peak RSS: ([\d.]+) MiB", res.stdout)
     theirs = re.search(r"in-memory peak RSS: ([\d.]+) MiB", res.stdout)

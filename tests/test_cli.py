@@ -41,8 +41,9 @@ X = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
 
 def run(*args: str, preexec=None, cmd=None) -> subprocess.CompletedProcess:
     assert FUNCTUNER, "the functuner console script is not installed (pip install -e .)"
-    return subprocess.run([*(cmd or [FUNCTUNER]), *args], capture_output=True, text=True, env=ENV, timeout=300,
-                          preexec_fn=preexec)
+    return subprocess.run(
+        [*(cmd or [FUNCTUNER]), *args], capture_output=True, text=True, env=ENV, timeout=300, preexec_fn=preexec
+    )
 
 
 def run_here(capsys, *args: str) -> subprocess.CompletedProcess:
@@ -86,7 +87,7 @@ def _swift_dir(pm: peft.PeftModel, name: str, folder: Path) -> None:
     """SWIFT's layout as ``SwiftModel.save_pretrained`` writes it: PEFT's in-memory keys without the prefix."""
     sub = folder / name
     sub.mkdir(parents=True)
-    state = {k[len("base_model.model."):]: v.contiguous() for k, v in pm.state_dict().items() if f".{name}." in k}
+    state = {k[len("base_model.model.") :]: v.contiguous() for k, v in pm.state_dict().items() if f".{name}." in k}
     save_file(state, str(sub / "adapter_model.safetensors"), metadata={"format": "pt"})
     cfg = pm.peft_config[name].to_dict()
     cfg["swift_type"] = "LORA"
@@ -102,11 +103,14 @@ def ck(tmp_path_factory):
     base.save_pretrained(root / "sharded", max_shard_size="20KB")
     (root / "sharded" / "tokenizer.json").write_text('{"not": "really a tokenizer"}')
     base.save_pretrained(root / "single")
-    pm = _peft_model({
-        "default": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
-        "second": peft.LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"], use_dora=True, use_rslora=True,
-                                  init_lora_weights=False),
-    })
+    pm = _peft_model(
+        {
+            "default": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+            "second": peft.LoraConfig(
+                r=2, lora_alpha=4, target_modules=["o_proj"], use_dora=True, use_rslora=True, init_lora_weights=False
+            ),
+        }
+    )
     pm.save_pretrained(root / "peft_multi")
     pm.save_pretrained(root / "peft_one", selected_adapters=["default"])
     _swift_dir(pm, "default", root / "swift_one")
@@ -135,7 +139,8 @@ def test_merge_sharded_matches_in_memory_merge(ck):
     out_index = json.loads((out / "model.safetensors.index.json").read_text())
     assert out_index["weight_map"] == base_index["weight_map"]
     assert out_index["metadata"]["total_size"] == sum(
-        t.numel() * t.element_size() for p in out.glob("model-*.safetensors") for t in load_file(p).values())
+        t.numel() * t.element_size() for p in out.glob("model-*.safetensors") for t in load_file(p).values()
+    )
     for name in ("config.json", "tokenizer.json", "generation_config.json"):
         assert (out / name).read_bytes() == (root / "sharded" / name).read_bytes()
     torch.testing.assert_close(_from_pretrained_logits(out), ck["ref"]["default"], atol=1e-5, rtol=1e-5)
@@ -148,8 +153,18 @@ def test_merge_sharded_matches_in_memory_merge(ck):
 
 def test_merge_single_file_dora_adapter_chosen_by_name(ck):
     root, out = ck["root"], ck["root"] / "merged_second"
-    res = run("merge", "--base", str(root / "single"), "--adapter", str(root / "peft_multi"), "--out", str(out),
-              "--adapter-name", "second", "--quiet")
+    res = run(
+        "merge",
+        "--base",
+        str(root / "single"),
+        "--adapter",
+        str(root / "peft_multi"),
+        "--out",
+        str(out),
+        "--adapter-name",
+        "second",
+        "--quiet",
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout == "" and res.stderr == ""
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (root / "single").iterdir())
@@ -158,8 +173,17 @@ def test_merge_single_file_dora_adapter_chosen_by_name(ck):
 
 def test_merge_swift_layout_with_dtype(ck):
     root, out = ck["root"], ck["root"] / "merged_bf16"
-    res = run("merge", "--base", str(root / "sharded"), "--adapter", str(root / "swift_one"), "--out", str(out),
-              "--dtype", "bf16")
+    res = run(
+        "merge",
+        "--base",
+        str(root / "sharded"),
+        "--adapter",
+        str(root / "swift_one"),
+        "--out",
+        str(out),
+        "--dtype",
+        "bf16",
+    )
     assert res.returncode == 0, res.stderr
     tensors = {k: v for p in out.glob("model-*.safetensors") for k, v in load_file(p).items()}
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
@@ -173,29 +197,54 @@ def test_merge_swift_layout_with_dtype(ck):
 def test_merge_adapter_with_saved_embedding_weights(ck, tmp_path, capsys):
     """PEFT saves the whole embedding (``base_layer.weight``) next to an adapter that targets it; merge uses it."""
     torch.manual_seed(7)
-    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"],
-                                                           init_lora_weights=False)).eval()
+    pm = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
+    ).eval()
     pm.save_pretrained(tmp_path / "emb")
-    assert "base_model.model.model.embed_tokens.base_layer.weight" in load_file(tmp_path / "emb" / "adapter_model.safetensors")
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in load_file(
+        tmp_path / "emb" / "adapter_model.safetensors"
+    )
     res = run_here(capsys, "inspect", str(tmp_path / "emb"), "--json")
     assert json.loads(res.stdout)["adapters"][0]["full_base_weights"] == ["model.embed_tokens.weight"]
-    res = run("merge", "--base", str(ck["root"] / "single"), "--adapter", str(tmp_path / "emb"), "--out",
-              str(tmp_path / "out"))
+    res = run(
+        "merge",
+        "--base",
+        str(ck["root"] / "single"),
+        "--adapter",
+        str(tmp_path / "emb"),
+        "--out",
+        str(tmp_path / "out"),
+    )
     assert res.returncode == 0, res.stderr
     assert "1 replaced tensors" in res.stdout
-    torch.testing.assert_close(_from_pretrained_logits(tmp_path / "out"), _merged_logits(pm, "default"),
-                               atol=1e-5, rtol=1e-5)
-    assert_error(run_here(capsys, "convert", str(tmp_path / "emb"), str(tmp_path / "sw"), "--to", "swift"),
-                 "convert", "full base weights")
+    torch.testing.assert_close(
+        _from_pretrained_logits(tmp_path / "out"), _merged_logits(pm, "default"), atol=1e-5, rtol=1e-5
+    )
+    assert_error(
+        run_here(capsys, "convert", str(tmp_path / "emb"), str(tmp_path / "sw"), "--to", "swift"),
+        "convert",
+        "full base weights",
+    )
 
 
 def test_merge_needs_adapter_name_when_several(ck, capsys):
     root = ck["root"]
-    res = run("merge", "--base", str(root / "single"), "--adapter", str(root / "peft_multi"), "--out",
-              str(root / "never"))
+    res = run(
+        "merge", "--base", str(root / "single"), "--adapter", str(root / "peft_multi"), "--out", str(root / "never")
+    )
     assert_error(res, "merge", "2 adapters", "'default', 'second'", "--adapter-name")
-    res = run_here(capsys, "merge", "--base", str(root / "single"), "--adapter", str(root / "peft_multi"), "--out",
-                   str(root / "never"), "--adapter-name", "third")
+    res = run_here(
+        capsys,
+        "merge",
+        "--base",
+        str(root / "single"),
+        "--adapter",
+        str(root / "peft_multi"),
+        "--out",
+        str(root / "never"),
+        "--adapter-name",
+        "third",
+    )
     assert_error(res, "merge", "no adapter 'third'")
     assert not (root / "never").exists()
 
@@ -203,14 +252,34 @@ def test_merge_needs_adapter_name_when_several(ck, capsys):
 def test_merge_rejects_adapter_that_does_not_fit(ck, tmp_path, capsys):
     wide = peft.get_peft_model(tiny_llama(hidden_size=48), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     wide.save_pretrained(tmp_path / "wide")
-    res = run("merge", "--base", str(ck["root"] / "sharded"), "--adapter", str(tmp_path / "wide"), "--out",
-              str(tmp_path / "out"))
-    assert_error(res, "merge", "'model.layers.0.self_attn.q_proj.lora_A.default.weight'", "does not fit",
-                 "'model.layers.0.self_attn.q_proj.weight'")
+    res = run(
+        "merge",
+        "--base",
+        str(ck["root"] / "sharded"),
+        "--adapter",
+        str(tmp_path / "wide"),
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert_error(
+        res,
+        "merge",
+        "'model.layers.0.self_attn.q_proj.lora_A.default.weight'",
+        "does not fit",
+        "'model.layers.0.self_attn.q_proj.weight'",
+    )
     gpt = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
     gpt.save_pretrained(tmp_path / "gpt")
-    res = run_here(capsys, "merge", "--base", str(ck["root"] / "sharded"), "--adapter", str(tmp_path / "gpt"),
-                   "--out", str(tmp_path / "out"))
+    res = run_here(
+        capsys,
+        "merge",
+        "--base",
+        str(ck["root"] / "sharded"),
+        "--adapter",
+        str(tmp_path / "gpt"),
+        "--out",
+        str(tmp_path / "out"),
+    )
     assert_error(res, "merge", "'transformer.h.0.attn.c_attn.weight'", "does not have")
     assert not (tmp_path / "out").exists()
 
@@ -277,8 +346,9 @@ def test_merge_progress_bar_only_on_a_terminal(ck, tmp_path):
     args = [FUNCTUNER, "merge", "--base", str(ck["root"] / "sharded"), "--adapter", str(ck["root"] / "peft_one")]
     try:
         for out, extra in ((tmp_path / "a", []), (tmp_path / "b", ["--quiet"])):
-            res = subprocess.run([*args, "--out", str(out), *extra], stderr=slave, stdout=subprocess.PIPE,
-                                 env=ENV, timeout=120)
+            res = subprocess.run(
+                [*args, "--out", str(out), *extra], stderr=slave, stdout=subprocess.PIPE, env=ENV, timeout=120
+            )
             assert res.returncode == 0
             os.set_blocking(master, False)
             try:
@@ -292,14 +362,29 @@ def test_merge_progress_bar_only_on_a_terminal(ck, tmp_path):
 
 
 @settings(max_examples=15, deadline=None)
-@given(r=st.integers(1, 6), alpha=st.sampled_from([1, 4, 16]), rslora=st.booleans(), dora=st.booleans(),
-       gpt=st.booleans(), emb=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+@given(
+    r=st.integers(1, 6),
+    alpha=st.sampled_from([1, 4, 16]),
+    rslora=st.booleans(),
+    dora=st.booleans(),
+    gpt=st.booleans(),
+    emb=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
 def test_streaming_merge_equals_functional_merge(tmp_path_factory, r, alpha, rslora, dora, gpt, emb, dtype):
     """Property: merge_checkpoint on disk == functuner.merge in memory (linear, GPT-2 Conv1D, embedding, DoRA)."""
     model = (tiny_gpt2() if gpt else tiny_llama()).to(dtype)
-    targets = (["c_attn", "c_fc"] if gpt else ["q_proj", "down_proj"]) + (["wte" if gpt else "embed_tokens"] if emb else [])
-    cfg = ft.LoRAConfig(r=r, lora_alpha=alpha, use_rslora=rslora, use_dora=dora and not emb, target_modules=targets,
-                        init_lora_weights=False)
+    targets = (["c_attn", "c_fc"] if gpt else ["q_proj", "down_proj"]) + (
+        ["wte" if gpt else "embed_tokens"] if emb else []
+    )
+    cfg = ft.LoRAConfig(
+        r=r,
+        lora_alpha=alpha,
+        use_rslora=rslora,
+        use_dora=dora and not emb,
+        target_modules=targets,
+        init_lora_weights=False,
+    )
     params = ft.init(model, cfg, generator=r)
     d = tmp_path_factory.mktemp("prop")
     state = {k: v.contiguous() for k, v in model.state_dict().items() if "lm_head" not in k or not gpt}
@@ -350,13 +435,40 @@ def test_python_dash_m(ck):
 
 def test_bad_paths_are_one_line_errors(ck, tmp_path, capsys):
     assert_error(run("inspect", str(tmp_path / "missing")), "inspect", "missing", "no such file or directory")
-    assert_error(run("convert", str(ck["root"] / "single"), str(tmp_path / "x"), "--to", "peft"), "convert",
-                 "neither a SWIFT nor a PEFT")
+    assert_error(
+        run("convert", str(ck["root"] / "single"), str(tmp_path / "x"), "--to", "peft"),
+        "convert",
+        "neither a SWIFT nor a PEFT",
+    )
     assert_error(run_here(capsys, "inspect", str(ck["root"] / "sharded")), "inspect", "neither a SWIFT nor a PEFT")
-    assert_error(run_here(capsys, "merge", "--base", str(tmp_path / "nobase"), "--adapter",
-                          str(ck["root"] / "peft_one"), "--out", str(tmp_path / "o")), "merge", "nobase")
-    assert_error(run_here(capsys, "merge", "--base", str(ck["root"] / "peft_one"), "--adapter",
-                          str(ck["root"] / "peft_one"), "--out", str(tmp_path / "o")), "merge", "no model.safetensors")
+    assert_error(
+        run_here(
+            capsys,
+            "merge",
+            "--base",
+            str(tmp_path / "nobase"),
+            "--adapter",
+            str(ck["root"] / "peft_one"),
+            "--out",
+            str(tmp_path / "o"),
+        ),
+        "merge",
+        "nobase",
+    )
+    assert_error(
+        run_here(
+            capsys,
+            "merge",
+            "--base",
+            str(ck["root"] / "peft_one"),
+            "--adapter",
+            str(ck["root"] / "peft_one"),
+            "--out",
+            str(tmp_path / "o"),
+        ),
+        "merge",
+        "no model.safetensors",
+    )
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
@@ -381,7 +493,7 @@ def test_convert_peft_to_swift_and_back(ck, tmp_path):
     assert (sw / "configuration.json").is_file()
     pm = ck["pm"]
     for name in ("default", "second"):  # SWIFT keys = PEFT's in-memory keys without the prefix
-        expected = {k[len("base_model.model."):] for k in pm.state_dict() if f".{name}." in k}
+        expected = {k[len("base_model.model.") :] for k in pm.state_dict() if f".{name}." in k}
         assert set(load_file(str(sw / name / "adapter_model.safetensors"))) == expected
         assert json.loads((sw / name / "adapter_config.json").read_text())["swift_type"] == "LORA"
     res = run("convert", str(sw), str(back), "--to", "peft")
@@ -415,22 +527,33 @@ def test_convert_swift_to_peft_loads_in_peft(ck, tmp_path):
 
 def test_convert_refusals(ck, tmp_path, capsys):
     root = ck["root"]
-    assert_error(run_here(capsys, "convert", str(root / "peft_one"), str(tmp_path / "a"), "--to", "peft"),
-                 "convert", "already in PEFT format")
+    assert_error(
+        run_here(capsys, "convert", str(root / "peft_one"), str(tmp_path / "a"), "--to", "peft"),
+        "convert",
+        "already in PEFT format",
+    )
     qa = tmp_path / "qa"
     shutil.copytree(root / "swift_one", qa)
     cfg = json.loads((qa / "default" / "adapter_config.json").read_text())
     (qa / "default" / "adapter_config.json").write_text(json.dumps({**cfg, "use_qa_lora": True}))
-    assert_error(run_here(capsys, "convert", str(qa), str(tmp_path / "b"), "--to", "peft"), "convert", "use_qa_lora",
-                 "cannot hold")
+    assert_error(
+        run_here(capsys, "convert", str(qa), str(tmp_path / "b"), "--to", "peft"),
+        "convert",
+        "use_qa_lora",
+        "cannot hold",
+    )
     (qa / "default" / "adapter_config.json").write_text(json.dumps({**cfg, "swift_type": "ADAPTER"}))
-    assert_error(run_here(capsys, "convert", str(qa), str(tmp_path / "c"), "--to", "peft"), "convert", "ADAPTER", "only LoRA")
+    assert_error(
+        run_here(capsys, "convert", str(qa), str(tmp_path / "c"), "--to", "peft"), "convert", "ADAPTER", "only LoRA"
+    )
     (qa / "default" / "adapter_config.json").write_text(json.dumps(cfg))
     (qa / "extra_states").mkdir()
     assert_error(run_here(capsys, "convert", str(qa), str(tmp_path / "d"), "--to", "peft"), "convert", "extra_states")
     existing = tmp_path / "exists"
     existing.mkdir()
-    assert_error(run_here(capsys, "convert", str(root / "swift_one"), str(existing), "--to", "peft"), "convert", "already exists")
+    assert_error(
+        run_here(capsys, "convert", str(root / "swift_one"), str(existing), "--to", "peft"), "convert", "already exists"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists", "qa"]
 
 
@@ -488,8 +611,18 @@ def test_real_swift_checkpoints_convert_and_merge(case, tmp_path, capsys):
         pm = peft.PeftModel.from_pretrained(build(), str(folder), adapter_name=name).eval()
         torch.testing.assert_close(_first_output(pm, x), ref[f"out_{name}"], atol=1e-5, rtol=1e-5)
         out = tmp_path / f"merged_{name}"
-        res = call("merge", "--base", str(tmp_path / "base"), "--adapter", str(SWIFT_FIX / case), "--out", str(out),
-                   "--adapter-name", name, "--quiet")
+        res = call(
+            "merge",
+            "--base",
+            str(tmp_path / "base"),
+            "--adapter",
+            str(SWIFT_FIX / case),
+            "--out",
+            str(out),
+            "--adapter-name",
+            name,
+            "--quiet",
+        )
         assert res.returncode == 0, res.stderr
         merged = auto.from_pretrained(str(out)).eval()
         torch.testing.assert_close(_first_output(merged, x), ref[f"out_{name}"], atol=1e-4, rtol=1e-4)

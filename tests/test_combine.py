@@ -26,9 +26,11 @@ def _peft_params(pm, name: str, cfg: LoRAConfig) -> TunerParams:
     for k, v in pm.state_dict().items():
         if not k.startswith(PREFIX):
             continue
-        k = k[len(PREFIX):]
-        if any(f".{part}.{name}" in k for part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
-                                                    "lora_magnitude_vector")):
+        k = k[len(PREFIX) :]
+        if any(
+            f".{part}.{name}" in k
+            for part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+        ):
             out[k] = v.detach().clone()
     return TunerParams(out, cfg, name)
 
@@ -55,8 +57,9 @@ def _peft_deltas(pm, name):
     """PEFT's own ``get_delta_weight`` per adapted module, in Linear orientation, 2-D."""
     out = {}
     for mname, mod in pm.base_model.model.named_modules():
-        if hasattr(mod, "get_delta_weight") and (name in getattr(mod, "lora_A", {})
-                                                 or name in getattr(mod, "lora_embedding_A", {})):
+        if hasattr(mod, "get_delta_weight") and (
+            name in getattr(mod, "lora_A", {}) or name in getattr(mod, "lora_embedding_A", {})
+        ):
             d = mod.get_delta_weight(name).detach()
             if name in mod.lora_embedding_A or getattr(mod, "fan_in_fan_out", False):
                 d = d.T
@@ -145,18 +148,21 @@ def test_dare_matches_peft_given_the_same_random_stream(two, ctype):
     assert len(states) == 1
     gen = torch.Generator()
     gen.set_state(states[0])
-    got = add_weighted_adapter(ours, [0.8, 1.1], "c", ctype, density=0.4, majority_sign_method="frequency",
-                               generator=gen)
+    got = add_weighted_adapter(
+        ours, [0.8, 1.1], "c", ctype, density=0.4, majority_sign_method="frequency", generator=gen
+    )
     want = _peft_deltas(pm, "c")
     mine = adapter_deltas(got)
     for k in want:
         assert _rel(mine[k], want[k]) < 1e-5, k
     gen.set_state(states[0])
-    again = add_weighted_adapter(ours, [0.8, 1.1], "c", ctype, density=0.4, majority_sign_method="frequency",
-                                 generator=gen)
+    again = add_weighted_adapter(
+        ours, [0.8, 1.1], "c", ctype, density=0.4, majority_sign_method="frequency", generator=gen
+    )
     assert again == got  # reproducible from the generator alone
     assert add_weighted_adapter(ours, [0.8, 1.1], "c", ctype, density=0.4, generator=7) == add_weighted_adapter(
-        ours, [0.8, 1.1], "c", ctype, density=0.4, generator=7)
+        ours, [0.8, 1.1], "c", ctype, density=0.4, generator=7
+    )
     assert add_weighted_adapter(ours, [0.8, 1.1], "c", ctype, density=0.4, generator=99) != got
 
 
@@ -207,7 +213,7 @@ def test_rslora_result_has_unit_scaling_where_peft_overscales():
     peft_delta = _peft_deltas(pm, "c")
     k = next(iter(exact))
     # PEFT 0.21.2 keeps use_rslora with lora_alpha = r = 8, so its scaling is sqrt(8), not 1
-    assert _rel(peft_delta[k], exact[k] * 8 ** 0.5) < 1e-5
+    assert _rel(peft_delta[k], exact[k] * 8**0.5) < 1e-5
 
 
 def test_single_adapter_is_linear_like_peft(two):
@@ -247,8 +253,19 @@ def test_errors(two):
         add_weighted_adapter(ours, [1.0, 1.0], "c", "svd", svd_rank=1000)
     with pytest.raises(AdapterNameError):
         add_weighted_adapter(ours, [1.0, 1.0], "bad.name", "linear")
-    assert set(COMBINATION_TYPES) == {"svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear",
-                                      "dare_ties_svd", "dare_linear_svd", "magnitude_prune", "magnitude_prune_svd"}
+    assert set(COMBINATION_TYPES) == {
+        "svd",
+        "linear",
+        "cat",
+        "ties",
+        "ties_svd",
+        "dare_ties",
+        "dare_linear",
+        "dare_ties_svd",
+        "dare_linear_svd",
+        "magnitude_prune",
+        "magnitude_prune_svd",
+    }
 
 
 def test_inputs_are_not_changed(two):
@@ -267,8 +284,14 @@ def test_inputs_are_not_changed(two):
 def _random_lora(seed: int, r: int, name: str) -> TunerParams:
     g = torch.Generator().manual_seed(seed)
     cfg = LoRAConfig(r=r, lora_alpha=2 * r, target_modules=["q"], init_lora_weights=False)
-    return TunerParams({f"m.q.lora_A.{name}.weight": torch.randn(r, 12, generator=g),
-                        f"m.q.lora_B.{name}.weight": torch.randn(10, r, generator=g)}, cfg, name)
+    return TunerParams(
+        {
+            f"m.q.lora_A.{name}.weight": torch.randn(r, 12, generator=g),
+            f"m.q.lora_B.{name}.weight": torch.randn(10, r, generator=g),
+        },
+        cfg,
+        name,
+    )
 
 
 @settings(max_examples=20, deadline=None)
@@ -302,5 +325,5 @@ def test_linear_keeps_peft_cross_terms():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = adapter_deltas(add_weighted_adapter([p, q], [0.25, 0.5], "y", "linear"))["m.q"]
-    factor = (0.25 ** 0.5 + 0.5 ** 0.5) ** 2
+    factor = (0.25**0.5 + 0.5**0.5) ** 2
     torch.testing.assert_close(got, factor * adapter_deltas(p)["m.q"], rtol=1e-5, atol=1e-5)

@@ -84,7 +84,7 @@ def _train_single_process(use_dora: bool):
 
 def _local(ids: torch.Tensor, rank: int) -> torch.Tensor:
     per = GLOBAL_BATCH // WORLD
-    return ids[rank * per:(rank + 1) * per]
+    return ids[rank * per : (rank + 1) * per]
 
 
 # ---------------------------------------------------------------------------
@@ -286,8 +286,19 @@ def _scenario_collectives(rank: int, out: pathlib.Path) -> None:
     else:
         raise AssertionError("run_on_rank0 swallowed the failure")
     (out / f"raised.rank{rank}.txt").write_text(raised)
-    _write(out, "collectives", rank, got, [0.0], sum_a=summed["a"], sum_b=summed["b"], sum_c=summed["c"],
-           mean_a=mean["a"], mean_b=mean["b"], mean_c=mean["c"])
+    _write(
+        out,
+        "collectives",
+        rank,
+        got,
+        [0.0],
+        sum_a=summed["a"],
+        sum_b=summed["b"],
+        sum_c=summed["c"],
+        mean_a=mean["a"],
+        mean_b=mean["b"],
+        mean_c=mean["c"],
+    )
 
 
 SCENARIOS = {
@@ -409,11 +420,13 @@ def test_fsdp2_dora_eager_matches_single_process(runs, reference_dora) -> None:
         _assert_half_of_base(res)
 
 
-@pytest.mark.parametrize(("name", "ref"), [("fsdp2_lora_functional", "reference_lora"), ("fsdp2_dora_eager", "reference_dora")])
+@pytest.mark.parametrize(
+    ("name", "ref"), [("fsdp2_lora_functional", "reference_lora"), ("fsdp2_dora_eager", "reference_dora")]
+)
 def test_merge_sharded_equals_single_process_merge(runs, request, name, ref) -> None:
     model, ref_params, _ = request.getfixturevalue(ref)
     want = ft.merge(model, ref_params)
-    merged = {k[len("__merged."):-2]: v for k, v in _results(runs, name)[0].items() if k.startswith("__merged.")}
+    merged = {k[len("__merged.") : -2]: v for k, v in _results(runs, name)[0].items() if k.startswith("__merged.")}
     base = dict(model.named_parameters())
     changed = {k for k in base if not torch.equal(want[k], base[k])}
     assert set(merged) == changed
@@ -426,9 +439,14 @@ def test_checkpoint_from_rank0_equals_single_process_checkpoint(runs, reference_
     ftd.save_params_on_rank0(ref_params, tmp_path)  # no process group: a plain save
     multi, single = runs / "ckpt" / "default", tmp_path / "default"
     assert sorted(p.name for p in (runs / "ckpt").iterdir()) == ["default"], "temp folders left behind"
-    assert sorted(p.name for p in multi.iterdir()) == sorted(p.name for p in single.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors"]
-    assert json.loads((multi / "adapter_config.json").read_text()) == json.loads((single / "adapter_config.json").read_text())
+    assert (
+        sorted(p.name for p in multi.iterdir())
+        == sorted(p.name for p in single.iterdir())
+        == ["adapter_config.json", "adapter_model.safetensors"]
+    )
+    assert json.loads((multi / "adapter_config.json").read_text()) == json.loads(
+        (single / "adapter_config.json").read_text()
+    )
     a, b = load_file(str(multi / "adapter_model.safetensors")), load_file(str(single / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and len(a) == len(ref_params)
     for k in a:
@@ -519,8 +537,20 @@ def test_example_under_torchrun_matches_single_process(reference_lora, tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     torchrun = shutil.which("torchrun")
     launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    cmd = [*launcher, "--standalone", "--nproc_per_node", str(WORLD), str(script), "--fsdp", "--steps", str(STEPS),
-           "--lr", str(LR), "--out", str(tmp_path)]
+    cmd = [
+        *launcher,
+        "--standalone",
+        "--nproc_per_node",
+        str(WORLD),
+        str(script),
+        "--fsdp",
+        "--steps",
+        str(STEPS),
+        "--lr",
+        str(LR),
+        "--out",
+        str(tmp_path),
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     got = ftd.load_params(tmp_path, like=ref_params)

@@ -24,8 +24,15 @@ LLAMA_SPECS = {  # name: (r, use_dora, use_rslora, targets)
 def _adapters(model, specs, **extra):
     out = {}
     for i, (name, (r, dora, rs, targets)) in enumerate(specs.items()):
-        cfg = ft.LoRAConfig(r=r, lora_alpha=2 * r + i, target_modules=targets, init_lora_weights=False,
-                            use_dora=dora, use_rslora=rs, **extra)
+        cfg = ft.LoRAConfig(
+            r=r,
+            lora_alpha=2 * r + i,
+            target_modules=targets,
+            init_lora_weights=False,
+            use_dora=dora,
+            use_rslora=rs,
+            **extra,
+        )
         out[name] = ft.init(model, cfg, generator=10 + i, adapter_name=name)
     return out
 
@@ -65,8 +72,10 @@ def test_llama_mixed_batch_equals_each_sample_alone(llama_setup):
 
 
 @settings(max_examples=15, deadline=None)
-@given(names=st.lists(st.sampled_from(["plain", "dora", "rs", "__base__"]), min_size=1, max_size=4),
-       seed=st.integers(0, 1000))
+@given(
+    names=st.lists(st.sampled_from(["plain", "dora", "rs", "__base__"]), min_size=1, max_size=4),
+    seed=st.integers(0, 1000),
+)
 def test_any_assignment_equals_each_sample_alone(llama_setup, names, seed):
     model, adapters = llama_setup
     x = torch.randint(0, 64, (len(names), 5), generator=torch.Generator().manual_seed(seed))
@@ -85,8 +94,11 @@ def test_matches_peft_adapter_names_path():
             pm = peft.get_peft_model(tiny_llama(), pcfg, adapter_name=name)
         else:
             pm.add_adapter(name, pcfg)
-        tensors = {k[len("base_model.model."):]: v.detach().clone() for k, v in pm.state_dict().items()
-                   if f".lora_A.{name}." in k or f".lora_B.{name}." in k}
+        tensors = {
+            k[len("base_model.model.") :]: v.detach().clone()
+            for k, v in pm.state_dict().items()
+            if f".lora_A.{name}." in k or f".lora_B.{name}." in k
+        }
         ours[name] = ft.TunerParams(tensors, ft.LoRAConfig(init_lora_weights=False, **kw), name)
     pm.eval()
     names = ["y", "__base__", "x", "z", "y"]
@@ -104,8 +116,9 @@ def test_gpt2_conv1d_with_trainable_biases():
         cfg = ft.LoRAConfig(r=2 + i, target_modules=["c_attn", "c_proj"], init_lora_weights=False, bias="lora_only")
         p = ft.init(model, cfg, generator=i, adapter_name=name)
         g = torch.Generator().manual_seed(100 + i)
-        adapters[name] = p.replace({k: v + torch.randn(v.shape, generator=g) for k, v in p.items()
-                                    if k.endswith(".bias")})
+        adapters[name] = p.replace(
+            {k: v + torch.randn(v.shape, generator=g) for k, v in p.items() if k.endswith(".bias")}
+        )
     names = ["q", "p", "__base__", "q"]
     x = torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(2))
     assert _rel(apply_mixed(model, adapters, names, (x,)).logits, _alone(model, adapters, names, x)) < 1e-5
@@ -199,12 +212,17 @@ def test_errors(llama_setup):
         index_of(("a",), "a")
     with pytest.raises(AdapterNameError, match="duplicated"):
         apply_mixed(model, [adapters["plain"], adapters["plain"]], [0, 1], (x,))
-    mts = ft.init(model, ft.LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]), generator=0,
-                  adapter_name="mts")
+    mts = ft.init(
+        model,
+        ft.LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+        generator=0,
+        adapter_name="mts",
+    )
     with pytest.raises(ConfigError, match="modules_to_save"):
         apply_mixed(model, {"plain": adapters["plain"], "mts": mts}, ["mts", "plain"], (x,))
-    drop = ft.init(model, ft.LoRAConfig(r=2, target_modules=["q_proj"], lora_dropout=0.1), generator=0,
-                   adapter_name="drop")
+    drop = ft.init(
+        model, ft.LoRAConfig(r=2, target_modules=["q_proj"], lora_dropout=0.1), generator=0, adapter_name="drop"
+    )
     model.train()
     try:
         with pytest.raises(ConfigError, match="model.eval"):

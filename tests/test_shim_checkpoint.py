@@ -44,10 +44,13 @@ def _out(m: torch.nn.Module, x: torch.Tensor = X) -> torch.Tensor:
 
 def _trained_llama(seed: int = 0) -> SwiftModel:
     torch.manual_seed(seed)
-    return Swift.prepare_model(tiny_llama(), {
-        "default": LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
-        "second": LoRAConfig(r=2, lora_alpha=4, target_modules=["embed_tokens", "o_proj"], init_lora_weights=False),
-    })
+    return Swift.prepare_model(
+        tiny_llama(),
+        {
+            "default": LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+            "second": LoRAConfig(r=2, lora_alpha=4, target_modules=["embed_tokens", "o_proj"], init_lora_weights=False),
+        },
+    )
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -100,6 +103,7 @@ def test_our_layout_matches_swift_layout() -> None:
         cfg_swift = json.loads((theirs / "default" / "adapter_config.json").read_text())
         common = (set(cfg_ours) & set(cfg_swift)) - {"lorap_lr_ratio", "init_lora_weights"}
         assert {"swift_type", "r", "target_modules", "lora_alpha", "use_dora"} <= common
+
         def norm(v):  # peft stores target_modules as a set, so SWIFT's list order is arbitrary
             return sorted(v) if isinstance(v, list) else v
 
@@ -133,15 +137,21 @@ def test_save_then_from_pretrained_each_adapter_name_form(tmp_path: Path, form) 
 
 
 @settings(max_examples=6, deadline=None)
-@given(r=st.integers(1, 6), alpha=st.sampled_from([1, 4, 16]), rslora=st.booleans(), dora=st.booleans(),
-       targets=st.sampled_from([["q_proj"], ["k_proj", "up_proj"], ["embed_tokens", "v_proj"]]))
+@given(
+    r=st.integers(1, 6),
+    alpha=st.sampled_from([1, 4, 16]),
+    rslora=st.booleans(),
+    dora=st.booleans(),
+    targets=st.sampled_from([["q_proj"], ["k_proj", "up_proj"], ["embed_tokens", "v_proj"]]),
+)
 def test_roundtrip_property(r: int, alpha: int, rslora: bool, dora: bool, targets: list[str]) -> None:
     import tempfile
 
     torch.manual_seed(r)
     dora = dora and "embed_tokens" not in targets
-    cfg = LoRAConfig(r=r, lora_alpha=alpha, use_rslora=rslora, use_dora=dora, target_modules=targets,
-                     init_lora_weights=False)
+    cfg = LoRAConfig(
+        r=r, lora_alpha=alpha, use_rslora=rslora, use_dora=dora, target_modules=targets, init_lora_weights=False
+    )
     sm = Swift.prepare_model(tiny_llama(), {"adapter-1": cfg})
     with tempfile.TemporaryDirectory() as d:
         sm.save_pretrained(d)
@@ -154,13 +164,15 @@ def test_roundtrip_property(r: int, alpha: int, rslora: bool, dora: bool, target
 
 def test_extra_states_round_trip(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    sm = Swift.prepare_model(tiny_llama(), LoRAConfig(r=2, target_modules=["q_proj"]),
-                             extra_state_keys=[r"model\.norm\.weight"])
+    sm = Swift.prepare_model(
+        tiny_llama(), LoRAConfig(r=2, target_modules=["q_proj"]), extra_state_keys=[r"model\.norm\.weight"]
+    )
     with torch.no_grad():
         sm.model.model.norm.weight.add_(0.5)
     sm.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "extra_states" / "adapter_config.json").read_text()) == {
-        "extra_state_keys": [r"model\.norm\.weight"]}
+        "extra_state_keys": [r"model\.norm\.weight"]
+    }
     assert set(load_file(str(tmp_path / "extra_states" / "adapter_model.safetensors"))) == {"model.norm.weight"}
     back = Swift.from_pretrained(tiny_llama(), str(tmp_path))
     assert torch.equal(back.model.model.norm.weight, sm.model.model.norm.weight)
@@ -193,7 +205,11 @@ def test_save_to_peft_format_loads_in_real_peft(tmp_path: Path) -> None:
     Swift.save_to_peft_format(str(tmp_path / "swift"), str(tmp_path / "peft"))
     out = tmp_path / "peft"
     assert sorted(p.name for p in out.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "configuration.json", "second"]
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "configuration.json",
+        "second",
+    ]
     keys = set(load_file(str(out / "adapter_model.safetensors")))
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
     assert "swift_type" not in json.loads((out / "adapter_config.json").read_text())
@@ -255,8 +271,9 @@ def test_save_to_peft_format_refuses_what_peft_cannot_hold(tmp_path: Path) -> No
 
 def test_peft_saved_adapters_load_into_functuner(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                           init_lora_weights=False))
+    pm = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     pm.add_adapter("emb", peft.LoraConfig(r=2, target_modules=["embed_tokens", "o_proj"], init_lora_weights=False))
     pm.save_pretrained(str(tmp_path))
     want = {}
@@ -354,8 +371,9 @@ def test_bad_checkpoints_give_typed_errors(tmp_path: Path) -> None:
         Swift.from_pretrained(tiny_llama(), str(tmp_path / "file"))
     bad = tmp_path / "bad" / "default"
     bad.mkdir(parents=True)
-    (bad / "adapter_config.json").write_text(json.dumps({"swift_type": "LORA", "r": 2, "target_modules": ["q_proj"],
-                                                         "mystery_field": 3}))
+    (bad / "adapter_config.json").write_text(
+        json.dumps({"swift_type": "LORA", "r": 2, "target_modules": ["q_proj"], "mystery_field": 3})
+    )
     with pytest.raises(CheckpointError, match="mystery_field"):
         Swift.from_pretrained(tiny_llama(), str(tmp_path / "bad"))
     with pytest.raises(CheckpointError, match="no adapter"):
@@ -378,9 +396,9 @@ def test_hub_id_resolves_through_modelscope_cache(tmp_path: Path) -> None:
     sm = _trained_llama()
     snap = tmp_path / "cache" / "models" / "someone--tiny-lora" / "snapshots" / "master"
     sm.save_pretrained(snap)
-    loaded = Swift.from_pretrained(tiny_llama(), "someone/tiny-lora", cache_dir=str(tmp_path / "cache"),
-                                   local_files_only=True)
+    loaded = Swift.from_pretrained(
+        tiny_llama(), "someone/tiny-lora", cache_dir=str(tmp_path / "cache"), local_files_only=True
+    )
     assert torch.equal(_out(loaded), _out(sm))
     with pytest.raises(CheckpointError, match="someone/absent"):
-        Swift.from_pretrained(tiny_llama(), "someone/absent", cache_dir=str(tmp_path / "cache"),
-                              local_files_only=True)
+        Swift.from_pretrained(tiny_llama(), "someone/absent", cache_dir=str(tmp_path / "cache"), local_files_only=True)

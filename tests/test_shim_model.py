@@ -24,10 +24,13 @@ X = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
 def _two_adapter_llama(seed: int = 0) -> tuple[torch.nn.Module, SwiftModel]:
     base = tiny_llama()
     torch.manual_seed(seed)
-    sm = Swift.prepare_model(tiny_llama(), {
-        "default": LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
-        "other": LoRAConfig(r=2, lora_alpha=4, target_modules=["embed_tokens", "o_proj"], init_lora_weights=False),
-    })
+    sm = Swift.prepare_model(
+        tiny_llama(),
+        {
+            "default": LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+            "other": LoRAConfig(r=2, lora_alpha=4, target_modules=["embed_tokens", "o_proj"], init_lora_weights=False),
+        },
+    )
     return base, sm
 
 
@@ -43,10 +46,13 @@ def _oracle(base: torch.nn.Module, sm: SwiftModel, names: list[str]) -> torch.Te
 
 
 def test_names_trainability_and_summary_match_real_swift() -> None:
-    sm = Swift.prepare_model(tiny_llama(), {
-        "default": LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]),
-        "other": LoRAConfig(r=2, lora_alpha=4, target_modules=["embed_tokens"]),
-    })
+    sm = Swift.prepare_model(
+        tiny_llama(),
+        {
+            "default": LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]),
+            "other": LoRAConfig(r=2, lora_alpha=4, target_modules=["embed_tokens"]),
+        },
+    )
     trainable = [n for n, p in sm.named_parameters() if p.requires_grad]
     # names as printed by ms-swift 4.6 for the same model and configs
     assert "base_model.model.layers.0.self_attn.q_proj.lora_A.default.weight" in trainable
@@ -54,7 +60,8 @@ def test_names_trainability_and_summary_match_real_swift() -> None:
     assert len(trainable) == 10 and all(".default." in n or n.endswith(".other") for n in trainable)
     # the exact line ms-swift 4.6 printed for this model and these configs
     assert sm.get_trainable_parameters() == (
-        "trainable params: 1,088 || all params: 23,776 || trainable%: 4.5760|| cuda memory: 0.00GiB.")
+        "trainable params: 1,088 || all params: 23,776 || trainable%: 4.5760|| cuda memory: 0.00GiB."
+    )
     assert sm.active_adapters == {"default", "other"}
     assert set(sm.adapters) == {"default", "other"} and sm.adapters["other"].config.r == 2
 
@@ -125,10 +132,15 @@ def test_merge_unmerge_is_exact_and_covers_every_active_adapter() -> None:
 
 
 def test_merge_and_unload_with_tied_embeddings() -> None:
-    sm = Swift.prepare_model(tiny_gpt2(), {
-        "default": LoRAConfig(r=4, target_modules=["c_attn", "lm_head"], fan_in_fan_out=False, init_lora_weights=False),
-        "emb": LoRAConfig(r=2, target_modules=["wte"], init_lora_weights=False),
-    })
+    sm = Swift.prepare_model(
+        tiny_gpt2(),
+        {
+            "default": LoRAConfig(
+                r=4, target_modules=["c_attn", "lm_head"], fan_in_fan_out=False, init_lora_weights=False
+            ),
+            "emb": LoRAConfig(r=2, target_modules=["wte"], init_lora_weights=False),
+        },
+    )
     assert sm.model.lm_head.weight is sm.model.transformer.wte.weight
     wte_before = sm.model.transformer.wte.weight.detach().clone()
     want = _logits(sm)
@@ -160,8 +172,9 @@ def test_prepare_again_adds_tuners_and_rejects_duplicates() -> None:
     base = tiny_llama()
     torch.manual_seed(1)
     sm = Swift.prepare_model(tiny_llama(), LoRAConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
-    sm2 = Swift.prepare_model(sm, {"b": LoRAConfig(r=2, target_modules=["q_proj", "gate_proj"],
-                                                   init_lora_weights=False)})
+    sm2 = Swift.prepare_model(
+        sm, {"b": LoRAConfig(r=2, target_modules=["q_proj", "gate_proj"], init_lora_weights=False)}
+    )
     assert sm2.active_adapters == {"default", "b"} and sm2.model is sm.model
     assert torch.allclose(_logits(sm2), _oracle(base, sm2, ["default", "b"]), atol=1e-6)
     with pytest.raises(AdapterNameError):
@@ -186,12 +199,15 @@ def test_training_step_and_lora_plus_groups() -> None:
     sm = Swift.prepare_model(tiny_llama(), cfg, extra_state_keys=[r"model\.norm\.weight"])
     groups = sm.create_optimizer_param_groups(lr=1e-3, weight_decay=0.1)
     named = {id(p): n for n, p in sm.named_parameters()}
-    by_lr = {(g["lr"] if "lr" in g else None, g["weight_decay"]): sorted(named[id(p)] for p in g["params"])
-             for g in groups}
+    by_lr = {
+        (g["lr"] if "lr" in g else None, g["weight_decay"]): sorted(named[id(p)] for p in g["params"]) for g in groups
+    }
     assert all(".lora_A." in n for n in by_lr[(1e-3, 0.1)]) and len(by_lr[(1e-3, 0.1)]) == 4
     assert all(".lora_B." in n for n in by_lr[(1e-3 * 16, 0.1)]) and len(by_lr[(1e-3 * 16, 0.1)]) == 4
-    assert by_lr[(1e-5, 0.1)] == ["base_model.model.embed_tokens.lora_embedding_A.default",
-                                  "base_model.model.embed_tokens.lora_embedding_B.default"]
+    assert by_lr[(1e-5, 0.1)] == [
+        "base_model.model.embed_tokens.lora_embedding_A.default",
+        "base_model.model.embed_tokens.lora_embedding_B.default",
+    ]
     assert by_lr[(None, 0.0)] == ["base_model.model.norm.weight"]  # extra state: a norm, so no decay
     opt = torch.optim.AdamW(groups, lr=1e-3)
     frozen = sm.model.model.layers[0].self_attn.q_proj.weight.detach().clone()
@@ -210,8 +226,9 @@ def test_training_step_and_lora_plus_groups() -> None:
 def test_gradient_checkpointing_recomputes_with_adapters() -> None:
     def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
-        sm = Swift.prepare_model(tiny_llama(), LoRAConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                          init_lora_weights=False))
+        sm = Swift.prepare_model(
+            tiny_llama(), LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        )
         if checkpointing:
             sm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         sm.train()
@@ -227,8 +244,12 @@ def test_gradient_checkpointing_recomputes_with_adapters() -> None:
 def test_state_dict_and_strict_load_state_dict() -> None:
     _, sm = _two_adapter_llama()
     sd = sm.state_dict(adapter_name="default")
-    assert set(sd) == {f"model.layers.{i}.self_attn.{m}.lora_{ab}.default.weight"
-                       for i in range(2) for m in ("q_proj", "v_proj") for ab in "AB"}
+    assert set(sd) == {
+        f"model.layers.{i}.self_attn.{m}.lora_{ab}.default.weight"
+        for i in range(2)
+        for m in ("q_proj", "v_proj")
+        for ab in "AB"
+    }
     peft_sd = sm.state_dict(adapter_name="default", peft_format=True)
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in peft_sd
     torch.manual_seed(5)
@@ -260,16 +281,20 @@ def test_add_weighted_adapter(kind: str) -> None:
 
     base = tiny_llama()
     torch.manual_seed(2)
-    sm = Swift.prepare_model(tiny_llama(), {
-        "a": LoRAConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
-        "b": LoRAConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
-    })
+    sm = Swift.prepare_model(
+        tiny_llama(),
+        {
+            "a": LoRAConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+            "b": LoRAConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        },
+    )
     both = _logits(sm)
     extra = {"svd_rank": 4} if kind == "svd" else {}
     sm.add_weighted_adapter(["a", "b"], [1.0, 1.0], "mix", combination_type=kind, **extra)
     assert sm.active_adapters == {"mix"}
-    expect = add_weighted_adapter({n: sm.adapters[n].params.detach() for n in ("a", "b")}, [1.0, 1.0], "mix",
-                                  kind, model=base, **extra)
+    expect = add_weighted_adapter(
+        {n: sm.adapters[n].params.detach() for n in ("a", "b")}, [1.0, 1.0], "mix", kind, model=base, **extra
+    )
     with torch.no_grad():
         assert torch.allclose(_logits(sm), ft.apply(base, expect, (X,)).logits, atol=1e-5)
     if kind in ("cat", "svd"):  # full rank 4 reproduces the sum of both deltas
@@ -321,10 +346,13 @@ def test_several_tuner_types_together() -> None:
 
     base = tiny_llama()
     torch.manual_seed(0)
-    sm = Swift.prepare_model(tiny_llama(), {
-        "ad": AdapterConfig(dim=32, target_modules=r".*mlp", hidden_pos=0, adapter_length=4),
-        "lo": LoRAConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
-    })
+    sm = Swift.prepare_model(
+        tiny_llama(),
+        {
+            "ad": AdapterConfig(dim=32, target_modules=r".*mlp", hidden_pos=0, adapter_length=4),
+            "lo": LoRAConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
+        },
+    )
     assert "base_model.model.layers.0.mlp.adapter_ad.linear1.weight" in dict(sm.named_parameters())
     want = _logits(sm)
     assert torch.allclose(want, _oracle(base, sm, ["ad", "lo"]), atol=1e-6)
@@ -339,9 +367,16 @@ def test_transformers_trainer_trains_the_adapters(tmp_path) -> None:
     torch.manual_seed(0)
     sm = Swift.prepare_model(tiny_llama(), LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], lorap_lr_ratio=4.0))
     data = [{"input_ids": X[i % 2], "labels": X[i % 2]} for i in range(4)]
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2,
-                                          report_to=[], save_strategy="no", use_cpu=True, learning_rate=1e-2,
-                                          disable_tqdm=True)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        learning_rate=1e-2,
+        disable_tqdm=True,
+    )
     opt = torch.optim.AdamW(sm.create_optimizer_param_groups(lr=1e-2, weight_decay=0.0))
     before = {k: v.detach().clone() for k, v in sm.adapters["default"].tensors.items()}
     frozen = sm.model.model.layers[0].self_attn.q_proj.weight.detach().clone()

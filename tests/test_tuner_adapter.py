@@ -108,8 +108,10 @@ def test_tuple_output_hidden_pos_adapts_that_entry_only():
         adapted = seen["out"]
     finally:
         h.remove()
-    w = [params[f"model.layers.0.self_attn.adapter_default.{n}"] for n in
-         ("linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias")]
+    w = [
+        params[f"model.layers.0.self_attn.adapter_default.{n}"]
+        for n in ("linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias")
+    ]
     assert isinstance(adapted, tuple) and len(adapted) == len(base_out)
     torch.testing.assert_close(adapted[0], adapter_mlp(base_out[0], *w, activation("gelu")))
     assert adapted[1] is base_out[1] or (adapted[1] is None and base_out[1] is None)
@@ -150,16 +152,21 @@ def test_shim_prepare_model_loads_swift_weights_and_toggles(case_name, build):
 
 # -- bad configs: a clear typed error before anything changes -----------------------------------------------
 def _snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            [(len(m._forward_hooks), len(m._forward_pre_hooks), dict(m.__dict__).keys()) for m in model.modules()])
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [(len(m._forward_hooks), len(m._forward_pre_hooks), dict(m.__dict__).keys()) for m in model.modules()],
+    )
 
 
 def test_method_the_module_lacks_is_refused_before_anything_changes():
     model = builders.tiny_bert()
     before = _snapshot(model)
     with pytest.raises(ConfigError, match="method_name='no_such_method'.*encoder.layer.0"):
-        ft.init(model, AdapterConfig(dim=32, target_modules=r".*layer\.\d+$", method_name="no_such_method",
-                                     adapter_length=4), generator=0)
+        ft.init(
+            model,
+            AdapterConfig(dim=32, target_modules=r".*layer\.\d+$", method_name="no_such_method", adapter_length=4),
+            generator=0,
+        )
     after = _snapshot(model)
     assert all(torch.equal(before[0][k], after[0][k]) for k in before[0]) and before[1] == after[1]
 
@@ -177,8 +184,9 @@ def test_hidden_pos_out_of_range_and_dim_mismatch_name_the_field():
     assert torch.equal(logits(model(x)), base)
 
 
-@pytest.mark.parametrize("kwargs", [dict(dim=None), dict(dim=0), dict(adapter_length=0), dict(act_layer="nope"),
-                                    dict(hidden_pos=1.5)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(dim=None), dict(dim=0), dict(adapter_length=0), dict(act_layer="nope"), dict(hidden_pos=1.5)]
+)
 def test_invalid_fields_raise_config_error(kwargs):
     fields = dict(dim=32, target_modules=["mlp"], adapter_length=4) | kwargs
     with pytest.raises(ConfigError, match=next(iter(kwargs))):
@@ -254,7 +262,10 @@ def test_model_output_entry_by_key():
         model(x)
     finally:
         h.remove()
-    w = [params[f"encoder.adapter_default.{n}"] for n in ("linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias")]
+    w = [
+        params[f"encoder.adapter_default.{n}"]
+        for n in ("linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias")
+    ]
     want = adapter_mlp(seen["out"].last_hidden_state, *w, activation("gelu"))
     out = ft.apply(model, params, (x,))
     torch.testing.assert_close(out.last_hidden_state, want)
@@ -262,20 +273,36 @@ def test_model_output_entry_by_key():
         ft.apply(model, ft.init(model, cfg.__class__(**{**cfg.to_dict(), "hidden_pos": 0}), generator=2), (x,))
 
 
-@pytest.mark.parametrize("case_name", ["adapter_llama", "adapter_bert_method", "prompt_bert", "prompt_vit_extract",
-                                       "side_vit_mlp", "side_toy_fcn4", "part_bert", "neftune_llama", "compose_bert"])
+@pytest.mark.parametrize(
+    "case_name",
+    [
+        "adapter_llama",
+        "adapter_bert_method",
+        "prompt_bert",
+        "prompt_vit_extract",
+        "side_vit_mlp",
+        "side_toy_fcn4",
+        "part_bert",
+        "neftune_llama",
+        "compose_bert",
+    ],
+)
 def test_configs_round_trip_to_swifts_own_json(case_name):
     # all five SWIFT-native tuners: reading SWIFT's adapter_config.json and writing it back gives the same JSON
     for files in load_case(case_name).adapters.values():
         assert ckpt.config_to_json(ckpt.config_from_json(files.config)) == files.config
 
 
-@pytest.mark.parametrize("config", [
-    AdapterConfig(dim=32, target_modules=r".*layer\.\d+$", method_name="feed_forward_chunk", adapter_length=4),
-    ft.PromptConfig(dim=32, target_modules=r".*layer\.\d+$", embedding_pos=0, prompt_length=2),
-    ft.SideConfig(dim=32, target_modules=r".*layer\.0$", side_module_name="mlp"),
-    ft.PartConfig(target_modules=r".*layer\.0\.output\.dense"),
-], ids=lambda c: type(c).__name__)
+@pytest.mark.parametrize(
+    "config",
+    [
+        AdapterConfig(dim=32, target_modules=r".*layer\.\d+$", method_name="feed_forward_chunk", adapter_length=4),
+        ft.PromptConfig(dim=32, target_modules=r".*layer\.\d+$", embedding_pos=0, prompt_length=2),
+        ft.SideConfig(dim=32, target_modules=r".*layer\.0$", side_module_name="mlp"),
+        ft.PartConfig(target_modules=r".*layer\.0\.output\.dense"),
+    ],
+    ids=lambda c: type(c).__name__,
+)
 def test_per_sample_grads_under_vmap_equal_a_loop(config):
     model = builders.tiny_bert()
     params = ft.init(model, config, generator=0)

@@ -23,15 +23,26 @@ FIX = pathlib.Path(__file__).parent / "fixtures" / "tuners2"
 
 
 def _swift_setup():
-    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   attn_implementation="sdpa")
+    cfg = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
     model.load_state_dict(load_file(FIX / "llamapro_base.safetensors"))
     config = ft.LLaMAProConfig(**json.loads((FIX / "llamapro_config.json").read_text()))
     swift_adapter = load_file(FIX / "llamapro_adapter.safetensors")  # SWIFT's keys: model.layers.1.*, model.layers.3.*
-    return model, config, load_file(FIX / "llamapro_outputs.safetensors"), keys.llamapro_from_swift_state_dict(
-        swift_adapter, "model.layers")
+    return (
+        model,
+        config,
+        load_file(FIX / "llamapro_outputs.safetensors"),
+        keys.llamapro_from_swift_state_dict(swift_adapter, "model.layers"),
+    )
 
 
 def test_matches_swift_keys_init_and_trained_outputs():
@@ -43,8 +54,9 @@ def test_matches_swift_keys_init_and_trained_outputs():
     assert sorted(keys.to_swift_state_dict(p)) == sorted(on_disk)  # SWIFT's names: model.layers.1.*, model.layers.3.*
     assert torch.equal(p["model.layers.0.llamapro_default.self_attn.o_proj.weight"], torch.zeros(16, 16))
     assert torch.equal(p["model.layers.1.llamapro_default.mlp.down_proj.weight"], torch.zeros(16, 32))
-    assert torch.equal(p["model.layers.1.llamapro_default.self_attn.q_proj.weight"],
-                       model.model.layers[1].self_attn.q_proj.weight)
+    assert torch.equal(
+        p["model.layers.1.llamapro_default.self_attn.q_proj.weight"], model.model.layers[1].self_attn.q_proj.weight
+    )
     ids = out["ids"]
     assert torch.equal(model(ids).logits, out["base_out"])
     assert torch.equal(ft.apply(model, p, (ids,)).logits, out["init_out"])  # starts equal to the base model
@@ -62,10 +74,17 @@ def test_kv_cache_generation_equals_recomputation():
     model, config, out, swift_adapter = _swift_setup()
     trained = ft.TunerParams(swift_adapter, config)
     with routed(ft.bind_routes(model, trained)):
-        cached = model.generate(out["ids"], max_new_tokens=4, do_sample=False, output_logits=True,
-                                return_dict_in_generate=True)
-        plain = model.generate(out["ids"], max_new_tokens=4, do_sample=False, use_cache=False, output_logits=True,
-                               return_dict_in_generate=True)
+        cached = model.generate(
+            out["ids"], max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+        plain = model.generate(
+            out["ids"],
+            max_new_tokens=4,
+            do_sample=False,
+            use_cache=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     for a, b in zip(cached.logits, plain.logits, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -114,8 +133,9 @@ def test_bad_configs_raise_before_anything_changes():
     with pytest.raises(TargetError, match="model.layers"):
         ft.init(tiny_bert(), ft.LLaMAProConfig(model_type="llama", num_new_blocks=1), generator=0)
     with pytest.raises(ConfigError, match="lacks"):
-        ft.init(model, ft.LLaMAProConfig(model_key_mapping={"module_list": "model.layers"}, num_new_blocks=1),
-                generator=0)
+        ft.init(
+            model, ft.LLaMAProConfig(model_key_mapping={"module_list": "model.layers"}, num_new_blocks=1), generator=0
+        )
     p = ft.init(model, ft.LLaMAProConfig(model_type="llama", num_new_blocks=1), generator=0)
     assert sorted(keys.to_swift_state_dict(p))[0].startswith("model.layers.2.")  # one block, after the last layer
     with pytest.raises(ParamsMismatchError, match="q_proj"):
@@ -138,4 +158,5 @@ def test_loads_the_files_swift_saved(tmp_path):
         torch.testing.assert_close(loaded(out["ids"]).logits, out["tuned_out"], rtol=1e-6, atol=1e-6)
     loaded.save_pretrained(tmp_path / "again")
     assert sorted(load_file(tmp_path / "again" / "default" / "adapter_model.safetensors")) == sorted(
-        load_file(FIX / "llamapro_adapter.safetensors"))
+        load_file(FIX / "llamapro_adapter.safetensors")
+    )

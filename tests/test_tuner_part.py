@@ -60,7 +60,10 @@ def test_merge_is_the_weight_replacement_and_leaves_the_model_alone():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     key = "encoder.layer.0.output.dense.weight"
     assert torch.equal(merged[key], params["encoder.layer.0.output.dense._part_default.weight"])
-    assert merged["encoder.layer.1.output.dense.weight"] is dict(model.named_parameters())["encoder.layer.1.output.dense.weight"]
+    assert (
+        merged["encoder.layer.1.output.dense.weight"]
+        is dict(model.named_parameters())["encoder.layer.1.output.dense.weight"]
+    )
     x = case.io["input_0"]
     out = logits(torch.func.functional_call(model, merged, (x,)))
     torch.testing.assert_close(out, case.io["output"], rtol=0, atol=1e-6)
@@ -101,22 +104,26 @@ def test_checkpoint_uses_original_keys_and_loads_through_the_shim(tmp_path):
         sm.deactivate_adapter("default")
         assert torch.equal(logits(sm(x)), case.io["base_output"])
     assert set(sm.state_dict()) == set(case.adapters["default"].state)
-    assert set(rename_adapter(params, "default", "other")) == {k.replace("_part_default", "_part_other") for k in params}
+    assert set(rename_adapter(params, "default", "other")) == {
+        k.replace("_part_default", "_part_other") for k in params
+    }
 
 
 def test_composition_with_adapter_and_prompt_matches_swift():
     model = builders.tiny_bert()
     case = load_case("compose_bert", model)
-    plist = [swift_params(case, "part"),
-             ft.TunerParams(case.adapters["ad"].state, AdapterConfig.from_dict(case.adapters["ad"].config), "ad"),
-             ft.TunerParams(case.adapters["pr"].state, PromptConfig.from_dict(case.adapters["pr"].config), "pr")]
+    plist = [
+        swift_params(case, "part"),
+        ft.TunerParams(case.adapters["ad"].state, AdapterConfig.from_dict(case.adapters["ad"].config), "ad"),
+        ft.TunerParams(case.adapters["pr"].state, PromptConfig.from_dict(case.adapters["pr"].config), "pr"),
+    ]
     x = case.io["input_0"]
     out = logits(ft.apply(model, plist, (x,)))
     torch.testing.assert_close(out, case.io["output"], rtol=0, atol=1e-6)
     # each tuner on its own toggles independently: dropping one changes the output, the base model stays exact
     for i in range(3):
-        rest = plist[:i] + plist[i + 1:]
-        assert not torch.allclose(logits(ft.apply(model, rest, (x,)))[:, -x.shape[1]:], out[:, -x.shape[1]:])
+        rest = plist[:i] + plist[i + 1 :]
+        assert not torch.allclose(logits(ft.apply(model, rest, (x,)))[:, -x.shape[1] :], out[:, -x.shape[1] :])
     assert torch.equal(logits(model(x)), case.io["base_output"])
 
 
@@ -156,8 +163,12 @@ def test_merged_weights_compute_what_apply_computes(scale, seed):
     params = params.map(lambda t: t + scale * torch.randn(t.shape, generator=g))
     x = torch.randint(0, 64, (2, 5), generator=g)
     merged = ft.merge(model, params)
-    torch.testing.assert_close(logits(torch.func.functional_call(model, merged, (x,))),
-                               logits(ft.apply(model, params, (x,))), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        logits(torch.func.functional_call(model, merged, (x,))),
+        logits(ft.apply(model, params, (x,))),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_switching_parts_in_the_shim_swaps_the_weights():

@@ -53,8 +53,9 @@ def test_init_keys_shapes_and_sequence_growth():
     case = load_case("prompt_bert", model)
     cfg = PromptConfig.from_dict(case.adapters["default"].config)
     params = ft.init(model, cfg, generator=0)
-    assert {k: tuple(v.shape) for k, v in params.items()} == \
-        {k: tuple(v.shape) for k, v in case.adapters["default"].state.items()}
+    assert {k: tuple(v.shape) for k, v in params.items()} == {
+        k: tuple(v.shape) for k, v in case.adapters["default"].state.items()
+    }
     x = case.io["input_0"]
     out = logits(ft.apply(model, params, (x,)))
     assert out.shape == (x.shape[0], x.shape[1] + cfg.prompt_length, 32)
@@ -105,14 +106,23 @@ class _Stack(nn.Module):
 @pytest.mark.parametrize("attach_front", [True, False])
 def test_attention_mask_by_keyword_and_deep_prompt_replacement(attach_front):
     model = _Stack()
-    cfg = PromptConfig(dim=4, target_modules=r"layers\.\d", embedding_pos=0, attention_mask_pos="mask",
-                       attention_mask_value=-7.0, prompt_length=2, attach_front=attach_front)
+    cfg = PromptConfig(
+        dim=4,
+        target_modules=r"layers\.\d",
+        embedding_pos=0,
+        attention_mask_pos="mask",
+        attention_mask_value=-7.0,
+        prompt_length=2,
+        attach_front=attach_front,
+    )
     params = ft.init(model, cfg, generator=0)
     hidden, mask = torch.randn(3, 5, 4), torch.ones(3, 1, 5)
     out, masks = ft.apply(model, params, (hidden, mask))
     p0, p1 = params["layers.0.prompt_default.prompt_token"], params["layers.1.prompt_default.prompt_token"]
     # layer 0 attaches its tokens, layer 1 replaces them with its own
-    want = torch.cat((p1.expand(3, -1, -1), hidden), 1) if attach_front else torch.cat((hidden, p1.expand(3, -1, -1)), 1)
+    want = (
+        torch.cat((p1.expand(3, -1, -1), hidden), 1) if attach_front else torch.cat((hidden, p1.expand(3, -1, -1)), 1)
+    )
     torch.testing.assert_close(out, want)
     assert not torch.equal(p0, p1)
     pad = torch.full((3, 1, 2), -7.0)
@@ -148,8 +158,11 @@ def test_positions_out_of_range_are_refused_at_init():
         ft.init(model, PromptConfig(dim=32, target_modules=r".*layer\.\d+\.output", embedding_pos=0), generator=0)
     assert [len(m._forward_pre_hooks) for m in model.modules()] == hooks_before
     # BertLayer.forward takes **kwargs, so a keyword passes the signature check; its absence shows at call time
-    params = ft.init(model, PromptConfig(dim=32, target_modules=r".*layer\.\d+$", embedding_pos=0,
-                                         attention_mask_pos="no_mask"), generator=0)
+    params = ft.init(
+        model,
+        PromptConfig(dim=32, target_modules=r".*layer\.\d+$", embedding_pos=0, attention_mask_pos="no_mask"),
+        generator=0,
+    )
     with pytest.raises(ConfigError, match="attention_mask_pos='no_mask'"):
         ft.apply(model, params, (torch.randint(0, 64, (1, 4)),))
 
@@ -166,8 +179,9 @@ def test_dim_mismatch_names_the_field_and_leaves_model_untouched():
         ft.validate(model, ft.TunerParams({k: v[:, :3] for k, v in params.items()}, params.config))
 
 
-@pytest.mark.parametrize("kwargs", [dict(dim=None), dict(prompt_length=0), dict(embedding_pos=None),
-                                    dict(attention_mask_pos=1.0)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(dim=None), dict(prompt_length=0), dict(embedding_pos=None), dict(attention_mask_pos=1.0)]
+)
 def test_invalid_fields_raise_config_error(kwargs):
     fields = dict(dim=32, target_modules=r".*layer\.\d+$", embedding_pos=0) | kwargs
     with pytest.raises(ConfigError, match=next(iter(kwargs))):
@@ -178,8 +192,15 @@ def test_invalid_fields_raise_config_error(kwargs):
 @given(st.integers(1, 3), st.integers(1, 6), st.integers(1, 4), st.booleans(), st.floats(-10, 10))
 def test_output_keeps_the_input_tokens_in_place(batch, seq, length, front, value):
     model = _Stack()
-    cfg = PromptConfig(dim=4, target_modules=r"layers\.0", embedding_pos=0, attention_mask_pos="mask",
-                       attention_mask_value=value, prompt_length=length, attach_front=front)
+    cfg = PromptConfig(
+        dim=4,
+        target_modules=r"layers\.0",
+        embedding_pos=0,
+        attention_mask_pos="mask",
+        attention_mask_value=value,
+        prompt_length=length,
+        attach_front=front,
+    )
     params = ft.init(model, cfg, generator=1)
     hidden, mask = torch.randn(batch, seq, 4), torch.zeros(batch, seq)
     out, masks = ft.apply(model, params, (hidden, mask))

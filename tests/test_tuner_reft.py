@@ -54,8 +54,7 @@ def _record(module):
 @given(kind=st.sampled_from(TYPES), add_bias=st.booleans(), seed=st.integers(0, 50))
 def test_layer_output_follows_formula(kind, add_bias, seed):
     model = _LLAMA
-    cfg = ft.ReftConfig(model_type="llama", layers=[0], r=3, intervention_type=kind,
-                        args={"add_bias": add_bias})
+    cfg = ft.ReftConfig(model_type="llama", layers=[0], r=3, intervention_type=kind, args={"add_bias": add_bias})
     p = ft.init(model, cfg, generator=seed)
     ids = torch.arange(10).view(2, 5)
     seen, handle = _record(model.model.layers[0])
@@ -94,9 +93,11 @@ def test_rest_of_network_sees_the_intervention_and_positions():
 def test_bert_layers_found_without_layer_key_and_tuple_outputs():
     model = tiny_bert()
     p = ft.init(model, ft.ReftConfig(r=2, layers=[1]), generator=0)
-    assert sorted(p) == ["encoder.layer.1.reft_default.learned_source.bias",
-                         "encoder.layer.1.reft_default.learned_source.weight",
-                         "encoder.layer.1.reft_default.rotate_layer"]
+    assert sorted(p) == [
+        "encoder.layer.1.reft_default.learned_source.bias",
+        "encoder.layer.1.reft_default.learned_source.weight",
+        "encoder.layer.1.reft_default.rotate_layer",
+    ]
     ids = torch.arange(8).view(1, 8)
     assert not torch.allclose(ft.apply(model, p, (ids,)).last_hidden_state, model(ids).last_hidden_state)
 

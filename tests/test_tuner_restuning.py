@@ -23,12 +23,20 @@ _spec.loader.exec_module(_mod)
 
 def _vit_case():
     data = load_file(FIX / "tuners2" / "restuning.safetensors")
-    cfg = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
-                                 num_attention_heads=2, intermediate_size=32, num_labels=3)
+    cfg = transformers.ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+    )
     model = transformers.ViTForImageClassification(cfg).eval()
     model.load_state_dict({k[6:]: v for k, v in data.items() if k.startswith("base::")})
     config = ft.ResTuningConfig.from_dict(json.loads((FIX / "tuners2" / "restuning_config.json").read_text()))
-    adapter = {k[len("adapter::"):]: v for k, v in data.items() if k.startswith("adapter::")}
+    adapter = {k[len("adapter::") :]: v for k, v in data.items() if k.startswith("adapter::")}
     return model, config, data, adapter
 
 
@@ -36,7 +44,7 @@ def _unet_case():
     data = load_file(FIX / "tuners2" / "restuning4d.safetensors")
     model = _mod.ToyUNet()
     model.load_state_dict({k[6:]: v for k, v in data.items() if k.startswith("base::")})
-    adapter = {k[len("adapter::"):]: v for k, v in data.items() if k.startswith("adapter::")}
+    adapter = {k[len("adapter::") :]: v for k, v in data.items() if k.startswith("adapter::")}
     return model, ft.ResTuningConfig(**_mod.RESTUNING_4D), data, adapter
 
 
@@ -82,23 +90,49 @@ def test_bad_configs_raise_clearly_and_change_nothing():
     model, config, data, adapter = _vit_case()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ConfigError, match="target_modules_hook"):
-        ft.ResTuningConfig(dims=16, stem_modules="x", target_modules="y", target_modules_hook="middle",
-                           tuner_cfg="res_adapter")
+        ft.ResTuningConfig(
+            dims=16, stem_modules="x", target_modules="y", target_modules_hook="middle", tuner_cfg="res_adapter"
+        )
     with pytest.raises(ConfigError, match="tuner_cfg"):
         ft.ResTuningConfig(dims=16, stem_modules="x", target_modules="y")
     with pytest.raises(TargetError, match="stem_modules"):
-        ft.init(model, ft.ResTuningConfig(dims=16, stem_modules=r"nope\.\d+", target_modules=r"vit\.layernorm",
-                                          tuner_cfg="res_adapter"), generator=0)
+        ft.init(
+            model,
+            ft.ResTuningConfig(
+                dims=16, stem_modules=r"nope\.\d+", target_modules=r"vit\.layernorm", tuner_cfg="res_adapter"
+            ),
+            generator=0,
+        )
     with pytest.raises(ConfigError, match="dims has 3 entries"):
-        ft.init(model, ft.ResTuningConfig(dims=[16, 16, 16], stem_modules=r"vit\.layers\.\d+",
-                                          target_modules=r"vit\.layernorm", tuner_cfg="res_adapter"), generator=0)
+        ft.init(
+            model,
+            ft.ResTuningConfig(
+                dims=[16, 16, 16],
+                stem_modules=r"vit\.layers\.\d+",
+                target_modules=r"vit\.layernorm",
+                tuner_cfg="res_adapter",
+            ),
+            generator=0,
+        )
     with pytest.raises(ConfigError, match="adapter_weight"):
-        ft.init(model, ft.ResTuningConfig(dims=16, stem_modules=r"vit\.layers\.\d+", target_modules=r"vit\.layernorm",
-                                          tuner_cfg={"lateral_cfg": {"res_adapter": {"adapter_weight": "scale_kv"}}}),
-                generator=0)
-    wrong_dim = ft.ResTuningConfig(dims=12, root_modules=r"vit\.embeddings", root_modules_hook="output",
-                                   stem_modules=r"vit\.layers\.\d+", target_modules=r"vit\.layernorm",
-                                   tuner_cfg="res_adapter")
+        ft.init(
+            model,
+            ft.ResTuningConfig(
+                dims=16,
+                stem_modules=r"vit\.layers\.\d+",
+                target_modules=r"vit\.layernorm",
+                tuner_cfg={"lateral_cfg": {"res_adapter": {"adapter_weight": "scale_kv"}}},
+            ),
+            generator=0,
+        )
+    wrong_dim = ft.ResTuningConfig(
+        dims=12,
+        root_modules=r"vit\.embeddings",
+        root_modules_hook="output",
+        stem_modules=r"vit\.layers\.\d+",
+        target_modules=r"vit\.layernorm",
+        tuner_cfg="res_adapter",
+    )
     with pytest.raises(ConfigError, match="dims=12"):
         ft.apply(model, ft.init(model, wrong_dim, generator=0), (data["x"],))
     trained = ft.TunerParams(adapter, config)

@@ -27,7 +27,7 @@ CONFIGS = {
 
 def _model():
     model = ToyUNet()
-    model.load_state_dict({k[len("base::"):]: v for k, v in DATA.items() if k.startswith("base::")})
+    model.load_state_dict({k[len("base::") :]: v for k, v in DATA.items() if k.startswith("base::")})
     return model
 
 
@@ -51,11 +51,19 @@ def test_matches_swift_keys_init_and_trained(mode):
 
 def test_adapter_formula_on_tokens_and_images():
     g = torch.Generator().manual_seed(0)
-    t = {"ln1.weight": torch.randn(3, 5, generator=g), "ln1.bias": torch.randn(3, generator=g),
-         "ln2.weight": torch.randn(5, 3, generator=g), "ln2.bias": torch.randn(5, generator=g)}
+    t = {
+        "ln1.weight": torch.randn(3, 5, generator=g),
+        "ln1.bias": torch.randn(3, generator=g),
+        "ln2.weight": torch.randn(5, 3, generator=g),
+        "ln2.bias": torch.randn(5, generator=g),
+    }
     img = torch.randn(2, 5, 4, 3, generator=g)
     tokens = img.permute(0, 2, 3, 1)  # channel-last: the same numbers as tokens
-    by_hand = tokens + torch.nn.functional.gelu(tokens @ t["ln1.weight"].T + t["ln1.bias"]) @ t["ln2.weight"].T + t["ln2.bias"]
+    by_hand = (
+        tokens
+        + torch.nn.functional.gelu(tokens @ t["ln1.weight"].T + t["ln1.bias"]) @ t["ln2.weight"].T
+        + t["ln2.bias"]
+    )
     torch.testing.assert_close(sce_adapter(img, t).permute(0, 2, 3, 1), by_hand)
     torch.testing.assert_close(sce_adapter(tokens.reshape(2, 12, 5), t), by_hand.reshape(2, 12, 5))
 
@@ -81,8 +89,9 @@ def test_bad_configs_raise_clearly_and_change_nothing():
     with pytest.raises(ConfigError, match="dims has 3 entries"):
         ft.init(model, ft.SCETuningConfig(dims=[8, 8, 8], target_modules=["up.0", "up.1"]), generator=0)
     with pytest.raises(TargetError, match="hint_modules"):
-        ft.init(model, ft.SCETuningConfig(dims=8, target_modules=["up.0", "up.1"], hint_modules=["down.0"]),
-                generator=0)
+        ft.init(
+            model, ft.SCETuningConfig(dims=8, target_modules=["up.0", "up.1"], hint_modules=["down.0"]), generator=0
+        )
     p = ft.init(model, ft.SCETuningConfig(dims=16, target_modules="down", tuner_mode="encoder"), generator=0)
     with pytest.raises(ConfigError, match="has 8 channels, dims says 16"):
         ft.apply(model, p, (DATA["x"],))

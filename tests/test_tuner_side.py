@@ -42,8 +42,9 @@ def test_init_keys_and_shapes_match_swift(case_name, build):
     case = load_case(case_name, model)
     cfg = SideConfig.from_dict(case.adapters["default"].config)
     params = ft.init(model, cfg, generator=0)
-    assert {k: tuple(v.shape) for k, v in params.items()} == \
-        {k: tuple(v.shape) for k, v in case.adapters["default"].state.items()}
+    assert {k: tuple(v.shape) for k, v in params.items()} == {
+        k: tuple(v.shape) for k, v in case.adapters["default"].state.items()
+    }
     assert float(params[next(k for k in params if k.endswith(".alpha"))]) == 0.0
 
 
@@ -88,8 +89,11 @@ def test_bad_configs_raise_before_anything_changes():
     model = builders.tiny_vit()
     hooks = [len(m._forward_hooks) for m in model.modules()]
     with pytest.raises(ConfigError, match="source_hidden_pos=3 is out of range"):
-        ft.init(model, SideConfig(dim=32, target_modules=r"vit\.layers\.0", side_module_name="mlp",
-                                  source_hidden_pos=3), generator=0)
+        ft.init(
+            model,
+            SideConfig(dim=32, target_modules=r"vit\.layers\.0", side_module_name="mlp", source_hidden_pos=3),
+            generator=0,
+        )
     with pytest.raises(UnsupportedModuleError, match="ModuleList"):
         ft.init(model, SideConfig(dim=32, target_modules=r"vit\.layers", side_module_name="mlp"), generator=0)
     with pytest.raises(TargetError, match="matched no module"):
@@ -112,8 +116,16 @@ def test_dim_mismatch_and_wrong_input_name_the_field():
         ft.validate(model, ft.TunerParams({k: v for k, v in params.items() if "fc1.weight" not in k}, params.config))
 
 
-@pytest.mark.parametrize("kwargs", [dict(dim=None), dict(side_module_name="alexnet"), dict(side_module_name="resnet"),
-                                    dict(target_modules=["backbone"]), dict(source_hidden_pos=None)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(dim=None),
+        dict(side_module_name="alexnet"),
+        dict(side_module_name="resnet"),
+        dict(target_modules=["backbone"]),
+        dict(source_hidden_pos=None),
+    ],
+)
 def test_invalid_fields_raise_config_error(kwargs):
     fields = dict(dim=32, target_modules="backbone") | kwargs
     with pytest.raises(ConfigError, match=next(iter(kwargs))):

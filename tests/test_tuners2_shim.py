@@ -16,7 +16,8 @@ import functuner as ft
 from functuner import Swift, SwiftModel
 
 _spec = importlib.util.spec_from_file_location(
-    "make_tuner_fixtures2", pathlib.Path(__file__).parent / "fixtures" / "make_tuner_fixtures2.py")
+    "make_tuner_fixtures2", pathlib.Path(__file__).parent / "fixtures" / "make_tuner_fixtures2.py"
+)
 _mod = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_mod)
 
@@ -29,18 +30,43 @@ def _unet():
 IDS = torch.arange(16).view(2, 8)
 IMG = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 CASES = {
-    "longlora": (tiny_llama, lambda: ft.LongLoRAConfig(r=2, target_modules=["q_proj"]), IDS,
-                 ["model.layers.0.self_attn.q_proj.lora_A.default.weight", "model.norm.weight"]),
-    "reft": (tiny_llama, lambda: ft.ReftConfig(model_type="llama", layers=[1], r=2), IDS,
-             ["model.layers.1.reft_default.rotate_layer"]),
-    "llamapro": (tiny_llama, lambda: ft.LLaMAProConfig(model_type="llama", num_new_blocks=2), IDS,
-                 ["model.layers.1.self_attn.q_proj.weight", "model.layers.3.mlp.down_proj.weight"]),
-    "scetuning": (_unet, lambda: ft.SCETuningConfig(dims=[8, 8], target_modules=["up.0", "up.1"]), IMG,
-                  ["up.1.scetuner_default.tuner_op.ln2.weight"]),
-    "restuning": (lambda: tiny_vit(image_size=8), lambda: ft.ResTuningConfig(
-        dims=32, root_modules=r"vit\.embeddings", root_modules_hook="output", stem_modules=r"vit\.layers\.\d+",
-        target_modules=r"vit\.layernorm", tuner_cfg="res_adapter"), IMG,
-        ["restuning_default.bypass_blocks.1.vertical_tuner.tuner.ln1.weight"]),
+    "longlora": (
+        tiny_llama,
+        lambda: ft.LongLoRAConfig(r=2, target_modules=["q_proj"]),
+        IDS,
+        ["model.layers.0.self_attn.q_proj.lora_A.default.weight", "model.norm.weight"],
+    ),
+    "reft": (
+        tiny_llama,
+        lambda: ft.ReftConfig(model_type="llama", layers=[1], r=2),
+        IDS,
+        ["model.layers.1.reft_default.rotate_layer"],
+    ),
+    "llamapro": (
+        tiny_llama,
+        lambda: ft.LLaMAProConfig(model_type="llama", num_new_blocks=2),
+        IDS,
+        ["model.layers.1.self_attn.q_proj.weight", "model.layers.3.mlp.down_proj.weight"],
+    ),
+    "scetuning": (
+        _unet,
+        lambda: ft.SCETuningConfig(dims=[8, 8], target_modules=["up.0", "up.1"]),
+        IMG,
+        ["up.1.scetuner_default.tuner_op.ln2.weight"],
+    ),
+    "restuning": (
+        lambda: tiny_vit(image_size=8),
+        lambda: ft.ResTuningConfig(
+            dims=32,
+            root_modules=r"vit\.embeddings",
+            root_modules_hook="output",
+            stem_modules=r"vit\.layers\.\d+",
+            target_modules=r"vit\.layernorm",
+            tuner_cfg="res_adapter",
+        ),
+        IMG,
+        ["restuning_default.bypass_blocks.1.vertical_tuner.tuner.ln1.weight"],
+    ),
 }
 
 

@@ -32,8 +32,10 @@ def tuner_for(config: Any) -> Tuner:
     for t in REGISTRY.values():
         if isinstance(config, t.config_cls):
             return t
-    raise ConfigError(f"no functuner tuner takes a {type(config).__name__}; known configs: "
-                      f"{sorted(t.config_cls.__name__ for t in REGISTRY.values())}")
+    raise ConfigError(
+        f"no functuner tuner takes a {type(config).__name__}; known configs: "
+        f"{sorted(t.config_cls.__name__ for t in REGISTRY.values())}"
+    )
 
 
 register(lora.tuner)
@@ -41,14 +43,6 @@ register(lora.tuner)
 from . import longlora  # noqa: E402
 
 register(longlora.tuner)
-
-from . import adapter, neftune, part, prompt, side  # noqa: E402
-
-register(adapter.tuner)
-register(prompt.tuner)
-register(side.tuner)
-register(part.tuner)
-register(neftune.tuner)
 
 from . import reft  # noqa: E402
 
@@ -65,3 +59,11 @@ register(scetuning.tuner)
 from . import restuning  # noqa: E402
 
 register(restuning.tuner)
+
+from . import adapter, neftune, part, prompt, side  # noqa: E402
+
+register(adapter.tuner)
+register(prompt.tuner)
+register(side.tuner)
+register(part.tuner)
+register(neftune.tuner)

@@ -45,8 +45,9 @@ __all__ = [
 ]
 
 
-def swift_select(model: nn.Module, target_modules: Any, field: str = "target_modules",
-                 *, regex_only: bool = False) -> list[tuple[str, nn.Module]]:
+def swift_select(
+    model: nn.Module, target_modules: Any, field: str = "target_modules", *, regex_only: bool = False
+) -> list[tuple[str, nn.Module]]:
     """Modules selected by SWIFT's rule, in ``named_modules`` order (root included, as in SWIFT).
 
     Raises :class:`ConfigError` for a missing/ill-typed spec and
@@ -69,11 +70,13 @@ def swift_select(model: nn.Module, target_modules: Any, field: str = "target_mod
 
         def hit(name: str) -> bool:
             return any(name.endswith(t) for t in ends)
+
     chosen = [(n, m) for n, m in model.named_modules() if hit(n)]
     if not chosen:
         sample = [n for n, _ in model.named_modules() if n][:8]
-        raise TargetError(f"{field}={target_modules!r} matched no module of {type(model).__name__};"
-                          f" some module names: {sample}")
+        raise TargetError(
+            f"{field}={target_modules!r} matched no module of {type(model).__name__}; some module names: {sample}"
+        )
     return chosen
 
 
@@ -101,8 +104,10 @@ def check_input_position(fn: Callable[..., Any], pos: Any, field: str, where: st
             return
         positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         if pos >= len(positional):
-            raise ConfigError(f"{field}={pos} is out of range: {where} takes {len(positional)} positional"
-                              f" argument(s) {[p.name for p in positional]}")
+            raise ConfigError(
+                f"{field}={pos} is out of range: {where} takes {len(positional)} positional"
+                f" argument(s) {[p.name for p in positional]}"
+            )
     else:
         if any(p.kind is p.VAR_KEYWORD for p in params):
             return
@@ -114,17 +119,22 @@ def input_at(args: tuple[Any, ...], kwargs: dict[str, Any], pos: int | str, fiel
     """The call argument at ``pos`` (raises :class:`ConfigError` naming ``field`` if it was not passed)."""
     if isinstance(pos, int):
         if pos >= len(args):
-            raise ConfigError(f"{field}={pos}: {where} was called with only {len(args)} positional argument(s)"
-                              f" (keywords {sorted(kwargs)}); pass the tensor positionally or use its keyword name")
+            raise ConfigError(
+                f"{field}={pos}: {where} was called with only {len(args)} positional argument(s)"
+                f" (keywords {sorted(kwargs)}); pass the tensor positionally or use its keyword name"
+            )
         return args[pos]
     if pos not in kwargs:
-        raise ConfigError(f"{field}={pos!r}: {where} was called without that keyword (keywords {sorted(kwargs)},"
-                          f" {len(args)} positional)")
+        raise ConfigError(
+            f"{field}={pos!r}: {where} was called without that keyword (keywords {sorted(kwargs)},"
+            f" {len(args)} positional)"
+        )
     return kwargs[pos]
 
 
-def with_input_at(args: tuple[Any, ...], kwargs: dict[str, Any], pos: int | str,
-                  value: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def with_input_at(
+    args: tuple[Any, ...], kwargs: dict[str, Any], pos: int | str, value: Any
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """New ``(args, kwargs)`` with the argument at ``pos`` replaced (inputs untouched)."""
     if isinstance(pos, int):
         return args[:pos] + (value,) + args[pos + 1 :], kwargs
@@ -145,13 +155,17 @@ def output_at(out: Any, pos: Any, field: str, where: str) -> Any:
         return out[pos]
     if isinstance(out, dict):
         if not isinstance(pos, str):
-            raise ConfigError(f"{field}={pos!r}: {where} returned a {type(out).__name__}; give a key (str),"
-                              f" one of {list(out)}")
+            raise ConfigError(
+                f"{field}={pos!r}: {where} returned a {type(out).__name__}; give a key (str), one of {list(out)}"
+            )
         if out.get(pos) is None:
-            raise ConfigError(f"{field}={pos!r}: {where} returned a {type(out).__name__} without that entry"
-                              f" (keys: {list(out)})")
+            raise ConfigError(
+                f"{field}={pos!r}: {where} returned a {type(out).__name__} without that entry (keys: {list(out)})"
+            )
         return out[pos]
-    raise ConfigError(f"{where} returned a {type(out).__name__}; {field} can only address a tensor, tuple, list or dict")
+    raise ConfigError(
+        f"{where} returned a {type(out).__name__}; {field} can only address a tensor, tuple, list or dict"
+    )
 
 
 def with_output_at(out: Any, pos: Any, value: Any) -> Any:

@@ -39,8 +39,7 @@ _PARTS = ("linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias")
 
 
 def _fallback_activations() -> dict[str, Any]:
-    return {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh,
-            "sigmoid": nn.Sigmoid}
+    return {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
 
 @functools.cache
@@ -86,10 +85,15 @@ class AdapterConfig(TunerConfig):
         super().__post_init__()
         if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim <= 0:
             raise ConfigError(f"AdapterConfig.dim must be a positive int (the hidden size), got {self.dim!r}")
-        if isinstance(self.adapter_length, bool) or not isinstance(self.adapter_length, int) or self.adapter_length <= 0:
+        if (
+            isinstance(self.adapter_length, bool)
+            or not isinstance(self.adapter_length, int)
+            or self.adapter_length <= 0
+        ):
             raise ConfigError(f"AdapterConfig.adapter_length must be a positive int, got {self.adapter_length!r}")
-        if self.hidden_pos is not None and (isinstance(self.hidden_pos, bool)
-                                            or not isinstance(self.hidden_pos, (int, str))):
+        if self.hidden_pos is not None and (
+            isinstance(self.hidden_pos, bool) or not isinstance(self.hidden_pos, (int, str))
+        ):
             raise ConfigError(f"AdapterConfig.hidden_pos must be None, an int or a str, got {self.hidden_pos!r}")
         if not isinstance(self.method_name, str) or not self.method_name:
             raise ConfigError(f"AdapterConfig.method_name must be a method name, got {self.method_name!r}")
@@ -103,14 +107,17 @@ def _keys(module_name: str, adapter: str) -> tuple[str, ...]:
 def _check_method(module: nn.Module, name: str, method_name: str) -> None:
     method = getattr(module, method_name, None)
     if method is None or not callable(method) or isinstance(method, nn.Module):
-        raise ConfigError(f"AdapterConfig.method_name={method_name!r}: module {name!r} ({type(module).__name__})"
-                          " has no such method")
+        raise ConfigError(
+            f"AdapterConfig.method_name={method_name!r}: module {name!r} ({type(module).__name__}) has no such method"
+        )
 
 
 # ---------------------------------------------------------------------------
 # init
 # ---------------------------------------------------------------------------
-def init(model: nn.Module, config: AdapterConfig, generator: torch.Generator, adapter_name: str = "default") -> TunerParams:
+def init(
+    model: nn.Module, config: AdapterConfig, generator: torch.Generator, adapter_name: str = "default"
+) -> TunerParams:
     """Fresh adapter params, drawn like SWIFT (Xavier-uniform weights, biases ~ N(0, 1e-6)). Pure.
 
     Tensors are float32 on the targeted module's device.  Raises
@@ -164,8 +171,10 @@ def _sites(model: nn.Module, params: TunerParams) -> list[_Site]:
             if k not in params:
                 raise ParamsMismatchError(f"params has {key!r} but not its partner {k!r}")
             if tuple(params[k].shape) != shape:
-                raise ParamsMismatchError(f"params[{k!r}] has shape {tuple(params[k].shape)}; AdapterConfig(dim="
-                                          f"{cfg.dim}, adapter_length={cfg.adapter_length}) needs {shape}")
+                raise ParamsMismatchError(
+                    f"params[{k!r}] has shape {tuple(params[k].shape)}; AdapterConfig(dim="
+                    f"{cfg.dim}, adapter_length={cfg.adapter_length}) needs {shape}"
+                )
         claimed.update(keys)
         sites.append(_Site(mname, module, keys))
     extra = sorted(set(params) - claimed)
@@ -182,8 +191,9 @@ def validate(model: nn.Module, params: TunerParams) -> None:
 # ---------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------
-def adapter_mlp(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                act: nn.Module) -> torch.Tensor:
+def adapter_mlp(
+    h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, act: nn.Module
+) -> torch.Tensor:
     """``h + linear2(act(linear1(h)))`` in the params' dtype, returned in ``h``'s dtype. Pure.
 
     ``h``: ``(..., dim)``; ``w1``: ``(L, dim)``; ``w2``: ``(dim, L)``.
@@ -193,14 +203,25 @@ def adapter_mlp(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.T
     return (x.to(out.dtype) + out).to(h.dtype)
 
 
-def _slot(site: _Site, cfg: AdapterConfig, weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-          module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+def _slot(
+    site: _Site,
+    cfg: AdapterConfig,
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    out: Any,
+) -> Any:
     where = f"{site.name}.{cfg.method_name}()"
     h = output_at(out, cfg.hidden_pos, "AdapterConfig.hidden_pos", where)
     if not isinstance(h, torch.Tensor):
-        raise ConfigError(f"AdapterConfig.hidden_pos={cfg.hidden_pos!r}: {where} gave a {type(h).__name__}, not a tensor")
+        raise ConfigError(
+            f"AdapterConfig.hidden_pos={cfg.hidden_pos!r}: {where} gave a {type(h).__name__}, not a tensor"
+        )
     if h.shape[-1] != cfg.dim:
-        raise ConfigError(f"AdapterConfig.dim={cfg.dim} does not match {where}'s hidden state of shape {tuple(h.shape)}")
+        raise ConfigError(
+            f"AdapterConfig.dim={cfg.dim} does not match {where}'s hidden state of shape {tuple(h.shape)}"
+        )
     w1, b1, w2, b2 = weights
     new = adapter_mlp(h, w1, b1, w2, b2, activation(cfg.act_layer))
     return with_output_at(out, cfg.hidden_pos, new)

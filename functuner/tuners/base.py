@@ -136,10 +136,16 @@ class Tuner(NamedTuple):
 
 
 _DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp64": torch.float64, "float64": torch.float64,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp64": torch.float64,
+    "float64": torch.float64,
 }
 
 
@@ -162,7 +168,9 @@ def _clone_module_tree(module: nn.Module) -> nn.Module:
     clone = copy.copy(module)
     clone.__dict__["_parameters"] = dict(module._parameters)
     clone.__dict__["_buffers"] = dict(module._buffers)
-    clone.__dict__["_modules"] = {k: (_clone_module_tree(v) if v is not None else None) for k, v in module._modules.items()}
+    clone.__dict__["_modules"] = {
+        k: (_clone_module_tree(v) if v is not None else None) for k, v in module._modules.items()
+    }
     return clone
 
 

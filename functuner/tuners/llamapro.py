@@ -43,10 +43,33 @@ from .base import CallContext, Tuner, TunerConfig, _clone_module_tree
 __all__ = ["LLaMAProConfig", "block_key", "expansion_plan", "init", "routes", "tuner", "validate"]
 
 # SWIFT's model_type -> keys (module list, attention, o_proj, down_proj relative to a layer)
-_LLAMA_LIKE = {"module_list": "model.layers", "attention": "self_attn", "o_proj": "self_attn.o_proj",
-               "down_proj": "mlp.down_proj"}
-_ARCHS = {t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "yi", "gemma", "gemma2", "deepseek",
-                                   "openbuddy", "xverse", "orion", "bluelm", "ziya", "skywork", "minicpm", "mixtral")}
+_LLAMA_LIKE = {
+    "module_list": "model.layers",
+    "attention": "self_attn",
+    "o_proj": "self_attn.o_proj",
+    "down_proj": "mlp.down_proj",
+}
+_ARCHS = {
+    t: _LLAMA_LIKE
+    for t in (
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "yi",
+        "gemma",
+        "gemma2",
+        "deepseek",
+        "openbuddy",
+        "xverse",
+        "orion",
+        "bluelm",
+        "ziya",
+        "skywork",
+        "minicpm",
+        "mixtral",
+    )
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,7 +114,9 @@ class LLaMAProConfig(TunerConfig):
             out[f] = v.split("{}.", 1)[1] if isinstance(v, str) and "{}." in v else v
         missing = [k for k, v in out.items() if not v]
         if missing:
-            raise ConfigError(f"model_key_mapping lacks {missing}; LLaMA-Pro needs module_list, attention, o_proj, down_proj")
+            raise ConfigError(
+                f"model_key_mapping lacks {missing}; LLaMA-Pro needs module_list, attention, o_proj, down_proj"
+            )
         return {k: str(v) for k, v in out.items()}
 
 
@@ -120,7 +145,9 @@ def _layers(model: nn.Module, cfg: LLaMAProConfig) -> tuple[str, nn.ModuleList, 
     try:
         layer_list = model.get_submodule(keys["module_list"])
     except AttributeError:
-        raise TargetError(f"{type(model).__name__} has no {keys['module_list']!r} (model_type={cfg.model_type!r})") from None
+        raise TargetError(
+            f"{type(model).__name__} has no {keys['module_list']!r} (model_type={cfg.model_type!r})"
+        ) from None
     if not isinstance(layer_list, nn.ModuleList) or len(layer_list) == 0:
         raise TargetError(f"{keys['module_list']!r} is not a non-empty nn.ModuleList")
     for f in ("attention", "o_proj", "down_proj"):
@@ -147,8 +174,9 @@ def _plan(model: nn.Module, cfg: LLaMAProConfig) -> tuple[str, nn.ModuleList, di
     return prefix, layer_list, keys, expansion_plan(len(layer_list), int(cfg.num_new_blocks or 0), cfg.num_groups)
 
 
-def init(model: nn.Module, config: LLaMAProConfig, generator: torch.Generator,
-         adapter_name: str = "default") -> TunerParams:
+def init(
+    model: nn.Module, config: LLaMAProConfig, generator: torch.Generator, adapter_name: str = "default"
+) -> TunerParams:
     """The new blocks' weights: copies of their source layers, o_proj/down_proj zeroed. Pure (no randomness)."""
     if not isinstance(config, LLaMAProConfig):
         raise ConfigError(f"llamapro.init needs a LLaMAProConfig, got {type(config).__name__}")
@@ -187,8 +215,16 @@ def validate(model: nn.Module, params: TunerParams) -> None:
     _check(model, params)
 
 
-def _run_block(layer: nn.Module, attention_path: str, tensors: dict[str, torch.Tensor], ordinal: int,
-               private: weakref.WeakKeyDictionary, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+def _run_block(
+    layer: nn.Module,
+    attention_path: str,
+    tensors: dict[str, torch.Tensor],
+    ordinal: int,
+    private: weakref.WeakKeyDictionary,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    output: Any,
+) -> Any:
     hidden = output[0] if isinstance(output, tuple) else output
     block = _clone_module_tree(layer)
     for name, t in tensors.items():
@@ -223,7 +259,7 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
     fwd: dict[nn.Module, list[Any]] = {}
     for b in plan:
         head = block_key(prefix, b.source, params.adapter_name, "")
-        tensors = {k[len(head):]: v for k, v in params.items() if k.startswith(head)}
+        tensors = {k[len(head) :]: v for k, v in params.items() if k.startswith(head)}
         layer = layer_list[b.source]
         fwd.setdefault(layer, []).append(
             lambda m, a, k, o, _t=tensors, _b=b: _run_block(m, keys["attention"], _t, _b.ordinal, private, a, k, o)

@@ -87,7 +87,9 @@ class LongLoRAConfig(lora.LoRAConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.model_type is not None and str(self.model_type).lower() not in _S2_MODEL_TYPES:
-            raise ConfigError(f"model_type={self.model_type!r}: LongLoRA's S2-Attn supports {_S2_MODEL_TYPES} (or None)")
+            raise ConfigError(
+                f"model_type={self.model_type!r}: LongLoRA's S2-Attn supports {_S2_MODEL_TYPES} (or None)"
+            )
         ratio = self.group_size_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
             raise ConfigError(f"group_size_ratio must be in (0, 1], got {ratio!r}")
@@ -179,8 +181,15 @@ def s2_allowed(seq_len: int, num_heads: int, group_size: int, device: torch.devi
     return torch.stack([plain] * half + [rolled] * (num_heads - half))
 
 
-def _s2_mask(module: nn.Module, given: torch.Tensor | None, q_len: int, batch: int, ratio: float,
-             dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _s2_mask(
+    module: nn.Module,
+    given: torch.Tensor | None,
+    q_len: int,
+    batch: int,
+    ratio: float,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
     impl = getattr(module.config, "_attn_implementation", "eager") or "eager"
     if impl not in ("eager", "sdpa"):
         raise ConfigError(
@@ -192,7 +201,9 @@ def _s2_mask(module: nn.Module, given: torch.Tensor | None, q_len: int, batch: i
     allowed = s2_allowed(q_len, num_heads, g, device).unsqueeze(0).expand(batch, -1, -1, -1)
     if given is not None:
         if given.shape[-1] != q_len or given.shape[-2] != q_len:
-            raise ConfigError(f"LongLoRA S2-Attn: attention mask {tuple(given.shape)} has cached keys; S2 is training-only")
+            raise ConfigError(
+                f"LongLoRA S2-Attn: attention mask {tuple(given.shape)} has cached keys; S2 is training-only"
+            )
         last_row = given[:, :, -1:, :]
         key_ok = last_row if given.dtype == torch.bool else last_row == 0
         allowed = allowed & key_ok
@@ -202,14 +213,17 @@ def _s2_mask(module: nn.Module, given: torch.Tensor | None, q_len: int, batch: i
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def _s2_pre_slot(ratio: float, module: nn.Module, args: tuple[Any, ...],
-                 kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _s2_pre_slot(
+    ratio: float, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if not module.training:
         return args, kwargs
     hidden = args[0] if args else kwargs["hidden_states"]
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is not None and cache.get_seq_length(getattr(module, "layer_idx", 0)) > 0:
-        raise ConfigError("LongLoRA S2-Attn runs in training mode only, without cached keys; call model.eval() to decode")
+        raise ConfigError(
+            "LongLoRA S2-Attn runs in training mode only, without cached keys; call model.eval() to decode"
+        )
     kwargs = dict(kwargs)
     if len(args) >= 3:  # attention_mask given positionally (hidden, position_embeddings, mask)
         given = args[2]
@@ -225,7 +239,8 @@ def _s2_pre_slot(ratio: float, module: nn.Module, args: tuple[Any, ...],
 
 def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     found = [
-        (n, m) for n, m in model.named_modules()
+        (n, m)
+        for n, m in model.named_modules()
         if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "config"))
     ]
     if not found:
@@ -282,14 +297,17 @@ def _check_extras(model: nn.Module, extras: Mapping[str, torch.Tensor]) -> None:
         if key not in own:
             raise ParamsMismatchError(f"params key {key!r} names no parameter of the model")
         if tuple(t.shape) != tuple(own[key].shape):
-            raise ParamsMismatchError(f"params[{key!r}] has shape {tuple(t.shape)}, the model's has {tuple(own[key].shape)}")
+            raise ParamsMismatchError(
+                f"params[{key!r}] has shape {tuple(t.shape)}, the model's has {tuple(own[key].shape)}"
+            )
 
 
 # ---------------------------------------------------------------------------
 # the tuner functions
 # ---------------------------------------------------------------------------
-def init(model: nn.Module, config: LongLoRAConfig, generator: torch.Generator,
-         adapter_name: str = "default") -> TunerParams:
+def init(
+    model: nn.Module, config: LongLoRAConfig, generator: torch.Generator, adapter_name: str = "default"
+) -> TunerParams:
     """LoRA params (as :func:`functuner.tuners.lora.init`) plus copies of the embedder/normalizer parameters. Pure."""
     if not isinstance(config, LongLoRAConfig):
         raise ConfigError(f"longlora.init needs a LongLoRAConfig, got {type(config).__name__}")
@@ -346,7 +364,9 @@ def _set_all(out: dict[str, torch.Tensor], state: Mapping[str, torch.Tensor], ke
     out[key] = value
 
 
-def merge(model: nn.Module, params: TunerParams, base: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def merge(
+    model: nn.Module, params: TunerParams, base: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """LoRA folded in (fp32, rounded once) and the embedder/normalizer copies in place of the originals. Pure.
 
     This is the eval-mode model; S2-Attn is a training-time attention pattern
@@ -394,5 +414,6 @@ tuner = Tuner(
     merge=merge,
     unmerge=unmerge,
     needs_generator=lambda model, params: lora.needs_generator(
-        model, TunerParams(_split(model, params)[0], params.config.lora_view(), params.adapter_name)),
+        model, TunerParams(_split(model, params)[0], params.config.lora_view(), params.adapter_name)
+    ),
 )

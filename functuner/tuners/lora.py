@@ -154,7 +154,9 @@ def _kind(module: nn.Module, name: str) -> str:
         return "embedding"
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         if module.groups != 1:
-            raise UnsupportedModuleError(f"LoRA on {name!r}: grouped convolutions (groups={module.groups}) are not supported")
+            raise UnsupportedModuleError(
+                f"LoRA on {name!r}: grouped convolutions (groups={module.groups}) are not supported"
+            )
         return "conv"
     raise UnsupportedModuleError(
         f"LoRA cannot adapt module {name!r} of type {type(module).__name__}; supported: nn.Linear, nn.Embedding,"
@@ -231,7 +233,9 @@ def _dora_norm(weight_out_in: torch.Tensor, delta_out_in: torch.Tensor, kind: st
     return torch.linalg.norm(w, dim=1)
 
 
-def _dora_row_norm_lowrank(weight_out_in: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+def _dora_row_norm_lowrank(
+    weight_out_in: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
+) -> torch.Tensor:
     """Row norm of ``W + s B A`` (shape ``(out,)``, float32) without forming the ``(out, in)`` sum.
 
     ``||W_i + s (BA)_i||^2 = ||W_i||^2 + 2 s B_i . (W A^T)_i + s^2 B_i (A A^T) B_i^T``:
@@ -240,7 +244,11 @@ def _dora_row_norm_lowrank(weight_out_in: torch.Tensor, A: torch.Tensor, B: torc
     Linear / GPT-2 Conv1D only; no autograd graph (call under ``no_grad``).
     """
     w, a, b = weight_out_in.float(), A.float(), B.float()
-    sq = w.square().sum(1) + (2.0 * scaling) * (b * (w @ a.T)).sum(1) + (scaling * scaling) * ((b @ (a @ a.T)) * b).sum(1)
+    sq = (
+        w.square().sum(1)
+        + (2.0 * scaling) * (b * (w @ a.T)).sum(1)
+        + (scaling * scaling) * ((b @ (a @ a.T)) * b).sum(1)
+    )
     return sq.clamp_min(0.0).sqrt()
 
 
@@ -282,7 +290,9 @@ def _find_module(model: nn.Module, name: str, key: str) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
-        raise ParamsMismatchError(f"params key {key!r} refers to module {name!r}, which the model does not have") from None
+        raise ParamsMismatchError(
+            f"params key {key!r} refers to module {name!r}, which the model does not have"
+        ) from None
 
 
 def _build_layout(model: nn.Module, params: TunerParams) -> _Layout:
@@ -310,8 +320,17 @@ def _build_layout(model: nn.Module, params: TunerParams) -> _Layout:
                     )
                 bias_key = f"{mname}.bias" if f"{mname}.bias" in params else None
                 sites.append(
-                    _Site(mname, module, kind, a, b, m if has_m else None, bias_key, cfg.scaling_for(mname),
-                          float(cfg.lora_dropout))
+                    _Site(
+                        mname,
+                        module,
+                        kind,
+                        a,
+                        b,
+                        m if has_m else None,
+                        bias_key,
+                        cfg.scaling_for(mname),
+                        float(cfg.lora_dropout),
+                    )
                 )
                 claimed.update(k for k in (a, b, m if has_m else None, bias_key) if k)
         if ".modules_to_save." in key:
@@ -419,7 +438,9 @@ def validate(model: nn.Module, params: TunerParams) -> None:
 # ---------------------------------------------------------------------------
 # init
 # ---------------------------------------------------------------------------
-def init(model: nn.Module, config: LoRAConfig, generator: torch.Generator, adapter_name: str = "default") -> TunerParams:
+def init(
+    model: nn.Module, config: LoRAConfig, generator: torch.Generator, adapter_name: str = "default"
+) -> TunerParams:
     """Fresh LoRA params for ``model`` (pure: the model is read, never written).
 
     A is drawn like PEFT (``kaiming_uniform_(a=sqrt(5))`` for ``True``, normal with
@@ -481,7 +502,11 @@ def init(model: nn.Module, config: LoRAConfig, generator: torch.Generator, adapt
         adapted = {n for n, _ in selected}
         for mname, module in model.named_modules():
             b = module._parameters.get("bias")
-            if b is not None and mname not in adapted and not (config.modules_to_save and match_name(mname, config.modules_to_save)):
+            if (
+                b is not None
+                and mname not in adapted
+                and not (config.modules_to_save and match_name(mname, config.modules_to_save))
+            ):
                 tensors[f"{mname}.bias" if mname else "bias"] = b.detach().clone()
     if config.modules_to_save:
         found = False
@@ -514,9 +539,18 @@ def _first_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     raise TypeError("LoRA slot: could not find the module's input tensor")
 
 
-def _slot(site: _Site, A: torch.Tensor, B: torch.Tensor, M: torch.Tensor | None, bias: torch.Tensor | None,
-          generator: torch.Generator | None, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-          out: torch.Tensor) -> torch.Tensor:
+def _slot(
+    site: _Site,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    M: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    generator: torch.Generator | None,
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    out: torch.Tensor,
+) -> torch.Tensor:
     x = _first_arg(args, kwargs)
     kind, s = site.kind, site.scaling
     out_dtype = out.dtype
@@ -526,9 +560,15 @@ def _slot(site: _Site, A: torch.Tensor, B: torch.Tensor, M: torch.Tensor | None,
         out = out + (shift.view(1, -1, *([1] * (out.dim() - 2))) if kind == "conv" else shift)
         base_bias = bias
     if kind == "embedding":
-        emb = F.embedding(x, A.T, padding_idx=module.padding_idx, max_norm=module.max_norm,
-                          norm_type=module.norm_type, scale_grad_by_freq=module.scale_grad_by_freq,
-                          sparse=module.sparse)
+        emb = F.embedding(
+            x,
+            A.T,
+            padding_idx=module.padding_idx,
+            max_norm=module.max_norm,
+            norm_type=module.norm_type,
+            scale_grad_by_freq=module.scale_grad_by_freq,
+            sparse=module.sparse,
+        )
         lora_out = (emb @ B.T) * s
         if M is None:
             return (out + lora_out).to(out_dtype)
@@ -577,8 +617,17 @@ def _slot(site: _Site, A: torch.Tensor, B: torch.Tensor, M: torch.Tensor | None,
     return (out + dora).to(out_dtype)
 
 
-def _fused_linear(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, M: torch.Tensor | None, s: float,
-                  out: torch.Tensor, base_bias: torch.Tensor | None, module: nn.Module, kind: str) -> torch.Tensor:
+def _fused_linear(
+    h: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    M: torch.Tensor | None,
+    s: float,
+    out: torch.Tensor,
+    base_bias: torch.Tensor | None,
+    module: nn.Module,
+    kind: str,
+) -> torch.Tensor:
     """The linear LoRA/DoRA output from the base output ``out`` and ``h = x A^T`` (no dropout, one dtype).
 
     LoRA: ``out + s h B^T`` in one ``addmm``.  DoRA: with ``c = m / ||W + s B A||_row``
@@ -604,8 +653,13 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
     gen = ctx.generator
     for site in layout.sites:
         fn = functools.partial(
-            _slot, site, params[site.a], params[site.b],
-            params[site.m] if site.m else None, params[site.bias] if site.bias else None, gen,
+            _slot,
+            site,
+            params[site.a],
+            params[site.b],
+            params[site.m] if site.m else None,
+            params[site.bias] if site.bias else None,
+            gen,
         )
         fwd.setdefault(site.module, []).append(fn)
     for module, pairs in layout.overrides:
@@ -632,8 +686,9 @@ def _base_mapping(model: nn.Module, base: Mapping[str, torch.Tensor] | None) -> 
     return state
 
 
-def _set_with_aliases(out: dict[str, torch.Tensor], base: Mapping[str, torch.Tensor], key: str,
-                      value: torch.Tensor) -> None:
+def _set_with_aliases(
+    out: dict[str, torch.Tensor], base: Mapping[str, torch.Tensor], key: str, value: torch.Tensor
+) -> None:
     """Write ``value`` at ``key`` and at every other key that shares the base tensor (tied weights)."""
     old = base[key]
     out[key] = value
@@ -657,8 +712,13 @@ def _plus_delta(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float,
     return torch.addmm(W.float(), A32.T, B32.T, alpha=alpha)  # (in, out) / (num_embeddings, dim) layouts
 
 
-def _merge_impl(model: nn.Module, params: TunerParams, base: Mapping[str, torch.Tensor] | None,
-                sign: int, unmerged: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def _merge_impl(
+    model: nn.Module,
+    params: TunerParams,
+    base: Mapping[str, torch.Tensor] | None,
+    sign: int,
+    unmerged: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     layout = _layout(model, params)
     state = _base_mapping(model, base)
     norm_state = state if unmerged is None else unmerged
@@ -705,8 +765,13 @@ def _merge_impl(model: nn.Module, params: TunerParams, base: Mapping[str, torch.
     return out
 
 
-def merge(model: nn.Module, params: TunerParams, base: Mapping[str, torch.Tensor] | None = None, *,
-          unmerged: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def merge(
+    model: nn.Module,
+    params: TunerParams,
+    base: Mapping[str, torch.Tensor] | None = None,
+    *,
+    unmerged: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """New base weights with the adapter folded in: ``W + s B A`` computed in fp32, rounded once.
 
     ``base`` defaults to the model's own parameters and buffers (tied weights

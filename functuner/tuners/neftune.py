@@ -54,7 +54,9 @@ def _embeddings(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def init(model: nn.Module, config: NEFTuneConfig, generator: torch.Generator, adapter_name: str = "default") -> TunerParams:
+def init(
+    model: nn.Module, config: NEFTuneConfig, generator: torch.Generator, adapter_name: str = "default"
+) -> TunerParams:
     """Empty params (NEFTune trains nothing); checks that the model has embeddings. Pure."""
     if not isinstance(config, NEFTuneConfig):
         raise ConfigError(f"neftune.init needs a NEFTuneConfig, got {type(config).__name__}")
@@ -74,8 +76,14 @@ def noise_bound(noise_alpha: float, seq_len: int, dim: int) -> float:
     return float(noise_alpha / torch.sqrt(torch.tensor(seq_len * dim)))
 
 
-def _slot(cfg: NEFTuneConfig, generator: torch.Generator | None, module: nn.Module, args: tuple[Any, ...],
-          kwargs: dict[str, Any], out: torch.Tensor) -> torch.Tensor:
+def _slot(
+    cfg: NEFTuneConfig,
+    generator: torch.Generator | None,
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    out: torch.Tensor,
+) -> torch.Tensor:
     if not module.training:
         return out
     m = noise_bound(cfg.noise_alpha, out.size(-2) if out.dim() > 1 else 1, out.size(-1))
@@ -101,7 +109,9 @@ def needs_generator(model: nn.Module, params: TunerParams) -> bool:
     return params.config.noise_alpha > 0 and any(m.training for m in _embeddings(model))
 
 
-def merge(model: nn.Module, params: TunerParams, base: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def merge(
+    model: nn.Module, params: TunerParams, base: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """The base weights unchanged (NEFTune only acts while training). Pure."""
     if base is None:
         base = dict(model.named_parameters(remove_duplicate=False))
@@ -114,5 +124,13 @@ def unmerge(model: nn.Module, params: TunerParams, merged: Mapping[str, torch.Te
     return dict(merged)
 
 
-tuner = Tuner(swift_type="neftune", config_cls=NEFTuneConfig, init=init, routes=routes, validate=validate,
-              merge=merge, unmerge=unmerge, needs_generator=needs_generator)
+tuner = Tuner(
+    swift_type="neftune",
+    config_cls=NEFTuneConfig,
+    init=init,
+    routes=routes,
+    validate=validate,
+    merge=merge,
+    unmerge=unmerge,
+    needs_generator=needs_generator,
+)

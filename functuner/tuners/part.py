@@ -50,7 +50,9 @@ class PartConfig(TunerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.target_modules, str):
-            raise ConfigError(f"PartConfig.target_modules must be a regex string (as in SWIFT), got {self.target_modules!r}")
+            raise ConfigError(
+                f"PartConfig.target_modules must be a regex string (as in SWIFT), got {self.target_modules!r}"
+            )
         try:
             re.compile(self.target_modules)
         except re.error as e:
@@ -64,12 +66,16 @@ def target_names(model: nn.Module, config: PartConfig) -> list[str]:
     outer = [n for n in outer if any(True for _ in model.get_submodule(n).parameters())]
     if not outer:
         sample = [n for n, _ in model.named_modules() if n][:8]
-        raise TargetError(f"PartConfig.target_modules={config.target_modules!r} matched no module with parameters"
-                          f" in {type(model).__name__}; some module names: {sample}")
+        raise TargetError(
+            f"PartConfig.target_modules={config.target_modules!r} matched no module with parameters"
+            f" in {type(model).__name__}; some module names: {sample}"
+        )
     return outer
 
 
-def init(model: nn.Module, config: PartConfig, generator: torch.Generator, adapter_name: str = "default") -> TunerParams:
+def init(
+    model: nn.Module, config: PartConfig, generator: torch.Generator, adapter_name: str = "default"
+) -> TunerParams:
     """Copies (``clone``, detached, same dtype/device) of every parameter of each targeted module. Pure.
 
     Parameters of other Part copies registered inside the module (``_part_<other>``) are skipped.
@@ -106,8 +112,10 @@ def _layout(model: nn.Module, params: TunerParams) -> dict[str, dict[str, str]]:
             if pname not in own:
                 raise ParamsMismatchError(f"params key {key!r}: module {name!r} has no parameter {pname!r}")
             if tuple(own[pname].shape) != tuple(params[key].shape):
-                raise ParamsMismatchError(f"params[{key!r}] has shape {tuple(params[key].shape)}; {name}.{pname} has"
-                                          f" {tuple(own[pname].shape)}")
+                raise ParamsMismatchError(
+                    f"params[{key!r}] has shape {tuple(params[key].shape)}; {name}.{pname} has"
+                    f" {tuple(own[pname].shape)}"
+                )
     return layout
 
 
@@ -126,7 +134,9 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
     return Routes(forward=fwd)
 
 
-def merge(model: nn.Module, params: TunerParams, base: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def merge(
+    model: nn.Module, params: TunerParams, base: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Base weights with each targeted parameter replaced by the part's copy (tied aliases too). Pure.
 
     ``base`` defaults to the model's parameters and buffers.  Returns a new

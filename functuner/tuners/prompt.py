@@ -66,13 +66,18 @@ class PromptConfig(TunerConfig):
             raise ConfigError(f"PromptConfig.dim must be a positive int or a list of them, got {self.dim!r}")
         if isinstance(self.prompt_length, bool) or not isinstance(self.prompt_length, int) or self.prompt_length <= 0:
             raise ConfigError(f"PromptConfig.prompt_length must be a positive int, got {self.prompt_length!r}")
-        if self.embedding_pos is None or isinstance(self.embedding_pos, bool) \
-                or not isinstance(self.embedding_pos, (int, str)):
+        if (
+            self.embedding_pos is None
+            or isinstance(self.embedding_pos, bool)
+            or not isinstance(self.embedding_pos, (int, str))
+        ):
             raise ConfigError(f"PromptConfig.embedding_pos must be an int or a str, got {self.embedding_pos!r}")
-        if self.attention_mask_pos is not None and (isinstance(self.attention_mask_pos, bool)
-                                                    or not isinstance(self.attention_mask_pos, (int, str))):
-            raise ConfigError(f"PromptConfig.attention_mask_pos must be None, an int or a str,"
-                              f" got {self.attention_mask_pos!r}")
+        if self.attention_mask_pos is not None and (
+            isinstance(self.attention_mask_pos, bool) or not isinstance(self.attention_mask_pos, (int, str))
+        ):
+            raise ConfigError(
+                f"PromptConfig.attention_mask_pos must be None, an int or a str, got {self.attention_mask_pos!r}"
+            )
         if not isinstance(self.attention_mask_value, (int, float, bool)):
             raise ConfigError(f"PromptConfig.attention_mask_value must be a number, got {self.attention_mask_value!r}")
 
@@ -84,8 +89,10 @@ def _key(layer: str, adapter: str) -> str:
 def _layer_number(name: str) -> int:
     last = name.rsplit(".")[-1]
     if not last.isdigit():
-        raise ConfigError(f"PromptConfig.target_modules matched {name!r}, whose name does not end in a layer number;"
-                          " target the numbered layers (e.g. r'.*layer\\.\\d+$')")
+        raise ConfigError(
+            f"PromptConfig.target_modules matched {name!r}, whose name does not end in a layer number;"
+            " target the numbered layers (e.g. r'.*layer\\.\\d+$')"
+        )
     return int(last)
 
 
@@ -97,7 +104,9 @@ def _check_layer(module: nn.Module, name: str, cfg: PromptConfig) -> int:
     return _layer_number(name)
 
 
-def init(model: nn.Module, config: PromptConfig, generator: torch.Generator, adapter_name: str = "default") -> TunerParams:
+def init(
+    model: nn.Module, config: PromptConfig, generator: torch.Generator, adapter_name: str = "default"
+) -> TunerParams:
     """Fresh prompt tokens (Xavier-uniform, float32, as SWIFT) for each targeted layer. Pure.
 
     Positions and layer names are checked against each layer's ``forward``
@@ -139,8 +148,9 @@ def _sites(model: nn.Module, params: TunerParams) -> list[_Site]:
             raise ParamsMismatchError(f"params key {key!r} refers to module {name!r}, which the model lacks") from None
         t = params[key]
         if t.dim() != 3 or t.shape[0] != 1 or t.shape[1] != cfg.prompt_length:
-            raise ParamsMismatchError(f"params[{key!r}] has shape {tuple(t.shape)}; expected (1, prompt_length="
-                                      f"{cfg.prompt_length}, dim)")
+            raise ParamsMismatchError(
+                f"params[{key!r}] has shape {tuple(t.shape)}; expected (1, prompt_length={cfg.prompt_length}, dim)"
+            )
         sites.append(_Site(name, module, _check_layer(module, name, cfg), key))
     return sites
 
@@ -152,8 +162,10 @@ def validate(model: nn.Module, params: TunerParams) -> None:
 
 def _with_prompt(x: torch.Tensor, token: torch.Tensor, layer_num: int, cfg: PromptConfig, where: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        raise ConfigError(f"PromptConfig.embedding_pos={cfg.embedding_pos!r}: {where} got"
-                          f" {type(x).__name__} {tuple(getattr(x, 'shape', ()))}, not (batch, seq, dim) hidden states")
+        raise ConfigError(
+            f"PromptConfig.embedding_pos={cfg.embedding_pos!r}: {where} got"
+            f" {type(x).__name__} {tuple(getattr(x, 'shape', ()))}, not (batch, seq, dim) hidden states"
+        )
     if x.shape[-1] != token.shape[-1]:
         raise ConfigError(f"PromptConfig.dim={token.shape[-1]} does not match {where}'s hidden states {tuple(x.shape)}")
     p = token.expand(x.shape[0], -1, -1).to(x.device, x.dtype)
@@ -161,13 +173,21 @@ def _with_prompt(x: torch.Tensor, token: torch.Tensor, layer_num: int, cfg: Prom
     if layer_num == 0:
         return torch.cat((p, x), dim=1) if cfg.attach_front else torch.cat((x, p), dim=1)
     if x.shape[1] < n:
-        raise ConfigError(f"{where}: hidden states of length {x.shape[1]} hold no {n} prompt positions to replace;"
-                          " the layer numbered 0 must be targeted too")
+        raise ConfigError(
+            f"{where}: hidden states of length {x.shape[1]} hold no {n} prompt positions to replace;"
+            " the layer numbered 0 must be targeted too"
+        )
     return torch.cat((p, x[:, n:, :]), dim=1) if cfg.attach_front else torch.cat((x[:, :-n, :], p), dim=1)
 
 
-def _pre_slot(site: _Site, cfg: PromptConfig, token: torch.Tensor, module: nn.Module, args: tuple[Any, ...],
-              kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _pre_slot(
+    site: _Site,
+    cfg: PromptConfig,
+    token: torch.Tensor,
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     where = f"{site.name}.forward"
     x = input_at(args, kwargs, cfg.embedding_pos, "PromptConfig.embedding_pos", where)
     args, kwargs = with_input_at(args, kwargs, cfg.embedding_pos, _with_prompt(x, token, site.layer_num, cfg, where))
@@ -180,11 +200,14 @@ def _pre_slot(site: _Site, cfg: PromptConfig, token: torch.Tensor, module: nn.Mo
     return args, kwargs
 
 
-def _extract_slot(site: _Site, cfg: PromptConfig, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                  out: Any) -> Any:
+def _extract_slot(
+    site: _Site, cfg: PromptConfig, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+) -> Any:
     if not isinstance(out, torch.Tensor):
-        raise ConfigError(f"PromptConfig.extract_embedding=True needs {site.name}.forward to return a tensor,"
-                          f" it returned a {type(out).__name__}")
+        raise ConfigError(
+            f"PromptConfig.extract_embedding=True needs {site.name}.forward to return a tensor,"
+            f" it returned a {type(out).__name__}"
+        )
     n = cfg.prompt_length
     return out[:, n:, :] if cfg.attach_front else out[:, :-n, :]
 

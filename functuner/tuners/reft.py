@@ -72,12 +72,33 @@ INTERVENTIONS: dict[str, tuple[str, ...]] = {
 }
 _ARGS = ("dropout", "act_fn", "add_bias", "dtype")
 _ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "linear": lambda x: x, "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu,
-    "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+    "linear": lambda x: x,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
 }
 # SWIFT's model_type -> module list, for the llama-like architectures it maps to 'model.layers'
-_LAYER_KEYS = {t: "model.layers" for t in ("llama", "mistral", "qwen2", "qwen3", "yi", "gemma", "gemma2", "deepseek",
-                                             "internlm2", "phi3", "minicpm", "openbuddy", "mixtral")}
+_LAYER_KEYS = {
+    t: "model.layers"
+    for t in (
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "yi",
+        "gemma",
+        "gemma2",
+        "deepseek",
+        "internlm2",
+        "phi3",
+        "minicpm",
+        "openbuddy",
+        "mixtral",
+    )
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -164,8 +185,12 @@ def orthonormalize(w: torch.Tensor) -> torch.Tensor:
     return (q * sign).to(w.dtype)
 
 
-def intervene(intervention_type: str, h: torch.Tensor, t: Mapping[str, torch.Tensor],
-              act: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> torch.Tensor:
+def intervene(
+    intervention_type: str,
+    h: torch.Tensor,
+    t: Mapping[str, torch.Tensor],
+    act: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+) -> torch.Tensor:
     """The ReFT formula of ``intervention_type`` on hidden states ``h`` (``(..., d)``). Pure.
 
     ``t`` maps pyreft's state keys (``rotate_layer``, ``learned_source.weight``...)
@@ -240,15 +265,23 @@ def _sites(model: nn.Module, cfg: ReftConfig, adapter: str) -> list[_Site]:
 
 def _shapes(cfg: ReftConfig, d: int) -> dict[str, tuple[int, ...]]:
     r = cfg.r
-    table = {"rotate_layer": (d, r), "learned_source.weight": (r, d), "learned_source.bias": (r,),
-             "learned_source": (r,), "proj_layer.weight": (r, d), "proj_layer.bias": (r,)}
+    table = {
+        "rotate_layer": (d, r),
+        "learned_source.weight": (r, d),
+        "learned_source.bias": (r,),
+        "learned_source": (r,),
+        "proj_layer.weight": (r, d),
+        "proj_layer.bias": (r,),
+    }
     return {n: table[n] for n in cfg.tensor_names()}
 
 
 # ---------------------------------------------------------------------------
 # tuner functions
 # ---------------------------------------------------------------------------
-def init(model: nn.Module, config: ReftConfig, generator: torch.Generator, adapter_name: str = "default") -> TunerParams:
+def init(
+    model: nn.Module, config: ReftConfig, generator: torch.Generator, adapter_name: str = "default"
+) -> TunerParams:
     """Fresh intervention params, drawn like pyreft (orthogonal ``R``, ``nn.Linear`` defaults, ``rand`` sources). Pure.
 
     dtype: ``args['dtype']`` if given, else the model's parameter dtype (pyreft
@@ -311,8 +344,9 @@ class _Locations:
         self.value: torch.Tensor | None = None
 
 
-def _root_pre_slot(cell: _Locations, n_sites: int, module: nn.Module, args: tuple[Any, ...],
-                   kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _root_pre_slot(
+    cell: _Locations, n_sites: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     kwargs = dict(kwargs)
     locs = kwargs.pop("intervention_locations", None)
     if locs is not None:
@@ -325,9 +359,17 @@ def _root_pre_slot(cell: _Locations, n_sites: int, module: nn.Module, args: tupl
     return args, kwargs
 
 
-def _slot(cfg: ReftConfig, site: _Site, t: dict[str, torch.Tensor], cell: _Locations,
-          generator: torch.Generator | None, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-          output: Any) -> Any:
+def _slot(
+    cfg: ReftConfig,
+    site: _Site,
+    t: dict[str, torch.Tensor],
+    cell: _Locations,
+    generator: torch.Generator | None,
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    output: Any,
+) -> Any:
     hidden = output[0] if isinstance(output, tuple) else output
     locs = cell.value
 

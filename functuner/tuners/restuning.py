@@ -152,15 +152,25 @@ def _shapes(s: _Spec, upsample_out: int | None) -> dict[str, tuple[int, ...]]:
         return {}
     if s.kind == "res_adapter":
         n = _adapter_length(s)
-        return {"ln1.weight": (n, s.dim), "ln1.bias": (n,), "ln2.weight": (s.dim, n), "ln2.bias": (s.dim,),
-                **_weight_shapes(s, s.dim)}
+        return {
+            "ln1.weight": (n, s.dim),
+            "ln1.bias": (n,),
+            "ln2.weight": (s.dim, n),
+            "ln2.bias": (s.dim,),
+            **_weight_shapes(s, s.dim),
+        }
     if s.kind == "res_group_adapter":
         adim, head, sf = _opt(s.cfg, "dim", s.dim), _opt(s.cfg, "head", 4), _opt(s.cfg, "scale_factor", 2)
         if adim % head != 0:
             raise ConfigError(f"res_group_adapter: dim {adim} is not divisible by head {head}")
         m = adim // head
-        return {"ln1.weight": (m * sf, m), "ln1.bias": (m * sf,), "ln2.weight": (m, m * sf), "ln2.bias": (m,),
-                **_weight_shapes(s, s.dim)}
+        return {
+            "ln1.weight": (m * sf, m),
+            "ln1.bias": (m * sf,),
+            "ln2.weight": (m, m * sf),
+            "ln2.bias": (m,),
+            **_weight_shapes(s, s.dim),
+        }
     if upsample_out:
         return {"conv.weight": (upsample_out, s.dim, 3, 3), "conv.bias": (upsample_out,)}
     return {}
@@ -227,7 +237,9 @@ def _apply_tuner(s: _Spec, t: dict[str, torch.Tensor], x: Any, target_size: Any)
         raise ConfigError(f"Res-Tuning res_group_adapter needs 4-D (b, c, h, w) inputs, got {tuple(x.shape)}")
     b, c, h, w = x.shape
     heads = _opt(s.cfg, "head", 4)
-    tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, c // heads, heads).permute(0, 3, 1, 2).reshape(b * heads, h * w, -1)
+    tokens = (
+        x.permute(0, 2, 3, 1).reshape(b, h * w, c // heads, heads).permute(0, 3, 1, 2).reshape(b * heads, h * w, -1)
+    )
     y = mlp(tokens).reshape(b, heads, h * w, -1).permute(0, 2, 3, 1).reshape(b, h * w, -1)
     y = _weighting(s, y, t)
     return (x + y.reshape(b, h, w, -1).permute(0, 3, 1, 2)).to(dtype)
@@ -252,11 +264,17 @@ class _Layout(NamedTuple):
 def _block_cfgs(cfg: ResTuningConfig, i: int, depth: int) -> dict[str, Any]:
     c = cfg.tuner_cfg[i] if isinstance(cfg.tuner_cfg, (list, tuple)) else cfg.tuner_cfg
     if isinstance(c, str):
-        return {"lateral_tuner": c, "vertical_tuner": c,
-                "aux_tuner": "upsample" if cfg.use_upsample and i != depth - 1 else None}
+        return {
+            "lateral_tuner": c,
+            "vertical_tuner": c,
+            "aux_tuner": "upsample" if cfg.use_upsample and i != depth - 1 else None,
+        }
     if isinstance(c, dict):
-        return {"lateral_tuner": c.get("lateral_cfg"), "vertical_tuner": c.get("vertical_cfg"),
-                "aux_tuner": c.get("aux_cfg")}
+        return {
+            "lateral_tuner": c.get("lateral_cfg"),
+            "vertical_tuner": c.get("vertical_cfg"),
+            "aux_tuner": c.get("aux_cfg"),
+        }
     raise ConfigError(f"tuner_cfg for block {i} must be a string or a dict, got {c!r}")
 
 
@@ -307,8 +325,9 @@ def _layout(model: nn.Module, cfg: ResTuningConfig, adapter: str) -> _Layout:
 # ---------------------------------------------------------------------------
 # tuner functions
 # ---------------------------------------------------------------------------
-def init(model: nn.Module, config: ResTuningConfig, generator: torch.Generator,
-         adapter_name: str = "default") -> TunerParams:
+def init(
+    model: nn.Module, config: ResTuningConfig, generator: torch.Generator, adapter_name: str = "default"
+) -> TunerParams:
     """Fresh bypass params drawn like SWIFT (Xavier + N(0, 1e-6) for res_adapter, zero convs...). Pure."""
     if not isinstance(config, ResTuningConfig):
         raise ConfigError(f"restuning.init needs a ResTuningConfig, got {type(config).__name__}")
@@ -320,7 +339,7 @@ def init(model: nn.Module, config: ResTuningConfig, generator: torch.Generator,
             head = f"restuning_{adapter_name}.bypass_blocks.{blk.layer}.{stage}.tuner."
             for key, shape in lay.shapes.items():
                 if key.startswith(head):
-                    t = _init_tensor(key[len(head):], shape, s, generator)
+                    t = _init_tensor(key[len(head) :], shape, s, generator)
                     tensors[key] = t.to(device=ref.device, dtype=ref.dtype)
     return TunerParams(tensors, config, adapter_name)
 
@@ -346,8 +365,12 @@ def _first(x: Any) -> Any:
     return x.detach()
 
 
-def bypass(blocks: tuple[_Block, ...], tensors: dict[int, dict[str, dict[str, torch.Tensor]]], root: torch.Tensor,
-           stems: list[torch.Tensor]) -> Any:
+def bypass(
+    blocks: tuple[_Block, ...],
+    tensors: dict[int, dict[str, dict[str, torch.Tensor]]],
+    root: torch.Tensor,
+    stems: list[torch.Tensor],
+) -> Any:
     """The bypass network on detached probes: ``x = lateral(stem_i) + vertical(x)``, then aux. Pure."""
     x = root
     for blk, stem in zip(blocks, stems, strict=True):
@@ -355,7 +378,8 @@ def bypass(blocks: tuple[_Block, ...], tensors: dict[int, dict[str, dict[str, to
         parts = dict(blk.tuners)
         t = tensors[blk.layer]
         out = _apply_tuner(parts["lateral_tuner"], t["lateral_tuner"], stem, None) + _apply_tuner(
-            parts["vertical_tuner"], t["vertical_tuner"], x, None)
+            parts["vertical_tuner"], t["vertical_tuner"], x, None
+        )
         if "aux_tuner" in parts:
             out = _apply_tuner(parts["aux_tuner"], t["aux_tuner"], out, size)
         x = out
@@ -372,20 +396,26 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
     for blk in lay.blocks:
         for stage, _ in blk.tuners:
             pre_ = f"{head}{blk.layer}.{stage}.tuner."
-            tensors.setdefault(blk.layer, {})[stage] = {k[len(pre_):]: v for k, v in params.items() if k.startswith(pre_)}
+            tensors.setdefault(blk.layer, {})[stage] = {
+                k[len(pre_) :]: v for k, v in params.items() if k.startswith(pre_)
+            }
     fwd: dict[nn.Module, list[Any]] = {}
     pre: dict[nn.Module, list[Any]] = {}
 
     def recorder(key: str, hook: str, module: nn.Module) -> None:
         if hook == "input":
+
             def rec_in(m: nn.Module, a: tuple[Any, ...], k: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
                 probes[key] = _first(a[0] if a else next(iter(k.values())))
                 return a, k
+
             pre.setdefault(module, []).append(rec_in)
         else:
+
             def rec_out(m: nn.Module, a: tuple[Any, ...], k: dict[str, Any], o: Any) -> Any:
                 probes[key] = _first(o)
                 return o
+
             fwd.setdefault(module, []).append(rec_out)
 
     if lay.root is not None:
@@ -399,31 +429,37 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
         needed = ["root"] + [f"stem{i}" for i in range(len(lay.stems))]
         missing = [k for k in needed if k not in probes]
         if missing:
-            raise ConfigError(f"Res-Tuning target {name!r} ran before the probes {missing} were recorded;"
-                              " the target must come after the root and stem modules in the forward pass")
+            raise ConfigError(
+                f"Res-Tuning target {name!r} ran before the probes {missing} were recorded;"
+                " the target must come after the root and stem modules in the forward pass"
+            )
         return bypass(lay.blocks, tensors, probes["root"], [probes[f"stem{i}"] for i in range(len(lay.stems))])
 
     pos = cfg.target_hidden_pos
     for name, module in lay.targets:
         if cfg.target_modules_hook == "input":
+
             def target_in(m: nn.Module, a: tuple[Any, ...], k: dict[str, Any], _n: str = name) -> Any:
                 new = run(_n)
                 if isinstance(pos, int):
-                    a = (*a[:pos], new, *a[pos + 1:])
+                    a = (*a[:pos], new, *a[pos + 1 :])
                 else:
                     k = {**k, pos: new}
                 return a, k
+
             pre.setdefault(module, []).append(target_in)
         else:
+
             def target_out(m: nn.Module, a: tuple[Any, ...], k: dict[str, Any], o: Any, _n: str = name) -> Any:
                 new = run(_n)
                 if isinstance(o, tuple):
-                    return (*o[:pos], new, *o[pos + 1:])
+                    return (*o[:pos], new, *o[pos + 1 :])
                 if isinstance(o, (list, dict)):
                     o = type(o)(o)
                     o[pos] = new
                     return o
                 return new
+
             fwd.setdefault(module, []).append(target_out)
     ensure_slots(list(pre), pre=True)
     ensure_slots(list(fwd))

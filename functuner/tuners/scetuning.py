@@ -117,10 +117,14 @@ def _sites(model: nn.Module, cfg: SCETuningConfig, adapter: str) -> list[_Site]:
     if cfg.hint_modules:
         hints = _match(model, cfg.hint_modules, "hint_modules")
         if len(hints) != len(targets):
-            raise TargetError(f"hint_modules matched {len(hints)} modules but target_modules {len(targets)}; they pair up")
+            raise TargetError(
+                f"hint_modules matched {len(hints)} modules but target_modules {len(targets)}; they pair up"
+            )
     dims = [cfg.dims] * len(targets) if isinstance(cfg.dims, int) else list(cfg.dims)
     if len(dims) != len(targets):
-        raise ConfigError(f"dims has {len(dims)} entries but target_modules matched {len(targets)}: {[n for n, _ in targets]}")
+        raise ConfigError(
+            f"dims has {len(dims)} entries but target_modules matched {len(targets)}: {[n for n, _ in targets]}"
+        )
     return [_Site(n, m, d, f"{n}.scetuner_{adapter}.tuner_op.") for (n, m), d in zip(targets, dims, strict=True)]
 
 
@@ -131,8 +135,9 @@ def _shapes(dim: int, ratio: float) -> dict[str, tuple[int, ...]]:
     return {"ln1.weight": (hidden, dim), "ln1.bias": (hidden,), "ln2.weight": (dim, hidden), "ln2.bias": (dim,)}
 
 
-def init(model: nn.Module, config: SCETuningConfig, generator: torch.Generator,
-         adapter_name: str = "default") -> TunerParams:
+def init(
+    model: nn.Module, config: SCETuningConfig, generator: torch.Generator, adapter_name: str = "default"
+) -> TunerParams:
     """Fresh adapters: ``ln1`` like ``nn.Linear`` (Kaiming-uniform weight, uniform bias), ``ln2`` zero. Pure."""
     if not isinstance(config, SCETuningConfig):
         raise ConfigError(f"scetuning.init needs a SCETuningConfig, got {type(config).__name__}")
@@ -144,8 +149,12 @@ def init(model: nn.Module, config: SCETuningConfig, generator: torch.Generator,
         w1 = torch.empty(shapes["ln1.weight"])
         torch.nn.init.kaiming_uniform_(w1, a=math.sqrt(5), generator=generator)
         b1 = torch.empty(shapes["ln1.bias"]).uniform_(-1 / math.sqrt(s.dim), 1 / math.sqrt(s.dim), generator=generator)
-        for part, t in (("ln1.weight", w1), ("ln1.bias", b1), ("ln2.weight", torch.zeros(shapes["ln2.weight"])),
-                        ("ln2.bias", torch.zeros(shapes["ln2.bias"]))):
+        for part, t in (
+            ("ln1.weight", w1),
+            ("ln1.bias", b1),
+            ("ln2.weight", torch.zeros(shapes["ln2.weight"])),
+            ("ln2.bias", torch.zeros(shapes["ln2.bias"])),
+        ):
             tensors[s.prefix + part] = t.to(device=ref.device, dtype=ref.dtype)
     return TunerParams(tensors, config, adapter_name)
 
@@ -168,8 +177,9 @@ def validate(model: nn.Module, params: TunerParams) -> None:
     _check(model, params)
 
 
-def _decoder_slot(site: _Site, t: dict[str, torch.Tensor], module: nn.Module, args: tuple[Any, ...],
-                  kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _decoder_slot(
+    site: _Site, t: dict[str, torch.Tensor], module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if not args:
         raise ConfigError(f"SCEdit decoder mode: {site.name!r} was called without a positional input")
     x = args[0]
@@ -182,8 +192,14 @@ def _decoder_slot(site: _Site, t: dict[str, torch.Tensor], module: nn.Module, ar
     return (torch.cat([hidden, sce_adapter(skip, t)], dim=1), *args[1:]), kwargs
 
 
-def _encoder_slot(site: _Site, t: dict[str, torch.Tensor], module: nn.Module, args: tuple[Any, ...],
-                  kwargs: dict[str, Any], output: Any) -> Any:
+def _encoder_slot(
+    site: _Site,
+    t: dict[str, torch.Tensor],
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    output: Any,
+) -> Any:
     out = output[0] if isinstance(output, tuple) else output
     channels = out.shape[1] if out.dim() == 4 else out.shape[-1]
     if channels != site.dim:

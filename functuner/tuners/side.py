@@ -69,16 +69,22 @@ class SideConfig(TunerConfig):
             raise ConfigError(f"SideConfig.dim must be a positive int, got {self.dim!r}")
         name = str(self.side_module_name).lower()
         if name == "alexnet":
-            raise ConfigError("SideConfig.side_module_name='alexnet' needs pretrained torchvision weights downloaded at"
-                              f" build time; functuner supports {list(_SIDE_NETS)}")
+            raise ConfigError(
+                "SideConfig.side_module_name='alexnet' needs pretrained torchvision weights downloaded at"
+                f" build time; functuner supports {list(_SIDE_NETS)}"
+            )
         if name not in _SIDE_NETS:
-            raise ConfigError(f"SideConfig.side_module_name={self.side_module_name!r} is unknown; use one of {_SIDE_NETS}")
+            raise ConfigError(
+                f"SideConfig.side_module_name={self.side_module_name!r} is unknown; use one of {_SIDE_NETS}"
+            )
         for field in ("source_hidden_pos", "target_hidden_pos"):
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, (int, str)):
                 raise ConfigError(f"SideConfig.{field} must be an int or a str, got {v!r}")
         if not isinstance(self.target_modules, str):
-            raise ConfigError(f"SideConfig.target_modules must be a regex string (as in SWIFT), got {self.target_modules!r}")
+            raise ConfigError(
+                f"SideConfig.target_modules must be a regex string (as in SWIFT), got {self.target_modules!r}"
+            )
 
 
 def side_net_shapes(side_module_name: str, dim: int) -> dict[str, tuple[int, ...]]:
@@ -103,8 +109,12 @@ def _prefix(module_name: str, adapter: str) -> str:
 def _check_module(module: nn.Module, name: str, cfg: SideConfig) -> None:
     if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
         raise UnsupportedModuleError(f"Side-tuning cannot target {name!r}: a {type(module).__name__} has no forward")
-    check_input_position(module.forward, cfg.source_hidden_pos, "SideConfig.source_hidden_pos",
-                         f"{name}.forward ({type(module).__name__})")
+    check_input_position(
+        module.forward,
+        cfg.source_hidden_pos,
+        "SideConfig.source_hidden_pos",
+        f"{name}.forward ({type(module).__name__})",
+    )
 
 
 def _default_init(shapes: Mapping[str, tuple[int, ...]], pname: str, generator: torch.Generator) -> torch.Tensor:
@@ -119,7 +129,9 @@ def _default_init(shapes: Mapping[str, tuple[int, ...]], pname: str, generator: 
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
-def init(model: nn.Module, config: SideConfig, generator: torch.Generator, adapter_name: str = "default") -> TunerParams:
+def init(
+    model: nn.Module, config: SideConfig, generator: torch.Generator, adapter_name: str = "default"
+) -> TunerParams:
     """Fresh side networks (PyTorch default layer init, ``alpha = 0``), float32 on each module's device. Pure."""
     if not isinstance(config, SideConfig):
         raise ConfigError(f"side.init needs a SideConfig, got {type(config).__name__}")
@@ -165,8 +177,10 @@ def _sites(model: nn.Module, params: TunerParams) -> list[_Site]:
             if k not in params:
                 raise ParamsMismatchError(f"params lacks {k!r} ({cfg.side_module_name} side network)")
             if tuple(params[k].shape) != shape:
-                raise ParamsMismatchError(f"params[{k!r}] has shape {tuple(params[k].shape)}; SideConfig(dim={cfg.dim},"
-                                          f" side_module_name={cfg.side_module_name!r}) needs {shape}")
+                raise ParamsMismatchError(
+                    f"params[{k!r}] has shape {tuple(params[k].shape)}; SideConfig(dim={cfg.dim},"
+                    f" side_module_name={cfg.side_module_name!r}) needs {shape}"
+                )
             claimed.add(k)
         claimed.add(key)
         sites.append(_Site(name, module, prefix))
@@ -193,15 +207,25 @@ def side_net_forward(kind: str, w: Mapping[str, torch.Tensor], x: torch.Tensor) 
     return F.linear(h, w["fc.weight"], w["fc.bias"])
 
 
-def _slot(site: _Site, cfg: SideConfig, alpha: torch.Tensor, net: dict[str, torch.Tensor], module: nn.Module,
-          args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+def _slot(
+    site: _Site,
+    cfg: SideConfig,
+    alpha: torch.Tensor,
+    net: dict[str, torch.Tensor],
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    out: Any,
+) -> Any:
     where = f"{site.name}.forward"
     x = input_at(args, kwargs, cfg.source_hidden_pos, "SideConfig.source_hidden_pos", where)
     y = output_at(out, cfg.target_hidden_pos, "SideConfig.target_hidden_pos", where)
     kind = cfg.side_module_name.lower()
     if kind == "fcn4" and (x.dim() != 4 or x.shape[1] != 3):
-        raise ConfigError(f"SideConfig.side_module_name='fcn4' needs images (batch, 3, H, W) at source_hidden_pos="
-                          f"{cfg.source_hidden_pos!r} of {where}, got shape {tuple(x.shape)}")
+        raise ConfigError(
+            f"SideConfig.side_module_name='fcn4' needs images (batch, 3, H, W) at source_hidden_pos="
+            f"{cfg.source_hidden_pos!r} of {where}, got shape {tuple(x.shape)}"
+        )
     if kind == "mlp" and x.shape[-1] != cfg.dim:
         raise ConfigError(f"SideConfig.dim={cfg.dim} does not match the input of {where} of shape {tuple(x.shape)}")
     if y.shape[-1] != cfg.dim:
@@ -218,7 +242,7 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
     fwd: dict[nn.Module, list[Any]] = {}
     for site in _sites(model, params):
         start = site.prefix + "side_net."
-        net = {k[len(start):]: v for k, v in params.items() if k.startswith(start)}
+        net = {k[len(start) :]: v for k, v in params.items() if k.startswith(start)}
         fwd.setdefault(site.module, []).append(functools.partial(_slot, site, cfg, params[site.prefix + "alpha"], net))
     ensure_slots(list(fwd))
     return Routes(forward=fwd)

@@ -24,8 +24,9 @@ def lora_llama(seed: int = 0, names: tuple[str, ...] = ("default",)) -> SwiftMod
     """A tiny Llama with trained-looking (non-zero B) LoRA adapters ``names`` on q/v (r=4)."""
     model = tiny_llama()  # (seeds torch's RNG with 0 itself)
     torch.manual_seed(seed)  # the shim draws adapter inits from torch's global RNG, as SWIFT does
-    cfgs = {n: LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-            for n in names}
+    cfgs = {
+        n: LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False) for n in names
+    }
     return Swift.prepare_model(model, cfgs)
 
 
@@ -56,8 +57,13 @@ class ModelSnapshot:
         for k, v in self.inner.state_dict(keep_vars=True).items():
             data = v.detach()
             copy = data.clone() if data.device.type != "meta" else data
-            out[k] = (id(v), copy, data.data_ptr() if data.device.type != "meta" else 0, str(data.device),
-                      bool(v.requires_grad))
+            out[k] = (
+                id(v),
+                copy,
+                data.data_ptr() if data.device.type != "meta" else 0,
+                str(data.device),
+                bool(v.requires_grad),
+            )
         return out
 
     def _swift_state(self) -> object:
@@ -65,9 +71,16 @@ class ModelSnapshot:
         if not isinstance(m, SwiftModel):
             return None
         st = m._state
-        return (sorted(st.adapters), sorted(m.active_adapters), list(st.merged), len(st.originals),
-                {n: (a.offload, sorted(a.tensors), {k: id(p) for k, p in a.tensors.items()})
-                 for n, a in st.adapters.items()})
+        return (
+            sorted(st.adapters),
+            sorted(m.active_adapters),
+            list(st.merged),
+            len(st.originals),
+            {
+                n: (a.offload, sorted(a.tensors), {k: id(p) for k, p in a.tensors.items()})
+                for n, a in st.adapters.items()
+            },
+        )
 
     def assert_unchanged(self) -> None:
         now = self.inner.state_dict(keep_vars=True)

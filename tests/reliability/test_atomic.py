@@ -149,11 +149,16 @@ def _fail_everywhere(steps, build: Callable[[], tuple[torch.nn.Module, Callable[
 def _two_adapters(seed: int = 3) -> SwiftModel:
     model = tiny_llama(num_hidden_layers=1)
     torch.manual_seed(seed)
-    return Swift.prepare_model(model, {
-        "a": LoRAConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
-        "b": LoRAConfig(r=2, lora_alpha=8, target_modules=["embed_tokens", "o_proj"], use_dora=False,
-                        init_lora_weights=False),
-    }, extra_state_keys=[r"model\.norm\.weight"])
+    return Swift.prepare_model(
+        model,
+        {
+            "a": LoRAConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+            "b": LoRAConfig(
+                r=2, lora_alpha=8, target_modules=["embed_tokens", "o_proj"], use_dora=False, init_lora_weights=False
+            ),
+        },
+        extra_state_keys=[r"model\.norm\.weight"],
+    )
 
 
 def _base_weights(m: SwiftModel) -> dict[str, torch.Tensor]:

@@ -64,8 +64,13 @@ def _target() -> SwiftModel:
     return lora_llama(seed=2, names=("mine",))
 
 
-def refused(ck: Path, error: type[FunctunerError], *mentions: str, target: SwiftModel | None = None,
-            call: Callable[[SwiftModel, Path], Any] | None = None) -> str:
+def refused(
+    ck: Path,
+    error: type[FunctunerError],
+    *mentions: str,
+    target: SwiftModel | None = None,
+    call: Callable[[SwiftModel, Path], Any] | None = None,
+) -> str:
     """Load ``ck`` onto a target; assert the typed error, its message, and that nothing changed."""
     target = target if target is not None else _target()
     before_out = out_of(target)
@@ -102,7 +107,7 @@ def _edit_config(ck: Path, **fields: Any) -> None:
 def _header(path: Path) -> tuple[dict[str, Any], bytes]:
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def _write_with_header(path: Path, header: dict[str, Any], data: bytes) -> None:
@@ -355,8 +360,12 @@ def test_pickled_bin_is_never_unpickled(ck: Path, tmp_path: Path) -> None:
     refused(ck, UnsafeCheckpointError, str(ck / "default" / "adapter_model.bin"))
     assert not marker.exists()
     # even with torch's restricted loader allowed, the payload is refused, not run
-    refused(ck, UnsafeCheckpointError, "adapter_model.bin",
-            call=lambda t, c: Swift.from_pretrained(t, str(c), weights_only=True))
+    refused(
+        ck,
+        UnsafeCheckpointError,
+        "adapter_model.bin",
+        call=lambda t, c: Swift.from_pretrained(t, str(c), weights_only=True),
+    )
     assert not marker.exists()
 
 
@@ -368,8 +377,13 @@ def test_load_state_dict_with_a_wrong_shape_changes_nothing(ck: Path) -> None:
     state = target.state_dict(adapter_name="mine")
     bad_key = next(k for k in state if "lora_B" in k)
     state[bad_key] = torch.zeros(5, 5)
-    refused(ck, ParamsMismatchError, "lora_B", target=target,
-            call=lambda t, c: t.load_state_dict(state, adapter_name="mine"))
+    refused(
+        ck,
+        ParamsMismatchError,
+        "lora_B",
+        target=target,
+        call=lambda t, c: t.load_state_dict(state, adapter_name="mine"),
+    )
 
 
 def test_load_state_dict_with_an_integer_tensor_changes_nothing(ck: Path) -> None:
@@ -377,8 +391,14 @@ def test_load_state_dict_with_an_integer_tensor_changes_nothing(ck: Path) -> Non
     state = target.state_dict(adapter_name="mine")
     bad_key = next(k for k in state if "lora_A" in k)
     state[bad_key] = torch.ones_like(state[bad_key], dtype=torch.int32)
-    refused(ck, ParamsMismatchError, "lora_A", "int32", target=target,
-            call=lambda t, c: t.load_state_dict(state, adapter_name="mine"))
+    refused(
+        ck,
+        ParamsMismatchError,
+        "lora_A",
+        "int32",
+        target=target,
+        call=lambda t, c: t.load_state_dict(state, adapter_name="mine"),
+    )
 
 
 def test_the_good_checkpoint_loads(ck: Path) -> None:

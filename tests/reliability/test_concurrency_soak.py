@@ -40,8 +40,10 @@ def _shim(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("USE_UNIQUE_THREAD", "0")
     model = tiny_llama(num_hidden_layers=1)
     torch.manual_seed(3)
-    cfgs = {n: LoRAConfig(r=2, lora_alpha=4 * (i + 1), target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-            for i, n in enumerate(NAMES)}
+    cfgs = {
+        n: LoRAConfig(r=2, lora_alpha=4 * (i + 1), target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        for i, n in enumerate(NAMES)
+    }
     return Swift.prepare_model(model, cfgs)
 
 
@@ -76,7 +78,7 @@ def test_eight_threads_four_adapters_shim_and_functional(monkeypatch: pytest.Mon
                 assert torch.equal(ft.apply(plain, params[n], kwargs={"input_ids": x}).logits, refs[n, j])
         sm.set_active_adapters(NAMES)  # what a thread that never chose sees
     distinct = [refs[n, 0] for n in NAMES]
-    assert all((a - b).abs().max() > 1e-3 for i, a in enumerate(distinct) for b in distinct[i + 1:])
+    assert all((a - b).abs().max() > 1e-3 for i, a in enumerate(distinct) for b in distinct[i + 1 :])
 
     mismatches: list[tuple[int, int, str, str, int]] = []
     counts = [0] * N_THREADS
@@ -117,8 +119,9 @@ def test_eight_threads_four_adapters_shim_and_functional(monkeypatch: pytest.Mon
 def _model(seed: int):
     model = tiny_llama(num_hidden_layers=1)
     torch.manual_seed(seed)
-    return Swift.prepare_model(model, {n: LoRAConfig(r=2, target_modules=["q_proj", "v_proj"],
-                                                     init_lora_weights=False) for n in NAMES[:2]})
+    return Swift.prepare_model(
+        model, {n: LoRAConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False) for n in NAMES[:2]}
+    )
 
 
 def _out(m) -> torch.Tensor:

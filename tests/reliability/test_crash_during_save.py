@@ -40,16 +40,24 @@ def _logits(path: Path) -> torch.Tensor:
 def test_sigkill_during_save_leaves_old_or_new_never_a_mix(tmp_path: Path) -> None:
     ck, refs = tmp_path / "ck", tmp_path / "refs"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, str(WORKER), str(ck), str(refs)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), str(ck), str(refs)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert proc.stdout is not None and proc.stdin is not None
         ready = proc.stdout.readline().split()
         assert ready and ready[0] == "ready", ready
         save_s = float(ready[1])
         ref = {w: _files(refs / w) for w in ("A", "B")}
-        assert set(ref["A"]) == set(ref["B"]) and all(ref["A"][k] != ref["B"][k] for k in ref["A"]
-                                                      if k not in ("configuration.json", "extra_states/adapter_config.json"))
+        assert set(ref["A"]) == set(ref["B"]) and all(
+            ref["A"][k] != ref["B"][k]
+            for k in ref["A"]
+            if k not in ("configuration.json", "extra_states/adapter_config.json")
+        )
         out = {w: _logits(refs / w) for w in ("A", "B")}
         assert not torch.equal(out["A"], out["B"])
 
@@ -70,9 +78,11 @@ def test_sigkill_during_save_leaves_old_or_new_never_a_mix(tmp_path: Path) -> No
             outcomes[result] += 1
             now = _files(ck)
             matches = [w for w in ("A", "B") if now == ref[w]]
-            assert len(matches) == 1, (f"trial {trial} ({result}): directory matches neither checkpoint; files "
-                                       f"{sorted(now)} differ from A at {[k for k in ref['A'] if now.get(k) != ref['A'][k]]}"
-                                       f" and from B at {[k for k in ref['B'] if now.get(k) != ref['B'][k]]}")
+            assert len(matches) == 1, (
+                f"trial {trial} ({result}): directory matches neither checkpoint; files "
+                f"{sorted(now)} differ from A at {[k for k in ref['A'] if now.get(k) != ref['A'][k]]}"
+                f" and from B at {[k for k in ref['B'] if now.get(k) != ref['B'][k]]}"
+            )
             seen["new" if matches[0] == new else "old"] += 1
             if result == "finished":
                 assert matches[0] == new

@@ -35,8 +35,9 @@ TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
 def _shim(dtype: torch.dtype, dora: bool = False):
     model = tiny_llama(num_hidden_layers=1).to(dtype)
     torch.manual_seed(7)
-    cfg = LoRAConfig(r=4, lora_alpha=16, target_modules=TARGETS if not dora else TARGETS[:3], use_dora=dora,
-                     init_lora_weights=False)
+    cfg = LoRAConfig(
+        r=4, lora_alpha=16, target_modules=TARGETS if not dora else TARGETS[:3], use_dora=dora, init_lora_weights=False
+    )
     return model, Swift.prepare_model(model, cfg)
 
 

@@ -13,8 +13,7 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "drift.py"
 
 def test_drift_benchmark_quick_prints_both_columns() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, str(BENCH), "--quick"], capture_output=True, text=True, env=env,
-                         timeout=600)
+    res = subprocess.run([sys.executable, str(BENCH), "--quick"], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = re.findall(r"^(fp32|bf16|fp16)\s+(\d+)\s+([\d.e+-]+)\s+([\d.e+-]+)\s+([\d.]+)$", res.stdout, re.M)
     assert {r[0] for r in rows} == {"fp32", "bf16", "fp16"}, res.stdout

@@ -60,8 +60,7 @@ def _read(st_bytes: bytes | None, cfg_bytes: bytes | None) -> None:
         sub = folder / "default"
         sub.mkdir()
         (sub / "adapter_model.safetensors").write_bytes(GOOD_ST if st_bytes is None else st_bytes)
-        (sub / "adapter_config.json").write_bytes(
-            json.dumps(GOOD_CFG).encode() if cfg_bytes is None else cfg_bytes)
+        (sub / "adapter_config.json").write_bytes(json.dumps(GOOD_CFG).encode() if cfg_bytes is None else cfg_bytes)
 
         def hang(*_: object) -> None:
             raise TimeoutError(f"reading took over {HANG_S} s")
@@ -99,19 +98,23 @@ edits = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2**31), st.integers
 
 def _header_mutation(field: str, value: object) -> bytes:
     (n,) = struct.unpack("<Q", GOOD_ST[:8])
-    header = json.loads(GOOD_ST[8:8 + n])
+    header = json.loads(GOOD_ST[8 : 8 + n])
     key = sorted(k for k in header if k != "__metadata__")[0]
     if field == "__metadata__":
         header["__metadata__"] = value
     else:
         header[key][field] = value
     hb = json.dumps(header).encode()
-    return struct.pack("<Q", len(hb)) + hb + GOOD_ST[8 + n:]
+    return struct.pack("<Q", len(hb)) + hb + GOOD_ST[8 + n :]
 
 
 def _fuzzers(budget: int) -> dict[str, Callable[[], None]]:
-    common = dict(max_examples=budget, deadline=None, derandomize=budget == SMALL,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    common = dict(
+        max_examples=budget,
+        deadline=None,
+        derandomize=budget == SMALL,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
     @settings(**common)
     @given(st.binary(max_size=512))
@@ -143,8 +146,10 @@ def _fuzzers(budget: int) -> dict[str, Callable[[], None]]:
     def mutated_config_bytes(e: list[tuple[int, int, int]]) -> None:
         _read(None, _mutate(json.dumps(GOOD_CFG).encode(), e))
 
-    return {f.__name__: f for f in (random_weights, mutated_weights, mutated_header, random_config, mutated_config,
-                                    mutated_config_bytes)}
+    return {
+        f.__name__: f
+        for f in (random_weights, mutated_weights, mutated_header, random_config, mutated_config, mutated_config_bytes)
+    }
 
 
 NAMES = sorted(_fuzzers(SMALL))

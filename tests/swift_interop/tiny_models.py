@@ -14,8 +14,15 @@ def tiny_llama(seed: int = 0):
     import transformers
 
     torch.manual_seed(seed)
-    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64)
+    kw = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
 
 
@@ -23,8 +30,14 @@ def tiny_bert(seed: int = 0):
     import transformers
 
     torch.manual_seed(seed)
-    kw = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-              max_position_embeddings=64)
+    kw = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     return transformers.BertModel(transformers.BertConfig(**kw)).eval()
 
 
@@ -52,6 +65,9 @@ def inputs() -> torch.Tensor:
 def output_of(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The first output tensor (logits / last hidden state) as float32."""
     out = model(input_ids=x)
-    t = out[0] if isinstance(out, tuple) else (out.logits if hasattr(out, "logits") and out.logits is not None
-                                               else out.last_hidden_state)
+    t = (
+        out[0]
+        if isinstance(out, tuple)
+        else (out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state)
+    )
     return t.detach().float()

@@ -22,22 +22,35 @@ from tiny_models import BUILDERS, checksum, inputs, output_of  # noqa: E402
 from functuner import LoRAConfig, Swift  # noqa: E402
 
 CASES = {
-    "llama_two": ("llama", lambda: {
-        "default": LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-        # not embed_tokens: ms-swift 4.6 cannot load embedding LoRA from ANY checkpoint, its own included
-        # (SwiftModel.load_state_dict rewrites 'lora_embedding_A.<name>' to 'lora_embedding_A.<name>.<name>')
-        "other": LoRAConfig(r=2, lora_alpha=4, target_modules=["o_proj", "down_proj"]),
-    }),
-    "bert_mts": ("bert", lambda: {
-        "default": LoRAConfig(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["pooler"],
-                              use_rslora=True),
-    }),
-    "bert_bias": ("bert", lambda: {
-        "default": LoRAConfig(r=2, lora_alpha=4, target_modules=["query"], bias="all"),
-    }),
-    "gpt2_dora": ("gpt2", lambda: {
-        "adapter": LoRAConfig(r=4, lora_alpha=8, target_modules=["c_attn"], use_dora=True, fan_in_fan_out=True),
-    }),
+    "llama_two": (
+        "llama",
+        lambda: {
+            "default": LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+            # not embed_tokens: ms-swift 4.6 cannot load embedding LoRA from ANY checkpoint, its own included
+            # (SwiftModel.load_state_dict rewrites 'lora_embedding_A.<name>' to 'lora_embedding_A.<name>.<name>')
+            "other": LoRAConfig(r=2, lora_alpha=4, target_modules=["o_proj", "down_proj"]),
+        },
+    ),
+    "bert_mts": (
+        "bert",
+        lambda: {
+            "default": LoRAConfig(
+                r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["pooler"], use_rslora=True
+            ),
+        },
+    ),
+    "bert_bias": (
+        "bert",
+        lambda: {
+            "default": LoRAConfig(r=2, lora_alpha=4, target_modules=["query"], bias="all"),
+        },
+    ),
+    "gpt2_dora": (
+        "gpt2",
+        lambda: {
+            "adapter": LoRAConfig(r=4, lora_alpha=8, target_modules=["c_attn"], use_dora=True, fan_in_fan_out=True),
+        },
+    ),
 }
 
 
