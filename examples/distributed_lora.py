@@ -111,6 +111,7 @@ def main() -> None:
         n = sum(1 for k in base if merged[k] is not base[k])
         print(f"final loss {mean_loss:.8f}; saved {path}; merged {n} weights (sharded: {ftd.is_sharded(model)})")
     if distributed:
+        dist.barrier()  # no rank tears gloo down while another is still in a collective
         dist.destroy_process_group()
 
 
