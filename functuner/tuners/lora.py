@@ -32,7 +32,7 @@ import threading
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -165,14 +165,15 @@ def _kind(module: nn.Module, name: str) -> str:
 
 
 def _in_out(module: nn.Module, kind: str) -> tuple[int, int]:
-    w = module.weight
-    if kind == "linear":
-        return w.shape[1], w.shape[0]
-    if kind == "conv1d_gpt2":
-        return w.shape[0], w.shape[1]
-    if kind == "embedding":
-        return w.shape[0], w.shape[1]
-    return w.shape[1], w.shape[0]
+    shape = _weight(module).shape
+    if kind in ("conv1d_gpt2", "embedding"):
+        return int(shape[0]), int(shape[1])
+    return int(shape[1]), int(shape[0])
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` typed as a tensor (``nn.Module.__getattr__`` is typed ``Tensor | Module``)."""
+    return cast(torch.Tensor, module.weight)
 
 
 def _names(module_name: str, kind: str, adapter: str) -> tuple[str, str, str]:
@@ -188,7 +189,7 @@ def _expected_shapes(module: nn.Module, kind: str, r: int) -> tuple[tuple[int, .
     if kind == "embedding":
         return (r, fan_in), (fan_out, r), (fan_out,)
     if kind == "conv":
-        k = tuple(module.weight.shape[2:])
+        k = tuple(int(d) for d in _weight(module).shape[2:])
         ones = (1,) * len(k)
         return (r, fan_in, *k), (fan_out, r, *ones), (1, fan_out, *ones)
     return (r, fan_in), (fan_out, r), (fan_out,)
@@ -229,8 +230,9 @@ def _dora_norm(weight_out_in: torch.Tensor, delta_out_in: torch.Tensor, kind: st
     """Row norm of ``W + delta`` (per output unit), float32; conv keeps PEFT's ``(1, out, 1...)`` shape."""
     w = weight_out_in.float() + delta_out_in.float()
     if kind == "conv":
-        return w.norm(p=2, dim=tuple(range(1, w.dim())), keepdim=True).transpose(1, 0)
-    return torch.linalg.norm(w, dim=1)
+        norm: torch.Tensor = w.norm(p=2, dim=tuple(range(1, w.dim())), keepdim=True)
+        return norm.transpose(1, 0)
+    return cast(torch.Tensor, torch.linalg.vector_norm(w, dim=1))
 
 
 def _dora_row_norm_lowrank(
@@ -412,7 +414,7 @@ def _check_shapes(model: nn.Module, params: TunerParams, layout: _Layout) -> Non
             if got != expect:
                 raise ParamsMismatchError(
                     f"params[{key!r}] has shape {got}, but module {s.name!r} ({type(s.module).__name__},"
-                    f" weight {tuple(s.module.weight.shape)}) needs {expect}"
+                    f" weight {tuple(_weight(s.module).shape)}) needs {expect}"
                 )
         if s.bias is not None:
             mb = getattr(s.module, "bias", None)
@@ -468,7 +470,7 @@ def init(
         kind = _kind(module, name)
         r = config.rank_for(name)
         # r larger than the module's fan-in/out is wasteful but valid (PEFT accepts it too)
-        base_w = module.weight
+        base_w = _weight(module)
         dtype = lora_dtype or base_w.dtype
         a_shape, b_shape, m_shape = _expected_shapes(module, kind, r)
         A = torch.empty(a_shape, dtype=torch.float32)
@@ -497,7 +499,7 @@ def init(
                 norm = _dora_norm(_weight_as_out_in(base_w, kind), delta, kind)
             tensors[m_key] = norm.reshape(m_shape).to(device=base_w.device, dtype=dtype)
         if config.bias in ("all", "lora_only") and getattr(module, "bias", None) is not None:
-            tensors[f"{name}.bias"] = module.bias.detach().clone()
+            tensors[f"{name}.bias"] = cast(torch.Tensor, module.bias).detach().clone()
     if config.bias == "all":
         adapted = {n for n, _ in selected}
         for mname, module in model.named_modules():
@@ -532,10 +534,10 @@ def _dropout(x: torch.Tensor, p: float, generator: torch.Generator | None) -> to
 
 def _first_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     if args:
-        return args[0]
+        return cast(torch.Tensor, args[0])
     for k in ("input", "x", "hidden_states"):
         if k in kwargs:
-            return kwargs[k]
+            return cast(torch.Tensor, kwargs[k])
     raise TypeError("LoRA slot: could not find the module's input tensor")
 
 
@@ -546,7 +548,7 @@ def _slot(
     M: torch.Tensor | None,
     bias: torch.Tensor | None,
     generator: torch.Generator | None,
-    module: nn.Module,
+    module: Any,  # nn.Linear / Conv1D / Embedding / ConvNd: their attributes are read directly
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     out: torch.Tensor,
