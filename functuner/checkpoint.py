@@ -43,7 +43,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
@@ -146,7 +146,7 @@ def config_to_json(config: Any) -> dict[str, Any]:
     """The ``adapter_config.json`` content SWIFT writes for ``config`` (fields plus ``swift_type``)."""
     data = config.to_dict()
     data["swift_type"] = tuner_for(config).swift_type
-    return data
+    return cast(dict[str, Any], data)
 
 
 def config_from_json(data: Mapping[str, Any], source: str = "adapter_config.json") -> Any:
@@ -203,7 +203,7 @@ def peft_config_json(config: Any) -> dict[str, Any]:
     for name in _SWIFT_ONLY_LORA_FIELDS + _SWIFT_ONLY_LORA_TRAINING_FIELDS + ("swift_type",):
         data.pop(name, None)
     data["peft_type"] = "LORA"
-    return data
+    return cast(dict[str, Any], data)
 
 
 def _read_json(path: Path, root: Path) -> dict[str, Any]:
@@ -557,7 +557,7 @@ def _exchange(a: Path, b: Path) -> bool:
     except (OSError, AttributeError):
         return False
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+    return bool(fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0)
 
 
 def _fsync_tree(folder: Path) -> None:

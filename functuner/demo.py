@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -229,7 +229,7 @@ def run_demo(
     test_labels = torch.tensor([y for _, y in test])
 
     def logits_of(p: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return ft.apply(base, p, kwargs=batch).logits
+        return cast(torch.Tensor, ft.apply(base, p, kwargs=batch).logits)
 
     def loss_fn(p: Any, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(logits_of(p, batch), labels)

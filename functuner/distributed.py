@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -93,7 +93,7 @@ def _bucketed(tree: T, collective: Callable[[torch.Tensor], None]) -> T:
         collective(flat)
         for i, chunk in zip(idx, flat.split([p.numel() for p in parts]), strict=True):
             new[i] = chunk.view(leaves[i].shape)
-    return torch_pytree.tree_unflatten(new, spec)
+    return cast(T, torch_pytree.tree_unflatten(new, spec))
 
 
 def all_reduce_grads(grads: T, group: Any = None, *, average: bool = True) -> T:
@@ -110,7 +110,7 @@ def all_reduce_grads(grads: T, group: Any = None, *, average: bool = True) -> T:
     """
     _, world = rank_and_world(group)
     if world == 1:
-        return torch_pytree.tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, grads)
+        return cast(T, torch_pytree.tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, grads))
 
     def reduce(flat: torch.Tensor) -> None:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
@@ -150,7 +150,9 @@ def broadcast_params(params: T, src: int = 0, group: Any = None) -> T:
     """
     _, world = rank_and_world(group)
     if world == 1:
-        return torch_pytree.tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, params)
+        return cast(
+            T, torch_pytree.tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, params)
+        )
     return _bucketed(params, lambda flat: dist.broadcast(flat, src=src, group=group))
 
 

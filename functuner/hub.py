@@ -36,7 +36,7 @@ def resolve_model_dir(
     if os.path.exists(path):
         raise CheckpointError(f"{path} is a file; pass a checkpoint directory or a hub id")
     try:
-        from modelscope import snapshot_download  # type: ignore[import-untyped]
+        from modelscope import snapshot_download
     except ImportError as e:  # pragma: no cover - modelscope is a dependency
         raise CheckpointError(f"{path!r} is not a local directory and modelscope is not installed") from e
     kwargs: dict[str, Any] = {"revision": revision, "local_files_only": local_files_only}

@@ -26,7 +26,7 @@ import shutil
 import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -313,7 +313,7 @@ def merged_weight(weight: torch.Tensor, site: Site) -> torch.Tensor:
     factor = site.magnitude.float().reshape(-1) / norm
     shape = (-1,) + (1,) * (oi.dim() - 1)
     oi = oi * factor.reshape(shape)
-    return oi.T if site.kind in ("transposed", "embedding") else oi
+    return cast(torch.Tensor, oi.T if site.kind in ("transposed", "embedding") else oi)
 
 
 def _read_tensor(f: Any, info: TensorInfo, path: Path) -> torch.Tensor:
@@ -366,7 +366,7 @@ def _write_shard(
                 w = plan.replacements[key] if key in plan.replacements else _read_tensor(src, info, header.path)
                 if key in plan.sites:
                     w = merged_weight(w, plan.sites[key])
-                w = w.to(_DTYPES[name][0])  # type: ignore[arg-type]
+                w = w.to(_DTYPES[name][0])
                 out.write(_tensor_bytes(w))
                 del w
             else:
@@ -455,6 +455,6 @@ def merge_checkpoint(
 
 def _model_type(base_dir: Path) -> str | None:
     try:
-        return json.loads((base_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
+        return cast("str | None", json.loads((base_dir / "config.json").read_text(encoding="utf-8")).get("model_type"))
     except (OSError, json.JSONDecodeError, AttributeError):
         return None

@@ -21,7 +21,7 @@ reference operations.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import optree
 import torch
@@ -162,12 +162,20 @@ def _optree_unflatten(aux: Any, leaves: Any) -> TunerParams:
 
 
 optree.register_pytree_node(
-    TunerParams, _optree_flatten, _optree_unflatten, path_entry_type=optree.MappingEntry, namespace="functuner"
+    TunerParams,
+    cast(Any, _optree_flatten),
+    _optree_unflatten,
+    path_entry_type=optree.MappingEntry,
+    namespace="functuner",
 )
 _GLOBAL_NS = getattr(optree.registry, "__GLOBAL_NAMESPACE", None)
 if _GLOBAL_NS is not None:  # plain optree.tree_map(fn, params) without a namespace
     optree.register_pytree_node(
-        TunerParams, _optree_flatten, _optree_unflatten, path_entry_type=optree.MappingEntry, namespace=_GLOBAL_NS
+        TunerParams,
+        cast(Any, _optree_flatten),
+        _optree_unflatten,
+        path_entry_type=optree.MappingEntry,
+        namespace=_GLOBAL_NS,
     )
 
 

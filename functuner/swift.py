@@ -32,12 +32,12 @@ import sys
 import tempfile
 import threading
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from inspect import Parameter, Signature, signature
 from pathlib import Path
 from types import MethodType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -170,7 +170,7 @@ class _State:
                     with self.lock:
                         ts.routes = self.routes_for(ts.active)
                         ts.version = self.version
-                return ts.routes
+                return cast("Routes | None", ts.routes)
         return self.routes
 
 
@@ -357,17 +357,17 @@ class SwiftModel(nn.Module):
     @property
     def model(self) -> nn.Module:
         """The wrapped model (SWIFT's alias of ``base_model``)."""
-        return self._state.model
+        return cast(nn.Module, self._state.model)
 
     @property
     def adapters(self) -> dict[str, _Adapter]:
         """``{adapter name: adapter}``; each has ``.config``, ``.params`` (live TunerParams) and ``.swift_type``."""
-        return self._state.adapters
+        return cast("dict[str, _Adapter]", self._state.adapters)
 
     @property
     def active_adapters(self) -> set[str]:
         """Names of the adapters active for the calling thread (all threads with ``USE_UNIQUE_THREAD=1``)."""
-        return self._state.active_set()
+        return cast("set[str]", self._state.active_set())
 
     @property
     def extra_state_keys(self) -> list[str]:
@@ -482,7 +482,7 @@ class SwiftModel(nn.Module):
                 stack = stack_adapters(model, {a.name: a.params for a in usable})
             entry = _MixedEntry(key, stack, keepalive)
             state.mixed = entry
-        return entry.stack
+        return cast("AdapterStack", entry.stack)
 
     # -- activation -------------------------------------------------------------
     def activate_adapter(self, adapter_name: str) -> None:
@@ -803,7 +803,7 @@ class SwiftModel(nn.Module):
         if destination is not None or prefix or args:
             return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
         out: dict[str, Any] = {}
-        grab = (lambda t: t) if keep_vars else (lambda t: t.detach())
+        grab: Callable[[torch.Tensor], torch.Tensor] = (lambda t: t) if keep_vars else (lambda t: t.detach())
         if kwargs.get("save_adapter", True):
             for name, adapter in self.adapters.items():
                 if adapter_name is not None and name != adapter_name:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +58,7 @@ def activation(name: str) -> nn.Module:
     if name not in table:
         raise ConfigError(f"act_layer={name!r} is not a known activation; use one of {sorted(table)}")
     cls = table[name]
-    return cls[0](**cls[1]) if isinstance(cls, tuple) else cls()
+    return cast(nn.Module, cls[0](**cls[1]) if isinstance(cls, tuple) else cls())
 
 
 @dataclass(frozen=True, eq=False)
@@ -239,7 +239,7 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
             fwd.setdefault(site.module, []).append(fn)
         else:
             fwd.setdefault(ensure_method_slot(site.module, cfg.method_name), []).append(fn)
-    return Routes(forward=fwd)  # type: ignore[arg-type]
+    return Routes(forward=fwd)
 
 
 tuner = Tuner(swift_type="ADAPTER", config_cls=AdapterConfig, init=init, routes=routes, validate=validate)

@@ -82,7 +82,7 @@ class TunerConfig:
             return True
         if type(other) is not type(self):
             return NotImplemented
-        return self._canonical() == other._canonical()  # type: ignore[attr-defined]
+        return self._canonical() == other._canonical()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, strict: bool = True) -> Any:

@@ -220,7 +220,7 @@ def _run_block(
     attention_path: str,
     tensors: dict[str, torch.Tensor],
     ordinal: int,
-    private: weakref.WeakKeyDictionary,
+    private: weakref.WeakKeyDictionary[Any, Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     output: Any,
@@ -255,7 +255,7 @@ def _run_block(
 def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
     """A forward slot on each original layer followed by a new block, running that block on its output."""
     layer_list, keys, plan, prefix = _check(model, params)
-    private: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # caller's cache -> new blocks' cache
+    private: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()  # caller's cache -> new blocks' cache
     fwd: dict[nn.Module, list[Any]] = {}
     for b in plan:
         head = block_key(prefix, b.source, params.adapter_name, "")

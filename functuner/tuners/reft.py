@@ -48,7 +48,7 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -182,7 +182,7 @@ def orthonormalize(w: torch.Tensor) -> torch.Tensor:
     q, rr = torch.linalg.qr(w if w.dtype in (torch.float32, torch.float64) else w.float())
     sign = torch.sign(torch.diagonal(rr))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return (q * sign).to(w.dtype)
+    return cast(torch.Tensor, (q * sign).to(w.dtype))
 
 
 def intervene(

@@ -221,7 +221,10 @@ def _apply_tuner(s: _Spec, t: dict[str, torch.Tensor], x: Any, target_size: Any)
         return F.conv2d(y, t["conv.weight"], t["conv.bias"], padding=1) if "conv.weight" in t else y
     dtype = x.dtype
     x = x.to(t["ln1.weight"].dtype)
-    mlp = lambda z: F.linear(F.gelu(F.linear(z, t["ln1.weight"], t["ln1.bias"])), t["ln2.weight"], t["ln2.bias"])  # noqa: E731
+
+    def mlp(z: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.gelu(F.linear(z, t["ln1.weight"], t["ln1.bias"])), t["ln2.weight"], t["ln2.bias"])
+
     if s.kind == "res_adapter":
         if x.shape[1 if x.dim() == 4 else -1] != s.dim:
             raise ConfigError(f"Res-Tuning res_adapter: input {tuple(x.shape)} does not have dims={s.dim} channels")
