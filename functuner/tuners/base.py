@@ -27,11 +27,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ParamsMismatchError
 from ..params import TunerParams
 from ..routing import Routes
 
-__all__ = ["CallContext", "Tuner", "TunerConfig", "override_slot", "resolve_dtype"]
+__all__ = ["CallContext", "check_exact_tensors", "Tuner", "TunerConfig", "override_slot", "resolve_dtype"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -192,3 +192,18 @@ def override_slot(overrides: Mapping[str, torch.Tensor]) -> Callable[..., Any]:
         return clone(*args, **kwargs)
 
     return slot
+
+
+def check_exact_tensors(params: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
+    """Raise :class:`ParamsMismatchError` unless ``params`` has exactly the names of ``expected``, each of that shape.
+
+    ``what`` starts the message (e.g. ``"ReFT params do not fit the model"``); the
+    message then lists up to four missing and four unexpected names, or the first
+    tensor whose shape is wrong.  Pure.
+    """
+    missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
+    if missing or extra:
+        raise ParamsMismatchError(f"{what}: missing {missing[:4]}, unexpected {extra[:4]}")
+    for k, shape in expected.items():
+        if tuple(params[k].shape) != shape:
+            raise ParamsMismatchError(f"params[{k!r}] has shape {tuple(params[k].shape)}, expected {shape}")

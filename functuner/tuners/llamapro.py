@@ -35,10 +35,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ParamsMismatchError, TargetError
+from ..errors import ConfigError, TargetError
 from ..params import TunerParams
 from ..routing import Routes, ensure_slots
-from .base import CallContext, Tuner, TunerConfig, _clone_module_tree
+from .base import CallContext, Tuner, TunerConfig, _clone_module_tree, check_exact_tensors
 
 __all__ = ["LLaMAProConfig", "block_key", "expansion_plan", "init", "routes", "tuner", "validate"]
 
@@ -198,15 +198,11 @@ def _check(model: nn.Module, params: TunerParams) -> tuple[nn.ModuleList, dict[s
     for b in plan:
         for name, p in _own_parameters(layer_list[b.source]):
             expected[block_key(prefix, b.source, params.adapter_name, name)] = tuple(p.shape)
-    missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
-    if missing or extra:
-        raise ParamsMismatchError(
-            f"LLaMA-Pro params do not fit the new blocks after layers {[b.source for b in plan]} of {prefix!r}:"
-            f" missing {missing[:4]}, unexpected {extra[:4]}"
-        )
-    for k, shape in expected.items():
-        if tuple(params[k].shape) != shape:
-            raise ParamsMismatchError(f"params[{k!r}] has shape {tuple(params[k].shape)}, expected {shape}")
+    check_exact_tensors(
+        params,
+        expected,
+        f"LLaMA-Pro params do not fit the new blocks after layers {[b.source for b in plan]} of {prefix!r}",
+    )
     return layer_list, keys, plan, prefix
 
 

@@ -54,10 +54,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, ParamsMismatchError, TargetError
+from ..errors import ConfigError, TargetError
 from ..params import TunerParams
 from ..routing import Routes, ensure_slots
-from .base import CallContext, Tuner, TunerConfig
+from .base import CallContext, Tuner, TunerConfig, check_exact_tensors
 
 __all__ = ["INTERVENTIONS", "ReftConfig", "init", "intervene", "orthonormalize", "routes", "tuner", "validate"]
 
@@ -321,12 +321,7 @@ def _check(model: nn.Module, params: TunerParams) -> list[_Site]:
     sites = _sites(model, cfg, params.adapter_name)
     shapes = _shapes(cfg, _hidden_size(model))
     expected = {s.prefix + n: shape for s in sites for n, shape in shapes.items()}
-    missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
-    if missing or extra:
-        raise ParamsMismatchError(f"ReFT params do not fit the model: missing {missing[:4]}, unexpected {extra[:4]}")
-    for k, shape in expected.items():
-        if tuple(params[k].shape) != shape:
-            raise ParamsMismatchError(f"params[{k!r}] has shape {tuple(params[k].shape)}, expected {shape}")
+    check_exact_tensors(params, expected, "ReFT params do not fit the model")
     return sites
 
 

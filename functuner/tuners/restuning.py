@@ -44,10 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, ParamsMismatchError, TargetError
+from ..errors import ConfigError, TargetError
 from ..params import TunerParams
 from ..routing import Routes, ensure_slots
-from .base import CallContext, Tuner, TunerConfig
+from .base import CallContext, Tuner, TunerConfig, check_exact_tensors
 
 __all__ = ["ResTuningConfig", "bypass", "init", "routes", "tuner", "validate"]
 
@@ -349,12 +349,7 @@ def init(
 
 def _check(model: nn.Module, params: TunerParams) -> _Layout:
     lay = _layout(model, params.config, params.adapter_name)
-    missing, extra = sorted(set(lay.shapes) - set(params)), sorted(set(params) - set(lay.shapes))
-    if missing or extra:
-        raise ParamsMismatchError(f"Res-Tuning params do not fit: missing {missing[:4]}, unexpected {extra[:4]}")
-    for k, shape in lay.shapes.items():
-        if tuple(params[k].shape) != shape:
-            raise ParamsMismatchError(f"params[{k!r}] has shape {tuple(params[k].shape)}, expected {shape}")
+    check_exact_tensors(params, lay.shapes, "Res-Tuning params do not fit")
     return lay
 
 

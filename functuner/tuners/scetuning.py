@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, ParamsMismatchError, TargetError
+from ..errors import ConfigError, TargetError
 from ..params import TunerParams
 from ..routing import Routes, ensure_slots
-from .base import CallContext, Tuner, TunerConfig
+from .base import CallContext, Tuner, TunerConfig, check_exact_tensors
 
 __all__ = ["SCETuningConfig", "init", "routes", "sce_adapter", "tuner", "validate"]
 
@@ -163,12 +163,7 @@ def _check(model: nn.Module, params: TunerParams) -> list[_Site]:
     cfg: SCETuningConfig = params.config
     sites = _sites(model, cfg, params.adapter_name)
     expected = {s.prefix + p: shape for s in sites for p, shape in _shapes(s.dim, float(cfg.down_ratio)).items()}
-    missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
-    if missing or extra:
-        raise ParamsMismatchError(f"SCEdit params do not fit the model: missing {missing[:4]}, unexpected {extra[:4]}")
-    for k, shape in expected.items():
-        if tuple(params[k].shape) != shape:
-            raise ParamsMismatchError(f"params[{k!r}] has shape {tuple(params[k].shape)}, expected {shape}")
+    check_exact_tensors(params, expected, "SCEdit params do not fit the model")
     return sites
 
 
