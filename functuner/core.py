@@ -159,12 +159,13 @@ def _check_activation_checkpointing(model: nn.Module) -> None:
     """
     from .routing import checkpoint_context_fn
 
-    for name, m in model.named_modules():
+    for m in model.modules():  # hot path (every training call): names are looked up only on failure
         if getattr(m, "gradient_checkpointing", False) is not True:
             continue
         fn = getattr(m, "_gradient_checkpointing_func", None)
         keywords = getattr(fn, "keywords", None) or {}
         if keywords.get("context_fn") is not checkpoint_context_fn or keywords.get("use_reentrant", True):
+            name = next(n for n, x in model.named_modules() if x is m)
             raise ConfigError(
                 f"module {name or type(model).__name__!r} uses activation checkpointing without functuner's"
                 " context_fn, so the backward pass would recompute it without the adapter; enable it with"
