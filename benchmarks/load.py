@@ -7,7 +7,7 @@ One adapter saved by PEFT's own ``save_pretrained`` (``adapter_config.json`` +
   lazily, so it has not read the data yet when it returns.
 * ``safetensors + read``: the same plus one pass over every tensor (``sum``), i.e. the
   data actually read once: the floor for any loader that checks what it loads.
-* ``functuner``: ``functuner.checkpoint.read_adapter`` (config parsing, key
+* ``functuner``: ``functuner.io.checkpoint.read_adapter`` (config parsing, key
   renaming, strict checks) + ``TunerParams`` + ``functuner.validate`` against the model.
 * ``peft``: ``PeftModel.from_pretrained(base, folder)`` on a fresh copy of the
   base model each time (the copy is untimed setup).
@@ -30,7 +30,7 @@ from . import common as C
 def _functuner_loader() -> tuple[str, Any]:
     """functuner's checkpoint reader if present, else the functional path (safetensors + key renaming)."""
     try:
-        from functuner.checkpoint import read_adapter
+        from functuner.io.checkpoint import read_adapter
     except ImportError:
         read_adapter = None
     if read_adapter is not None:
@@ -39,7 +39,7 @@ def _functuner_loader() -> tuple[str, Any]:
             ck = read_adapter(folder, "default")
             return ft.TunerParams(ck.state, ck.config, "default")
 
-        return "functuner.checkpoint.read_adapter", load
+        return "functuner.io.checkpoint.read_adapter", load
 
     import json
 

@@ -4,7 +4,7 @@ Measures (ratios, medians of interleaved runs; see ``benchmarks/common.py``):
 
 1. Mixed-batch forward: 16 samples, each with its own adapter drawn from 8 and
    from 64 adapters, vs a forward where all samples use one adapter;
-   functuner's :func:`functuner.mixed.apply_mixed` (prebuilt stack) and PEFT's
+   functuner's :func:`functuner.tuners.lora.mixed.apply_mixed` (prebuilt stack) and PEFT's
    ``model(..., adapter_names=...)``.  Target: functuner within 1.1x of its
    single-adapter forward at both counts.
 2. Switch latency with 1 and with 100 adapters loaded.  functuner has no active
@@ -20,7 +20,7 @@ Every timed path is checked for correctness against PEFT first.
 Usage::
 
     python -m benchmarks.multi_adapter            # full: hidden 512, 4 layers, r=16 on all 7 Llama linears
-    python -m benchmarks.multi_adapter --quick    # tiny model, few repeats (run by tests/test_benchmarks_multi.py)
+    python -m benchmarks.multi_adapter --quick    # tiny model, few repeats (run by tests/project/test_benchmarks_multi.py)
     python -m benchmarks.multi_adapter --markdown docs/multi_adapter.md
 """
 
@@ -38,8 +38,8 @@ import torch
 
 import functuner as ft
 from benchmarks.common import FULL, LLAMA_TARGETS, QUICK, Report, assert_close, build_llama, ratio, sync
-from functuner.combine import COMBINATION_TYPES, adapter_deltas, add_weighted_adapter
-from functuner.mixed import apply_mixed, stack_adapters
+from functuner.tuners.lora.combine import COMBINATION_TYPES, adapter_deltas, add_weighted_adapter
+from functuner.tuners.lora.mixed import apply_mixed, stack_adapters
 
 PREFIX = "base_model.model."
 SAMPLES = 16
@@ -198,7 +198,9 @@ def _switch(
         chosen = {nm: ours[nm] for nm in pool}
         # functuner: a switch is picking the params for the next call; the call then builds its routes
         out[f"functuner choose {k}"] = _per_op(lambda i, c=chosen, t=two: c[t[i & 1]], n)
-        out[f"functuner bind_routes {k}"] = _per_op(lambda i, c=chosen, t=two: ft.bind_routes(model, c[t[i & 1]]), n)
+        out[f"functuner bind_routes {k}"] = _per_op(
+            lambda i, c=chosen, t=two: ft.functional.bind_routes(model, c[t[i & 1]]), n
+        )
         # PEFT: a model with exactly k adapters loaded
         pm = peft_models[k]
         assert len(pm.peft_config) == k

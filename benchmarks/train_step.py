@@ -90,7 +90,7 @@ def _shim(model: torch.nn.Module, params: ft.TunerParams, ids: torch.Tensor, lab
         lp = ft.TunerParams(leaves, params.config, params.adapter_name)
 
         def forward() -> torch.Tensor:
-            with ft.routing.routed(ft.bind_routes(model, lp)):
+            with ft.core.routing.routed(ft.functional.bind_routes(model, lp)):
                 return model(ids, labels=labels).loss
 
     opt = torch.optim.AdamW(list(leaves.values()), lr=LR)
@@ -128,7 +128,7 @@ def _peft(
 
     def grads() -> dict[str, torch.Tensor]:
         # PEFT's in-memory names are functuner's names under the "base_model.model." prefix
-        return {n.removeprefix(ft.keys.PEFT_PREFIX): g for n, g in last.items()}
+        return {n.removeprefix(ft.io.keys.PEFT_PREFIX): g for n, g in last.items()}
 
     return _Variant("peft", step, grads)
 

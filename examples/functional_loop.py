@@ -18,7 +18,7 @@ import torch
 import transformers
 
 import functuner as ft
-from functuner.checkpoint import read_adapter, write_swift_adapter
+from functuner.io.checkpoint import read_adapter, write_swift_adapter
 
 
 def build_model(quick: bool) -> transformers.LlamaForCausalLM:

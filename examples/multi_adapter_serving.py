@@ -1,7 +1,7 @@
 """Serve many LoRA adapters over one base model, each request with its own adapter, in shared batches.
 
 Adapters are values (``TunerParams``), so a server needs no adapter state: it keeps a
-``{name: params}`` dict, stacks it once with ``functuner.mixed.stack_adapters``, and
+``{name: params}`` dict, stacks it once with ``functuner.tuners.lora.mixed.stack_adapters``, and
 runs every batch with ``apply_mixed(model, stack, per_request_names, ...)``: request
 ``b`` uses adapter ``names[b]`` (``"__base__"`` for none), in one forward pass.  The
 example decodes greedily for a queue of requests spread over the adapters, checks
@@ -22,7 +22,7 @@ import torch
 import transformers
 
 import functuner as ft
-from functuner.mixed import BASE, AdapterStack, apply_mixed, stack_adapters
+from functuner.tuners.lora.mixed import BASE, AdapterStack, apply_mixed, stack_adapters
 
 
 def build_model(quick: bool) -> transformers.LlamaForCausalLM:

@@ -7,46 +7,84 @@ Functional API::
     out = ft.apply(model, params, (input_ids,))          # model untouched
     grads = torch.func.grad(loss_fn)(params, batch)      # params is a pytree
     merged = ft.merge(model, params)                     # new weights, model untouched
+    ft.save(params, "out/")                              # SWIFT's layout (format="peft" for PEFT's)
+    params = ft.load("out/", model=model)
+
+The package layout (each concern has one home):
+
+* :mod:`functuner.core`: mechanisms that know no tuner (the params pytree, routing, target matching,
+  adapter names, the filesystem helper, hub resolution);
+* :mod:`functuner.tuners`: the registry, the ``Tuner`` shape and one module (or package, for LoRA) per tuner;
+* :mod:`functuner.io`: key renames, the one adapter-directory reader/writer, the streaming shard merge,
+  PEFT pass-through;
+* :mod:`functuner.shim`: the SWIFT-compatible stateful ``Swift`` / ``SwiftModel``;
+* :mod:`functuner.cli`: the ``functuner`` console script and its demo.
+
+Public names are imported lazily (PEP 562), so ``import functuner`` (and the console script's
+``--help``) does not load torch until a name that needs it is used.
 """
 
 from __future__ import annotations
 
-from . import errors, keys, routing
-from .core import apply, bind_routes, init, merge, unmerge, validate
-from .grads import per_sample_grads, value_and_grad
-from .keys import from_peft_state_dict, rename_adapter, to_peft_state_dict
-from .params import TunerParams, tree_map
-from .routing import checkpoint_context_fn, gradient_checkpointing_enable, remove_slots
-from .swift import Swift, SwiftConfig, SwiftModel
-from .tuners import REGISTRY, Tuner, TunerConfig, register, tuner_for
-from .tuners.adapter import AdapterConfig
-from .tuners.llamapro import LLaMAProConfig
-from .tuners.longlora import LongLoRAConfig
-from .tuners.lora import LoRAConfig, LoraConfig, lora_delta
-from .tuners.neftune import NEFTuneConfig
-from .tuners.part import PartConfig
-from .tuners.prompt import PromptConfig
-from .tuners.reft import ReftConfig
-from .tuners.restuning import ResTuningConfig
-from .tuners.scetuning import SCETuningConfig
-from .tuners.side import SideConfig
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "AdapterConfig": "functuner.tuners.adapter",
+    "LLaMAProConfig": "functuner.tuners.llamapro",
+    "LoRAConfig": "functuner.tuners.lora",
+    "LoraConfig": "functuner.tuners.lora",
+    "LongLoRAConfig": "functuner.tuners.longlora",
+    "NEFTuneConfig": "functuner.tuners.neftune",
+    "PartConfig": "functuner.tuners.part",
+    "PromptConfig": "functuner.tuners.prompt",
+    "ReftConfig": "functuner.tuners.reft",
+    "ResTuningConfig": "functuner.tuners.restuning",
+    "SCETuningConfig": "functuner.tuners.scetuning",
+    "SideConfig": "functuner.tuners.side",
+    "Swift": "functuner.shim",
+    "SwiftConfig": "functuner.shim",
+    "SwiftModel": "functuner.shim",
+    "Tuner": "functuner.tuners",
+    "TunerConfig": "functuner.tuners",
+    "TunerParams": "functuner.core.params",
+    "apply": "functuner.functional",
+    "checkpoint_context_fn": "functuner.core.routing",
+    "from_peft_state_dict": "functuner.io.keys",
+    "gradient_checkpointing_enable": "functuner.core.routing",
+    "init": "functuner.functional",
+    "load": "functuner.io.checkpoint",
+    "lora_delta": "functuner.tuners.lora",
+    "merge": "functuner.functional",
+    "per_sample_grads": "functuner.grads",
+    "register": "functuner.tuners",
+    "rename_adapter": "functuner.io.keys",
+    "save": "functuner.io.checkpoint",
+    "to_peft_state_dict": "functuner.io.keys",
+    "tree_map": "functuner.core.params",
+    "tuner_for": "functuner.tuners",
+    "unmerge": "functuner.functional",
+    "validate": "functuner.functional",
+    "value_and_grad": "functuner.grads",
+}
+_SUBMODULES = ("cli", "core", "distributed", "errors", "functional", "grads", "io", "shim", "tuners")
+
 __all__ = [
     "AdapterConfig",
+    "LLaMAProConfig",
+    "LoRAConfig",
+    "LongLoRAConfig",
+    "LoraConfig",
     "NEFTuneConfig",
     "PartConfig",
     "PromptConfig",
-    "SideConfig",
-    "LoRAConfig",
-    "LongLoRAConfig",
     "ReftConfig",
-    "LLaMAProConfig",
-    "SCETuningConfig",
     "ResTuningConfig",
-    "LoraConfig",
-    "REGISTRY",
+    "SCETuningConfig",
+    "SideConfig",
     "Swift",
     "SwiftConfig",
     "SwiftModel",
@@ -55,19 +93,17 @@ __all__ = [
     "TunerParams",
     "apply",
     "checkpoint_context_fn",
-    "gradient_checkpointing_enable",
-    "bind_routes",
     "errors",
     "from_peft_state_dict",
+    "gradient_checkpointing_enable",
     "init",
-    "keys",
+    "load",
     "lora_delta",
     "merge",
     "per_sample_grads",
     "register",
-    "remove_slots",
     "rename_adapter",
-    "routing",
+    "save",
     "to_peft_state_dict",
     "tree_map",
     "tuner_for",
@@ -75,3 +111,40 @@ __all__ = [
     "validate",
     "value_and_grad",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"functuner.{name}")
+    raise AttributeError(f"module 'functuner' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS, *_SUBMODULES})
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; the same names __getattr__ loads on first use
+    from . import errors
+    from .core.params import TunerParams, tree_map
+    from .core.routing import checkpoint_context_fn, gradient_checkpointing_enable
+    from .functional import apply, init, merge, unmerge, validate
+    from .grads import per_sample_grads, value_and_grad
+    from .io.checkpoint import load, save
+    from .io.keys import from_peft_state_dict, rename_adapter, to_peft_state_dict
+    from .shim import Swift, SwiftConfig, SwiftModel
+    from .tuners import Tuner, TunerConfig, register, tuner_for
+    from .tuners.adapter import AdapterConfig
+    from .tuners.llamapro import LLaMAProConfig
+    from .tuners.longlora import LongLoRAConfig
+    from .tuners.lora import LoRAConfig, LoraConfig, lora_delta
+    from .tuners.neftune import NEFTuneConfig
+    from .tuners.part import PartConfig
+    from .tuners.prompt import PromptConfig
+    from .tuners.reft import ReftConfig
+    from .tuners.restuning import ResTuningConfig
+    from .tuners.scetuning import SCETuningConfig
+    from .tuners.side import SideConfig

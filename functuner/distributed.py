@@ -36,10 +36,10 @@ import torch.distributed as dist
 import torch.utils._pytree as torch_pytree
 from torch import nn
 
-from .core import as_params_list
-from .core import merge as _merge
+from .core.params import TunerParams
 from .errors import CheckpointError, ParamsMismatchError
-from .params import TunerParams
+from .functional import as_params_list
+from .functional import merge as _merge
 
 __all__ = [
     "all_reduce_grads",
@@ -198,7 +198,7 @@ def save_params_on_rank0(params: TunerParams, save_directory: str | os.PathLike[
     an atomic directory swap, so a crash never leaves half a checkpoint.  Call
     it on every rank (it contains a collective); returns the adapter folder.
     """
-    from .checkpoint import write_swift_adapter
+    from .io.checkpoint import write_swift_adapter
 
     if not isinstance(params, TunerParams):
         raise TypeError(f"save_params_on_rank0 expects TunerParams, got {type(params).__name__}")
@@ -218,7 +218,7 @@ def load_params(
     differs raises :class:`~functuner.errors.CheckpointError` naming the folder
     and what differs.  Tensors go to ``device`` (default: where ``like``'s are).
     """
-    from .checkpoint import read_adapter
+    from .io.checkpoint import read_adapter
 
     folder = Path(save_directory) / like.adapter_name
     if not folder.is_dir():

@@ -46,8 +46,8 @@ def per_sample_grads(
 
 
 def _guard_params(tree: Any) -> None:
-    from .core import guard_static
-    from .params import TunerParams
+    from .core.params import TunerParams
+    from .functional import guard_static
 
     if isinstance(tree, TunerParams):
         guard_static([tree])

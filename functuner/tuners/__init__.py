@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
-from . import lora
 from .base import CallContext, Tuner, TunerConfig
+from .lora import tuner as lora
 
 __all__ = ["REGISTRY", "CallContext", "Tuner", "TunerConfig", "register", "tuner_for"]
 

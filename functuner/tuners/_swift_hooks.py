@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.routing import _fallback_routes, current_routes
 from ..errors import ConfigError, TargetError
-from ..routing import _fallback_routes, current_routes
 
 __all__ = [
     "MethodSlot",

@@ -27,9 +27,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from ..core.params import TunerParams
+from ..core.routing import Routes
 from ..errors import ConfigError, ParamsMismatchError
-from ..params import TunerParams
-from ..routing import Routes
 
 __all__ = ["CallContext", "check_exact_tensors", "Tuner", "TunerConfig", "override_slot", "resolve_dtype"]
 
@@ -96,14 +96,14 @@ class TunerConfig:
     # SWIFT's SwiftConfig interface (functuner.SwiftConfig is this class); disk I/O lives in functuner.checkpoint.
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Write ``save_directory/adapter_config.json`` (fields plus ``swift_type``), atomically, as SWIFT does."""
-        from ..checkpoint import write_adapter_config
+        from ..io.checkpoint import write_adapter_config
 
         write_adapter_config(save_directory, self, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs: Any) -> Any:
         """Read ``adapter_config.json`` from a directory or ModelScope hub id; the class comes from ``swift_type``."""
-        from ..checkpoint import read_adapter_config
+        from ..io.checkpoint import read_adapter_config
 
         config = read_adapter_config(pretrained_model_name_or_path, **kwargs)
         if cls is not TunerConfig and not isinstance(config, cls):
@@ -133,6 +133,8 @@ class Tuner(NamedTuple):
     merge: Callable[[nn.Module, TunerParams, Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     unmerge: Callable[[nn.Module, TunerParams, Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     needs_generator: Callable[[nn.Module, TunerParams], bool] = lambda model, params: False
+    # -- optional hooks the disk layer (functuner.io) calls; defaults mean "nothing special" --
+    # -- optional hooks the shim (functuner.shim) calls; defaults mean "nothing special" --
 
 
 _DTYPES = {

@@ -35,9 +35,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from ..core.params import TunerParams
+from ..core.routing import Routes, ensure_slots
 from ..errors import ConfigError, TargetError
-from ..params import TunerParams
-from ..routing import Routes, ensure_slots
 from .base import CallContext, Tuner, TunerConfig, _clone_module_tree, check_exact_tensors
 
 __all__ = ["LLaMAProConfig", "block_key", "expansion_plan", "init", "routes", "tuner", "validate"]

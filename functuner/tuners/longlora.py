@@ -41,11 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.params import TunerParams
+from ..core.routing import Routes, ensure_slots
 from ..errors import ConfigError, ParamsMismatchError, TargetError
-from ..params import TunerParams
-from ..routing import Routes, ensure_slots
-from . import lora
 from .base import CallContext, Tuner, override_slot
+from .lora import tuner as lora
 
 __all__ = [
     "LongLoRAConfig",

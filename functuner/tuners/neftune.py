@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.params import TunerParams
+from ..core.routing import Routes, ensure_slots
 from ..errors import ConfigError, ParamsMismatchError, TargetError
-from ..params import TunerParams
-from ..routing import Routes, ensure_slots
 from .base import CallContext, Tuner, TunerConfig
 
 __all__ = ["NEFTuneConfig", "init", "merge", "needs_generator", "noise_bound", "routes", "tuner", "unmerge", "validate"]

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.params import TunerParams
+from ..core.routing import Routes, ensure_slots
 from ..errors import ConfigError, ParamsMismatchError, TargetError
-from ..params import TunerParams
-from ..routing import Routes, ensure_slots
 from .base import CallContext, Tuner, TunerConfig, override_slot
 
 __all__ = ["PartConfig", "init", "merge", "routes", "target_names", "tuner", "validate"]

@@ -28,9 +28,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from ..core.params import TunerParams
+from ..core.routing import Routes, ensure_slots
 from ..errors import ConfigError, ParamsMismatchError
-from ..params import TunerParams
-from ..routing import Routes, ensure_slots
 from ._swift_hooks import check_input_position, input_at, seq_or_value, swift_select, with_input_at
 from .base import CallContext, Tuner, TunerConfig
 

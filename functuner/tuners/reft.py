@@ -54,9 +54,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.params import TunerParams
+from ..core.routing import Routes, ensure_slots
 from ..errors import ConfigError, TargetError
-from ..params import TunerParams
-from ..routing import Routes, ensure_slots
 from .base import CallContext, Tuner, TunerConfig, check_exact_tensors
 
 __all__ = ["INTERVENTIONS", "ReftConfig", "init", "intervene", "orthonormalize", "routes", "tuner", "validate"]

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.params import TunerParams
+from ..core.routing import Routes, ensure_slots
 from ..errors import ConfigError, ParamsMismatchError, UnsupportedModuleError
-from ..params import TunerParams
-from ..routing import Routes, ensure_slots
 from ._swift_hooks import check_input_position, input_at, output_at, swift_select, with_output_at
 from .base import CallContext, Tuner, TunerConfig
 

@@ -31,7 +31,7 @@ import torch
 from rel_common import ModelSnapshot, out_of, tiny_llama
 from torch.overrides import TorchFunctionMode
 
-import functuner.swift as swift_mod
+import functuner.shim.swift as swift_mod
 from functuner import LoRAConfig, Swift, SwiftModel
 
 MAX_STEPS = 10**9 if os.environ.get("FUNCTUNER_FULL") == "1" else 80

@@ -12,7 +12,7 @@ Documented choices: NaN/inf in adapter weights are *refused* (CheckpointError
 naming file and key); integer/bool tensors for float parameters are refused
 (ParamsMismatchError naming the key); a LoRA rank above both dimensions of a
 targeted layer is refused before anything is allocated.  Existing tests that
-cover the functional API's bad input live in tests/test_bad_input.py.
+cover the functional API's bad input live in tests/reliability/test_bad_input.py.
 """
 
 from __future__ import annotations

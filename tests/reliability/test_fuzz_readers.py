@@ -4,7 +4,7 @@ Inputs: random bytes as ``adapter_model.safetensors``; a valid file with
 bytes flipped, cut or inserted; a valid header with mutated JSON fields;
 ``adapter_config.json`` as random bytes, random JSON, or a valid config with
 fields replaced by random JSON values.  Each example goes through
-:func:`functuner.checkpoint.read_adapter_dir` (what ``from_pretrained`` reads
+:func:`functuner.io.checkpoint.read_adapter_dir` (what ``from_pretrained`` reads
 with).  Allowed outcomes: it loads, or it raises one of the documented
 :class:`~functuner.errors.CheckpointError` / ``AdapterNameError`` types.
 Anything else (``KeyError``, ``AttributeError``, a crash) fails, and so does a
@@ -32,8 +32,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rel_common import lora_llama
 
-from functuner import checkpoint as ckpt
 from functuner.errors import AdapterNameError, CheckpointError
+from functuner.io import checkpoint as ckpt
 
 SMALL = 40
 FULL = 3000 if os.environ.get("FUNCTUNER_FULL") == "1" else SMALL

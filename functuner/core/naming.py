@@ -1,0 +1,25 @@
+"""Adapter-name rules shared by the functional API, the shim and checkpoints."""
+
+from __future__ import annotations
+
+import re
+
+from ..errors import AdapterNameError
+
+__all__ = ["check_adapter_name"]
+
+_OK = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+def check_adapter_name(name: object) -> str:
+    """Return ``name`` if it is a usable adapter name, else raise :class:`AdapterNameError`.
+
+    Allowed: letters, digits, ``_`` and ``-``; no ``.`` (it separates key parts),
+    no path separators, no NUL, not empty: a name is also a sub-directory of a checkpoint,
+    so it must never escape it.
+    """
+    if not isinstance(name, str) or not name:
+        raise AdapterNameError(f"adapter name must be a non-empty string, got {name!r}")
+    if ".." in name or not _OK.fullmatch(name):
+        raise AdapterNameError(f"adapter name {name!r} is not allowed: use letters, digits, '_' and '-' only")
+    return name

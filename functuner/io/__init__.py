@@ -1,0 +1,1 @@
+"""functuner.io."""

@@ -1,0 +1,460 @@
+"""Merge a LoRA adapter into a safetensors base checkpoint, shard by shard, tensor by tensor.
+
+Memory: the adapter's tensors plus one base tensor (and its fp32 merge) at a
+time.  Untouched tensors are copied as raw bytes in 16 MiB chunks with plain
+reads (no memory map, so pages already written do not stay in this process's
+resident set); adapted weights are read, merged in float32 and rounded once to
+the output dtype.  Nothing here imports ``peft`` or ``transformers``.
+
+Layouts handled are the ones ``transformers`` writes: ``model.safetensors``,
+or shards listed in ``model.safetensors.index.json`` (``{"metadata":
+{"total_size": N}, "weight_map": {key: shard file}}``).  The output has the
+same shard file names, the same tensor order inside each shard, the same
+index (``total_size`` updated if ``dtype`` changes sizes), and a copy of every
+other file (config, tokenizer...).  It is written into a temporary sibling
+directory and renamed into place, so a failure (a full disk included) leaves
+nothing at the destination.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import shutil
+import struct
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+
+from ..errors import CheckpointError, ParamsMismatchError, UnsafeCheckpointError
+
+__all__ = ["Header", "MergePlan", "merge_checkpoint", "plan_merge", "read_header", "shard_files"]
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+_CHUNK = 16 << 20
+_MAX_HEADER = 100 << 20
+_DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+    "U16": (None, 2),
+    "U32": (None, 4),
+    "U64": (None, 8),
+    "F8_E4M3": (getattr(torch, "float8_e4m3fn", None), 1),
+    "F8_E5M2": (getattr(torch, "float8_e5m2", None), 1),
+}
+_FLOAT_NAMES = {"F64", "F32", "F16", "BF16"}
+_NAME_OF = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """A safetensors file's header: tensors in file order, ``__metadata__``, and the file's path."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] | None
+
+
+def read_header(path: Path) -> Header:
+    """Parse and validate a safetensors header without reading the data.
+
+    Raises :class:`CheckpointError` naming the file for a truncated or corrupt
+    file: bad header length, bad JSON, unknown dtype, offsets that overlap,
+    leave gaps, disagree with the shape, or run past the end of the file.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(_MAX_HEADER, size - 8):
+                raise CheckpointError(
+                    f"{path}: corrupt or truncated safetensors file (header length {n}, file size {size})"
+                )
+            raw = f.read(n)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None)
+    base = 8 + n
+    entries: list[tuple[str, TensorInfo]] = []
+    for key, info in header.items():
+        try:
+            dtype, shape, (a, b) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}") from None
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has unknown dtype {dtype!r}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if b - a != numel * _DTYPES[dtype][1] or a < 0:
+            raise CheckpointError(f"{path}: tensor {key!r}: byte range {a}..{b} does not fit {dtype} {list(shape)}")
+        entries.append((key, TensorInfo(dtype, shape, base + a, base + b)))
+    entries.sort(key=lambda kv: kv[1].start)
+    pos = base
+    for key, t in entries:
+        if t.start != pos:
+            raise CheckpointError(
+                f"{path}: corrupt safetensors file (tensor {key!r} starts at {t.start - base}, expected {pos - base})"
+            )
+        pos = t.end
+    if pos != size:
+        what = "truncated" if pos > size else "corrupt"
+        raise CheckpointError(f"{path}: {what} safetensors file (data should end at byte {pos}, file has {size})")
+    return Header(path, dict(entries), metadata)
+
+
+def shard_files(base_dir: Path) -> tuple[list[str], dict[str, Any] | None]:
+    """The safetensors files of a checkpoint in order, and its index JSON (``None`` for a single file)."""
+    index_path = base_dir / INDEX
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(
+                f"{index_path}: not a valid safetensors index (needs a 'weight_map' object)"
+            ) from None
+        names: list[str] = []
+        for name in weight_map.values():
+            if name not in names:
+                if os.path.basename(name) != name:
+                    raise CheckpointError(f"{index_path}: shard name {name!r} is not a plain file name")
+                names.append(name)
+        return sorted(names), index
+    if (base_dir / SINGLE).is_file():
+        return [SINGLE], None
+    for pickled in ("pytorch_model.bin", "pytorch_model.bin.index.json"):
+        if (base_dir / pickled).is_file():
+            raise UnsafeCheckpointError(
+                f"{base_dir / pickled}: pickled weights; functuner never unpickles. Convert the base to safetensors first"
+            )
+    raise CheckpointError(f"{base_dir}: no {SINGLE} or {INDEX} (not a safetensors model checkpoint)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One adapted weight: its base key, how to compute the delta, and (DoRA) the magnitude."""
+
+    key: str
+    kind: str  # linear | transposed | embedding | conv
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+    magnitude: torch.Tensor | None
+
+
+@dataclasses.dataclass(frozen=True)
+class MergePlan:
+    """What to do to which base key: merge a LoRA site, or replace with a stored tensor."""
+
+    sites: dict[str, Site]
+    replacements: dict[str, torch.Tensor]
+
+
+def _expected(kind: str, a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:
+    if kind == "linear":
+        return (b.shape[0], a.shape[1])
+    if kind == "transposed":
+        return (a.shape[1], b.shape[0])
+    if kind == "embedding":
+        return (a.shape[1], b.shape[0])
+    return (b.shape[0], *a.shape[1:])
+
+
+def plan_merge(
+    headers: Mapping[str, TensorInfo],
+    tensors: Mapping[str, torch.Tensor],
+    config: Any,
+    adapter_name: str,
+    fan_in_fan_out: bool,
+    adapter_path: Path,
+    base_weights: Mapping[str, torch.Tensor] | None = None,
+) -> MergePlan:
+    """Match an adapter's tensors (functuner names) to base keys; raise naming the first mismatch.
+
+    ``headers`` maps every base key to its info.  Raises
+    :class:`ParamsMismatchError` for an adapter key whose target is missing from
+    the base or whose shape does not fit.  ``base_weights`` (full weights PEFT
+    saved beside the adapter, base names) replace the base's before merging.
+    """
+    sites: dict[str, Site] = {}
+    replacements: dict[str, torch.Tensor] = {}
+    claimed: set[str] = set()
+    ad = adapter_name
+
+    def base_info(key: str, from_key: str) -> TensorInfo:
+        if key not in headers:
+            raise ParamsMismatchError(
+                f"{adapter_path}: adapter key {from_key!r} targets base key {key!r}, which the base checkpoint does not have"
+            )
+        return headers[key]
+
+    for key in sorted(tensors):
+        for marker, emb in ((f".lora_A.{ad}.weight", False), (f".lora_embedding_A.{ad}", True)):
+            if not key.endswith(marker):
+                continue
+            module = key[: -len(marker)]
+            b_key = f"{module}.lora_B.{ad}.weight" if not emb else f"{module}.lora_embedding_B.{ad}"
+            m_key = f"{module}.lora_magnitude_vector.{ad}.weight"
+            if b_key not in tensors:
+                raise ParamsMismatchError(f"{adapter_path}: adapter has {key!r} but not its partner {b_key!r}")
+            a, b = tensors[key], tensors[b_key]
+            wkey = f"{module}.weight"
+            info = base_info(wkey, key)
+            if emb:
+                kind = "embedding"
+            elif a.dim() > 2:
+                kind = "conv"
+            else:
+                lin, tr = _expected("linear", a, b), _expected("transposed", a, b)
+                if info.shape == lin and info.shape == tr:
+                    kind = "transposed" if fan_in_fan_out else "linear"
+                else:
+                    kind = "transposed" if info.shape == tr else "linear"
+            want = _expected(kind, a, b)
+            if info.shape != want:
+                raise ParamsMismatchError(
+                    f"{adapter_path}: adapter key {key!r} (shape {list(a.shape)}) does not fit base key {wkey!r}"
+                    f" of shape {list(info.shape)}"
+                )
+            magnitude = tensors.get(m_key)
+            sites[wkey] = Site(wkey, kind, a, b, float(config.scaling_for(module)), magnitude)
+            claimed.update({key, b_key, m_key})
+    for key, value in sorted((base_weights or {}).items()):
+        info = base_info(key, key)
+        if info.shape != tuple(value.shape):
+            raise ParamsMismatchError(
+                f"{adapter_path}: saved base weight {key!r} (shape {list(value.shape)}) does not fit the base's"
+                f" shape {list(info.shape)}"
+            )
+        replacements[key] = value
+    for key in sorted(tensors):
+        if key in claimed:
+            continue
+        if f".modules_to_save.{ad}." in key:
+            module, _, rest = key.partition(f".modules_to_save.{ad}.")
+            target = f"{module}.{rest}"
+        elif key.endswith(".bias"):
+            target = key
+        else:
+            raise ParamsMismatchError(
+                f"{adapter_path}: adapter key {key!r} is not a LoRA, bias or modules_to_save tensor"
+            )
+        info = base_info(target, key)
+        if info.shape != tuple(tensors[key].shape):
+            raise ParamsMismatchError(
+                f"{adapter_path}: adapter key {key!r} (shape {list(tensors[key].shape)}) does not fit base key"
+                f" {target!r} of shape {list(info.shape)}"
+            )
+        replacements[target] = tensors[key]
+    return MergePlan(sites, replacements)
+
+
+def _delta(site: Site) -> torch.Tensor:
+    """``scaling * B @ A`` in float32, in the base weight's layout."""
+    a, b = site.a.float(), site.b.float()
+    if site.kind == "conv":
+        if all(k == 1 for k in a.shape[2:]):
+            d = (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:])
+        else:
+            conv = torch.nn.functional.conv1d if a.dim() == 3 else torch.nn.functional.conv2d
+            d = conv(a.transpose(0, 1), b).transpose(0, 1)
+        return d * site.scaling
+    d = (b @ a) * site.scaling
+    return d.T if site.kind in ("transposed", "embedding") else d
+
+
+def merged_weight(weight: torch.Tensor, site: Site) -> torch.Tensor:
+    """``W + delta`` (DoRA: ``m / ||W + delta||_row * (W + delta)``), in float32."""
+    new = weight.float() + _delta(site)
+    if site.magnitude is None:
+        return new
+    oi = new.T if site.kind in ("transposed", "embedding") else new
+    if site.kind == "conv":
+        norm = oi.flatten(1).norm(dim=1)
+    else:
+        norm = torch.linalg.norm(oi, dim=1)
+    factor = site.magnitude.float().reshape(-1) / norm
+    shape = (-1,) + (1,) * (oi.dim() - 1)
+    oi = oi * factor.reshape(shape)
+    return cast(torch.Tensor, oi.T if site.kind in ("transposed", "embedding") else oi)
+
+
+def _read_tensor(f: Any, info: TensorInfo, path: Path) -> torch.Tensor:
+    torch_dtype = _DTYPES[info.dtype][0]
+    if torch_dtype is None:
+        raise CheckpointError(f"{path}: dtype {info.dtype} cannot be merged or converted")
+    f.seek(info.start)
+    buf = bytearray(info.nbytes)
+    if f.readinto(buf) != info.nbytes:
+        raise CheckpointError(f"{path}: truncated safetensors file (tensor data ends early)")
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=torch_dtype)
+    return torch.frombuffer(buf, dtype=torch_dtype).reshape(info.shape)
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
+
+
+def _out_dtype_name(info: TensorInfo, dtype: torch.dtype | None) -> str:
+    if dtype is not None and info.dtype in _FLOAT_NAMES:
+        return _NAME_OF[dtype]
+    return info.dtype
+
+
+def _write_shard(
+    header: Header, dest: Path, plan: MergePlan, dtype: torch.dtype | None, progress: Callable[[int], None]
+) -> int:
+    """Write ``header``'s file with the plan applied to ``dest``; return the data size in bytes."""
+    out_entries: dict[str, Any] = {}
+    pos = 0
+    for key, info in header.tensors.items():
+        name = _out_dtype_name(info, dtype)
+        nbytes = (info.nbytes // _DTYPES[info.dtype][1]) * _DTYPES[name][1]
+        out_entries[key] = {"dtype": name, "shape": list(info.shape), "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
+    if header.metadata is not None:
+        out_entries = {"__metadata__": header.metadata, **out_entries}
+    raw = json.dumps(out_entries, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(header.path, "rb") as src, open(dest, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
+        for key, info in header.tensors.items():
+            name = out_entries[key]["dtype"]
+            if key in plan.sites or key in plan.replacements or name != info.dtype:
+                w = plan.replacements[key] if key in plan.replacements else _read_tensor(src, info, header.path)
+                if key in plan.sites:
+                    w = merged_weight(w, plan.sites[key])
+                w = w.to(_DTYPES[name][0])
+                out.write(_tensor_bytes(w))
+                del w
+            else:
+                src.seek(info.start)
+                left = info.nbytes
+                while left:
+                    chunk = src.read(min(_CHUNK, left))
+                    if not chunk:
+                        raise CheckpointError(f"{header.path}: truncated safetensors file (tensor {key!r} ends early)")
+                    out.write(chunk)
+                    left -= len(chunk)
+            progress(info.nbytes)
+        out.flush()
+        os.fsync(out.fileno())
+    return pos
+
+
+def merge_checkpoint(
+    base_dir: Path,
+    tmp_out: Path,
+    tensors: Mapping[str, torch.Tensor],
+    config: Any,
+    adapter_name: str,
+    *,
+    dtype: torch.dtype | None = None,
+    adapter_path: Path | None = None,
+    base_weights: Mapping[str, torch.Tensor] | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_plan: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Merge the adapter into ``base_dir``'s shards, writing everything into the (empty) directory ``tmp_out``.
+
+    Validates every shard header and matches every adapter key before writing
+    a byte.  ``progress(nbytes)`` is called after each tensor; ``on_plan(total)``
+    once with the total input bytes.  Returns a summary dict (shards, merged
+    weights, replaced tensors, bytes written).
+    """
+    names, index = shard_files(base_dir)
+    headers = [read_header(base_dir / n) for n in names]
+    all_infos: dict[str, TensorInfo] = {}
+    owner: dict[str, str] = {}
+    for name, h in zip(names, headers, strict=True):
+        for k, info in h.tensors.items():
+            if k in all_infos:
+                raise CheckpointError(f"{base_dir / name}: tensor {k!r} also appears in {owner[k]}")
+            all_infos[k], owner[k] = info, name
+    if index is not None:
+        for k, shard in index["weight_map"].items():
+            if owner.get(k) != shard:
+                raise CheckpointError(f"{base_dir / INDEX}: maps {k!r} to {shard}, but that shard does not hold it")
+    fan_in_fan_out = bool(getattr(config, "fan_in_fan_out", False)) or _model_type(base_dir) == "gpt2"
+    plan = plan_merge(
+        all_infos, tensors, config, adapter_name, fan_in_fan_out, adapter_path or base_dir, base_weights or {}
+    )
+    if on_plan is not None:
+        on_plan(sum(i.nbytes for i in all_infos.values()))
+    tick = progress or (lambda n: None)
+    total = 0
+    current = tmp_out
+    try:
+        for name, h in zip(names, headers, strict=True):
+            current = tmp_out / name
+            total += _write_shard(h, current, plan, dtype, tick)
+        for item in sorted(base_dir.iterdir()):
+            if item.name in names or item.name == INDEX:
+                continue
+            current = tmp_out / item.name
+            if item.is_dir():
+                shutil.copytree(item, tmp_out / item.name)
+            else:
+                shutil.copy2(item, tmp_out / item.name)
+        if index is not None:
+            current = tmp_out / INDEX
+            new_index = dict(index)
+            new_index["metadata"] = {**dict(index.get("metadata") or {}), "total_size": total}
+            with open(tmp_out / INDEX, "w", encoding="utf-8") as f:
+                f.write(json.dumps(new_index, indent=2, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as exc:
+        full = "disk full: " if exc.errno == errno.ENOSPC else ""
+        where = exc.filename or current
+        raise CheckpointError(f"{full}could not write {where} ({exc.strerror}); no output was written") from None
+    return {"shards": len(names), "merged": len(plan.sites), "replaced": len(plan.replacements), "bytes": total}
+
+
+def _model_type(base_dir: Path) -> str | None:
+    try:
+        return cast("str | None", json.loads((base_dir / "config.json").read_text(encoding="utf-8")).get("model_type"))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None

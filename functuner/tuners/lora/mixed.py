@@ -1,0 +1,333 @@
+"""Per-sample adapters in one forward: each sample of a batch runs with its own LoRA adapter.
+
+Public API::
+
+    stack = stack_adapters(model, {"fr": p_fr, "de": p_de})        # once per adapter set (optional)
+    out = apply_mixed(model, stack, ["fr", "__base__", "de", "fr"], (input_ids,))
+    out = apply_mixed(model, [p_fr, p_de], torch.tensor([0, -1, 1, 0]), (input_ids,))
+
+* ``adapters``: an :class:`AdapterStack`, a sequence of LoRA ``TunerParams``
+  (index ``i`` is position ``i``, named by each params' ``adapter_name``) or a
+  ``{name: params}`` mapping (index ``i`` is the ``i``-th key).
+* ``adapter_index``: a ``LongTensor (batch,)`` of positions, ``-1`` meaning "no
+  adapter"; or a list of names (PEFT's ``adapter_names=``), ``"__base__"``
+  meaning no adapter.  :func:`index_of` converts names to the tensor.
+
+How: for each adapted module the adapters' factors are stacked once per
+:func:`stack_adapters` call: ``A (K+1, in, R)``, ``B (K+1, R, out)`` with each
+adapter's scaling folded into ``B``, ranks zero-padded to the largest ``R``, and
+a zero slot ``K`` (= index ``-1``) for "no adapter".  The forward gathers each
+sample's factors (``A[index]``) and runs two batched matmuls: the cost does not
+grow with the number of adapters, there is no loop over adapters.  Embeddings
+gather rows of the stacked ``A``; ``nn.Conv1d``/``nn.Conv2d`` run as grouped
+convolutions (one group per sample).
+
+Supported per sample: plain LoRA, rsLoRA, DoRA (per-sample magnitude scale),
+mixed ranks and mixed target modules (an adapter that does not adapt a module
+contributes zero there), trainable biases of adapted modules.  Not supported
+(a :class:`~functuner.errors.ConfigError` names the adapter): ``modules_to_save``
+copies and trainable biases of modules LoRA does not adapt; dropout in training
+mode (call ``model.eval()``, as PEFT requires for ``adapter_names``).
+
+Purity: the model and the params are never written.  The per-sample routing
+reaches the modules through the same per-call context variable as
+:func:`functuner.apply`, so an exception in the middle of a forward (out of
+memory, a bad input) leaves no state behind, and threads do not interfere.
+Gradients flow to the adapters' tensors (stack inside the differentiated
+function, or pass the params and let :func:`apply_mixed` stack them), and the
+whole call works under ``torch.func.vmap`` (the index may be vmapped too).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core.params import TunerParams
+from ...core.routing import Routes, ensure_slots, routed
+from ...errors import AdapterNameError, ConfigError
+from .tuner import LoRAConfig, _dora_norm, _first_arg, _layout, _weight_as_out_in, lora_delta
+
+__all__ = ["BASE", "AdapterStack", "apply_mixed", "index_of", "mixed_routes", "stack_adapters"]
+
+BASE = "__base__"  # the name PEFT uses for "no adapter" in adapter_names
+
+
+class _StackSite(NamedTuple):
+    """One adapted module with every adapter's factors stacked (row ``K`` is the zero "no adapter" slot).
+
+    Shapes (``K`` adapters, ``R`` the largest rank): linear / GPT-2 Conv1D ``A (K+1, in, R)``,
+    ``B (K+1, R, out)`` (transposed and contiguous, ready for ``bmm``); embedding
+    ``A (K+1, num_embeddings, R)``, ``B (K+1, R, dim)``; conv ``A (K+1, R, in, *k)``,
+    ``B (K+1, out, R, 1...)``.  ``B`` includes each adapter's scaling.
+    ``dora (K+1, out)``: per-adapter DoRA scale ``m / ||W + s B A||`` (1 for plain LoRA), or None.
+    ``bias (K+1, out)``: per-adapter bias shift ``bias - base bias``, or None.
+    """
+
+    module: nn.Module
+    name: str
+    kind: str
+    A: torch.Tensor
+    B: torch.Tensor
+    dora: torch.Tensor | None
+    bias: torch.Tensor | None
+    dropout: float
+
+
+class AdapterStack(NamedTuple):
+    """Adapters stacked for per-sample use on one model; immutable; build with :func:`stack_adapters`.
+
+    ``names[i]`` is the adapter at index ``i``; the stacked tensors share
+    nothing mutable with the params they came from (new tensors).
+    """
+
+    names: tuple[str, ...]
+    sites: tuple[_StackSite, ...]
+
+
+def _named(adapters: Sequence[TunerParams] | Mapping[str, TunerParams]) -> list[tuple[str, TunerParams]]:
+    if isinstance(adapters, TunerParams):
+        raise TypeError(
+            "apply_mixed takes several adapters (a sequence or a {name: params} mapping); for one"
+            " adapter use functuner.apply"
+        )
+    items = list(adapters.items()) if isinstance(adapters, Mapping) else [(p.adapter_name, p) for p in adapters]
+    if not items:
+        raise ConfigError("apply_mixed needs at least one adapter, got none")
+    seen: set[str] = set()
+    for name, p in items:
+        if not isinstance(p, TunerParams) or not isinstance(p.config, LoRAConfig):
+            raise ConfigError(f"adapter {name!r}: per-sample adapters must be LoRA TunerParams, got {p!r}")
+        if name in seen or name == BASE:
+            raise AdapterNameError(f"adapter name {name!r} is {'duplicated' if name in seen else 'reserved'}")
+        seen.add(name)
+    return items
+
+
+def _pad_dim(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    missing = size - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+def _per_adapter_factors(
+    kind: str, A: torch.Tensor, B: torch.Tensor, s: float, R: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One adapter's factors in stacked layout, rank padded to ``R``, scaling folded into ``B``."""
+    A, B = A.to(dtype), B.to(dtype) * s
+    if kind == "conv":
+        return _pad_dim(A, 0, R), _pad_dim(B, 1, R)
+    return _pad_dim(A.T, 1, R), _pad_dim(B.T, 0, R)  # linear, GPT-2 Conv1D, embedding: (in, R), (R, out)
+
+
+def _dora_scale(
+    module: nn.Module, kind: str, A: torch.Tensor, B: torch.Tensor, M: torch.Tensor, s: float
+) -> torch.Tensor:
+    """``m / ||W + s B A||`` per output unit, flattened to ``(out,)``; the norm is detached (as PEFT)."""
+    with torch.no_grad():
+        delta = lora_delta(A.detach(), B.detach(), s, kind)
+        weight: torch.Tensor = module.weight  # type: ignore[assignment]
+        norm = _dora_norm(_weight_as_out_in(weight.detach(), kind), _weight_as_out_in(delta, kind), kind)
+    return (M / norm.to(M.dtype)).reshape(-1)
+
+
+def stack_adapters(model: nn.Module, adapters: Sequence[TunerParams] | Mapping[str, TunerParams]) -> AdapterStack:
+    """Stack LoRA adapters for per-sample use on ``model`` (validated against it).  Pure.
+
+    Cost: one pass over the adapters' tensors (plus, for DoRA, one full-size
+    delta per DoRA adapter and module to take its norm).  Keep the result and
+    reuse it while the adapter set does not change; it is a plain value.
+    Differentiable with respect to the adapters' tensors.
+    """
+    named = _named(adapters)
+    per_module: dict[nn.Module, list[tuple[int, Any, TunerParams]]] = {}
+    for i, (name, p) in enumerate(named):
+        layout = _layout(model, p)
+        if layout.overrides:
+            raise ConfigError(
+                f"adapter {name!r} has modules_to_save copies or biases of non-adapted modules;"
+                " per-sample adapters support LoRA factors (and biases of adapted modules) only"
+            )
+        for site in layout.sites:
+            per_module.setdefault(site.module, []).append((i, site, p))
+    K = len(named)
+    sites: list[_StackSite] = []
+    for module, entries in per_module.items():
+        first = entries[0][1]
+        kind = first.kind
+        dtype = functools.reduce(torch.promote_types, [p[s.a].dtype for _, s, p in entries])
+        R = max(p[s.a].shape[0] for _, s, p in entries)
+        a0, b0 = _per_adapter_factors(kind, entries[0][2][first.a], entries[0][2][first.b], 1.0, R, dtype)
+        As = [torch.zeros_like(a0)] * (K + 1)
+        Bs = [torch.zeros_like(b0)] * (K + 1)
+        out_features = b0.shape[0] if kind == "conv" else b0.shape[1]
+        any_dora = any(s.m is not None for _, s, _ in entries)
+        any_bias = any(s.bias is not None for _, s, _ in entries)
+        ones = torch.ones(out_features, dtype=dtype, device=a0.device)
+        doras = [ones] * (K + 1)
+        biases = [torch.zeros_like(ones)] * (K + 1)
+        for i, s, p in entries:
+            As[i], Bs[i] = _per_adapter_factors(kind, p[s.a], p[s.b], s.scaling, R, dtype)
+            if s.m is not None:
+                doras[i] = _dora_scale(module, kind, p[s.a], p[s.b], p[s.m], s.scaling).to(dtype)
+            if s.bias is not None:
+                base_bias = getattr(module, "bias", None)
+                shift = p[s.bias] - base_bias if base_bias is not None else p[s.bias]
+                biases[i] = shift.to(dtype)
+        sites.append(
+            _StackSite(
+                module,
+                first.name,
+                kind,
+                torch.stack(As),
+                torch.stack(Bs),
+                torch.stack(doras) if any_dora else None,
+                torch.stack(biases) if any_bias else None,
+                max(s.dropout for _, s, _ in entries),
+            )
+        )
+    return AdapterStack(tuple(n for n, _ in named), tuple(sites))
+
+
+def index_of(names: Sequence[str], adapter_names: Sequence[str]) -> torch.Tensor:
+    """PEFT-style per-sample names -> ``LongTensor`` positions in ``names`` (``'__base__'`` -> ``-1``).
+
+    Raises :class:`AdapterNameError` naming an unknown adapter.
+    """
+    if isinstance(adapter_names, str):
+        raise TypeError("adapter_names must be a list with one name per sample, got a single string")
+    pos = {n: i for i, n in enumerate(names)}
+    pos[BASE] = -1
+    unknown = sorted({n for n in adapter_names if n not in pos})
+    if unknown:
+        raise AdapterNameError(f"unknown adapter(s) {unknown} in adapter_names; known: {list(names)} and {BASE!r}")
+    return torch.tensor([pos[n] for n in adapter_names], dtype=torch.long)
+
+
+def _broadcast(v: torch.Tensor, out: torch.Tensor, kind: str) -> torch.Tensor:
+    """``(n, out)`` per-sample values shaped to broadcast against the module output."""
+    extra = [1] * (out.dim() - 2)
+    if kind == "conv":
+        return v.reshape(v.shape[0], -1, *extra)
+    return v.reshape(v.shape[0], *extra, -1)
+
+
+def _lora_out(site: _StackSite, module: nn.Module, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Each sample's ``s B A x`` with its own factors: a gather plus batched products, no per-adapter loop."""
+    n = idx.shape[0]
+    B = site.B.index_select(0, idx)
+    if site.kind == "embedding":
+        rows = site.A[idx.reshape(n, *([1] * (x.dim() - 1))), x]  # (n, ..., R)
+        h = rows.reshape(n, -1, rows.shape[-1])
+        return torch.bmm(h, B).reshape(*x.shape, B.shape[-1])
+    A = site.A.index_select(0, idx)
+    xa = x.to(A.dtype)
+    if site.kind == "conv":
+        conv = F.conv1d if A.dim() == 4 else F.conv2d
+        grouped = xa.reshape(1, n * xa.shape[1], *xa.shape[2:])
+        geometry: Any = module  # nn.Conv1d / nn.Conv2d
+        h = conv(grouped, A.reshape(-1, *A.shape[2:]), stride=geometry.stride, padding=geometry.padding, groups=n)
+        y = conv(h, B.reshape(-1, *B.shape[2:]), groups=n)
+        return y.reshape(n, -1, *y.shape[2:])
+    h = torch.bmm(xa.reshape(n, -1, xa.shape[-1]), A)  # (n, tokens, R)
+    return torch.bmm(h, B).reshape(*x.shape[:-1], B.shape[-1])
+
+
+def _mixed_slot(
+    site: _StackSite,
+    idx: torch.Tensor,
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    out: torch.Tensor,
+) -> torch.Tensor:
+    x = _first_arg(args, kwargs)
+    if x.dim() < 2 or x.shape[0] != idx.shape[0]:
+        raise ConfigError(
+            f"per-sample adapters: module {site.name!r} got an input of shape {tuple(x.shape)}, but adapter_index"
+            f" has {idx.shape[0]} entries; the batch must be the first dimension of every adapted module's input"
+        )
+    out_dtype = out.dtype
+    lora = _lora_out(site, module, x, idx)
+    result = out
+    if site.bias is not None:
+        result = result + _broadcast(site.bias[idx], out, site.kind)
+    if site.dora is None:
+        return (result + lora).to(out_dtype)
+    scale = _broadcast(site.dora[idx], out, site.kind)
+    base_result = out
+    base_bias = getattr(module, "bias", None) if site.kind != "embedding" else None
+    if base_bias is not None:
+        base_result = out - (base_bias.reshape(1, -1, *([1] * (out.dim() - 2))) if site.kind == "conv" else base_bias)
+    return (result + (scale - 1) * base_result + scale * lora).to(out_dtype)
+
+
+def _is_transformed(t: torch.Tensor) -> bool:
+    """Whether ``t`` is wrapped by a torch.func transform (its values cannot be read in Python)."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+def _as_index(stack: AdapterStack, adapter_index: torch.Tensor | Sequence[str]) -> torch.Tensor:
+    if isinstance(adapter_index, torch.Tensor):
+        idx = adapter_index
+        if idx.dim() != 1 or idx.dtype not in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+            raise ConfigError(
+                f"adapter_index must be a 1-D integer tensor (one entry per sample), got"
+                f" {idx.dtype} of shape {tuple(idx.shape)}"
+            )
+        if not _is_transformed(idx) and idx.numel():
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < -1 or hi >= len(stack.names):
+                raise ConfigError(
+                    f"adapter_index entries must be in [-1, {len(stack.names) - 1}] (-1: no adapter),"
+                    f" got values from {lo} to {hi}"
+                )
+        idx = idx.long()
+    else:
+        idx = index_of(stack.names, adapter_index)
+    return torch.remainder(idx, len(stack.names) + 1)  # -1 -> K, the zero "no adapter" row
+
+
+def mixed_routes(model: nn.Module, stack: AdapterStack, adapter_index: torch.Tensor | Sequence[str]) -> Routes:
+    """The routes of one per-sample call (slots installed); run the model under :func:`functuner.routing.routed`."""
+    idx = _as_index(stack, adapter_index)
+    fwd: dict[nn.Module, list[Any]] = {}
+    for site in stack.sites:
+        if site.dropout > 0 and site.module.training:
+            raise ConfigError(
+                f"per-sample adapters run without dropout, but module {site.name!r} is in training"
+                f" mode with lora_dropout={site.dropout}; call model.eval()"
+            )
+        device = site.A.device
+        fwd.setdefault(site.module, []).append(functools.partial(_mixed_slot, site, idx.to(device)))
+    ensure_slots(list(fwd))
+    return Routes(forward=fwd)
+
+
+def apply_mixed(
+    model: nn.Module,
+    adapters: AdapterStack | Sequence[TunerParams] | Mapping[str, TunerParams],
+    adapter_index: torch.Tensor | Sequence[str],
+    args: Any = (),
+    kwargs: Mapping[str, Any] | None = None,
+) -> Any:
+    """Run ``model(*args, **kwargs)`` with sample ``b`` of the batch using adapter ``adapter_index[b]``.
+
+    Equals running each sample alone through :func:`functuner.apply` with its
+    own adapter (or the bare model for ``-1`` / ``'__base__'``), in one
+    forward.  Pure; see the module docstring for what is supported.
+    """
+    if not isinstance(args, tuple):
+        args = (args,)
+    stack = adapters if isinstance(adapters, AdapterStack) else stack_adapters(model, adapters)
+    routes = mixed_routes(model, stack, adapter_index)
+    with routed(routes):
+        return model(*args, **dict(kwargs or {}))

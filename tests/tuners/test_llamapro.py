@@ -1,0 +1,162 @@
+"""LLaMA-Pro block expansion, compared with SWIFT's own LLaMAPro on a tiny Llama (fixtures from the real ms-swift)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import torch
+import transformers
+from conftest import tiny_bert, tiny_llama
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+import functuner as ft
+from functuner.core.routing import routed
+from functuner.errors import ConfigError, ParamsMismatchError, TargetError
+from functuner.io import keys
+from functuner.tuners.llamapro import expansion_plan
+
+FIX = pathlib.Path(__file__).parents[1] / "fixtures" / "tuners2"
+
+
+def _swift_setup():
+    cfg = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.load_state_dict(load_file(FIX / "llamapro_base.safetensors"))
+    config = ft.LLaMAProConfig(**json.loads((FIX / "llamapro_config.json").read_text()))
+    swift_adapter = load_file(FIX / "llamapro_adapter.safetensors")  # SWIFT's keys: model.layers.1.*, model.layers.3.*
+    return (
+        model,
+        config,
+        load_file(FIX / "llamapro_outputs.safetensors"),
+        keys.llamapro_from_swift_state_dict(swift_adapter, "model.layers"),
+    )
+
+
+def test_matches_swift_keys_init_and_trained_outputs():
+    model, config, out, swift_adapter = _swift_setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    p = ft.init(model, config, generator=0)
+    assert sorted(p) == sorted(swift_adapter)
+    on_disk = load_file(FIX / "llamapro_adapter.safetensors")
+    assert sorted(keys.to_swift_state_dict(p)) == sorted(on_disk)  # SWIFT's names: model.layers.1.*, model.layers.3.*
+    assert torch.equal(p["model.layers.0.llamapro_default.self_attn.o_proj.weight"], torch.zeros(16, 16))
+    assert torch.equal(p["model.layers.1.llamapro_default.mlp.down_proj.weight"], torch.zeros(16, 32))
+    assert torch.equal(
+        p["model.layers.1.llamapro_default.self_attn.q_proj.weight"], model.model.layers[1].self_attn.q_proj.weight
+    )
+    ids = out["ids"]
+    assert torch.equal(model(ids).logits, out["base_out"])
+    assert torch.equal(ft.apply(model, p, (ids,)).logits, out["init_out"])  # starts equal to the base model
+    trained = ft.TunerParams(swift_adapter, config)
+    got = ft.apply(model, trained, (ids,)).logits
+    torch.testing.assert_close(got, out["tuned_out"], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(got, out["base_out"])
+    assert torch.equal(model(ids).logits, out["base_out"])  # deactivated: base again
+    torch.testing.assert_close(ft.apply(model, trained, (ids,)).logits, got, rtol=0, atol=0)
+    assert len(model.model.layers) == 2
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_kv_cache_generation_equals_recomputation():
+    model, config, out, swift_adapter = _swift_setup()
+    trained = ft.TunerParams(swift_adapter, config)
+    with routed(ft.functional.bind_routes(model, trained)):
+        cached = model.generate(
+            out["ids"], max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+        plain = model.generate(
+            out["ids"],
+            max_new_tokens=4,
+            do_sample=False,
+            use_cache=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    for a, b in zip(cached.logits, plain.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(layers=st.integers(1, 24), new=st.integers(1, 24), groups=st.one_of(st.none(), st.integers(1, 24)))
+def test_expansion_plan_is_swifts_interleaving(layers, new, groups):
+    if layers % new or layers // (groups or new) == 0:
+        with pytest.raises(ConfigError):
+            expansion_plan(layers, new, groups)
+        return
+    plan = expansion_plan(layers, new, groups)
+    stride = layers // (groups or new)
+    expanded = []  # literal simulation: ("old", i) / ("new", i)
+    for i in range(layers):
+        expanded.append(("old", i))
+        if (i + 1) % stride == 0:
+            expanded.append(("new", i))
+    assert [(b.new_index, b.source) for b in plan] == [(j, i) for j, (kind, i) in enumerate(expanded) if kind == "new"]
+    assert [b.ordinal for b in plan] == list(range(len(plan)))
+
+
+def test_grads_flow_only_to_new_blocks():
+    model, config, out, swift_adapter = _swift_setup()
+    trained = ft.TunerParams(swift_adapter, config)
+    ids = out["ids"]
+
+    def loss(params):
+        return ft.apply(model, params, (ids,), {"labels": ids}).loss
+
+    grads = torch.func.grad(loss)(trained)
+    assert set(grads) == set(trained)
+    assert all(g.abs().sum() > 0 for k, g in grads.items() if not k.endswith("layernorm.weight"))
+    assert all(q.grad is None for q in model.parameters())
+
+
+def test_bad_configs_raise_before_anything_changes():
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="num_new_blocks"):
+        ft.LLaMAProConfig(model_type="llama", num_new_blocks=0)
+    with pytest.raises(ConfigError, match="model_type"):
+        ft.LLaMAProConfig(model_type="bert", num_new_blocks=1)
+    with pytest.raises(ConfigError, match="does not divide"):
+        ft.init(model, ft.LLaMAProConfig(model_type="llama", num_new_blocks=3), generator=0)
+    with pytest.raises(TargetError, match="model.layers"):
+        ft.init(tiny_bert(), ft.LLaMAProConfig(model_type="llama", num_new_blocks=1), generator=0)
+    with pytest.raises(ConfigError, match="lacks"):
+        ft.init(
+            model, ft.LLaMAProConfig(model_key_mapping={"module_list": "model.layers"}, num_new_blocks=1), generator=0
+        )
+    p = ft.init(model, ft.LLaMAProConfig(model_type="llama", num_new_blocks=1), generator=0)
+    assert sorted(keys.to_swift_state_dict(p))[0].startswith("model.layers.2.")  # one block, after the last layer
+    with pytest.raises(ParamsMismatchError, match="q_proj"):
+        ft.validate(model, p.replace({"model.layers.1.llamapro_default.self_attn.q_proj.weight": torch.zeros(3, 3)}))
+    with pytest.raises(ConfigError, match="no merged form"):
+        ft.merge(model, p)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_loads_the_files_swift_saved(tmp_path):
+    """adapter_config.json and adapter_model.safetensors exactly as SWIFT's save_pretrained wrote them."""
+    import shutil
+
+    model, _, out, _ = _swift_setup()
+    (tmp_path / "default").mkdir()
+    shutil.copy(FIX / "llamapro_config.json", tmp_path / "default" / "adapter_config.json")
+    shutil.copy(FIX / "llamapro_adapter.safetensors", tmp_path / "default" / "adapter_model.safetensors")
+    loaded = ft.SwiftModel.from_pretrained(model, str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(out["ids"]).logits, out["tuned_out"], rtol=1e-6, atol=1e-6)
+    loaded.save_pretrained(tmp_path / "again")
+    assert sorted(load_file(tmp_path / "again" / "default" / "adapter_model.safetensors")) == sorted(
+        load_file(FIX / "llamapro_adapter.safetensors")
+    )
