@@ -1,11 +1,19 @@
-"""MkDocs hook: render the Sphinx roles in functuner's docstrings (``:func:`x```, ``:class:`~a.b.C```).
+"""MkDocs hook: render the reST in functuner's docstrings that Markdown shows verbatim.
 
-mkdocstrings renders docstrings as Markdown, where ``:class:`~functuner.errors.ConfigError```
-would show the role text verbatim.  This hook turns each role into inline code (the
-``~`` form shows the last component only, as Sphinx does) and, for a fully qualified
-``functuner.`` name, into an optional cross-reference that mkdocs-autorefs resolves to the
-generated API reference (left as plain code when the name has no page).  Pure text
-transform of each page's HTML; no effect on pages without roles.
+functuner's docstrings are written in reST (Sphinx style), while mkdocstrings renders them
+as Markdown.  Two constructs would then show up literally in the API reference:
+
+* Sphinx roles (``:func:`x```, ``:class:`~a.b.C```).  Each becomes inline code (the ``~``
+  form shows the last component only, as Sphinx does) and, for a fully qualified
+  ``functuner.`` name, an optional cross-reference that mkdocs-autorefs resolves to the
+  generated API reference (left as plain code when the name has no page).
+* reST literal-block markers: a paragraph ending in ``::`` followed by an indented block.
+  Markdown already renders the indented block as code, but leaves the ``::`` in the text.
+  As in reST, ``text::`` becomes ``text:``, ``text ::`` becomes ``text`` and a paragraph
+  that is only ``::`` disappears.
+
+Pure text transforms of each page's HTML (before autorefs resolves references); pages
+without roles or markers are unchanged, so the library's docstrings stay plain reST.
 """
 
 from __future__ import annotations
@@ -24,6 +32,16 @@ def _replace(match: re.Match[str]) -> str:
     return f"<code>{shown}</code>"
 
 
+# a paragraph ending in "::" directly followed by a code block (Markdown's rendering of a reST literal block)
+_LITERAL_MARKER = re.compile(r"(<p>)?([ \t]*)::</p>(?=\s*<(?:div[^>]*\bhighlight\b|pre)[^>]*>)")
+
+
+def _literal(match: re.Match[str]) -> str:
+    if match.group(1):  # the paragraph is only "::"
+        return ""
+    return "</p>" if match.group(2) else ":</p>"
+
+
 def on_page_content(html: str, **kwargs: Any) -> str:
-    """Rewrite the Sphinx roles in one page's rendered HTML (before autorefs resolves references)."""
-    return _ROLE.sub(_replace, html)
+    """Rewrite the Sphinx roles and reST ``::`` markers in one page's rendered HTML."""
+    return _LITERAL_MARKER.sub(_literal, _ROLE.sub(_replace, html))

@@ -13,6 +13,10 @@ averaged with ``functuner.distributed.all_reduce_grads``, so after each step
 the params equal a single-process run on the whole batch.  Rank 0 writes the
 adapter in SWIFT's layout to ``<out>/default/``; every rank then reads it back, and
 the merged weights are computed on the (possibly sharded) model.
+
+``--out`` defaults to a new temporary directory (rank 0 creates it, prints where, and
+tells the other ranks), so a run never writes into the current directory.  With several
+machines, pass ``--out`` on storage every machine can read.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -39,7 +44,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--fsdp", action="store_true", help="shard the base weights with fully_shard (FSDP2)")
     p.add_argument("--dora", action="store_true")
-    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("distributed_lora_out"))
+    p.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=None,
+        help="checkpoint folder, readable by every rank (default: a new temporary directory, printed)",
+    )
     return p.parse_args()
 
 
@@ -101,8 +111,9 @@ def main() -> None:
         if rank == 0:
             print(f"step {step}: loss {mean_loss:.6f}", flush=True)
 
-    path = ftd.save_params_on_rank0(params, args.out)  # rank 0 writes <out>/default/; the others wait for it
-    loaded = ftd.load_params(args.out, like=params)  # every rank reads it
+    out = args.out if args.out is not None else _temporary_out(rank, distributed)
+    path = ftd.save_params_on_rank0(params, out)  # rank 0 writes <out>/default/; the others wait for it
+    loaded = ftd.load_params(out, like=params)  # every rank reads it
     assert all(torch.equal(loaded[k], params[k]) for k in params)
 
     merged = ftd.merge_sharded(model, params)  # stays sharded under FSDP2; one module gathered at a time
@@ -113,6 +124,16 @@ def main() -> None:
     if distributed:
         dist.barrier()  # no rank tears gloo down while another is still in a collective
         dist.destroy_process_group()
+
+
+def _temporary_out(rank: int, distributed: bool) -> pathlib.Path:
+    """A new temporary directory made by rank 0, its path shared with every rank (same machine or shared /tmp)."""
+    chosen = [tempfile.mkdtemp(prefix="functuner-distributed-lora-") if rank == 0 else None]
+    if distributed:
+        dist.broadcast_object_list(chosen, src=0)
+    if rank == 0:
+        print(f"no --out given: writing the checkpoint to {chosen[0]}", flush=True)
+    return pathlib.Path(str(chosen[0]))
 
 
 if __name__ == "__main__":

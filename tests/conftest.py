@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny transformers models built from configs (no downloads), fixed seeds."""
+"""Shared pytest fixtures: the tiny models of ``tests/models.py`` as fixtures, and a grad-mode leak check.
+
+The builders live in ``tests/models.py`` (also used by scripts outside pytest); they are re-exported here
+because test files import them as ``from conftest import tiny_llama``.
+"""
 
 from __future__ import annotations
 
@@ -6,72 +10,11 @@ import os
 
 import pytest
 import torch
+from models import tiny_bert, tiny_gpt2, tiny_llama, tiny_toy, tiny_vit
+
+__all__ = ["tiny_bert", "tiny_gpt2", "tiny_llama", "tiny_toy", "tiny_vit"]
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-
-def tiny_llama(seed: int = 0, **overrides):
-    import transformers
-
-    torch.manual_seed(seed)
-    kw = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    kw.update(overrides)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
-
-
-def tiny_bert(seed: int = 0, num_labels: int | None = None, **overrides):
-    import transformers
-
-    torch.manual_seed(seed)
-    kw = dict(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    kw.update(overrides)
-    cfg = transformers.BertConfig(**kw)
-    if num_labels is not None:
-        cfg.num_labels = num_labels
-        return transformers.BertForSequenceClassification(cfg).eval()
-    return transformers.BertModel(cfg).eval()
-
-
-def tiny_gpt2(seed: int = 0, **overrides):
-    import transformers
-
-    torch.manual_seed(seed)
-    kw = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    kw.update(overrides)
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**kw)).eval()
-
-
-def tiny_vit(seed: int = 0, **overrides):
-    import transformers
-
-    torch.manual_seed(seed)
-    kw = dict(
-        image_size=16,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=3,
-    )
-    kw.update(overrides)
-    return transformers.ViTForImageClassification(transformers.ViTConfig(**kw)).eval()
 
 
 @pytest.fixture

@@ -27,6 +27,8 @@ import optree
 import torch
 import torch.utils._pytree as torch_pytree
 
+from ..errors import ParamsMismatchError
+
 __all__ = ["TunerParams", "tree_map"]
 
 
@@ -105,6 +107,44 @@ class TunerParams(Mapping[str, torch.Tensor]):
 
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self._tensors.values())
+
+    # -- torch.optim ------------------------------------------------------
+    def parameters(self, *, require_grad: bool = True) -> list[torch.Tensor]:
+        """The tensors as a list in the pytree's leaf order, ready for ``torch.optim``.
+
+        ``torch.optim.AdamW(params)`` fails ("one of the params is str") because a mapping
+        yields its names; ``torch.optim.AdamW(params.parameters())`` is the spelling that works.
+        The order is the insertion order of the names, the same as ``torch.utils._pytree``'s and
+        optree's flatten order, so it is stable across calls and across ``tree_map``.
+
+        With ``require_grad=True`` (the default) every tensor must be a leaf tensor that
+        requires grad, since an optimizer silently never updates one that does not: params fresh
+        from ``init`` do not require grad, so call :meth:`trainable` first.  Pass
+        ``require_grad=False`` to get the tensors whatever their flags (e.g. to count or clip them).
+
+        :raises ~functuner.errors.ParamsMismatchError: a tensor does not require grad or is not a
+            leaf (the message names it and says how to fix it).
+        """
+        tensors = list(self._tensors.values())
+        if require_grad:
+            for name, tensor in self._tensors.items():
+                if not (tensor.requires_grad and tensor.is_leaf):
+                    problem = "is not a leaf tensor" if tensor.requires_grad else "does not require grad"
+                    raise ParamsMismatchError(
+                        f"TunerParams.parameters(): tensor {name!r} {problem}, so torch.optim could never update "
+                        f"it; expected leaf tensors with requires_grad=True. Fix: params = params.trainable() "
+                        f"before building the optimizer (or parameters(require_grad=False) if you do not train)."
+                    )
+        return tensors
+
+    def trainable(self) -> TunerParams:
+        """New params whose tensors are fresh leaf copies with ``requires_grad=True``.
+
+        For training with a ``torch.optim`` optimizer, which updates its tensors in place: the
+        copies are what it trains, so ``self`` keeps its values.  Same names, config and adapter
+        name; the copies are detached from any autograd graph (integer tensors, if any, stay without grad).
+        """
+        return self.map(lambda t: t.detach().clone().requires_grad_(t.is_floating_point() or t.is_complex()))
 
     def __eq__(self, other: object) -> bool:
         """Structural equality plus exact tensor equality (for tests and caches)."""

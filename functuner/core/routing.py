@@ -10,7 +10,10 @@ so concurrent threads and asyncio tasks each see only their own params.
 
 Slots are *dormant*: with no routes set, a slotted module computes exactly what
 it computed before (the hook returns ``None``); ``state_dict``, parameter names
-and module structure are unchanged.  :func:`remove_slots` takes them away.
+and module structure are unchanged.  A module *method* other than ``forward``
+(SWIFT Adapter's ``method_name``) gets a :class:`MethodSlot` instead
+(:func:`ensure_method_slot`), the same idea for a bound method.
+:func:`remove_slots` takes every kind away.
 
 Under ``torch.compile`` (Dynamo cannot trace ``ContextVar.set``) the same routes
 travel in a ``threading.local``, which Dynamo traces; a compiled graph runs as
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -39,12 +43,17 @@ from torch import nn
 
 __all__ = [
     "ForwardSlot",
+    "MethodSlot",
     "PreSlot",
+    "Provider",
     "Routes",
     "current_routes",
+    "default_routes_snapshot",
+    "ensure_method_slot",
     "ensure_slots",
     "clear_default_routes",
     "remove_slots",
+    "restore_default_routes",
     "routed",
     "set_default_routes",
 ]
@@ -149,11 +158,14 @@ def gradient_checkpointing_enable(model: nn.Module, **checkpoint_kwargs: Any) ->
     enable(gradient_checkpointing_kwargs=kwargs)
 
 
-# module -> zero-argument callable returning the Routes to use when none are set (see module docstring)
-_DEFAULT_PROVIDERS: weakref.WeakKeyDictionary[nn.Module, Callable[[], Routes | None]] = weakref.WeakKeyDictionary()
+# A default routes provider: a zero-argument callable returning the Routes to use when none are set.
+Provider = Callable[[], "Routes | None"]
+
+# slot key (a module or a MethodSlot) -> its default routes provider (see module docstring)
+_DEFAULT_PROVIDERS: weakref.WeakKeyDictionary[Any, Provider] = weakref.WeakKeyDictionary()
 
 
-def set_default_routes(modules: Sequence[nn.Module], provider: Callable[[], Routes | None]) -> None:
+def set_default_routes(modules: Sequence[Any], provider: Provider) -> None:
     """Make ``provider()`` the routes of ``modules`` whenever no call has set routes.
 
     ``provider`` is called once per slotted module call while no routes are set;
@@ -165,14 +177,38 @@ def set_default_routes(modules: Sequence[nn.Module], provider: Callable[[], Rout
             _DEFAULT_PROVIDERS[m] = provider
 
 
-def clear_default_routes(modules: Sequence[nn.Module]) -> None:
+def clear_default_routes(modules: Sequence[Any]) -> None:
     """Remove the default routes provider of each module (no-op where there is none)."""
     with _LOCK:
         for m in modules:
             _DEFAULT_PROVIDERS.pop(m, None)
 
 
-def _fallback_routes(module: nn.Module) -> Routes | None:
+def default_routes_snapshot(model: nn.Module) -> dict[Any, Provider | None]:
+    """The default routes provider (``None``: none) of every slot key in ``model``: its modules and method slots.
+
+    Pass the result to :func:`restore_default_routes` to put the providers back
+    exactly (an all-or-nothing caller's undo record; holds strong references).
+    """
+    keys: list[Any] = []
+    for m in model.modules():
+        keys.append(m)
+        keys += [v for v in m.__dict__.values() if isinstance(v, MethodSlot)]
+    with _LOCK:
+        return {k: _DEFAULT_PROVIDERS.get(k) for k in keys}
+
+
+def restore_default_routes(snapshot: Mapping[Any, Provider | None]) -> None:
+    """Make each key's default routes provider what :func:`default_routes_snapshot` recorded (``None``: none)."""
+    with _LOCK:
+        for key, provider in snapshot.items():
+            if provider is None:
+                _DEFAULT_PROVIDERS.pop(key, None)
+            else:
+                _DEFAULT_PROVIDERS[key] = provider
+
+
+def _fallback_routes(module: Any) -> Routes | None:
     provider = _DEFAULT_PROVIDERS.get(module)
     return None if provider is None else provider()
 
@@ -243,7 +279,11 @@ def ensure_slots(modules: Sequence[nn.Module], *, pre: bool = False) -> None:
 
 
 def remove_slots(model: nn.Module) -> int:
-    """Remove every functuner slot from ``model`` and its submodules; returns how many modules had one."""
+    """Remove every functuner slot (forward, pre and method slots) from ``model`` and its submodules.
+
+    Returns how many modules had one.  Default routes providers of the removed
+    slots are cleared too; a removed slot never routes again.
+    """
     n = 0
     with _LOCK:
         for m in model.modules():
@@ -256,6 +296,11 @@ def remove_slots(model: nn.Module) -> int:
                     del table[hid]
                     kw_table.pop(hid, None)
                     found = True
+            for name in [k for k, v in m.__dict__.items() if isinstance(v, MethodSlot)]:
+                _DEFAULT_PROVIDERS.pop(m.__dict__.pop(name), None)
+                found = True
+            if found:
+                _DEFAULT_PROVIDERS.pop(m, None)
             n += found
     return n
 
@@ -263,3 +308,55 @@ def remove_slots(model: nn.Module) -> int:
 def has_slot(module: nn.Module) -> bool:
     """Whether ``module`` carries a functuner forward slot."""
     return _has_hook(module._forward_hooks, _forward_slot_hook)
+
+
+# ---------------------------------------------------------------------------
+# dormant method slots (a module method other than ``forward``, e.g. SWIFT Adapter's method_name)
+# ---------------------------------------------------------------------------
+class MethodSlot:
+    """Replaces ``module.<method_name>`` by a wrapper that is a no-op outside a routed call.
+
+    The slot object itself is the key in ``Routes.forward``: inside a call whose
+    routes hold it, the functions listed there run on the method's result, like a
+    forward slot: ``fn(module, args, kwargs, output) -> output``.  Like module
+    slots it also consults a default routes provider registered for it
+    (:func:`set_default_routes`).  ``copy.deepcopy`` of the module re-binds the
+    wrapper to the copy (both attributes are deep-copied).
+    """
+
+    def __init__(self, module: nn.Module, method_name: str, original: Callable[..., Any]) -> None:
+        self.module = module
+        self.method_name = method_name
+        self.original = original
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # transformers' apply_chunking_to_forward inspects it
+        return inspect.signature(self.original)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.original(*args, **kwargs)
+        routes = current_routes()
+        if routes is None:
+            routes = _fallback_routes(self)
+            if routes is None:
+                return out
+        fns = routes.forward.get(self)  # type: ignore[call-overload]
+        if not fns:
+            return out
+        for fn in fns:
+            out = fn(self.module, args, kwargs, out)
+        return out
+
+
+def ensure_method_slot(module: nn.Module, method_name: str) -> MethodSlot:
+    """The dormant :class:`MethodSlot` of ``module.<method_name>``, installed once (thread-safe, idempotent)."""
+    with _LOCK:
+        current = module.__dict__.get(method_name)
+        if isinstance(current, MethodSlot) and current.module is module:
+            return current
+        original = getattr(module, method_name)
+        if isinstance(original, MethodSlot):  # a shallow copy's slot still bound to the source module
+            original = getattr(type(module), method_name).__get__(module, type(module))
+        slot = MethodSlot(module, method_name, original)
+        module.__dict__[method_name] = slot
+        return slot

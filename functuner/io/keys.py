@@ -1,222 +1,177 @@
-"""Every PEFT/SWIFT key renaming, both directions, in one place.
+"""Every on-disk key renaming, both directions, in one place; what is special to a tuner comes from its hooks.
 
 Three namings of the same tensors:
 
-* **functuner / SWIFT** (in memory and in SWIFT's ``adapter_model.safetensors``):
-  relative to the original model, with the adapter name inside:
-  ``model.layers.0.q_proj.lora_A.default.weight``.
-* **PEFT in memory**: the same with the ``base_model.model.`` prefix (and
-  ``base_layer`` for wrapped originals).
-* **PEFT on disk** (``get_peft_model_state_dict``): prefix, adapter name removed,
-  ``lora_magnitude_vector`` without ``.weight``, biases of adapted modules at
-  ``<module>.base_layer.bias``, ``modules_to_save`` copies at the original
-  module's keys.
+* **functuner** (in memory): relative to the original model, with the adapter
+  name inside: ``model.layers.0.q_proj.lora_A.default.weight``.
+* **SWIFT on disk** (``SwiftModel.save_pretrained``): functuner's names, except
+  ``modules_to_save`` copies, which sit at the original module's keys, and what
+  a tuner's ``to_swift_keys`` hook renames (Part copies at the original keys,
+  LLaMA-Pro blocks at expanded-list indices, LoRA-adapted biases at
+  ``<module>.base_layer.bias``).
+* **PEFT on disk** (``get_peft_model_state_dict``): ``base_model.model.``
+  prefix, ``modules_to_save`` copies at the original module's keys, and the
+  tuner's own parts renamed by its ``peft.to_keys`` hook (LoRA drops the
+  adapter name).
 
-All functions are pure string/dict transforms: tensors are passed through
-untouched (same objects).
+:func:`to_disk` / :func:`from_disk` are the two entry points (``fmt``
+``"swift"`` or ``"peft"``); the rest are the public pieces.  All functions are
+pure string/dict transforms: tensors are passed through untouched (same
+objects).  Nothing here knows a particular tuner: the ``Tuner`` hooks
+(:mod:`functuner.tuners.base`) say what differs.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
 from ..errors import CheckpointError
+from ..tuners import REGISTRY, Tuner, tuner_for
 
 __all__ = [
     "PEFT_PREFIX",
+    "adapter_in_key",
+    "from_disk",
     "from_peft_state_dict",
     "from_swift_state_dict",
-    "llamapro_from_swift_state_dict",
-    "llamapro_to_swift_state_dict",
-    "part_from_swift_state_dict",
-    "part_to_swift_state_dict",
+    "peft_modules_to_save",
     "rename_adapter",
     "split_peft_base_weights",
+    "to_disk",
     "to_peft_state_dict",
     "to_swift_state_dict",
 ]
 
 PEFT_PREFIX = "base_model.model."
-
-_LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-
-
-def _adapted_modules(keys: list[str], adapter_name: str) -> set[str]:
-    out = set()
-    for k in keys:
-        for part in ("lora_A", "lora_embedding_A"):
-            marker = f".{part}.{adapter_name}"
-            i = k.find(marker)
-            if i >= 0 and (k.endswith(marker) or k.endswith(marker + ".weight")):
-                out.add(k[:i])
-    return out
+_MTS = "modules_to_save"
+FORMATS = ("swift", "peft")
 
 
-def to_peft_state_dict(state: Mapping[str, torch.Tensor], adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """functuner/SWIFT names of one LoRA adapter -> PEFT's on-disk names.
+def _check_fmt(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise CheckpointError(f"format={fmt!r} is not a checkpoint format; use one of {list(FORMATS)}")
 
-    Keys that carry another adapter's name are an error (a checkpoint holds one
-    adapter per PEFT directory).
+
+def _modules_to_save(config: Any) -> tuple[str, ...]:
+    spec = getattr(config, _MTS, None)
+    if not spec:
+        return ()
+    return (spec,) if isinstance(spec, str) else tuple(spec)
+
+
+def _peft_tuner(config: Any) -> Tuner:
+    tuner = tuner_for(config)
+    if tuner.peft is None:
+        have = sorted(t.config_cls.__name__.removesuffix("Config") for t in REGISTRY.values() if t.peft is not None)
+        raise CheckpointError(
+            f"{tuner.swift_type} adapters have no PEFT format; only {', '.join(have)} (PEFT cannot hold"
+            f" {type(config).__name__}); save it in SWIFT's format instead"
+        )
+    return tuner
+
+
+def _after_names() -> set[str]:
+    return {part for t in REGISTRY.values() for part in t.key_naming.after}
+
+
+def _is_tuner_key(key: str, tuner: Tuner) -> bool:
+    return bool(set(key.split(".")) & set(tuner.key_naming.after))
+
+
+# ---------------------------------------------------------------------------
+# the two entry points
+# ---------------------------------------------------------------------------
+def to_disk(state: Mapping[str, torch.Tensor], config: Any, adapter_name: str, fmt: str) -> dict[str, torch.Tensor]:
+    """One adapter's tensors, functuner names -> the names ``fmt`` (``"swift"`` or ``"peft"``) stores on disk.
+
+    ``modules_to_save`` copies go to the original module's keys; the tuner's
+    hooks rename its own keys.  ``fmt="peft"`` for a tuner without a PEFT
+    format, or a key that is not this adapter's, raises :class:`CheckpointError`.
     """
-    keys = list(state)
-    adapted = _adapted_modules(keys, adapter_name)
-    out: dict[str, torch.Tensor] = {}
+    _check_fmt(fmt)
+    if fmt == "peft":
+        return _to_peft(state, _peft_tuner(config), adapter_name)
+    rest, saved = _pop_saved(state, adapter_name)
+    return {**tuner_for(config).to_swift_keys(rest, config, adapter_name), **saved}
+
+
+def _pop_saved(
+    state: Mapping[str, torch.Tensor], adapter_name: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(other keys, modules_to_save copies at the original module's keys)``."""
+    marker = f".{_MTS}.{adapter_name}."
+    saved: dict[str, torch.Tensor] = {}
+    rest: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        new = None
-        for part in _LORA_PARTS:
-            marker = f".{part}.{adapter_name}"
-            if key.endswith(marker):
-                new = key[: -len(marker)] + f".{part}"
-            elif key.endswith(marker + ".weight"):
-                new = (
-                    key[: -len(marker + ".weight")]
-                    + f".{part}"
-                    + ("" if part == "lora_magnitude_vector" else ".weight")
-                )
-            if new:
-                break
-        if new is None and f".modules_to_save.{adapter_name}." in key:
-            mod, _, rest = key.partition(f".modules_to_save.{adapter_name}.")
-            new = f"{mod}.{rest}"
-        if new is None:
-            mod, _, leaf = key.rpartition(".")
-            if leaf == "bias" and mod in adapted:
-                new = f"{mod}.base_layer.bias"
-            elif leaf == "bias":
-                new = key
-        if new is None:
-            raise CheckpointError(
-                f"key {key!r} is not a tensor of LoRA adapter {adapter_name!r}; cannot name it for PEFT"
-            )
-        out[PEFT_PREFIX + new] = value
-    return out
-
-
-def from_peft_state_dict(
-    state: Mapping[str, torch.Tensor],
-    adapter_name: str = "default",
-    modules_to_save: set[str] | None = None,
-) -> dict[str, torch.Tensor]:
-    """PEFT's on-disk names -> functuner/SWIFT names for adapter ``adapter_name``.
-
-    ``modules_to_save`` lists the module names whose full copies the file holds
-    (from ``adapter_config.json``); their keys become
-    ``<module>.modules_to_save.<adapter>.<param>``.  A key without the
-    ``base_model.model.`` prefix is an error naming the key (PEFT's silent
-    "loaded nothing" failure mode).
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if not key.startswith(PEFT_PREFIX):
-            raise CheckpointError(f"key {key!r} lacks PEFT's {PEFT_PREFIX!r} prefix")
-        k = key[len(PEFT_PREFIX) :]
-        new = None
-        for part in _LORA_PARTS:
-            if k.endswith(f".{part}.weight") and part in ("lora_A", "lora_B"):
-                new = k[: -len(f".{part}.weight")] + f".{part}.{adapter_name}.weight"
-            elif k.endswith(f".{part}") and part == "lora_magnitude_vector":
-                new = k[: -len(f".{part}")] + f".{part}.{adapter_name}.weight"
-            elif k.endswith(f".{part}") and part in ("lora_embedding_A", "lora_embedding_B"):
-                new = k + f".{adapter_name}"
-            if new:
-                break
-        if new is None and k.endswith(".base_layer.bias"):
-            new = k[: -len(".base_layer.bias")] + ".bias"
-        if new is None and modules_to_save:
-            for mod in sorted(modules_to_save, key=len, reverse=True):
-                if k.startswith(mod + "."):
-                    new = f"{mod}.modules_to_save.{adapter_name}.{k[len(mod) + 1 :]}"
-                    break
-        if new is None and k.endswith(".bias"):
-            new = k
-        if new is None:
-            raise CheckpointError(f"PEFT key {key!r} is not a LoRA tensor functuner knows how to load")
-        out[new] = value
-    return out
-
-
-def rename_adapter(state: Mapping[str, torch.Tensor], old: str, new: str) -> dict[str, torch.Tensor]:
-    """Rename the adapter-name *component* of every key (never a substring of another word).
-
-    ``q_proj.lora_A.adapter.weight`` with ``adapter -> my_adapter`` becomes
-    ``q_proj.lora_A.my_adapter.weight``; a module called ``adapter_mlp`` is not
-    touched (SWIFT's plain text replacement breaks both cases).
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        renamed = []
-        for i, part in enumerate(parts):
-            prev = parts[i - 1] if i else ""
-            nxt = parts[i + 1] if i + 1 < len(parts) else ""
-            if part == old and (prev in _LORA_PARTS or prev == "modules_to_save"):
-                renamed.append(new)
-            elif _swift_component_prefix(part, old, nxt) is not None:
-                renamed.append(_swift_component_prefix(part, old, nxt) + new)  # type: ignore[operator]
-            else:
-                renamed.append(part)
-        out[".".join(renamed)] = value
-    return out
-
-
-def to_swift_state_dict(state: Mapping[str, torch.Tensor], adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """functuner names of one adapter -> SWIFT's on-disk names (``SwiftModel.save_pretrained``).
-
-    SWIFT keeps LoRA keys as they are in memory (adapter name inside, no
-    ``base_model.model.`` prefix) but stores ``modules_to_save`` copies at the
-    original module's keys: ``<module>.modules_to_save.<adapter>.<param>`` ->
-    ``<module>.<param>``.  Part copies likewise: ``<module>._part_<adapter>.<param>``
-    -> ``<module>.<param>``; Adapter / Prompt / Side keys are kept as they are.
-    Trainable biases of LoRA-adapted modules are at ``<module>.base_layer.bias``
-    (SWIFT's layer wraps the original as ``base_layer``).
-    """
-    marker = f".modules_to_save.{adapter_name}."
-    adapted = _adapted_modules(list(state), adapter_name)
-    out: dict[str, torch.Tensor] = {}
-    for key, value in llamapro_to_swift_state_dict(part_to_swift_state_dict(state, adapter_name), adapter_name).items():
         if marker in key:
-            mod, _, rest = key.partition(marker)
-            key = f"{mod}.{rest}"
-        elif key.endswith(".bias") and key[: -len(".bias")] in adapted:
-            key = key[: -len(".bias")] + ".base_layer.bias"  # SWIFT's LoRA layer wraps the original as base_layer
-        out[key] = value
-    return out
+            mod, _, leaf = key.partition(marker)
+            saved[f"{mod}.{leaf}"] = value
+        else:
+            rest[key] = value
+    return rest, saved
 
 
-def from_swift_state_dict(
-    state: Mapping[str, torch.Tensor],
-    adapter_name: str = "default",
-    modules_to_save: set[str] | None = None,
-) -> dict[str, torch.Tensor]:
-    """SWIFT's on-disk names -> functuner names (inverse of :func:`to_swift_state_dict`).
+def _to_peft(state: Mapping[str, torch.Tensor], tuner: Tuner, adapter_name: str) -> dict[str, torch.Tensor]:
+    assert tuner.peft is not None
+    rest, saved = _pop_saved(state, adapter_name)
+    own = tuner.peft.to_keys(rest, adapter_name)
+    return {PEFT_PREFIX + k: v for k, v in {**own, **saved}.items()}
 
-    ``modules_to_save`` (from ``adapter_config.json``) names the modules whose
-    full copies the file holds at their original keys.  A key with PEFT's
-    ``base_model.model.`` prefix is an error naming the key (that file is in
-    PEFT layout, not SWIFT's).
+
+def from_disk(state: Mapping[str, torch.Tensor], config: Any, adapter_name: str, fmt: str) -> dict[str, torch.Tensor]:
+    """One adapter's tensors as ``fmt`` (``"swift"`` or ``"peft"``) stores them -> functuner names.
+
+    ``config`` (from the same ``adapter_config.json``) says which modules'
+    full copies the file holds (``modules_to_save``) and drives the tuner's
+    hooks.  A PEFT key without the ``base_model.model.`` prefix, a SWIFT key
+    with it, or a key the tuner does not know raises :class:`CheckpointError`
+    naming the key.  PEFT's saved base weights (``...base_layer.weight``) must
+    be split off first (:func:`split_peft_base_weights`).
     """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
+    _check_fmt(fmt)
+    tuner = tuner_for(config)
+    mts = _modules_to_save(config)
+    if fmt == "peft":
+        peft = _peft_tuner(config).peft
+        assert peft is not None
+        bare: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            if not key.startswith(PEFT_PREFIX):
+                raise CheckpointError(f"key {key!r} lacks PEFT's {PEFT_PREFIX!r} prefix")
+            bare[key[len(PEFT_PREFIX) :]] = value
+        saved_mods = peft_modules_to_save(bare, mts)
+        return _split_saved(bare, saved_mods, adapter_name, tuner, lambda own: peft.from_keys(own, adapter_name))
+    for key in state:
         if key.startswith(PEFT_PREFIX):
             raise CheckpointError(
                 f"key {key!r} has PEFT's {PEFT_PREFIX!r} prefix; this file is in PEFT layout, not SWIFT's"
             )
-        new = key
-        is_lora = any(f".{part}.{adapter_name}" in key for part in _LORA_PARTS)
-        if key.endswith(".base_layer.bias"):  # a LoRA-adapted module's trainable bias (bias='all')
-            new = key[: -len(".base_layer.bias")] + ".bias"
-        elif not is_lora and modules_to_save:
-            module = _saved_module_of(key, modules_to_save)
-            if module is not None:
-                new = f"{module}.modules_to_save.{adapter_name}.{key[len(module) + 1 :]}"
-        out[new] = value
-    return out
+    saved_mods = {m for k in state if not _is_tuner_key(k, tuner) and (m := _saved_module_of(k, mts)) is not None}
+    return _split_saved(
+        state, saved_mods, adapter_name, tuner, lambda own: tuner.from_swift_keys(own, config, adapter_name)
+    )
 
 
-def _saved_module_of(key: str, modules_to_save: set[str]) -> str | None:
+def _split_saved(
+    state: Mapping[str, torch.Tensor], saved_mods: Iterable[str], adapter_name: str, tuner: Tuner, rename: Any
+) -> dict[str, torch.Tensor]:
+    """``modules_to_save`` copies -> ``<module>.modules_to_save.<adapter>.<param>``; the rest through ``rename``."""
+    mods = sorted(saved_mods, key=len, reverse=True)
+    saved: dict[str, torch.Tensor] = {}
+    own: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        mod = None if _is_tuner_key(key, tuner) else next((m for m in mods if key.startswith(m + ".")), None)
+        if mod is not None:
+            saved[f"{mod}.{_MTS}.{adapter_name}.{key[len(mod) + 1 :]}"] = value
+        else:
+            own[key] = value
+    return {**rename(own), **saved}
+
+
+def _saved_module_of(key: str, modules_to_save: Iterable[str]) -> str | None:
     """The module path inside ``key`` that a ``modules_to_save`` entry names (PEFT's exact-or-suffix rule)."""
     parts = key.split(".")
     for end in range(len(parts) - 1, 0, -1):
@@ -224,6 +179,174 @@ def _saved_module_of(key: str, modules_to_save: set[str]) -> str | None:
         if any(path == m or path.endswith("." + m) for m in modules_to_save):
             return path
     return None
+
+
+def peft_modules_to_save(bare: Iterable[str], modules_to_save: Iterable[str]) -> set[str]:
+    """Full module paths among PEFT keys (prefix removed) that ``modules_to_save`` names (its exact-or-suffix rule).
+
+    The outermost such module of each key counts.
+    """
+    spec = tuple(modules_to_save)
+    if not spec:
+        return set()
+    out = set()
+    for key in bare:
+        parts = key.split(".")
+        for end in range(1, len(parts)):
+            path = ".".join(parts[:end])
+            if any(path == m or path.endswith("." + m) for m in spec):
+                out.add(path)
+                break
+    return out
+
+
+# ---------------------------------------------------------------------------
+# public pieces (config-free forms kept for callers that have only tensors)
+# ---------------------------------------------------------------------------
+def _peft_tuners(config: Any) -> list[Tuner]:
+    if config is not None:
+        return [_peft_tuner(config)]
+    return [t for t in REGISTRY.values() if t.peft is not None]
+
+
+def to_peft_state_dict(
+    state: Mapping[str, torch.Tensor], adapter_name: str | None = None, config: Any = None
+) -> dict[str, torch.Tensor]:
+    """functuner names of one adapter -> PEFT's on-disk names (``state`` may be :class:`~functuner.TunerParams`).
+
+    ``adapter_name`` / ``config`` default to the params' own.  Without a config
+    the tuner with a PEFT format whose keys these are is used (LoRA).  Keys
+    that carry another adapter's name are an error (a PEFT directory holds one
+    adapter per folder).
+    """
+    config = config if config is not None else getattr(state, "config", None)
+    name = adapter_name if adapter_name is not None else str(getattr(state, "adapter_name", "default"))
+    error: CheckpointError | None = None
+    for tuner in _peft_tuners(config):
+        try:
+            return _to_peft(state, tuner, name)
+        except CheckpointError as e:
+            error = e
+    raise error or CheckpointError("no tuner has a PEFT format")
+
+
+def from_peft_state_dict(
+    state: Mapping[str, torch.Tensor],
+    adapter_name: str = "default",
+    modules_to_save: Iterable[str] | None = None,
+    config: Any = None,
+) -> dict[str, torch.Tensor]:
+    """PEFT's on-disk names -> functuner names for adapter ``adapter_name``.
+
+    ``modules_to_save`` lists the module names whose full copies the file
+    holds (from ``adapter_config.json``); their keys become
+    ``<module>.modules_to_save.<adapter>.<param>``.  A key without the
+    ``base_model.model.`` prefix is an error naming the key (PEFT's silent
+    "loaded nothing" failure mode).
+    """
+    for key in state:
+        if not key.startswith(PEFT_PREFIX):
+            raise CheckpointError(f"key {key!r} lacks PEFT's {PEFT_PREFIX!r} prefix")
+    mts = tuple(modules_to_save or ())
+    error: CheckpointError | None = None
+    for tuner in _peft_tuners(config):
+        peft = tuner.peft
+        assert peft is not None
+        bare = {k[len(PEFT_PREFIX) :]: v for k, v in state.items()}
+        saved = peft_modules_to_save(bare, mts) if mts else set()
+        try:
+            return _split_saved(bare, saved, adapter_name, tuner, lambda own, p=peft: p.from_keys(own, adapter_name))
+        except CheckpointError as e:
+            error = e
+    raise error or CheckpointError("no tuner has a PEFT format")
+
+
+def to_swift_state_dict(
+    state: Mapping[str, torch.Tensor], adapter_name: str | None = None, config: Any = None
+) -> dict[str, torch.Tensor]:
+    """functuner names of one adapter -> SWIFT's on-disk names (``SwiftModel.save_pretrained``).
+
+    ``state`` may be :class:`~functuner.TunerParams` (its config and name are
+    used).  Without a config every tuner's ``to_swift_keys`` hook is applied in
+    turn (each renames only keys it recognises).
+    """
+    config = config if config is not None else getattr(state, "config", None)
+    name = adapter_name if adapter_name is not None else str(getattr(state, "adapter_name", "default"))
+    if config is not None:
+        return to_disk(state, config, name, "swift")
+    out, saved = _pop_saved(state, name)
+    for tuner in REGISTRY.values():
+        out = tuner.to_swift_keys(out, None, name)
+    return {**out, **saved}
+
+
+def from_swift_state_dict(
+    state: Mapping[str, torch.Tensor],
+    adapter_name: str = "default",
+    modules_to_save: Iterable[str] | None = None,
+    config: Any = None,
+) -> dict[str, torch.Tensor]:
+    """SWIFT's on-disk names -> functuner names (inverse of :func:`to_swift_state_dict`).
+
+    With ``config`` this is :func:`from_disk` (``modules_to_save`` then comes
+    from it).  Without, only ``modules_to_save`` copies are renamed (the
+    tuner's own renaming needs its config).
+    """
+    if config is not None:
+        return from_disk(state, config, adapter_name, "swift")
+    for key in state:
+        if key.startswith(PEFT_PREFIX):
+            raise CheckpointError(
+                f"key {key!r} has PEFT's {PEFT_PREFIX!r} prefix; this file is in PEFT layout, not SWIFT's"
+            )
+    mts = tuple(modules_to_save or ())
+    after = _after_names()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        module = None if set(key.split(".")) & after else _saved_module_of(key, mts)
+        out[f"{module}.{_MTS}.{adapter_name}.{key[len(module) + 1 :]}" if module else key] = value
+    return out
+
+
+def adapter_in_key(key: str) -> str | None:
+    """The adapter name a key carries as its own component (after e.g. ``lora_A``), or ``None``."""
+    parts = key.split(".")
+    after = _after_names()
+    for i, part in enumerate(parts[:-1]):
+        if part in after:
+            return parts[i + 1]
+    return None
+
+
+def rename_adapter(state: Mapping[str, torch.Tensor], old: str, new: str) -> dict[str, torch.Tensor]:
+    """Rename the adapter-name *component* of every key (never a substring of another word).
+
+    ``q_proj.lora_A.adapter.weight`` with ``adapter -> my_adapter`` becomes
+    ``q_proj.lora_A.my_adapter.weight``; a module called ``adapter_mlp`` is not
+    touched (SWIFT's plain text replacement breaks both cases).  Where the name
+    sits comes from every tuner's ``key_naming`` hook.
+    """
+    after = _after_names() | {_MTS}
+    glued = [g for t in REGISTRY.values() for g in t.key_naming.glued]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        renamed = []
+        for i, part in enumerate(parts):
+            prev = parts[i - 1] if i else ""
+            nxt = parts[i + 1] if i + 1 < len(parts) else ""
+            prefix = next(
+                (p for p, allowed in glued if part == p + old and nxt and (allowed is None or nxt in allowed)),
+                None,
+            )
+            if part == old and prev in after:
+                renamed.append(new)
+            elif prefix is not None:
+                renamed.append(prefix + new)
+            else:
+                renamed.append(part)
+        out[".".join(renamed)] = value
+    return out
 
 
 def split_peft_base_weights(
@@ -244,136 +367,3 @@ def split_peft_base_weights(
         else:
             rest[key] = value
     return rest, base
-
-
-# -- SWIFT's own tuners (Adapter, Prompt, Side, Part): the adapter name is glued to a component prefix ----
-# component prefix -> the key parts that may follow it (so a module that merely looks alike is never renamed)
-_SWIFT_COMPONENTS = {
-    "adapter_": ("linear1", "linear2"),
-    "prompt_": ("prompt_token",),
-    "side_": ("alpha", "side_net"),
-    "_part_": None,  # any parameter path follows a Part copy
-    "llamapro_": None,  # a LLaMA-Pro new block's parameter path
-    "restuning_": ("bypass_blocks",),
-    "scetuner_": ("tuner_op",),
-    "reft_": ("rotate_layer", "learned_source", "proj_layer"),
-}
-
-
-def _swift_component_prefix(part: str, adapter_name: str, following: str) -> str | None:
-    """The prefix of ``part`` if it is ``<prefix><adapter_name>`` of a SWIFT tuner component, else ``None``."""
-    for prefix, allowed in _SWIFT_COMPONENTS.items():
-        if part == prefix + adapter_name and following and (allowed is None or following in allowed):
-            return prefix
-    return None
-
-
-def part_to_swift_state_dict(
-    state: Mapping[str, torch.Tensor], adapter_name: str = "default"
-) -> dict[str, torch.Tensor]:
-    """Part params -> SWIFT's on-disk keys: ``<module>._part_<adapter>.<param>`` -> ``<module>.<param>``.
-
-    Keys without the marker pass through unchanged.
-    """
-    marker = f"._part_{adapter_name}."
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if marker in key:
-            mod, _, rest = key.partition(marker)
-            key = f"{mod}.{rest}"
-        out[key] = value
-    return out
-
-
-def part_from_swift_state_dict(
-    state: Mapping[str, torch.Tensor],
-    target: str | Sequence[str],
-    adapter_name: str = "default",
-) -> dict[str, torch.Tensor]:
-    """SWIFT's Part keys (original ``<module>.<param>``) -> ``<module>._part_<adapter>.<param>``.
-
-    ``target`` is either ``PartConfig.target_modules`` (a regex: the module of a
-    key is its *shortest* dotted prefix the regex fully matches, i.e. the
-    outermost targeted module, no model needed) or the targeted module names.
-    Keys already named ``<module>._part_<adapter>.<param>`` pass through.  A key
-    under no targeted module is an error naming the key.
-    """
-    if isinstance(target, str):
-        pattern = re.compile(target)
-
-        def owner_of(key: str) -> str | None:
-            parts = key.split(".")
-            return next(
-                (".".join(parts[:i]) for i in range(1, len(parts)) if pattern.fullmatch(".".join(parts[:i]))), None
-            )
-    else:
-        mods = sorted(target, key=len, reverse=True)
-
-        def owner_of(key: str) -> str | None:
-            return next((m for m in mods if key.startswith(m + ".")), None)
-
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if f"._part_{adapter_name}." in key:  # already in memory naming (SWIFT loads these too)
-            out[key] = value
-            continue
-        owner = owner_of(key)
-        if owner is None:
-            raise CheckpointError(f"key {key!r} lies under no module targeted by the Part adapter ({target!r})")
-        out[f"{owner}._part_{adapter_name}.{key[len(owner) + 1 :]}"] = value
-    return out
-
-
-def llamapro_to_swift_state_dict(
-    state: Mapping[str, torch.Tensor], adapter_name: str = "default"
-) -> dict[str, torch.Tensor]:
-    """LLaMA-Pro params -> SWIFT's keys: ``<list>.<i>.llamapro_<adapter>.<param>`` -> ``<list>.<j>.<param>``.
-
-    ``j = i + 1 + k``, with ``k`` the number of new blocks before this one (the
-    rank of ``i`` among the saved source layers): the new block's index in
-    SWIFT's expanded layer list.  Other keys pass through unchanged.
-    """
-    marker = f".llamapro_{adapter_name}."
-    sources: dict[str, set[int]] = {}
-    for key in state:
-        if marker in key:
-            prefix, _, idx = key.partition(marker)[0].rpartition(".")
-            sources.setdefault(prefix, set()).add(int(idx))
-    rank = {p: {i: r for r, i in enumerate(sorted(s))} for p, s in sources.items()}
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if marker in key:
-            head, _, rest = key.partition(marker)
-            prefix, _, idx = head.rpartition(".")
-            key = f"{prefix}.{int(idx) + 1 + rank[prefix][int(idx)]}.{rest}"
-        out[key] = value
-    return out
-
-
-def llamapro_from_swift_state_dict(
-    state: Mapping[str, torch.Tensor], module_list: str, adapter_name: str = "default"
-) -> dict[str, torch.Tensor]:
-    """SWIFT's LLaMA-Pro keys ``<module_list>.<j>.<param>`` -> ``<module_list>.<j - 1 - k>.llamapro_<adapter>.<param>``.
-
-    ``k`` is the rank of ``j`` among the saved block indices (inverse of
-    :func:`llamapro_to_swift_state_dict`).  Keys already in functuner's naming
-    pass through; a key outside ``module_list`` is an error naming it.
-    """
-    marker = f".llamapro_{adapter_name}."
-    head = module_list + "."
-    indices: set[int] = set()
-    for key in state:
-        if marker in key:
-            continue
-        idx = key[len(head) :].split(".", 1)[0] if key.startswith(head) else ""
-        if not idx.isdigit():
-            raise CheckpointError(f"LLaMA-Pro key {key!r} is not a parameter of a block in {module_list!r}")
-        indices.add(int(idx))
-    rank = {j: r for r, j in enumerate(sorted(indices))}
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if marker not in key:
-            idx, _, rest = key[len(head) :].partition(".")
-            key = f"{module_list}.{int(idx) - 1 - rank[int(idx)]}{marker}{rest}"
-        out[key] = value
-    return out

@@ -3,8 +3,10 @@
 :func:`undo_on_error` snapshots, *without copying any weight*, everything the
 shim's calls change structurally: each module's parameter, buffer, submodule
 and hook tables and its ``__dict__``; each tensor's ``.data``,
-``requires_grad`` and ``.grad``; the default-routes registry; and the shim's
-``_State`` (adapters, active sets, merge bookkeeping, offload files).  Values
+``requires_grad`` and ``.grad``; the default routes providers (through
+routing's public snapshot API); and the shim's
+:class:`~functuner.shim.state.ShimState` (adapters, active sets, merge
+bookkeeping, offload files).  Values
 written *in place* are restored only for the tensors passed as
 ``overwritten`` (their values are cloned first): callers name what they copy
 into.  On an exception the snapshot is restored and the exception re-raised.
@@ -47,7 +49,7 @@ class _Snapshot:
             for t in (*tables["_parameters"].values(), *tables["_buffers"].values()):
                 if t is not None:
                     tensors[id(t)] = t
-        self.providers = {m: routing._DEFAULT_PROVIDERS.get(m, _MISSING) for m, _, _ in self.modules}
+        self.providers = routing.default_routes_snapshot(model)
         self.state = state
         if state is not None:
             self.adapters = dict(state.adapters)
@@ -81,12 +83,7 @@ class _Snapshot:
             for key in [k for k in m.__dict__ if k not in attrs]:
                 del m.__dict__[key]
             m.__dict__.update(attrs)
-        with routing._LOCK:
-            for m, provider in self.providers.items():
-                if provider is _MISSING:
-                    routing._DEFAULT_PROVIDERS.pop(m, None)
-                else:
-                    routing._DEFAULT_PROVIDERS[m] = provider  # type: ignore[assignment]
+        routing.restore_default_routes(self.providers)
         with torch.no_grad():
             for t, data, grad_flag, grad in self.tensors:
                 if t.data is not data:

@@ -67,3 +67,9 @@ register(prompt.tuner)
 register(side.tuner)
 register(part.tuner)
 register(neftune.tuner)
+
+from . import ia3, loha, lokr  # noqa: E402
+
+register(ia3.tuner)
+register(loha.tuner)
+register(lokr.tuner)

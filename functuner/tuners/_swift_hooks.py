@@ -10,9 +10,10 @@
   new container and never writes into the one the module returned.
 * :func:`check_input_position`: static check of an input position against a
   module method's signature, so a bad config fails at ``init``.
-* :class:`MethodSlot`: a dormant wrapper for a module *method* other than
-  ``forward`` (SWIFT's Adapter ``method_name``), the method analogue of
-  :func:`functuner.routing.ensure_slots`.
+* :class:`MethodSlot` / :func:`ensure_method_slot`: re-exported from
+  :mod:`functuner.core.routing`, which owns every slot kind (so
+  :func:`functuner.core.routing.remove_slots` removes these too): a dormant
+  wrapper for a module *method* other than ``forward`` (SWIFT's Adapter ``method_name``).
 
 Everything here is pure except :func:`ensure_method_slot`, which (like
 ``ensure_slots``) installs a dormant wrapper once per module and method.
@@ -22,14 +23,13 @@ from __future__ import annotations
 
 import inspect
 import re
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..core.routing import _fallback_routes, current_routes
+from ..core.routing import MethodSlot, ensure_method_slot
 from ..errors import ConfigError, TargetError
 
 __all__ = [
@@ -37,7 +37,6 @@ __all__ = [
     "check_input_position",
     "ensure_method_slot",
     "input_at",
-    "remove_method_slots",
     "output_at",
     "swift_select",
     "with_input_at",
@@ -183,72 +182,6 @@ def with_output_at(out: Any, pos: Any, value: Any) -> Any:
     fields = {k: v for k, v in out.items()}
     fields[pos] = value
     return type(out)(**fields)
-
-
-# ---------------------------------------------------------------------------
-# dormant method slots (for SWIFT Adapter's method_name other than 'forward')
-# ---------------------------------------------------------------------------
-class MethodSlot:
-    """Replaces ``module.<method_name>`` by a wrapper that is a no-op outside a routed call.
-
-    The slot object itself is the key in ``Routes.forward``: inside a call whose
-    routes hold it, the functions listed there run on the method's result, like a
-    forward slot: ``fn(module, args, kwargs, output) -> output``.  Like module
-    slots it also consults a default routes provider registered for it
-    (:func:`functuner.routing.set_default_routes`).  ``copy.deepcopy`` of the
-    module re-binds the wrapper to the copy (both attributes are deep-copied).
-    """
-
-    def __init__(self, module: nn.Module, method_name: str, original: Callable[..., Any]) -> None:
-        self.module = module
-        self.method_name = method_name
-        self.original = original
-
-    @property
-    def __signature__(self) -> inspect.Signature:  # transformers' apply_chunking_to_forward inspects it
-        return inspect.signature(self.original)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.original(*args, **kwargs)
-        routes = current_routes()
-        if routes is None:
-            routes = _fallback_routes(self)  # type: ignore[arg-type]
-            if routes is None:
-                return out
-        fns = routes.forward.get(self)  # type: ignore[call-overload]
-        if not fns:
-            return out
-        for fn in fns:
-            out = fn(self.module, args, kwargs, out)
-        return out
-
-
-_LOCK = threading.Lock()
-
-
-def ensure_method_slot(module: nn.Module, method_name: str) -> MethodSlot:
-    """The dormant :class:`MethodSlot` of ``module.<method_name>``, installed once (thread-safe, idempotent)."""
-    with _LOCK:
-        current = module.__dict__.get(method_name)
-        if isinstance(current, MethodSlot) and current.module is module:
-            return current
-        original = getattr(module, method_name)
-        if isinstance(original, MethodSlot):  # a shallow copy's slot still bound to the source module
-            original = getattr(type(module), method_name).__get__(module, type(module))
-        slot = MethodSlot(module, method_name, original)
-        module.__dict__[method_name] = slot
-        return slot
-
-
-def remove_method_slots(model: nn.Module) -> int:
-    """Remove every :class:`MethodSlot` from ``model``'s modules; returns how many were removed."""
-    n = 0
-    with _LOCK:
-        for m in model.modules():
-            for name in [k for k, v in m.__dict__.items() if isinstance(v, MethodSlot)]:
-                del m.__dict__[name]
-                n += 1
-    return n
 
 
 def seq_or_value(value: Any, index: int, field: str) -> Any:

@@ -31,7 +31,7 @@ from ..core.params import TunerParams
 from ..core.routing import Routes, ensure_slots
 from ..errors import ConfigError, ParamsMismatchError
 from ._swift_hooks import ensure_method_slot, output_at, swift_select, with_output_at
-from .base import CallContext, Tuner, TunerConfig
+from .base import CallContext, KeyNaming, Tuner, TunerConfig
 
 __all__ = ["AdapterConfig", "activation", "adapter_mlp", "init", "routes", "tuner", "validate"]
 
@@ -242,4 +242,11 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
     return Routes(forward=fwd)
 
 
-tuner = Tuner(swift_type="ADAPTER", config_cls=AdapterConfig, init=init, routes=routes, validate=validate)
+tuner = Tuner(
+    swift_type="ADAPTER",
+    config_cls=AdapterConfig,
+    init=init,
+    routes=routes,
+    validate=validate,
+    key_naming=KeyNaming(glued=(("adapter_", ("linear1", "linear2")),)),
+)

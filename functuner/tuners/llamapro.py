@@ -29,6 +29,7 @@ No merged form: the expansion adds layers, so there are no base weights to fold 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -37,10 +38,21 @@ from torch import nn
 
 from ..core.params import TunerParams
 from ..core.routing import Routes, ensure_slots
-from ..errors import ConfigError, TargetError
-from .base import CallContext, Tuner, TunerConfig, _clone_module_tree, check_exact_tensors
+from ..errors import CheckpointError, ConfigError, TargetError
+from .base import CallContext, KeyNaming, Tuner, TunerConfig, _clone_module_tree, check_exact_tensors
 
-__all__ = ["LLaMAProConfig", "block_key", "expansion_plan", "init", "routes", "tuner", "validate"]
+__all__ = [
+    "LLaMAProConfig",
+    "block_key",
+    "expansion_plan",
+    "from_swift_keys",
+    "init",
+    "llamapro_from_swift_state_dict",
+    "routes",
+    "to_swift_keys",
+    "tuner",
+    "validate",
+]
 
 # SWIFT's model_type -> keys (module list, attention, o_proj, down_proj relative to a layer)
 _LLAMA_LIKE = {
@@ -264,4 +276,73 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
     return Routes(forward=fwd)
 
 
-tuner = Tuner(swift_type="LLAMAPRO", config_cls=LLaMAProConfig, init=init, routes=routes, validate=validate)
+# -- on disk: SWIFT saves the new blocks at their indices in the expanded layer list ---------------------
+def to_swift_keys(state: Mapping[str, torch.Tensor], config: Any, adapter_name: str) -> dict[str, torch.Tensor]:
+    """LLaMA-Pro params -> SWIFT's keys: ``<list>.<i>.llamapro_<adapter>.<param>`` -> ``<list>.<j>.<param>``. Pure.
+
+    ``j = i + 1 + k``, with ``k`` the number of new blocks before this one (the
+    rank of ``i`` among the saved source layers): the new block's index in
+    SWIFT's expanded layer list.  Other keys pass through unchanged (``config``
+    is not needed).
+    """
+    marker = f".llamapro_{adapter_name}."
+    sources: dict[str, set[int]] = {}
+    for key in state:
+        if marker in key:
+            prefix, _, idx = key.partition(marker)[0].rpartition(".")
+            sources.setdefault(prefix, set()).add(int(idx))
+    rank = {p: {i: r for r, i in enumerate(sorted(s))} for p, s in sources.items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if marker in key:
+            head, _, rest = key.partition(marker)
+            prefix, _, idx = head.rpartition(".")
+            key = f"{prefix}.{int(idx) + 1 + rank[prefix][int(idx)]}.{rest}"
+        out[key] = value
+    return out
+
+
+def from_swift_keys(state: Mapping[str, torch.Tensor], config: Any, adapter_name: str) -> dict[str, torch.Tensor]:
+    """SWIFT's LLaMA-Pro keys -> functuner's, with the layer list named by ``config`` (inverse of :func:`to_swift_keys`)."""
+    return llamapro_from_swift_state_dict(state, config.keys()["module_list"], adapter_name)
+
+
+def llamapro_from_swift_state_dict(
+    state: Mapping[str, torch.Tensor], module_list: str, adapter_name: str = "default"
+) -> dict[str, torch.Tensor]:
+    """SWIFT's LLaMA-Pro keys ``<module_list>.<j>.<param>`` -> ``<module_list>.<j - 1 - k>.llamapro_<adapter>.<param>``.
+
+    ``k`` is the rank of ``j`` among the saved block indices (inverse of
+    :func:`to_swift_keys`).  Keys already in functuner's naming pass through; a
+    key outside ``module_list`` is an error naming it. Pure.
+    """
+    marker = f".llamapro_{adapter_name}."
+    head = module_list + "."
+    indices: set[int] = set()
+    for key in state:
+        if marker in key:
+            continue
+        idx = key[len(head) :].split(".", 1)[0] if key.startswith(head) else ""
+        if not idx.isdigit():
+            raise CheckpointError(f"LLaMA-Pro key {key!r} is not a parameter of a block in {module_list!r}")
+        indices.add(int(idx))
+    rank = {j: r for r, j in enumerate(sorted(indices))}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if marker not in key:
+            idx, _, rest = key[len(head) :].partition(".")
+            key = f"{module_list}.{int(idx) - 1 - rank[int(idx)]}{marker}{rest}"
+        out[key] = value
+    return out
+
+
+tuner = Tuner(
+    swift_type="LLAMAPRO",
+    config_cls=LLaMAProConfig,
+    init=init,
+    routes=routes,
+    validate=validate,
+    to_swift_keys=to_swift_keys,
+    from_swift_keys=from_swift_keys,
+    key_naming=KeyNaming(glued=(("llamapro_", None),)),
+)

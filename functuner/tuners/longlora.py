@@ -35,7 +35,7 @@ import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ from ..core.params import TunerParams
 from ..core.routing import Routes, ensure_slots
 from ..errors import ConfigError, ParamsMismatchError, TargetError
 from .base import CallContext, Tuner, override_slot
+from .lora import peft_format
 from .lora import tuner as lora
 
 __all__ = [
@@ -98,9 +99,17 @@ class LongLoRAConfig(lora.LoRAConfig):
             raise ConfigError(f"embedder_and_normalizer must be a regex string or a list of names, got {spec!r}")
 
     def lora_view(self) -> lora.LoRAConfig:
-        """The plain LoRA part of this config."""
-        names = {f.name for f in dataclasses.fields(lora.LoRAConfig)} - {"swift_type"}
-        return lora.LoRAConfig(**{n: getattr(self, n) for n in names})
+        """The plain LoRA part of this config, built once per config object.
+
+        One object per config (not one per call) so LoRA's per-config caches hold one entry, and the
+        layout found for it eagerly is found again under ``torch.compile`` (which looks it up by identity).
+        """
+        cached = self.__dict__.get("_lora_view_cache")
+        if cached is None:
+            names = {f.name for f in dataclasses.fields(lora.LoRAConfig)} - {"swift_type"}
+            cached = lora.LoRAConfig(**{n: getattr(self, n) for n in names})
+            object.__setattr__(self, "_lora_view_cache", cached)
+        return cast(lora.LoRAConfig, cached)
 
 
 # ---------------------------------------------------------------------------
@@ -416,4 +425,8 @@ tuner = Tuner(
     needs_generator=lambda model, params: lora.needs_generator(
         model, TunerParams(_split(model, params)[0], params.config.lora_view(), params.adapter_name)
     ),
+    to_swift_keys=peft_format.to_swift_keys,
+    from_swift_keys=peft_format.from_swift_keys,
+    key_naming=peft_format.KEY_NAMING,
+    optimizer_groups=lora.tuner.optimizer_groups,  # LoRA+ on its LoRA part; no per-sample form (per_sample=None)
 )

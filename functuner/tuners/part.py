@@ -11,7 +11,7 @@ never overwrites them).
 Param names = SWIFT's in-memory names: ``<module>._part_<adapter>.<param>``, one
 per parameter of the module (``named_parameters``); SWIFT's checkpoint files
 use the original keys ``<module>.<param>`` (see
-:func:`functuner.keys.part_to_swift_state_dict` / ``part_from_swift_state_dict``).
+:func:`to_swift_keys` / :func:`from_swift_keys`, the disk layer's hooks).
 
 Differences from SWIFT, on purpose: when the regex matches a module and some
 of its submodules, only the outermost match is copied (SWIFT copies both but
@@ -24,7 +24,7 @@ A Part and another tuner on the same module: put the Part params first in
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +33,22 @@ from torch import nn
 
 from ..core.params import TunerParams
 from ..core.routing import Routes, ensure_slots
-from ..errors import ConfigError, ParamsMismatchError, TargetError
-from .base import CallContext, Tuner, TunerConfig, override_slot
+from ..errors import CheckpointError, ConfigError, ParamsMismatchError, TargetError
+from .base import CallContext, KeyNaming, Tuner, TunerConfig, override_slot
 
-__all__ = ["PartConfig", "init", "merge", "routes", "target_names", "tuner", "validate"]
+__all__ = [
+    "PartConfig",
+    "from_swift_keys",
+    "init",
+    "merge",
+    "part_from_swift_state_dict",
+    "part_to_swift_state_dict",
+    "routes",
+    "target_names",
+    "to_swift_keys",
+    "tuner",
+    "validate",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -158,4 +170,81 @@ def merge(
     return out
 
 
-tuner = Tuner(swift_type="part", config_cls=PartConfig, init=init, routes=routes, validate=validate, merge=merge)
+# -- on disk: SWIFT saves Part copies at the original keys --------------------------------------------
+def to_swift_keys(state: Mapping[str, torch.Tensor], config: Any, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Part params -> SWIFT's on-disk keys: ``<module>._part_<adapter>.<param>`` -> ``<module>.<param>``. Pure.
+
+    Keys without the marker pass through unchanged (``config`` is not needed).
+    """
+    marker = f"._part_{adapter_name}."
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if marker in key:
+            mod, _, rest = key.partition(marker)
+            key = f"{mod}.{rest}"
+        out[key] = value
+    return out
+
+
+def from_swift_keys(state: Mapping[str, torch.Tensor], config: Any, adapter_name: str) -> dict[str, torch.Tensor]:
+    """SWIFT's Part keys (original ``<module>.<param>``) -> ``<module>._part_<adapter>.<param>`` for ``config``. Pure."""
+    return part_from_swift_state_dict(state, config.target_modules, adapter_name)
+
+
+def part_to_swift_state_dict(
+    state: Mapping[str, torch.Tensor], adapter_name: str = "default"
+) -> dict[str, torch.Tensor]:
+    """Part params -> SWIFT's on-disk keys (:func:`to_swift_keys` without a config)."""
+    return to_swift_keys(state, None, adapter_name)
+
+
+def part_from_swift_state_dict(
+    state: Mapping[str, torch.Tensor],
+    target: str | Sequence[str],
+    adapter_name: str = "default",
+) -> dict[str, torch.Tensor]:
+    """SWIFT's Part keys (original ``<module>.<param>``) -> ``<module>._part_<adapter>.<param>``.
+
+    ``target`` is either ``PartConfig.target_modules`` (a regex: the module of a
+    key is its *shortest* dotted prefix the regex fully matches, i.e. the
+    outermost targeted module, no model needed) or the targeted module names.
+    Keys already named ``<module>._part_<adapter>.<param>`` pass through.  A key
+    under no targeted module is an error naming the key.
+    """
+    if isinstance(target, str):
+        pattern = re.compile(target)
+
+        def owner_of(key: str) -> str | None:
+            parts = key.split(".")
+            return next(
+                (".".join(parts[:i]) for i in range(1, len(parts)) if pattern.fullmatch(".".join(parts[:i]))), None
+            )
+    else:
+        mods = sorted(target, key=len, reverse=True)
+
+        def owner_of(key: str) -> str | None:
+            return next((m for m in mods if key.startswith(m + ".")), None)
+
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if f"._part_{adapter_name}." in key:  # already in memory naming (SWIFT loads these too)
+            out[key] = value
+            continue
+        owner = owner_of(key)
+        if owner is None:
+            raise CheckpointError(f"key {key!r} lies under no module targeted by the Part adapter ({target!r})")
+        out[f"{owner}._part_{adapter_name}.{key[len(owner) + 1 :]}"] = value
+    return out
+
+
+tuner = Tuner(
+    swift_type="part",
+    config_cls=PartConfig,
+    init=init,
+    routes=routes,
+    validate=validate,
+    merge=merge,
+    to_swift_keys=to_swift_keys,
+    from_swift_keys=from_swift_keys,
+    key_naming=KeyNaming(glued=(("_part_", None),)),
+)

@@ -32,7 +32,7 @@ from ..core.params import TunerParams
 from ..core.routing import Routes, ensure_slots
 from ..errors import ConfigError, ParamsMismatchError
 from ._swift_hooks import check_input_position, input_at, seq_or_value, swift_select, with_input_at
-from .base import CallContext, Tuner, TunerConfig
+from .base import CallContext, KeyNaming, Tuner, TunerConfig
 
 __all__ = ["PromptConfig", "init", "routes", "tuner", "validate"]
 
@@ -225,4 +225,11 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
     return Routes(forward=fwd, pre=pre)
 
 
-tuner = Tuner(swift_type="PROMPT", config_cls=PromptConfig, init=init, routes=routes, validate=validate)
+tuner = Tuner(
+    swift_type="PROMPT",
+    config_cls=PromptConfig,
+    init=init,
+    routes=routes,
+    validate=validate,
+    key_naming=KeyNaming(glued=(("prompt_", ("prompt_token",)),)),
+)

@@ -57,7 +57,7 @@ from torch import nn
 from ..core.params import TunerParams
 from ..core.routing import Routes, ensure_slots
 from ..errors import ConfigError, TargetError
-from .base import CallContext, Tuner, TunerConfig, check_exact_tensors
+from .base import CallContext, KeyNaming, Tuner, TunerConfig, check_exact_tensors
 
 __all__ = ["INTERVENTIONS", "ReftConfig", "init", "intervene", "orthonormalize", "routes", "tuner", "validate"]
 
@@ -419,4 +419,5 @@ tuner = Tuner(
     routes=routes,
     validate=validate,
     needs_generator=needs_generator,
+    key_naming=KeyNaming(glued=(("reft_", ("rotate_layer", "learned_source", "proj_layer")),)),
 )

@@ -47,7 +47,7 @@ from torch import nn
 from ..core.params import TunerParams
 from ..core.routing import Routes, ensure_slots
 from ..errors import ConfigError, TargetError
-from .base import CallContext, Tuner, TunerConfig, check_exact_tensors
+from .base import CallContext, KeyNaming, Tuner, TunerConfig, check_exact_tensors
 
 __all__ = ["ResTuningConfig", "bypass", "init", "routes", "tuner", "validate"]
 
@@ -464,4 +464,11 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
     return Routes(forward=fwd, pre=pre)
 
 
-tuner = Tuner(swift_type="RESTUNING", config_cls=ResTuningConfig, init=init, routes=routes, validate=validate)
+tuner = Tuner(
+    swift_type="RESTUNING",
+    config_cls=ResTuningConfig,
+    init=init,
+    routes=routes,
+    validate=validate,
+    key_naming=KeyNaming(glued=(("restuning_", ("bypass_blocks",)),)),
+)

@@ -37,7 +37,7 @@ from torch import nn
 from ..core.params import TunerParams
 from ..core.routing import Routes, ensure_slots
 from ..errors import ConfigError, TargetError
-from .base import CallContext, Tuner, TunerConfig, check_exact_tensors
+from .base import CallContext, KeyNaming, Tuner, TunerConfig, check_exact_tensors
 
 __all__ = ["SCETuningConfig", "init", "routes", "sce_adapter", "tuner", "validate"]
 
@@ -220,4 +220,11 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
     return Routes(forward=fwd, pre=pre)
 
 
-tuner = Tuner(swift_type="SCETuning", config_cls=SCETuningConfig, init=init, routes=routes, validate=validate)
+tuner = Tuner(
+    swift_type="SCETuning",
+    config_cls=SCETuningConfig,
+    init=init,
+    routes=routes,
+    validate=validate,
+    key_naming=KeyNaming(glued=(("scetuner_", ("tuner_op",)),)),
+)

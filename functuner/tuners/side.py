@@ -35,7 +35,7 @@ from ..core.params import TunerParams
 from ..core.routing import Routes, ensure_slots
 from ..errors import ConfigError, ParamsMismatchError, UnsupportedModuleError
 from ._swift_hooks import check_input_position, input_at, output_at, swift_select, with_output_at
-from .base import CallContext, Tuner, TunerConfig
+from .base import CallContext, KeyNaming, Tuner, TunerConfig
 
 __all__ = ["SideConfig", "init", "routes", "side_net_shapes", "side_net_forward", "tuner", "validate"]
 
@@ -248,4 +248,11 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
     return Routes(forward=fwd)
 
 
-tuner = Tuner(swift_type="SIDE", config_cls=SideConfig, init=init, routes=routes, validate=validate)
+tuner = Tuner(
+    swift_type="SIDE",
+    config_cls=SideConfig,
+    init=init,
+    routes=routes,
+    validate=validate,
+    key_naming=KeyNaming(glued=(("side_", ("alpha", "side_net")),)),
+)

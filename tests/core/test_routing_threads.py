@@ -177,3 +177,35 @@ def test_two_threads_training_get_their_own_gradients() -> None:
     for t in threads:
         t.join()
     assert wrong == [0, 0]
+
+
+def test_remove_slots_removes_every_slot_kind_including_method_slots() -> None:
+    """Forward slots and the Adapter tuner's method slots all go; the model computes the base again, unslotted."""
+    from functuner.core.routing import MethodSlot, has_slot, remove_slots
+    from tests.conftest import tiny_bert
+
+    model = tiny_bert()
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(input_ids=ids).last_hidden_state
+    layers = [f"encoder.layer.{i}" for i in range(2)]
+    cfg = ft.AdapterConfig(dim=32, target_modules=r".*layer\.\d+$", method_name="feed_forward_chunk", adapter_length=4)
+    lora = ft.LoRAConfig(r=2, target_modules=["query"], init_lora_weights=False)
+    params = [ft.init(model, c, generator=0, adapter_name=n) for c, n in ((cfg, "ad"), (lora, "lo"))]
+    with torch.no_grad():
+        adapted = ft.apply(model, params, kwargs={"input_ids": ids}).last_hidden_state
+    assert not torch.allclose(adapted, base)
+    method_slots = [
+        m
+        for name in layers
+        if isinstance((m := model.get_submodule(name)).__dict__.get("feed_forward_chunk"), MethodSlot)
+    ]
+    assert len(method_slots) == 2  # the Adapter tuner installed its method slots
+    slotted = [m for m in model.modules() if has_slot(m)]
+    assert slotted  # and LoRA its forward slots
+    assert remove_slots(model) == len(slotted) + len(method_slots)
+    assert not any(has_slot(m) for m in model.modules())
+    assert not any(isinstance(v, MethodSlot) for m in model.modules() for v in m.__dict__.values())
+    assert remove_slots(model) == 0
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).last_hidden_state, base)

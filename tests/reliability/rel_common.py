@@ -1,6 +1,6 @@
 """Shared helpers of the reliability tests: tiny models, bitwise snapshots of models and directories.
 
-(Not a conftest: ``tests/conftest.py`` is imported as ``conftest`` by other test files.)
+(Not a conftest: ``crash_worker.py`` imports it outside pytest.  The tiny models come from ``tests/models.py``.)
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared tiny-model builders
+from models import tiny_llama  # noqa: E402
+
 from functuner import LoRAConfig, Swift, SwiftModel  # noqa: E402
-from tests.conftest import tiny_llama  # noqa: E402
 
 __all__ = ["DirSnapshot", "ModelSnapshot", "X", "lora_llama", "out_of", "tiny_llama"]
 

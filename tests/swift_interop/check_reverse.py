@@ -17,9 +17,10 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: shared builders
 
-from tiny_models import BUILDERS, checksum, output_of  # noqa: E402
+from models import BUILDERS, output_of  # noqa: E402
+from models import checksum_tensor as checksum  # noqa: E402
 
 ARCH = {"llama_two": "llama", "bert_mts": "bert", "bert_bias": "bert", "gpt2_dora": "gpt2"}
 

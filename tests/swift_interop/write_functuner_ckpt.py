@@ -15,9 +15,10 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: shared builders
 
-from tiny_models import BUILDERS, checksum, inputs, output_of  # noqa: E402
+from models import BUILDERS, inputs, output_of  # noqa: E402
+from models import checksum_tensor as checksum  # noqa: E402
 
 from functuner import LoRAConfig, Swift  # noqa: E402
 

@@ -63,7 +63,9 @@ from torch import nn
 from ...core.naming import check_adapter_name
 from ...core.params import TunerParams
 from ...errors import AdapterNameError, ConfigError
-from .tuner import LoRAConfig
+from .config import LoRAConfig
+from .layout import expected_shapes, layer_kind
+from .math import dora_norm, weight_as_out_in
 
 __all__ = [
     "COMBINATION_TYPES",
@@ -426,14 +428,12 @@ def _dora_magnitude(model: nn.Module | None, name: str) -> torch.Tensor:
             "combining DoRA adapters needs model=: the new adapter's magnitude is the base weight's"
             " row norm (as PEFT initialises it)"
         )
-    from .tuner import _dora_norm, _expected_shapes, _kind, _weight_as_out_in  # LoRA's own math
-
     module = model.get_submodule(name)
-    kind = _kind(module, name)
+    kind = layer_kind(module, name)
     weight: torch.Tensor = module.weight  # type: ignore[assignment]
-    w = _weight_as_out_in(weight.detach(), kind).float()
-    norm = _dora_norm(w, torch.zeros_like(w), kind)
-    return norm.reshape(_expected_shapes(module, kind, 1)[2]).to(weight.dtype)
+    w = weight_as_out_in(weight.detach(), kind).float()
+    norm = dora_norm(w, torch.zeros_like(w), kind)
+    return norm.reshape(expected_shapes(module, kind, 1)[2]).to(weight.dtype)
 
 
 # ---------------------------------------------------------------------------

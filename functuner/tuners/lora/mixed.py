@@ -51,9 +51,13 @@ from torch import nn
 from ...core.params import TunerParams
 from ...core.routing import Routes, ensure_slots, routed
 from ...errors import AdapterNameError, ConfigError
-from .tuner import LoRAConfig, _dora_norm, _first_arg, _layout, _weight_as_out_in, lora_delta
+from ..base import PerSample
+from .config import LoRAConfig
+from .forward import first_arg
+from .layout import layout_of
+from .math import dora_norm, lora_delta, weight_as_out_in
 
-__all__ = ["BASE", "AdapterStack", "apply_mixed", "index_of", "mixed_routes", "stack_adapters"]
+__all__ = ["BASE", "PER_SAMPLE", "AdapterStack", "apply_mixed", "index_of", "mixed_routes", "stack_adapters"]
 
 BASE = "__base__"  # the name PEFT uses for "no adapter" in adapter_names
 
@@ -135,7 +139,7 @@ def _dora_scale(
     with torch.no_grad():
         delta = lora_delta(A.detach(), B.detach(), s, kind)
         weight: torch.Tensor = module.weight  # type: ignore[assignment]
-        norm = _dora_norm(_weight_as_out_in(weight.detach(), kind), _weight_as_out_in(delta, kind), kind)
+        norm = dora_norm(weight_as_out_in(weight.detach(), kind), weight_as_out_in(delta, kind), kind)
     return (M / norm.to(M.dtype)).reshape(-1)
 
 
@@ -150,7 +154,7 @@ def stack_adapters(model: nn.Module, adapters: Sequence[TunerParams] | Mapping[s
     named = _named(adapters)
     per_module: dict[nn.Module, list[tuple[int, Any, TunerParams]]] = {}
     for i, (name, p) in enumerate(named):
-        layout = _layout(model, p)
+        layout = layout_of(model, p)
         if layout.overrides:
             raise ConfigError(
                 f"adapter {name!r} has modules_to_save copies or biases of non-adapted modules;"
@@ -249,7 +253,7 @@ def _mixed_slot(
     kwargs: dict[str, Any],
     out: torch.Tensor,
 ) -> torch.Tensor:
-    x = _first_arg(args, kwargs)
+    x = first_arg(args, kwargs)
     if x.dim() < 2 or x.shape[0] != idx.shape[0]:
         raise ConfigError(
             f"per-sample adapters: module {site.name!r} got an input of shape {tuple(x.shape)}, but adapter_index"
@@ -331,3 +335,26 @@ def apply_mixed(
     routes = mixed_routes(model, stack, adapter_index)
     with routed(routes):
         return model(*args, **dict(kwargs or {}))
+
+
+# ---------------------------------------------------------------------------
+# the Tuner.per_sample hook (what the SWIFT shim's adapter_names= uses)
+# ---------------------------------------------------------------------------
+def _unsupported(model: nn.Module, params: TunerParams) -> str | None:
+    """Why ``params`` cannot run per sample (completes "it ..."), or None."""
+    if layout_of(model, params).overrides:
+        return "has modules_to_save copies or biases of modules LoRA does not adapt (not supported per sample)"
+    return None
+
+
+def _depends_on(model: nn.Module, params: TunerParams) -> list[torch.Tensor]:
+    """Tensors besides the params' own that a stack reads: DoRA's scale reads each adapted module's base weight."""
+    if not getattr(params.config, "use_dora", False):
+        return []
+    weights = (getattr(site.module, "weight", None) for site in layout_of(model, params).sites)
+    return [w for w in weights if isinstance(w, torch.Tensor)]
+
+
+PER_SAMPLE = PerSample(
+    kind="LoRA", unsupported=_unsupported, stack=stack_adapters, routes=mixed_routes, depends_on=_depends_on
+)

@@ -1,0 +1,156 @@
+"""``adapter_config.json``: functuner configs to and from SWIFT's and PEFT's JSON.
+
+SWIFT writes a config's fields plus ``swift_type``; PEFT writes its own fields
+plus ``peft_type``.  Which tuner reads a PEFT config, and how a config is
+written in PEFT's format, comes from the tuner's ``peft`` hook
+(:class:`~functuner.tuners.base.PeftFormat`); a tuner without one has no PEFT
+format.  Configs with fields functuner does not know are refused, naming the
+file and field, except PEFT/SWIFT bookkeeping fields at their neutral values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, cast
+
+from ..errors import CheckpointError, ConfigError
+from ..tuners import REGISTRY, Tuner, tuner_for
+
+__all__ = [
+    "BIN_NAME",
+    "CONFIG_NAME",
+    "EXTRA_STATE_DIR",
+    "SAFETENSORS_NAME",
+    "config_from_json",
+    "config_to_json",
+    "is_peft_native_type",
+    "peft_config_json",
+    "peft_tuner",
+]
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+EXTRA_STATE_DIR = "extra_states"
+
+# Fields PEFT / SWIFT write into adapter_config.json that functuner's configs do not have.
+# A value equal to the neutral one (or any value for pure bookkeeping: _ANY) is dropped on read.
+_ANY = object()
+_NEUTRAL_FIELDS: dict[str, Any] = {
+    "peft_version": _ANY,
+    "megatron_core": _ANY,
+    "qalora_group_size": _ANY,
+    "auto_mapping": _ANY,
+    "model_key_mapping": None,
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "corda_config": None,
+    "eva_config": None,
+    "loftq_config": {},
+    "megatron_config": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "use_qalora": False,
+    "ensure_weight_tying": False,
+    "kasa_config": None,
+    "lora_ga_config": None,
+    "monteclora_config": None,
+    "use_bdlora": None,
+    "velora_config": None,
+    "runtime_config": _ANY,
+    "has_additional_modules": _ANY,
+}
+
+
+def config_to_json(config: Any) -> dict[str, Any]:
+    """The ``adapter_config.json`` content SWIFT writes for ``config`` (fields plus ``swift_type``)."""
+    data = config.to_dict()
+    data["swift_type"] = tuner_for(config).swift_type
+    return cast(dict[str, Any], data)
+
+
+def peft_tuner(config: Any, where: str = "") -> Tuner:
+    """The tuner of ``config`` (or ``config`` itself, a :class:`Tuner`) if it has a PEFT format.
+
+    Otherwise :class:`CheckpointError` (starting with ``where``) saying which tuners have one.
+    """
+    tuner = config if isinstance(config, Tuner) else tuner_for(config)
+    if tuner.peft is None:
+        have = sorted(t.config_cls.__name__.removesuffix("Config") for t in REGISTRY.values() if t.peft is not None)
+        raise CheckpointError(
+            f"{where + ': ' if where else ''}{tuner.swift_type} adapters have no PEFT format (only"
+            f" {', '.join(have)} exists in both SWIFT and PEFT format); save it in SWIFT's format"
+        )
+    return tuner
+
+
+def peft_config_json(config: Any) -> dict[str, Any]:
+    """PEFT's ``adapter_config.json`` for ``config``; :class:`CheckpointError` if PEFT cannot express it."""
+    peft = peft_tuner(config).peft
+    assert peft is not None
+    return peft.config_to_json(config)
+
+
+def _tuner_of_json(data: Mapping[str, Any], source: str) -> Tuner:
+    swift_type, peft_type = data.get("swift_type"), data.get("peft_type")
+    if not swift_type and not peft_type:
+        raise CheckpointError(f"{source}: has neither 'swift_type' nor 'peft_type'")
+    if not swift_type:
+        for t in REGISTRY.values():
+            if t.peft is not None and t.peft.peft_type == peft_type:
+                return t
+        if is_peft_native_type(peft_type):
+            raise CheckpointError(
+                f"{source}: a PEFT {peft_type} adapter; functuner implements only"
+                f" {sorted(t.peft.peft_type for t in REGISTRY.values() if t.peft is not None)} of PEFT's types."
+                " Load it with Swift.from_pretrained, which passes it to peft.PeftModel.from_pretrained"
+            )
+    try:
+        return tuner_for(str(swift_type or peft_type))
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def config_from_json(data: Mapping[str, Any], source: str = CONFIG_NAME) -> Any:
+    """Build a functuner config from an ``adapter_config.json`` dict (SWIFT's or PEFT's).
+
+    Raises :class:`CheckpointError` naming ``source`` and the field when the
+    tuner type is unknown or a field has no functuner counterpart.
+    """
+    tuner = _tuner_of_json(data, source)
+    names = {f.name for f in dataclasses.fields(tuner.config_cls)}
+    kept: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in names:
+            kept[key] = value
+        elif key in ("swift_type", "peft_type"):
+            continue
+        elif key in _NEUTRAL_FIELDS:
+            neutral = _NEUTRAL_FIELDS[key]
+            if neutral is not _ANY and value != neutral and value not in (None, {}, [], False):
+                raise CheckpointError(f"{source}: field {key}={value!r} is not supported by functuner")
+        else:
+            raise CheckpointError(f"{source}: field {key!r} is unknown to functuner's {tuner.config_cls.__name__}")
+    try:
+        return tuner.config_cls.from_dict(kept)  # type: ignore[attr-defined]
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError, RecursionError) as e:
+        # ConfigError names the field; a raw error means a value of a JSON type the field cannot take
+        raise CheckpointError(f"{source}: {e if isinstance(e, ConfigError) else f'{type(e).__name__}: {e}'}") from None
+
+
+def is_peft_native_type(peft_type: Any) -> bool:
+    """Whether ``peft_type`` (an ``adapter_config.json`` value) names one of PEFT's tuners functuner does not implement.
+
+    Those are loaded by ``peft`` itself (:mod:`functuner.io.peft`), never read as functuner configs.
+    """
+    if not isinstance(peft_type, str):
+        return False
+    if any(t.peft is not None and t.peft.peft_type == peft_type.upper() for t in REGISTRY.values()):
+        return False
+    try:
+        import peft
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return peft_type in {t.value for t in peft.PeftType}

@@ -1,0 +1,161 @@
+"""The shim's checkpoint side: its state dicts, loading tensors into live adapters, saving and reading directories.
+
+Design note: the disk layer (:mod:`functuner.io`) owns formats: key names
+(:func:`functuner.io.keys.to_disk` / :func:`~functuner.io.keys.from_disk`, with
+each tuner's key hooks), file layout, atomic writes and the safety checks of
+reading.  This module owns only what is about the shim's *live* state: which
+tensors of which adapter go out (``state_dict``, ``save_pretrained``), copying
+loaded values into the live parameters all or nothing, and checking what a
+directory holds against the wrapped model before ``from_pretrained`` changes it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from ..core.naming import check_adapter_name
+from ..errors import CheckpointError, ConfigError
+from ..io import checkpoint as ckpt
+from ..io import keys
+from .placement import filled, reload
+from .state import AdapterEntry, ShimState
+from .undo import undo_on_error
+
+__all__ = ["Found", "adapter_state_dict", "extra_states", "load_into_adapter", "read_for_model", "save"]
+
+Grab = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _not_meta(adapter: AdapterEntry) -> None:
+    if adapter.offload == "meta":
+        raise ConfigError(f"adapter {adapter.name!r} is offloaded to 'meta'; activate it before reading it")
+
+
+def adapter_state_dict(
+    state: ShimState, adapter_name: str | None, peft_format: bool, grab: Grab, save_adapter: bool, save_extra: bool
+) -> dict[str, Any]:
+    """``SwiftModel.state_dict``'s content: adapters' tensors under on-disk names, then extra states."""
+    out: dict[str, Any] = {}
+    if save_adapter:
+        for name, adapter in state.adapters.items():
+            if adapter_name is not None and name != adapter_name:
+                continue
+            _not_meta(adapter)
+            tensors = {k: grab(v) for k, v in adapter.tensors.items()}
+            out.update(keys.to_disk(tensors, adapter.config, name, "peft" if peft_format else "swift"))
+    if save_extra:
+        out.update(extra_states(state, grab))
+    return out
+
+
+def extra_states(state: ShimState, grab: Grab = torch.Tensor.detach) -> dict[str, torch.Tensor]:
+    """The wrapped model's tensors matching ``extra_state_keys`` (``re.fullmatch``), adapters' own excluded."""
+    pats = state.extra_state_keys
+    if not pats:
+        return {}
+    adapter_keys = {k for a in state.adapters.values() for k in a.tensors if k not in a.shared}
+    return {
+        n: grab(p)
+        for n, p in state.model.state_dict(keep_vars=True).items()
+        if n not in adapter_keys and any(re.fullmatch(k, n) for k in pats)
+    }
+
+
+def load_into_adapter(state: ShimState, adapter_name: str, values: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``values`` (SWIFT's or PEFT's on-disk names) into adapter ``adapter_name``: every tensor, all or nothing."""
+    adapter = state.require(adapter_name)
+    data = dict(values)
+    fmt = "peft" if data and all(k.startswith(keys.PEFT_PREFIX) for k in data) else "swift"
+    named = keys.from_disk(data, adapter.config, adapter_name, fmt)
+    new = filled(adapter.params, named)
+    with undo_on_error(state.model, state, overwritten=adapter.tensors.values()):
+        reload(state, adapter)
+        with torch.no_grad():
+            for k, v in new.items():
+                adapter.tensors[k].copy_(v)
+
+
+def save(state: ShimState, save_directory: str | os.PathLike[str], names: Sequence[str], peft_format: bool) -> None:
+    """Write ``names`` (SWIFT's layout, or PEFT's), ``extra_states/`` and ``configuration.json`` in one atomic step."""
+    for n in names:
+        state.require(n)
+        check_adapter_name(n)
+    root = Path(save_directory)
+    if root.exists() and not root.is_dir():
+        raise CheckpointError(f"{root} is a file; save_pretrained needs a directory")
+    snapshots = {}
+    for n in names:
+        adapter = state.adapters[n]
+        _not_meta(adapter)
+        snapshots[n] = {k: v.detach() for k, v in adapter.tensors.items()}
+        if peft_format:  # refuse what PEFT cannot hold before anything is written
+            ckpt.peft_config_json(adapter.config)
+            keys.to_disk(snapshots[n], adapter.config, n, "peft")
+    extra = extra_states(state)
+    if root.is_symlink():  # the user's own link: write where it points, swapping the real directory
+        root = Path(os.path.realpath(root))
+    # one atomic step for the whole directory: a crash leaves the old checkpoint or the new one, never a mix
+    # (files kept from the old directory are hard links, and every file written is a new one)
+    with ckpt.atomic_dir(root, start_from_existing=True, link_existing=True) as tmp:
+        if peft_format:
+            ckpt.write_peft_checkpoint(
+                tmp,
+                {
+                    n: ckpt.AdapterCheckpoint(n, state.adapters[n].config, snapshots[n], "peft", str(root))
+                    for n in names
+                },
+            )
+        else:
+            for n in names:
+                ckpt.write_swift_adapter(tmp, n, state.adapters[n].config, snapshots[n])
+        if extra:
+            ckpt.write_extra_states(tmp, state.extra_state_keys, extra)
+        ckpt.write_configuration_json(tmp)
+
+
+class Found(NamedTuple):
+    """What ``from_pretrained`` read from a directory, checked against the model it goes onto."""
+
+    configs: dict[str, Any]
+    states: dict[str, dict[str, torch.Tensor]]
+    extra: dict[str, torch.Tensor]
+    extra_state_keys: Sequence[str] | None
+
+
+def read_for_model(
+    inner: nn.Module, model_dir: str, adapter_name: Any, weights_only: bool, extra_state_keys: Sequence[str] | None
+) -> Found:
+    """Read adapters and extra states from ``model_dir`` and check them against ``inner`` before it changes."""
+    found = ckpt.read_adapter_dir(model_dir, adapter_name, weights_only=weights_only)
+    patterns, extra = ckpt.read_extra_states(model_dir, weights_only=weights_only)
+    if extra_state_keys is None:
+        extra_state_keys = patterns
+    own_state = inner.state_dict()
+    for ck in found.values():  # PEFT's saved copies of base weights must be the model's own
+        differ = sorted(
+            k
+            for k, v in ck.base_weights.items()
+            if k not in own_state or own_state[k].shape != v.shape or not torch.equal(own_state[k].cpu(), v)
+        )
+        if differ:
+            raise CheckpointError(
+                f"{ck.path}: holds base weights {differ[:4]} that differ from the model's;"
+                " functuner loads adapters, not base weights (load that base model first)"
+            )
+    if extra:
+        bad = sorted(k for k, v in extra.items() if k not in own_state or own_state[k].shape != v.shape)
+        if bad:
+            raise CheckpointError(f"{model_dir}/extra_states: keys that do not fit the model: {bad[:8]}")
+    configs = {n: c.config for n, c in found.items()}
+    if not configs and not extra:
+        raise CheckpointError(f"{model_dir}: no adapter found (no adapter_config.json at the root or in sub-folders)")
+    for ck in found.values():
+        ckpt.check_lora_ranks(inner, ck.config, f"{ck.path}/{ckpt.CONFIG_NAME}")
+    return Found(configs, {n: c.state for n, c in found.items()}, dict(extra or {}), extra_state_keys)

@@ -1,0 +1,104 @@
+"""LoRA's config: :class:`LoRAConfig` (SWIFT's field names, a superset of PEFT's ``LoraConfig``) and its checks.
+
+Every check a config can fail runs in ``__post_init__``, so a bad value fails
+where the config is built (a :class:`~functuner.errors.ConfigError` naming the
+field), not at the first forward.  Per-module rank, alpha and scaling
+(``rank_pattern`` / ``alpha_pattern`` / rsLoRA) are answered here too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...core.targets import pattern_value
+from ...errors import ConfigError
+from ..base import TunerConfig, resolve_dtype
+
+__all__ = ["LoRAConfig", "LoraConfig"]
+
+_INIT_CHOICES = (True, False, "gaussian")
+_BIAS_CHOICES = ("none", "all", "lora_only")
+
+
+@dataclass(frozen=True, eq=False)
+class LoRAConfig(TunerConfig):
+    """LoRA config with SWIFT's ``LoRAConfig`` field names (a superset of PEFT's ``LoraConfig``).
+
+    Fields PEFT has and functuner does not implement (``loftq_config``,
+    ``megatron_config``, ``layer_replication``...) are accepted only at their
+    neutral defaults; a non-default value raises :class:`ConfigError` naming it.
+    """
+
+    r: int = 8
+    target_modules: Any = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: Any = None
+    init_lora_weights: Any = True
+    layers_to_transform: Any = None
+    layers_pattern: Any = None
+    rank_pattern: Any = field(default_factory=dict)
+    alpha_pattern: Any = field(default_factory=dict)
+    use_dora: bool = False
+    exclude_modules: Any = None
+    lora_bias: bool = False
+    # SWIFT's extra fields
+    lora_dtype: Any = None
+    lorap_lr_ratio: float | None = None
+    lorap_emb_lr: float = 1e-6
+    use_qa_lora: bool = False
+    use_merged_linear: bool = False
+    enable_lora: Any = None
+    # bookkeeping fields that PEFT/SWIFT write into adapter_config.json
+    task_type: Any = None
+    inference_mode: bool = False
+    base_model_name_or_path: Any = None
+    revision: Any = None
+    swift_type: str = "LORA"
+    peft_type: str = "LORA"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.rank_pattern, dict) is False or isinstance(self.alpha_pattern, dict) is False:
+            raise ConfigError("rank_pattern and alpha_pattern must be dicts {module-name regex: value}")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"r must be a positive integer, got r={self.r!r}")
+        for name, val in self.rank_pattern.items():
+            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+                raise ConfigError(f"rank_pattern[{name!r}] must be a positive integer, got {val!r}")
+        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
+            raise ConfigError(f"lora_alpha must be a number, got {self.lora_alpha!r}")
+        if not (0.0 <= float(self.lora_dropout) < 1.0):
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in _BIAS_CHOICES:
+            raise ConfigError(f"bias must be one of {_BIAS_CHOICES}, got {self.bias!r}")
+        if self.init_lora_weights not in _INIT_CHOICES:
+            raise ConfigError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported; use one of {_INIT_CHOICES}"
+            )
+        for name in ("use_qa_lora", "use_merged_linear", "lora_bias"):
+            if getattr(self, name):
+                raise ConfigError(f"{name}=True is not supported by functuner's LoRA")
+        if self.enable_lora is not None:
+            raise ConfigError("enable_lora (merged-linear LoRA) is not supported by functuner's LoRA")
+        resolve_dtype(self.lora_dtype, "lora_dtype")
+        if self.lorap_lr_ratio is not None and self.lorap_lr_ratio <= 0:
+            raise ConfigError(f"lorap_lr_ratio must be positive, got {self.lorap_lr_ratio!r}")
+
+    def rank_for(self, module_name: str) -> int:
+        return int(pattern_value(module_name, self.rank_pattern, self.r))
+
+    def alpha_for(self, module_name: str) -> float:
+        return float(pattern_value(module_name, self.alpha_pattern, self.lora_alpha))
+
+    def scaling_for(self, module_name: str) -> float:
+        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+LoraConfig = LoRAConfig  # PEFT's spelling

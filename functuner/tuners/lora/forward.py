@@ -1,0 +1,175 @@
+"""LoRA's forward: the slot functions that add ``s B A x`` (and DoRA's rescaling) at each adapted module.
+
+:func:`routes` turns params into the slots one call runs; the model is never
+written.  The product ``B @ A`` is never formed in the forward (except for
+DoRA's detached conv/embedding norms).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core.params import TunerParams
+from ...core.routing import Routes, ensure_slots
+from ..base import CallContext, override_slot
+from .layout import Site, layout_of
+from .math import add_lowrank, dora_norm, dora_row_norm_lowrank, lora_delta, weight_as_out_in
+
+__all__ = ["first_arg", "needs_generator", "routes"]
+
+
+def _dropout(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    if generator is None:
+        return F.dropout(x, p, training=True)
+    keep = torch.empty(x.shape, dtype=x.dtype, device="cpu").bernoulli_(1.0 - p, generator=generator).to(x.device)
+    return x * keep / (1.0 - p)
+
+
+def first_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    if args:
+        return cast(torch.Tensor, args[0])
+    for k in ("input", "x", "hidden_states"):
+        if k in kwargs:
+            return cast(torch.Tensor, kwargs[k])
+    raise TypeError("LoRA slot: could not find the module's input tensor")
+
+
+def _slot(
+    site: Site,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    M: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    generator: torch.Generator | None,
+    module: Any,  # nn.Linear / Conv1D / Embedding / ConvNd: their attributes are read directly
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    out: torch.Tensor,
+) -> torch.Tensor:
+    x = first_arg(args, kwargs)
+    kind, s = site.kind, site.scaling
+    out_dtype = out.dtype
+    base_bias = getattr(module, "bias", None) if kind != "embedding" else None
+    if bias is not None:
+        shift = (bias - base_bias) if base_bias is not None else bias
+        out = out + (shift.view(1, -1, *([1] * (out.dim() - 2))) if kind == "conv" else shift)
+        base_bias = bias
+    if kind == "embedding":
+        emb = F.embedding(
+            x,
+            A.T,
+            padding_idx=module.padding_idx,
+            max_norm=module.max_norm,
+            norm_type=module.norm_type,
+            scale_grad_by_freq=module.scale_grad_by_freq,
+            sparse=module.sparse,
+        )
+        lora_out = (emb @ B.T) * s
+        if M is None:
+            return (out + lora_out).to(out_dtype)
+        w = module.weight
+        norm = dora_norm(w.T.detach(), lora_delta(A.detach(), B.detach(), s, kind).T, kind).to(M.dtype)
+        scale = M / norm
+        return (scale * out + scale * lora_out).to(out_dtype)
+    xa = x.to(A.dtype)
+    dropped = site.dropout > 0.0 and module.training
+    if dropped:
+        xa = _dropout(xa, site.dropout, generator)
+    if kind == "conv":
+        conv = F.conv1d if A.dim() == 3 else F.conv2d
+        h = conv(xa, A, stride=module.stride, padding=module.padding)
+        lora_out = conv(h, B)
+    else:
+        h = F.linear(xa, A)
+        if out.dtype == h.dtype and not dropped:
+            return _fused_linear(h, A, B, M, s, out, base_bias, module, kind)
+        lora_out = F.linear(h, B)
+    if M is None:
+        return (out + lora_out * s).to(out_dtype)
+    # DoRA
+    w = module.weight
+    w_oi = weight_as_out_in(w, kind)
+    with torch.no_grad():
+        if kind == "conv":
+            delta = lora_delta(A.detach(), B.detach(), s, kind)
+            norm = dora_norm(w_oi.detach(), weight_as_out_in(delta, kind), kind)
+        else:
+            norm = dora_row_norm_lowrank(w_oi.detach(), A.detach(), B.detach(), s)
+    scale = M / norm.to(M.dtype)
+    if kind != "conv":
+        scale = scale.view(1, -1) if scale.dim() == 1 else scale
+    if dropped:
+        if kind == "conv":
+            conv = F.conv1d if A.dim() == 3 else F.conv2d
+            base_result = conv(xa.to(w.dtype), w, None, module.stride, module.padding, module.dilation, module.groups)
+        else:
+            base_result = F.linear(xa.to(w.dtype), w_oi)
+    else:
+        base_result = out
+        if base_bias is not None:
+            base_result = out - (base_bias.view(1, -1, *([1] * (out.dim() - 2))) if kind == "conv" else base_bias)
+    dora = (scale - 1) * base_result + scale * lora_out * s
+    return (out + dora).to(out_dtype)
+
+
+def _fused_linear(
+    h: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    M: torch.Tensor | None,
+    s: float,
+    out: torch.Tensor,
+    base_bias: torch.Tensor | None,
+    module: nn.Module,
+    kind: str,
+) -> torch.Tensor:
+    """The linear LoRA/DoRA output from the base output ``out`` and ``h = x A^T`` (no dropout, one dtype).
+
+    LoRA: ``out + s h B^T`` in one ``addmm``.  DoRA: with ``c = m / ||W + s B A||_row``
+    (detached; computed rank-wise by :func:`dora_row_norm_lowrank`) the output
+    ``out + (c - 1) W x + c s B A x`` equals ``c (W x + s B A x) + bias``: one
+    ``addmm`` and one scale instead of five full-size elementwise passes.
+    """
+    if M is None:
+        return add_lowrank(out, h, B, s)
+    with torch.no_grad():
+        weight: torch.Tensor = module.weight  # type: ignore[assignment]
+        norm = dora_row_norm_lowrank(weight_as_out_in(weight, kind).detach(), A.detach(), B.detach(), s)
+    scale = M.view(-1) / norm.to(M.dtype)
+    base_result = out if base_bias is None else out - base_bias
+    scaled = add_lowrank(base_result, h, B, s) * scale.to(out.dtype)
+    return scaled if base_bias is None else scaled + base_bias
+
+
+def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
+    """The slot functions one call runs: a LoRA delta at each adapted module, overrides elsewhere."""
+    layout = layout_of(model, params)
+    fwd: dict[nn.Module, list[Any]] = {}
+    gen = ctx.generator
+    for site in layout.sites:
+        fn = functools.partial(
+            _slot,
+            site,
+            params[site.a],
+            params[site.b],
+            params[site.m] if site.m else None,
+            params[site.bias] if site.bias else None,
+            gen,
+        )
+        fwd.setdefault(site.module, []).append(fn)
+    for module, pairs in layout.overrides:
+        fwd.setdefault(module, []).insert(0, override_slot({pname: params[key] for pname, key in pairs}))
+    ensure_slots(list(fwd))
+    return Routes(forward=fwd)
+
+
+def needs_generator(model: nn.Module, params: TunerParams) -> bool:
+    """Whether a call on ``model`` (in its current train/eval mode) would draw random numbers."""
+    if params.config.lora_dropout <= 0:
+        return False
+    return any(s.module.training for s in layout_of(model, params).sites if s.kind != "embedding")

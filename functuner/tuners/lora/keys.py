@@ -1,0 +1,59 @@
+"""The names of LoRA tensors, built and parsed in this one place.
+
+In memory (functuner, PEFT and SWIFT alike) a LoRA tensor is named
+``<module>.<part>.<adapter>[.weight]``: ``lora_A`` / ``lora_B`` /
+``lora_magnitude_vector`` end in ``.weight``, the embedding factors
+``lora_embedding_A`` / ``lora_embedding_B`` do not.  PEFT's files drop the
+adapter name (``<module>.lora_A.weight``, ``<module>.lora_magnitude_vector``).
+:func:`param_names` builds the in-memory names, :func:`parse_key` splits any of
+these spellings; every other module (per-sample batches, combination, the
+streaming merge, the disk layer through the tuner's hooks) uses them instead
+of its own string matching.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+__all__ = ["EMBEDDING_PARTS", "LORA_PARTS", "LoraKey", "param_names", "parse_key"]
+
+LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+EMBEDDING_PARTS = ("lora_embedding_A", "lora_embedding_B")
+
+
+class LoraKey(NamedTuple):
+    """A parsed LoRA tensor key: ``<module>.<part>[.<adapter>][.weight]``."""
+
+    module: str  # the adapted module's path ("" for the root module)
+    part: str  # one of LORA_PARTS
+    adapter: str | None  # None in PEFT's on-disk spelling, which carries no adapter name
+    weight: bool  # whether the key ends in ".weight"
+
+
+def parse_key(key: str) -> LoraKey | None:
+    """Split a LoRA tensor key (in-memory or PEFT on-disk spelling); ``None`` for any other key. Pure.
+
+    ``a.lora_A.default.weight`` -> ``LoraKey("a", "lora_A", "default", True)``;
+    ``a.lora_embedding_B.x`` -> ``LoraKey("a", "lora_embedding_B", "x", False)``;
+    ``a.lora_A.weight`` / ``a.lora_magnitude_vector`` (PEFT files) -> adapter ``None``.
+    """
+    parts = key.split(".")
+    n = len(parts)
+    if parts[-1] in LORA_PARTS:
+        return LoraKey(".".join(parts[:-1]), parts[-1], None, False)
+    if n >= 2 and parts[-2] in LORA_PARTS:
+        if parts[-1] == "weight":
+            return LoraKey(".".join(parts[:-2]), parts[-2], None, True)
+        return LoraKey(".".join(parts[:-2]), parts[-2], parts[-1], False)
+    if n >= 3 and parts[-3] in LORA_PARTS and parts[-1] == "weight":
+        return LoraKey(".".join(parts[:-3]), parts[-3], parts[-2], True)
+    return None
+
+
+def param_names(module_name: str, kind: str, adapter: str) -> tuple[str, str, str]:
+    """The in-memory keys ``(A, B, magnitude)`` of ``adapter`` at module ``module_name`` of layer ``kind``."""
+    if kind == "embedding":
+        a, b = f"{module_name}.lora_embedding_A.{adapter}", f"{module_name}.lora_embedding_B.{adapter}"
+    else:
+        a, b = f"{module_name}.lora_A.{adapter}.weight", f"{module_name}.lora_B.{adapter}.weight"
+    return a, b, f"{module_name}.lora_magnitude_vector.{adapter}.weight"

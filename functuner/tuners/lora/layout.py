@@ -1,0 +1,284 @@
+"""Where LoRA params sit on a model: layer kinds, shapes, and the cached per-model layout.
+
+* :func:`layer_kind`, :func:`in_out_features`, :func:`expected_shapes`: what a
+  module is to LoRA and which tensor shapes fit it (:func:`in_out_of_shape`,
+  :func:`shapes_for_weight`: the same from a weight shape alone).
+* :func:`layout_of`: the adapted modules (:class:`Site`) and parameter
+  overrides of ``params`` on ``model``, validated once per model and params
+  structure and cached weakly (a deleted model is never kept alive).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any, NamedTuple, cast
+
+import torch
+from torch import nn
+
+from ...core.params import TunerParams
+from ...core.targets import is_conv1d_gpt2
+from ...errors import ParamsMismatchError, UnsupportedModuleError
+from .config import LoRAConfig
+from .keys import param_names
+
+__all__ = [
+    "Layout",
+    "Site",
+    "base_weight",
+    "expected_shapes",
+    "in_out_features",
+    "in_out_of_shape",
+    "layer_kind",
+    "layout_of",
+    "shapes_for_weight",
+]
+
+
+def layer_kind(module: nn.Module, name: str) -> str:
+    """What ``module`` is to LoRA: ``"linear"``, ``"conv1d_gpt2"``, ``"embedding"`` or ``"conv"``.
+
+    Raises :class:`UnsupportedModuleError` naming ``name`` for any other module.
+    """
+    if is_conv1d_gpt2(module):
+        return "conv1d_gpt2"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        if module.groups != 1:
+            raise UnsupportedModuleError(
+                f"LoRA on {name!r}: grouped convolutions (groups={module.groups}) are not supported"
+            )
+        return "conv"
+    raise UnsupportedModuleError(
+        f"LoRA cannot adapt module {name!r} of type {type(module).__name__}; supported: nn.Linear, nn.Embedding,"
+        " nn.Conv1d, nn.Conv2d, transformers Conv1D"
+    )
+
+
+def in_out_features(module: nn.Module, kind: str) -> tuple[int, int]:
+    """``(fan_in, fan_out)`` of ``module`` (LoRA's ``A`` reads fan_in, ``B`` writes fan_out)."""
+    return in_out_of_shape(tuple(base_weight(module).shape), kind)
+
+
+def in_out_of_shape(weight_shape: tuple[int, ...], kind: str) -> tuple[int, int]:
+    """``(fan_in, fan_out)`` of a base weight of shape ``weight_shape`` and layer ``kind``."""
+    if kind in ("conv1d_gpt2", "embedding"):
+        return int(weight_shape[0]), int(weight_shape[1])
+    return int(weight_shape[1]), int(weight_shape[0])
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` typed as a tensor (``nn.Module.__getattr__`` is typed ``Tensor | Module``)."""
+    return cast(torch.Tensor, module.weight)
+
+
+def expected_shapes(module: nn.Module, kind: str, r: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Shapes of ``(A, B, magnitude)`` for rank ``r`` on ``module``."""
+    return shapes_for_weight(tuple(base_weight(module).shape), kind, r)
+
+
+def shapes_for_weight(
+    weight_shape: tuple[int, ...], kind: str, r: int
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Shapes of ``(A, B, magnitude)`` for rank ``r`` on a base weight of shape ``weight_shape``."""
+    fan_in, fan_out = in_out_of_shape(weight_shape, kind)
+    if kind == "embedding":
+        return (r, fan_in), (fan_out, r), (fan_out,)
+    if kind == "conv":
+        k = tuple(int(d) for d in weight_shape[2:])
+        ones = (1,) * len(k)
+        return (r, fan_in, *k), (fan_out, r, *ones), (1, fan_out, *ones)
+    return (r, fan_in), (fan_out, r), (fan_out,)
+
+
+class Site(NamedTuple):
+    """One adapted module: its name, the module, its kind, the params keys of its tensors, scaling and dropout."""
+
+    name: str
+    module: nn.Module
+    kind: str
+    a: str
+    b: str
+    m: str | None
+    bias: str | None
+    scaling: float
+    dropout: float
+
+
+class Layout(NamedTuple):
+    """The adapted modules of params on a model, plus parameter overrides (trainable biases, modules_to_save)."""
+
+    sites: tuple[Site, ...]
+    overrides: tuple[tuple[nn.Module, tuple[tuple[str, str], ...]], ...]  # module, ((param name, tensor key), ...)
+
+
+_LAYOUT_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Any, Layout]] = weakref.WeakKeyDictionary()
+_LAYOUT_LOCK = threading.Lock()
+
+
+def _find_module(model: nn.Module, name: str, key: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ParamsMismatchError(
+            f"params key {key!r} refers to module {name!r}, which the model does not have"
+        ) from None
+
+
+def _build_layout(model: nn.Module, params: TunerParams) -> Layout:
+    cfg: LoRAConfig = params.config
+    ad = params.adapter_name
+    sites: list[Site] = []
+    claimed: set[str] = set()
+    keys = list(params)
+    modules_to_save_keys: dict[str, list[tuple[str, str]]] = {}
+    for key in keys:
+        for marker in (f".lora_A.{ad}.weight", f".lora_embedding_A.{ad}"):
+            if key.endswith(marker):
+                mname = key[: -len(marker)]
+                module = _find_module(model, mname, key)
+                kind = layer_kind(module, mname)
+                a, b, m = param_names(mname, kind, ad)
+                if a != key:
+                    raise ParamsMismatchError(f"params key {key!r}: module {mname!r} is a {kind}, expected key {a!r}")
+                if b not in params:
+                    raise ParamsMismatchError(f"params has {a!r} but not its partner {b!r}")
+                has_m = m in params
+                if has_m != bool(cfg.use_dora):
+                    raise ParamsMismatchError(
+                        f"params for {mname!r}: use_dora={cfg.use_dora} but {m!r} is {'present' if has_m else 'missing'}"
+                    )
+                bias_key = f"{mname}.bias" if f"{mname}.bias" in params else None
+                sites.append(
+                    Site(
+                        mname,
+                        module,
+                        kind,
+                        a,
+                        b,
+                        m if has_m else None,
+                        bias_key,
+                        cfg.scaling_for(mname),
+                        float(cfg.lora_dropout),
+                    )
+                )
+                claimed.update(k for k in (a, b, m if has_m else None, bias_key) if k)
+        if ".modules_to_save." in key:
+            mname, _, rest = key.partition(".modules_to_save.")
+            if not rest.startswith(ad + "."):
+                raise ParamsMismatchError(f"params key {key!r} does not carry adapter name {ad!r}")
+            modules_to_save_keys.setdefault(mname, []).append((rest[len(ad) + 1 :], key))
+            claimed.add(key)
+    overrides: list[tuple[nn.Module, tuple[tuple[str, str], ...]]] = []
+    for mname, pairs in modules_to_save_keys.items():
+        module = _find_module(model, mname, pairs[0][1])
+        overrides.append((module, tuple(pairs)))
+    # remaining keys: trainable biases of non-adapted modules (bias='all')
+    for key in keys:
+        if key in claimed:
+            continue
+        mname, _, leaf = key.rpartition(".")
+        if leaf != "bias":
+            raise ParamsMismatchError(f"params key {key!r} is not a LoRA, bias or modules_to_save tensor")
+        module = _find_module(model, mname, key)
+        overrides.append((module, (("bias", key),)))
+    return Layout(tuple(sites), tuple(overrides))
+
+
+def layout_of(model: nn.Module, params: TunerParams) -> Layout:
+    """The cached layout of ``params`` on ``model`` (validated once per model and params structure)."""
+    if torch.compiler.is_compiling():
+        return _compiled_layout(model, params)
+    # shapes are part of the key: params with the same names but other shapes must be checked again
+    # (tests/reliability/test_bad_input.py::test_wrong_shape_is_caught_even_after_good_params_with_the_same_names)
+    sig = (tuple(params), params.config, params.adapter_name, tuple(t.shape for t in params.values()))
+    with _LAYOUT_LOCK:
+        per_model = _LAYOUT_CACHE.get(model)
+        layout = per_model.get(sig) if per_model is not None else None
+    if layout is None:
+        layout = _build_layout(model, params)
+        _check_shapes(model, params, layout)
+        with _LAYOUT_LOCK:
+            per_model = _LAYOUT_CACHE.setdefault(model, {})
+            if len(per_model) >= _MAX_PER_MODEL:  # a long-lived model in a config sweep: forget the oldest
+                del per_model[next(iter(per_model))]
+            per_model[sig] = layout
+    key = (id(model), id(params.config), params.adapter_name, sig[0])
+    entry = _COMPILE_INDEX.get(key)
+    if entry is None or entry[0]() is not model or entry[1]() is not params.config:
+        _index_for_compile(key, model, params.config, layout)
+    return layout
+
+
+# Under torch.compile, Dynamo can neither take the lock nor hash a config (json), so layouts are found
+# here by the identity of the model and the config object, indexed by the eager call that preceded
+# compilation (functuner.apply once before compiling).  Both are held weakly: an entry goes away as soon
+# as its model or its config is collected (so a deleted model's layers are freed, and a config made per
+# call leaves nothing behind), and a lookup checks both references, so a reused id never matches.
+_COMPILE_INDEX: dict[tuple[int, int, str, tuple[str, ...]], tuple[weakref.ref[Any], weakref.ref[Any], Layout]] = {}
+_MAX_PER_MODEL = 64  # layouts kept per model (one per params structure and config; each keeps its config alive)
+
+
+def _index_for_compile(
+    key: tuple[int, int, str, tuple[str, ...]], model: nn.Module, config: Any, layout: Layout
+) -> None:
+    """Record ``layout`` for lookups under torch.compile, held only as long as ``model`` and ``config`` live."""
+
+    def drop(ref: weakref.ref[Any]) -> None:
+        # runs when the model or the config dies (any thread, maybe inside a locked section: no lock here);
+        # removes only the entry this reference belongs to, never a newer one under the same ids
+        entry = _COMPILE_INDEX.get(key)
+        if entry is not None and (entry[0] is ref or entry[1] is ref):
+            _COMPILE_INDEX.pop(key, None)
+
+    _COMPILE_INDEX[key] = (weakref.ref(model, drop), weakref.ref(config, drop), layout)
+
+
+def _compiled_layout(model: nn.Module, params: TunerParams) -> Layout:
+    key = (id(model), id(params.config), params.adapter_name, tuple(params._tensors))
+    entry = _COMPILE_INDEX.get(key)
+    if entry is None or entry[0]() is not model or entry[1]() is not params.config:
+        raise RuntimeError(
+            "functuner under torch.compile: these params were never applied to this model eagerly; call"
+            " functuner.apply(model, params, ...) once outside torch.compile before compiling"
+        )
+    return entry[2]
+
+
+def _check_shapes(model: nn.Module, params: TunerParams, layout: Layout) -> None:
+    for s in layout.sites:
+        r = params[s.a].shape[0] if params[s.a].dim() > 0 else -1
+        want_r = params.config.rank_for(s.name)
+        if r != want_r:
+            raise ParamsMismatchError(
+                f"params[{s.a!r}] has rank {r}, but the config says r={want_r} for module {s.name!r}"
+                " (the scaling lora_alpha/r depends on it; fix r or rank_pattern)"
+            )
+        ea, eb, em = expected_shapes(s.module, s.kind, r)
+        for key, expect in ((s.a, ea), (s.b, eb), (s.m, em)):
+            if key is None:
+                continue
+            got = tuple(params[key].shape)
+            if got != expect:
+                raise ParamsMismatchError(
+                    f"params[{key!r}] has shape {got}, but module {s.name!r} ({type(s.module).__name__},"
+                    f" weight {tuple(base_weight(s.module).shape)}) needs {expect}"
+                )
+        if s.bias is not None:
+            mb = getattr(s.module, "bias", None)
+            if mb is None or tuple(params[s.bias].shape) != tuple(mb.shape):
+                raise ParamsMismatchError(f"params[{s.bias!r}] does not fit the bias of module {s.name!r}")
+    for module, pairs in layout.overrides:
+        own = dict(module.named_parameters())
+        for pname, key in pairs:
+            if pname not in own:
+                raise ParamsMismatchError(f"params key {key!r}: the module has no parameter {pname!r}")
+            if tuple(own[pname].shape) != tuple(params[key].shape):
+                raise ParamsMismatchError(
+                    f"params[{key!r}] has shape {tuple(params[key].shape)}, the module's {pname!r} has"
+                    f" {tuple(own[pname].shape)}"
+                )

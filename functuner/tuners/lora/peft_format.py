@@ -1,0 +1,225 @@
+"""LoRA on disk: PEFT's ``adapter_config.json`` and key names, SWIFT's key quirks, and file checks against a model.
+
+These are the LoRA implementations of the disk-layer hooks of
+:class:`~functuner.tuners.base.Tuner` (``to_swift_keys``, ``from_swift_keys``,
+``key_naming``, ``peft``, ``check_model``, ``check_state``); the disk layer
+(:mod:`functuner.io`) calls them and knows nothing about LoRA itself.
+
+* SWIFT's files keep LoRA keys as in memory, except a trainable bias of an
+  adapted module, which SWIFT's layer keeps at ``<module>.base_layer.bias``.
+* PEFT's files drop the adapter name (``<module>.lora_A.weight``,
+  ``<module>.lora_magnitude_vector``, ``<module>.lora_embedding_A``) and also
+  keep adapted biases at ``<module>.base_layer.bias``; its config is LoRA's
+  fields plus ``peft_type``, without SWIFT-only fields.  SWIFT-only fields that
+  change the weights or the forward are refused rather than dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from ...core.targets import match_name, select_modules
+from ...errors import CheckpointError, ParamsMismatchError, TargetError
+from ..base import KeyNaming, PeftFormat
+from .keys import EMBEDDING_PARTS, LORA_PARTS, parse_key
+from .layout import in_out_features, layer_kind
+
+__all__ = [
+    "KEY_NAMING",
+    "PEFT_FORMAT",
+    "check_model",
+    "check_state",
+    "from_peft_keys",
+    "from_swift_keys",
+    "peft_config_json",
+    "to_peft_keys",
+    "to_swift_keys",
+]
+
+KEY_NAMING = KeyNaming(after=LORA_PARTS)
+
+# SWIFT-only LoRA fields that do not change the weights or the forward (training hyper-parameters):
+# dropped when writing PEFT's format.  Any other SWIFT-only field at a non-default value is refused.
+_SWIFT_ONLY_TRAINING_FIELDS = ("lorap_lr_ratio", "lorap_emb_lr")
+_SWIFT_ONLY_FIELDS = ("lora_dtype", "use_qa_lora", "use_merged_linear", "enable_lora")
+_A_PARTS = ("lora_A", "lora_embedding_A")
+_MAGNITUDE = "lora_magnitude_vector"
+
+
+def _adapted_modules(keys: Any, adapter_name: str | None) -> set[str]:
+    """Modules holding an ``A`` factor of ``adapter_name`` (``None``: PEFT's name-less spelling)."""
+    out = set()
+    for k in keys:
+        lk = parse_key(k)
+        if lk is not None and lk.part in _A_PARTS and lk.adapter == adapter_name:
+            out.add(lk.module)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# SWIFT's key names
+# ---------------------------------------------------------------------------
+def to_swift_keys(state: Mapping[str, torch.Tensor], config: Any, adapter_name: str) -> dict[str, torch.Tensor]:
+    """functuner names -> SWIFT's: an adapted module's trainable bias goes to ``<module>.base_layer.bias``. Pure."""
+    adapted = _adapted_modules(state, adapter_name)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.endswith(".bias") and key[: -len(".bias")] in adapted:
+            key = key[: -len(".bias")] + ".base_layer.bias"
+        out[key] = value
+    return out
+
+
+def from_swift_keys(state: Mapping[str, torch.Tensor], config: Any, adapter_name: str) -> dict[str, torch.Tensor]:
+    """SWIFT's names -> functuner's (inverse of :func:`to_swift_keys`). Pure."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.endswith(".base_layer.bias"):
+            key = key[: -len(".base_layer.bias")] + ".bias"
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------
+# PEFT's format
+# ---------------------------------------------------------------------------
+def peft_config_json(config: Any) -> dict[str, Any]:
+    """PEFT's ``adapter_config.json`` for a LoRA config; :class:`CheckpointError` naming the field PEFT cannot hold.
+
+    SWIFT-only fields that change the model (``lora_dtype`` set...) are refused
+    rather than dropped; LoRA+ learning-rate fields (training only) are dropped.
+    """
+    data = config.to_dict()
+    defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    for name in _SWIFT_ONLY_FIELDS:
+        if data.get(name) != defaults.get(name):
+            raise CheckpointError(
+                f"LoRA field {name}={data[name]!r} has no PEFT counterpart; PEFT's format cannot hold it"
+                f" (keep SWIFT's format, or set {name}={defaults.get(name)!r})"
+            )
+    for name in (*_SWIFT_ONLY_FIELDS, *_SWIFT_ONLY_TRAINING_FIELDS, "swift_type"):
+        data.pop(name, None)
+    data["peft_type"] = "LORA"
+    return cast(dict[str, Any], data)
+
+
+def to_peft_keys(state: Mapping[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+    """functuner names -> PEFT's on-disk names without the ``base_model.model.`` prefix. Pure.
+
+    A key of another adapter, or one that is no LoRA tensor or bias, raises
+    :class:`CheckpointError` naming it.
+    """
+    adapted = _adapted_modules(state, adapter_name)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        lk = parse_key(key)
+        new: str | None = None
+        if lk is not None and lk.adapter == adapter_name:
+            head = f"{lk.module}.{lk.part}" if lk.module else lk.part
+            new = head + (".weight" if lk.weight and lk.part != _MAGNITUDE else "")
+        elif lk is None and key.endswith(".bias"):
+            mod = key[: -len(".bias")]
+            new = f"{mod}.base_layer.bias" if mod in adapted else key
+        if new is None:
+            raise CheckpointError(
+                f"key {key!r} is not a tensor of LoRA adapter {adapter_name!r}; cannot name it for PEFT"
+            )
+        out[new] = value
+    return out
+
+
+def from_peft_keys(state: Mapping[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+    """PEFT's on-disk names (prefix removed) -> functuner names for adapter ``adapter_name``. Pure."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        lk = parse_key(key)
+        new: str | None = None
+        if lk is not None and lk.adapter is None:
+            head = f"{lk.module}.{lk.part}" if lk.module else lk.part
+            new = f"{head}.{adapter_name}" + ("" if lk.part in EMBEDDING_PARTS else ".weight")
+        elif lk is None and key.endswith(".base_layer.bias"):
+            new = key[: -len(".base_layer.bias")] + ".bias"
+        elif lk is None and key.endswith(".bias"):
+            new = key
+        if new is None:
+            raise CheckpointError(f"PEFT key 'base_model.model.{key}' is not a LoRA tensor functuner knows how to load")
+        out[new] = value
+    return out
+
+
+PEFT_FORMAT = PeftFormat(
+    peft_type="LORA", config_to_json=peft_config_json, to_keys=to_peft_keys, from_keys=from_peft_keys
+)
+
+
+# ---------------------------------------------------------------------------
+# checks
+# ---------------------------------------------------------------------------
+def check_model(model: nn.Module, config: Any, source: str) -> None:
+    """Refuse a config whose rank exceeds both dimensions of a targeted layer (:class:`CheckpointError`).
+
+    Checked before any tensor is allocated, so a config from a stranger with
+    ``r=10**9`` fails at once instead of exhausting memory.  (A rank between the
+    two dimensions is wasteful but valid, as in PEFT, and is accepted.)
+    """
+    try:
+        selected = select_modules(
+            model,
+            config.target_modules,
+            exclude_modules=config.exclude_modules,
+            layers_to_transform=config.layers_to_transform,
+            layers_pattern=config.layers_pattern,
+        )
+    except TargetError as e:
+        raise TargetError(f"{source}: {e}") from None
+    for name, module in selected:
+        if config.modules_to_save and match_name(name, config.modules_to_save):
+            continue
+        r = config.rank_for(name)
+        fan_in, fan_out = in_out_features(module, layer_kind(module, name))
+        if r > max(fan_in, fan_out):
+            raise CheckpointError(
+                f"{source}: field r={r} is larger than layer {name!r} ({fan_in} in, {fan_out} out);"
+                " the checkpoint is corrupt or not for this model"
+            )
+
+
+def check_state(config: Any, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse LoRA tensors that contradict their own config, before any model is involved.
+
+    ``source`` is the ``adapter_config.json`` read.  Integer or bool factors
+    raise :class:`ParamsMismatchError` (they would be cast into nonsense
+    weights); a factor whose rank is not the config's ``r`` (or
+    ``rank_pattern``'s), or a non-finite scaling (``lora_alpha``: ``Infinity``),
+    raises :class:`CheckpointError` naming the field.
+    """
+    for key, t in state.items():
+        lk = parse_key(key)
+        if lk is None:
+            continue
+        if not (t.is_floating_point() or t.is_complex()):
+            raise ParamsMismatchError(
+                f"{source}: tensor {key!r} has dtype {str(t.dtype).replace('torch.', '')}; LoRA tensors must be"
+                " floating point (the weights file is corrupt)"
+            )
+        if lk.part == _MAGNITUDE or t.dim() < 2:
+            continue
+        r = config.rank_for(lk.module)
+        found = t.shape[0] if lk.part in _A_PARTS else t.shape[1]
+        if found != r:
+            raise CheckpointError(
+                f"{source}: field r={r} (for {lk.module!r}) does not match tensor {key!r} of rank {found}"
+                f" (shape {list(t.shape)}); the config and the weights are not from the same adapter"
+            )
+        scaling = config.scaling_for(lk.module)
+        if not math.isfinite(scaling):
+            raise CheckpointError(
+                f"{source}: field lora_alpha={config.alpha_for(lk.module)!r} gives scaling {scaling!r} for"
+                f" {lk.module!r}; LoRA's scaling must be finite"
+            )
