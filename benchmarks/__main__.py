@@ -27,6 +27,7 @@ GROUPS: dict[str, str] = {
     "load": "load:run",
     "compile": "compile:run",
     "scaling": "scaling:run",
+    "galore_lisa": "galore_lisa:run",
 }
 
 

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from pathlib import Path
 
 import torch
 import transformers
 
 import functuner as ft
-from functuner.io.checkpoint import read_adapter, write_swift_adapter
 
 
 def build_model(quick: bool) -> transformers.LlamaForCausalLM:
@@ -77,15 +75,16 @@ def main(argv: list[str] | None = None) -> float:
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     print(f"mean loss of the first 3 steps {first:.4f} -> last 3 steps {last:.4f}")
 
-    # Save in SWIFT's layout, read it back: the same params, bit for bit.
+    # Save in SWIFT's layout (ft.save / ft.load: the functional front door), read it back: the same params, bit for bit.
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_swift_adapter(tmp, params.adapter_name, params.config, params.state_dict())
-        loaded = read_adapter(folder, "default")
-        reloaded = ft.TunerParams({k: loaded.state[k] for k in params}, loaded.config, loaded.name)
-        assert set(loaded.state) == set(params) and reloaded == params.detach(), (
+        root = ft.save(params, tmp)  # <tmp>/default/ plus configuration.json
+        reloaded = ft.load(root, model=model)  # every reader check, then validated on the model
+        same = reloaded.config == params.config and set(reloaded) == set(params)
+        assert same and all(torch.equal(reloaded[k], params[k]) for k in params), (
             "the adapter did not read back unchanged"
         )
-        print(f"saved and reloaded {Path(folder).name}/ ({len(loaded.state)} tensors)")
+        folder = root / params.adapter_name
+        print(f"saved and reloaded {folder.name}/ ({len(reloaded)} tensors)")
 
     # Merge: new weights; the model itself is not changed.
     batch = counting_task(2, 8, vocab, data)

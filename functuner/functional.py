@@ -180,23 +180,64 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def _weights_and_model(
+    model_or_weights: nn.Module | Mapping[str, torch.Tensor], what: str
+) -> tuple[nn.Module | Mapping[str, torch.Tensor], Mapping[str, torch.Tensor] | None]:
+    """``(what tuners get as the model, the weights mapping or None)``; ConfigError for anything else."""
+    if isinstance(model_or_weights, nn.Module):
+        return model_or_weights, None
+    if isinstance(model_or_weights, Mapping):
+        return model_or_weights, model_or_weights
+    raise ConfigError(
+        f"functuner.{what}: expected an nn.Module or a {{name: tensor}} weights mapping as the first argument,"
+        f" got {type(model_or_weights).__name__}"
+    )
+
+
+def _needs_model(t: Any, what: str) -> ConfigError:
+    return ConfigError(
+        f"functuner.{what}: {t.swift_type} cannot {what} a weights mapping (its {what} reads the modules);"
+        f" pass the model: functuner.{what}(model, params, ...)"
+    )
+
+
 def merge(
-    model: nn.Module, params: ParamsLike, base: Mapping[str, torch.Tensor] | None = None
+    model_or_weights: nn.Module | Mapping[str, torch.Tensor],
+    params: ParamsLike,
+    base: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Base weights with every adapter in ``params`` folded in (applied in order).
 
+    ``model_or_weights`` is the model, or just its weights as a ``{name: tensor}``
+    mapping (a ``state_dict``, a safetensors file's tensors): merging is weight
+    arithmetic.  LoRA finds each layer's kind from the params and the weight
+    shapes (a square 2-D weight is a Linear unless the config says
+    ``fan_in_fan_out=True``, as for GPT-2's ``Conv1D``); tuners whose merge
+    reads the modules raise :class:`~functuner.errors.ConfigError` asking for
+    the model.  Both forms give bitwise the same weights.
+
     Returns a new ``{name: tensor}`` dict covering ``base`` (default: the
-    model's parameters and buffers, tied weights under each name); only merged
-    entries are new tensors.  Feed it to ``torch.func.functional_call`` or
-    ``model.load_state_dict``.  Pure: neither the model nor ``base`` changes.
-    Each delta is computed in fp32 and rounded once to the weight's dtype.
+    model's parameters and buffers, tied weights under each name, or the
+    mapping itself); only merged entries are new tensors.  Feed it to
+    ``torch.func.functional_call`` or ``model.load_state_dict``.  Pure: neither
+    the model nor ``base`` changes.  Each delta is computed in fp32 and rounded
+    once to the weight's dtype.
     """
-    state: Mapping[str, torch.Tensor] = _state(model) if base is None else base
+    model, weights = _weights_and_model(model_or_weights, "merge")
+    if weights is not None and base is not None:
+        raise ConfigError("functuner.merge: got a weights mapping and base=; pass the weights once")
+    state: Mapping[str, torch.Tensor]
+    if isinstance(model, nn.Module):
+        state = _state(model) if base is None else base
+    else:
+        state = model
     original = state
     for p in as_params_list(params):
         t = tuner_for(p.config)
         if t.merge is None:
             raise ConfigError(f"{t.swift_type} has no merged form; keep it as an adapter")
+        if weights is not None and not t.merges_weights:
+            raise _needs_model(t, "merge")
         if state is not original and "unmerged" in (getattr(t.merge, "__kwdefaults__", None) or {}):
             # weight-dependent merges (DoRA's norm) must see the weights before earlier adapters were folded in
             merge_with_unmerged: Any = t.merge  # the Tuner field's type does not name this optional keyword
@@ -206,17 +247,34 @@ def merge(
     return dict(state)
 
 
-def unmerge(model: nn.Module, params: ParamsLike, merged: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def unmerge(
+    model_or_weights: nn.Module | Mapping[str, torch.Tensor],
+    params: ParamsLike,
+    merged: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """Inverse of :func:`merge` (adapters removed in reverse order). Pure.
 
-    Weight arithmetic can only restore the originals up to one rounding of the
-    dtype; when you have the original weights, use them (that is exact).
+    ``model_or_weights`` as in :func:`merge`; with a weights mapping,
+    ``merged`` defaults to that mapping (the merged weights).  Weight
+    arithmetic can only restore the originals up to one rounding of the dtype;
+    when you have the original weights, use them (that is exact).
     """
-    state: Mapping[str, torch.Tensor] = merged
+    model, weights = _weights_and_model(model_or_weights, "unmerge")
+    if weights is not None and merged is not None:
+        raise ConfigError("functuner.unmerge: got a weights mapping and merged=; pass the merged weights once")
+    state: Mapping[str, torch.Tensor]
+    if merged is not None:
+        state = merged
+    elif isinstance(model, Mapping):
+        state = model
+    else:
+        raise ConfigError("functuner.unmerge(model, params, merged): pass the merged weights")
     for p in reversed(as_params_list(params)):
         t = tuner_for(p.config)
         if t.unmerge is None:
             raise ConfigError(f"{t.swift_type} has no unmerge")
+        if weights is not None and not t.merges_weights:
+            raise _needs_model(t, "unmerge")
         state = t.unmerge(model, p, state)
     return dict(state)
 

@@ -203,7 +203,7 @@ def run_demo(
 
     import functuner as ft
 
-    from .io import convert_directory, write_adapters
+    from ..io.checkpoint import convert_checkpoint, save
 
     t0 = time.perf_counter()
     say = print_fn
@@ -274,18 +274,13 @@ def run_demo(
     acc_after = _accuracy(ours, test_labels)
     say(f"test accuracy after {steps} steps: {acc_after:.1%} (before: {acc_before:.1%})")
 
-    # save (SWIFT layout, safetensors), then convert to PEFT with the CLI's own code
+    # save (SWIFT layout, safetensors), then convert to PEFT with the code `functuner convert` runs
     keep = out_dir is not None
     root = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="functuner-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     swift_dir, peft_dir = root / "swift_adapter", root / "peft_adapter"
-    from .io import AdapterDir, atomic_directory
-
-    swift_json = {**config.to_dict(), "swift_type": "LORA"}
-    with atomic_directory(swift_dir, overwrite=True) as tmp:
-        src = AdapterDir("default", "swift", tmp, swift_json, tmp / "default" / "adapter_model.safetensors")
-        write_adapters(tmp, [(src, swift_json, ft.io.keys.to_swift_state_dict(params.detach(), "default"))], "swift")
-    convert_directory(swift_dir, peft_dir, "peft", overwrite=True)
+    save(params.detach(), swift_dir)  # functuner.save: SwiftModel.save_pretrained's layout
+    convert_checkpoint(swift_dir, peft_dir, "peft", keep_existing=False)  # what `functuner convert` runs
     say(f"saved: {swift_dir} (SWIFT layout) -> converted to PEFT format: {peft_dir}")
 
     # reload with real PEFT on a fresh base model

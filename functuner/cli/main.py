@@ -1,10 +1,17 @@
 """The ``functuner`` console script: ``inspect``, ``convert``, ``merge``, ``demo``.
 
+Every command reads and writes adapter directories through the library's own
+disk layer (:mod:`functuner.io.checkpoint`): the same validation (configs,
+NaN/inf, ranks, dtypes, files inside the directory, no unpickling), the same
+atomic directory swap and the same messages as ``Swift.from_pretrained`` /
+``Swift.save_to_peft_format``.
+
 Every command exits 0 on success and, on bad input, 1 with one line on
 stderr (``functuner <command>: error: <what, naming the file/key>``) and no
 traceback (set ``FUNCTUNER_DEBUG=1`` to see one).  Usage errors exit 2
-(argparse).  Heavy libraries (``peft``, ``transformers``) are imported only by
-``demo``; ``merge`` needs only ``torch`` and ``safetensors``.
+(argparse).  Parsing the command line imports nothing heavy: ``--help``,
+``--version`` and usage errors never import ``torch``; each command imports
+what it needs when it runs.
 """
 
 from __future__ import annotations
@@ -20,10 +27,32 @@ from typing import Any
 __all__ = ["main"]
 
 _DTYPE_CHOICES = ("fp32", "float32", "fp16", "float16", "bf16", "bfloat16")
+# safetensors' dtype names, as `inspect` prints them
+_ST_NAMES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
 
 
 class _Fail(Exception):  # noqa: N818 - internal
     """A user-facing error already worded for the one-line message."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("functuner")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without installing
+        return "unknown"
 
 
 def _human(n: float) -> str:
@@ -34,44 +63,39 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def _local_dir(path: str) -> Path:
+    """A local directory for ``path`` (a ModelScope ``owner/name`` that is no local path is fetched)."""
+    from ..core.hub import resolve_model_dir
+
+    return Path(resolve_model_dir(path))
+
+
 # ---------------------------------------------------------------------------
 # inspect
 # ---------------------------------------------------------------------------
-def _describe(adapter: Any) -> dict[str, Any]:
-    from ..io.merge_shards import read_header
-    from .io import rename_from_disk
+def _describe(ck: Any) -> dict[str, Any]:
+    from ..io.keys import adapter_modules
+    from ..tuners import tuner_for
 
-    header = read_header(adapter.weights)
-    infos = header.tensors
-    named, base_weights = rename_from_disk(adapter, infos)
-    modules: list[str] = []
-    ranks: set[int] = set()
-    for key, named_info in named.items():
-        for marker in (f".lora_A.{adapter.name}.weight", f".lora_embedding_A.{adapter.name}"):
-            if key.endswith(marker):
-                modules.append(key[: -len(marker)])
-                ranks.add(int(named_info.shape[0]))
-    own = [*named.values(), *base_weights.values()]  # without tensors of other adapters (ms-swift's 'lora' quirk)
-    numel = 0
-    for info in own:
-        n = 1
-        for d in info.shape:
-            n *= d
-        numel += n
+    tuner = tuner_for(ck.config)
+    modules = adapter_modules(ck.state, ck.config, ck.name)
+    rank_for = getattr(ck.config, "rank_for", None)
+    ranks = sorted({int(rank_for(m)) for m in modules}) if callable(rank_for) else []
+    own = [*ck.state.values(), *ck.base_weights.values()]  # without other adapters' tensors (ms-swift's quirk)
     return {
-        "name": adapter.name,
-        "format": adapter.layout,
-        "tuner_type": adapter.tuner_type,
-        "folder": str(adapter.folder),
-        "config": adapter.config,
-        "target_modules": sorted(modules),
+        "name": ck.name,
+        "format": ck.format,
+        "tuner_type": tuner.swift_type,
+        "folder": ck.path,
+        "config": ck.config.to_dict(),
+        "target_modules": modules,
         "num_target_modules": len(modules),
-        "ranks": sorted(ranks),
-        "dtypes": sorted({i.dtype for i in own}),
+        "ranks": ranks,
+        "dtypes": sorted({_ST_NAMES.get(str(t.dtype).replace("torch.", ""), str(t.dtype)) for t in own}),
         "num_tensors": len(own),
-        "full_base_weights": sorted(base_weights),
-        "num_parameters": numel,
-        "size_on_disk": adapter.weights.stat().st_size,
+        "full_base_weights": sorted(ck.base_weights),
+        "num_parameters": sum(t.numel() for t in own),
+        "size_on_disk": Path(ck.weights).stat().st_size if ck.weights else 0,
     }
 
 
@@ -91,11 +115,10 @@ def _config_summary(config: dict[str, Any]) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .io import find_adapters, resolve_path
+    from ..io.checkpoint import read_checkpoint
 
-    root = resolve_path(args.path)
-    adapters = find_adapters(root)
-    described = [_describe(a) for a in adapters]
+    root = _local_dir(args.path)
+    described = [_describe(ck) for ck in read_checkpoint(root).values()]
     if args.json:
         print(json.dumps({"path": str(root), "adapters": described}, indent=2, default=str))
         return 0
@@ -106,9 +129,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         sample = ", ".join(mods[:3]) + (f", ... (+{len(mods) - 3} more)" if len(mods) > 3 else "")
         print(f"\nadapter {d['name']!r}  [{d['tuner_type']}, {d['format']} layout]  {d['folder']}")
         print(f"  config:      {_config_summary(d['config'])}")
-        print(f"  targets:     {d['num_target_modules']} modules: {sample}")
-        print(f"  ranks:       {', '.join(map(str, d['ranks'])) or '-'}")
-        print(f"  dtypes:      {', '.join(d['dtypes'])}")
+        if d["num_tensors"] == 0:
+            print("  targets:     none saved (this tuner keeps no weights; the config is the whole adapter)")
+        else:
+            print(f"  targets:     {d['num_target_modules']} modules: {sample}")
+        if d["ranks"]:
+            print(f"  ranks:       {', '.join(map(str, d['ranks']))}")
+        if d["dtypes"]:
+            print(f"  dtypes:      {', '.join(d['dtypes'])}")
         if d["full_base_weights"]:
             print(f"  base copies: {', '.join(d['full_base_weights'])} (full weights saved beside the adapter)")
         print(
@@ -121,12 +149,16 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 # convert
 # ---------------------------------------------------------------------------
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .io import convert_directory, resolve_path
+    from ..io.checkpoint import convert_checkpoint
 
-    src = resolve_path(args.src)
-    names, source_format = convert_directory(src, Path(args.dst), args.to, args.overwrite)
+    src = _local_dir(args.src)
+    dst = Path(args.dst)
+    if (dst.exists() or dst.is_symlink()) and not args.overwrite:
+        raise _Fail(f"{dst}: already exists (pass --overwrite to replace it)")
+    adapters = convert_checkpoint(src, dst, args.to, overwrite=args.overwrite, keep_existing=False)
+    source_format = "/".join(sorted({ck.format for ck in adapters.values()}))
     print(
-        f"converted {len(names)} adapter(s) ({', '.join(map(repr, names))}) from {source_format.upper()} to"
+        f"converted {len(adapters)} adapter(s) ({', '.join(map(repr, adapters))}) from {source_format.upper()} to"
         f" {args.to.upper()} format: {args.dst}"
     )
     return 0
@@ -135,21 +167,66 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------
 # merge
 # ---------------------------------------------------------------------------
-def _cmd_merge(args: argparse.Namespace) -> int:
-    from ..io.merge_shards import merge_checkpoint, shard_files
-    from ..tuners.base import resolve_dtype
-    from .io import atomic_directory, find_adapters, load_tensors, lora_config, pick_adapter, resolve_path
+def _inside(a: Path, b: Path) -> bool:
+    """Whether ``a`` is ``b`` or lies under it (both resolved; ``a`` need not exist)."""
+    ra, rb = os.path.realpath(a), os.path.realpath(b)
+    return os.path.commonpath([ra, rb]) == rb
 
-    base = resolve_path(args.base)
+
+def _pick(found: dict[str, Path], name: str | None, where: Path) -> str:
+    names = list(found)
+    if name is None:
+        if len(names) == 1:
+            return names[0]
+        raise _Fail(
+            f"{where}: holds {len(names)} adapters {', '.join(map(repr, names))}; choose one with --adapter-name"
+        )
+    if name not in found:
+        raise _Fail(f"{where}: has no adapter {name!r}; it holds {names}")
+    return name
+
+
+def _set_config_dtype(folder: Path, dtype: Any) -> None:
+    """Write ``dtype`` into the merged checkpoint's ``config.json`` (``dtype``, and ``torch_dtype`` where present)."""
+    from ..core.fs import read_json, write_json
+
+    path = folder / "config.json"
+    if not path.is_file():
+        return
+    data = read_json(path)
+    name = str(dtype).replace("torch.", "")
+    data["dtype"] = name  # what transformers 5 reads
+    if "torch_dtype" in data:
+        data["torch_dtype"] = name  # the older spelling, kept in step
+    write_json(data, path)
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from ..core.fs import atomic_dir
+    from ..io.checkpoint import list_adapters, read_checkpoint
+    from ..io.merge_shards import merge_checkpoint, shard_files
+    from ..tuners import tuner_for
+    from ..tuners.base import resolve_dtype
+
+    base = _local_dir(args.base)
     shard_files(base)  # fail early on a base that is not a safetensors checkpoint
-    adapter_root = resolve_path(args.adapter)
-    adapter = pick_adapter(find_adapters(adapter_root), args.adapter_name, adapter_root)
-    config = lora_config(adapter)
-    tensors, base_weights = load_tensors(adapter)
-    dtype = resolve_dtype(args.dtype, "--dtype") if args.dtype else None
+    adapter_root = _local_dir(args.adapter)
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
+    if _inside(out, base) or _inside(base, out):
+        raise _Fail(f"{out}: the output must not be the base checkpoint {base}, lie inside it or contain it")
+    if _inside(out, adapter_root) or _inside(adapter_root, out):
+        raise _Fail(f"{out}: the output must not be the adapter directory {adapter_root}, lie inside it or contain it")
+    if (out.exists() or out.is_symlink()) and not args.overwrite:
         raise _Fail(f"{out}: already exists (pass --overwrite to replace it)")  # before any heavy work
+    found = list_adapters(adapter_root)
+    if not found:
+        read_checkpoint(adapter_root)  # raises "neither a SWIFT nor a PEFT adapter directory"
+    name = _pick(found, args.adapter_name, adapter_root)
+    ck = read_checkpoint(adapter_root, {name: name})[name]
+    kind = tuner_for(ck.config).swift_type
+    if kind != "LORA":
+        raise _Fail(f"{Path(ck.path) / 'adapter_config.json'}: tuner type {kind!r} is not LoRA; only LoRA merges here")
+    dtype = resolve_dtype(args.dtype, "--dtype") if args.dtype else None
     show = not args.quiet and sys.stderr.isatty()
     bar: Any = None
 
@@ -162,25 +239,27 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         )
 
     try:
-        with atomic_directory(out, args.overwrite) as tmp:
+        with atomic_dir(out, overwrite=args.overwrite) as tmp:
             summary = merge_checkpoint(
                 base,
                 tmp,
-                tensors,
-                config,
-                adapter.name,
+                ck.state,
+                ck.config,
+                ck.name,
                 dtype=dtype,
-                base_weights=base_weights,
-                adapter_path=adapter.weights,
+                base_weights=ck.base_weights,
+                adapter_path=Path(ck.weights or ck.path),
                 on_plan=on_plan,
                 progress=lambda n: bar.update(n) if bar is not None else None,
             )
+            if dtype is not None:
+                _set_config_dtype(tmp, dtype)
     finally:
         if bar is not None:
             bar.close()
     if not args.quiet:
         print(
-            f"merged adapter {adapter.name!r} ({summary['merged']} LoRA weights, {summary['replaced']} replaced"
+            f"merged adapter {ck.name!r} ({summary['merged']} LoRA weights, {summary['replaced']} replaced"
             f" tensors) into {summary['shards']} shard(s): {out} ({_human(summary['bytes'])})"
         )
     return 0
@@ -198,26 +277,52 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="functuner", description="Inspect, convert and merge LoRA adapters; run the demo.")
+    p.add_argument("--version", action="version", version=f"functuner {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("inspect", help="describe a SWIFT or PEFT adapter directory (or a ModelScope id)")
-    s.add_argument("path", help="adapter directory, or a ModelScope model id")
+    s = sub.add_parser(
+        "inspect",
+        help="describe a SWIFT or PEFT adapter directory (or a ModelScope id)",
+        description="Describe every adapter in a SWIFT or PEFT adapter directory: tuner, layout, config,"
+        " targeted modules, ranks, dtypes and sizes.",
+    )
+    s.add_argument("path", help="adapter directory, or a ModelScope model id (owner/name)")
     s.add_argument("--json", action="store_true", help="print JSON for machines")
     s.set_defaults(func=_cmd_inspect)
 
-    s = sub.add_parser("convert", help="convert an adapter directory between SWIFT and PEFT formats")
-    s.add_argument("src")
-    s.add_argument("dst")
-    s.add_argument("--to", required=True, choices=("peft", "swift"))
-    s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    s = sub.add_parser(
+        "convert",
+        help="convert an adapter directory between SWIFT and PEFT formats",
+        description="Convert every adapter in SRC to SWIFT's or PEFT's directory layout at DST, with the same"
+        " checks and refusals as Swift.save_to_peft_format. DST is written atomically: a failure leaves nothing.",
+    )
+    s.add_argument("src", metavar="SRC", help="adapter directory to read (SWIFT or PEFT layout), or a ModelScope id")
+    s.add_argument("dst", metavar="DST", help="new directory to write (must not exist unless --overwrite)")
+    s.add_argument(
+        "--to",
+        required=True,
+        choices=("peft", "swift"),
+        help="target layout: 'peft' (PeftModel.from_pretrained loads it) or 'swift' (SwiftModel's)",
+    )
+    s.add_argument("--overwrite", action="store_true", help="replace DST if it exists (only once DST is complete)")
     s.set_defaults(func=_cmd_convert)
 
-    s = sub.add_parser("merge", help="merge a LoRA adapter into a safetensors checkpoint, shard by shard")
+    s = sub.add_parser(
+        "merge",
+        help="merge a LoRA adapter into a safetensors checkpoint, shard by shard",
+        description="Fold a LoRA adapter into a transformers safetensors checkpoint, one tensor at a time,"
+        " writing a new checkpoint directory atomically.",
+    )
     s.add_argument("--base", required=True, metavar="BASE_DIR", help="model folder with model.safetensors[.index.json]")
     s.add_argument("--adapter", required=True, metavar="ADAPTER_DIR", help="SWIFT or PEFT adapter folder")
     s.add_argument("--out", required=True, metavar="OUT_DIR", help="new folder for the merged checkpoint")
     s.add_argument("--adapter-name", default=None, help="which adapter, when the folder holds several")
-    s.add_argument("--dtype", choices=_DTYPE_CHOICES, default=None, help="cast floating tensors (default: keep)")
+    s.add_argument(
+        "--dtype",
+        choices=_DTYPE_CHOICES,
+        default=None,
+        help="cast floating tensors and record the dtype in config.json (default: keep)",
+    )
     s.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists (only once complete)")
     s.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     s.set_defaults(func=_cmd_merge)
@@ -231,7 +336,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--steps", type=int, default=None, help="training steps (default: per model)")
     s.add_argument("--out", default=None, help="where to save the adapters (default: a temporary folder)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed for data, init and sampling (default: 0)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_demo)
     return p

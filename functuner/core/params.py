@@ -27,7 +27,7 @@ import optree
 import torch
 import torch.utils._pytree as torch_pytree
 
-from ..errors import ParamsMismatchError
+from ..errors import ConfigError, ParamsMismatchError
 
 __all__ = ["TunerParams", "tree_map"]
 
@@ -220,5 +220,61 @@ if _GLOBAL_NS is not None:  # plain optree.tree_map(fn, params) without a namesp
 
 
 def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
-    """``optree.tree_map`` in functuner's namespace (works on any nesting of params)."""
-    return optree.tree_map(fn, tree, *rest, namespace="functuner")
+    """``optree.tree_map`` in functuner's namespace (works on any nesting of params).
+
+    Several trees must have one structure: params with the same config, adapter
+    name and tensor names.  If they do not, a :class:`ConfigError` names the
+    adapters and what differs (config fields such as ``r`` or
+    ``target_modules``, tensor names) instead of optree's raw structure dump.
+    """
+    try:
+        return optree.tree_map(fn, tree, *rest, namespace="functuner")
+    except ValueError:
+        problem = _structure_difference(tree, rest) if rest else None
+        if problem is None:
+            raise  # the same structure: the error came from fn
+        raise ConfigError(f"functuner.tree_map: {problem}") from None
+
+
+def _structure_difference(tree: Any, rest: tuple[Any, ...]) -> str | None:
+    """Why ``tree`` and ``rest`` do not have one pytree structure (adapter by adapter), or ``None`` if they do."""
+
+    def nodes(t: Any) -> tuple[list[Any], Any]:
+        leaves, spec = optree.tree_flatten(t, is_leaf=lambda n: isinstance(n, TunerParams), namespace="functuner")
+        return leaves, spec
+
+    first, first_spec = nodes(tree)
+    for i, other in enumerate(rest, start=1):
+        items, spec = nodes(other)
+        if spec != first_spec:
+            return f"tree 0 and tree {i} are not nested the same way ({first_spec} vs {spec}); pass trees of one shape"
+        for a, b in zip(first, items, strict=True):
+            if not (isinstance(a, TunerParams) and isinstance(b, TunerParams)):
+                continue
+            if (a.config, a.adapter_name, list(a._tensors)) == (b.config, b.adapter_name, list(b._tensors)):
+                continue
+            return _params_difference(a, b)
+    return None
+
+
+def _params_difference(a: TunerParams, b: TunerParams) -> str:
+    what = [f"adapters {a.adapter_name!r} and {b.adapter_name!r} cannot be mapped together"]
+    if type(a.config) is not type(b.config):
+        what.append(f"configs are a {type(a.config).__name__} and a {type(b.config).__name__}")
+    else:
+        da, db = a.config.to_dict(), b.config.to_dict()
+        fields = [f"{k}={da.get(k)!r} vs {db.get(k)!r}" for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)]
+        if fields:
+            what.append("their configs differ in " + ", ".join(fields[:6]) + (" ..." if len(fields) > 6 else ""))
+    if a.adapter_name != b.adapter_name:
+        what.append(f"their adapter names differ ({a.adapter_name!r} vs {b.adapter_name!r}; tensor names carry it)")
+    only_a, only_b = sorted(set(a._tensors) - set(b._tensors)), sorted(set(b._tensors) - set(a._tensors))
+    if only_a or only_b:
+        what.append(f"{len(only_a)} tensor name(s) only in {a.adapter_name!r} {only_a[:2]}")
+        what.append(f"{len(only_b)} only in {b.adapter_name!r} {only_b[:2]}")
+    return (
+        "; ".join(what)
+        + ". A tree map (stacking for vmap, optimizer updates) needs one config, adapter name and tensor names;"
+        " for a batch of adapters with different ranks or targets use per-sample adapters"
+        " (functuner.tuners.lora.mixed.stack_adapters pads ranks)"
+    )

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..core.fs import atomic_dir, atomic_write_text, copy_plain_files, read_json, write_json
+from ..core.fs import atomic_dir, atomic_write_text, copy_plain_files, read_json, umask, write_json
 from ..core.naming import check_adapter_name
 from ..errors import AdapterNameError, CheckpointError
 from ..tuners import REGISTRY, tuner_for
@@ -106,6 +106,7 @@ def _save_tensors(state: Mapping[str, torch.Tensor], path: Path) -> None:
     ready = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     Path(path).unlink(missing_ok=True)
     save_file(ready, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~umask())  # safetensors creates it 0600; PEFT's files follow the umask
 
 
 def write_swift_adapter(
@@ -261,10 +262,13 @@ def convert_checkpoint(
     if to == "peft":
         if (src_p / EXTRA_STATE_DIR).exists():
             raise CheckpointError(f"{src_p / EXTRA_STATE_DIR}: SWIFT extra states, which PEFT's format cannot hold")
-        for name, folder in found.items():  # refuse tuners without a PEFT format before parsing their fields
-            kind = read_json(folder / CONFIG_NAME, src_p).get("swift_type")
+        for name, folder in found.items():  # refuse what PEFT cannot hold before parsing the fields
+            data = read_json(folder / CONFIG_NAME, src_p)
+            kind = data.get("swift_type")
             if isinstance(kind, str) and kind.lower() in {t.lower() for t in REGISTRY}:
-                peft_tuner(tuner_for(kind), f"{folder / CONFIG_NAME}: adapter {name!r}")
+                peft = peft_tuner(tuner_for(kind), f"{folder / CONFIG_NAME}: adapter {name!r}").peft
+                assert peft is not None
+                peft.check_json(data, str(folder / CONFIG_NAME))
     adapters = read_adapter_dir(src_p)
     in_place = os.path.realpath(src_p) == os.path.realpath(dst)
     if not in_place and adapters and all(ck.format == to for ck in adapters.values()):

@@ -78,10 +78,11 @@ def peft_tuner(config: Any, where: str = "") -> Tuner:
     """
     tuner = config if isinstance(config, Tuner) else tuner_for(config)
     if tuner.peft is None:
-        have = sorted(t.config_cls.__name__.removesuffix("Config") for t in REGISTRY.values() if t.peft is not None)
+        have = [t.config_cls.__name__.removesuffix("Config") for t in REGISTRY.values() if t.peft is not None]
         raise CheckpointError(
             f"{where + ': ' if where else ''}{tuner.swift_type} adapters have no PEFT format (only"
-            f" {', '.join(have)} exists in both SWIFT and PEFT format); save it in SWIFT's format"
+            f" {', '.join(have)} {'exist' if len(have) > 1 else 'exists'} in both SWIFT and PEFT format);"
+            " save it in SWIFT's format"
         )
     return tuner
 

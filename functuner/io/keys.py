@@ -34,6 +34,7 @@ from ..tuners import REGISTRY, Tuner, tuner_for
 __all__ = [
     "PEFT_PREFIX",
     "adapter_in_key",
+    "adapter_modules",
     "from_disk",
     "from_peft_state_dict",
     "from_swift_state_dict",
@@ -65,10 +66,10 @@ def _modules_to_save(config: Any) -> tuple[str, ...]:
 def _peft_tuner(config: Any) -> Tuner:
     tuner = tuner_for(config)
     if tuner.peft is None:
-        have = sorted(t.config_cls.__name__.removesuffix("Config") for t in REGISTRY.values() if t.peft is not None)
+        have = [t.config_cls.__name__.removesuffix("Config") for t in REGISTRY.values() if t.peft is not None]
         raise CheckpointError(
-            f"{tuner.swift_type} adapters have no PEFT format; only {', '.join(have)} (PEFT cannot hold"
-            f" {type(config).__name__}); save it in SWIFT's format instead"
+            f"{tuner.swift_type} adapters have no PEFT format (only {', '.join(have)} in both SWIFT and PEFT"
+            f" format); save {type(config).__name__} in SWIFT's format instead"
         )
     return tuner
 
@@ -306,6 +307,26 @@ def from_swift_state_dict(
         module = None if set(key.split(".")) & after else _saved_module_of(key, mts)
         out[f"{module}.{_MTS}.{adapter_name}.{key[len(module) + 1 :]}" if module else key] = value
     return out
+
+
+def adapter_modules(state: Iterable[str], config: Any, adapter_name: str) -> list[str]:
+    """The modules an adapter's tensors (functuner names) attach to, sorted; from the tuner's ``key_naming``.
+
+    A key counts when a component is one its tuner puts the adapter name after
+    (LoRA's ``lora_A``) or glues the name to (Adapter's ``adapter_<name>``);
+    the module is everything before that component.  ``modules_to_save``
+    copies and plain biases are not targets.
+    """
+    naming = tuner_for(config).key_naming
+    glued = {prefix + adapter_name for prefix, _ in naming.glued}
+    out: set[str] = set()
+    for key in state:
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if part in naming.after or part in glued:
+                out.add(".".join(parts[:i]))
+                break
+    return sorted(out)
 
 
 def adapter_in_key(key: str) -> str | None:

@@ -4,7 +4,10 @@ Memory: the adapter's tensors plus one base tensor (and its fp32 merge) at a
 time.  Untouched tensors are copied as raw bytes in 16 MiB chunks with plain
 reads (no memory map, so pages already written do not stay in this process's
 resident set); adapted weights are read, merged in float32 and rounded once to
-the output dtype.  Nothing here imports ``peft`` or ``transformers``.
+the output dtype.  Nothing here imports ``peft`` or ``transformers``.  Which
+base key each adapter tensor adapts, and the merge formula, are LoRA's own
+(:mod:`functuner.tuners.lora.weight_layout`, :func:`functuner.tuners.lora.merge.merged_weight`),
+so a streamed merge equals ``functuner.merge`` on the same weights, bitwise.
 
 Layouts handled are the ones ``transformers`` writes: ``model.safetensors``,
 or shards listed in ``model.safetensors.index.json`` (``{"metadata":
@@ -31,8 +34,10 @@ from typing import Any, cast
 import torch
 
 from ..errors import CheckpointError, ParamsMismatchError, UnsafeCheckpointError
+from ..tuners.lora.merge import merged_weight as lora_merged_weight
+from ..tuners.lora.weight_layout import WeightSite, weight_layout
 
-__all__ = ["Header", "MergePlan", "merge_checkpoint", "plan_merge", "read_header", "shard_files"]
+__all__ = ["Header", "MergePlan", "merge_checkpoint", "merged_weight", "plan_merge", "read_header", "shard_files"]
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -168,33 +173,12 @@ def shard_files(base_dir: Path) -> tuple[list[str], dict[str, Any] | None]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Site:
-    """One adapted weight: its base key, how to compute the delta, and (DoRA) the magnitude."""
-
-    key: str
-    kind: str  # linear | transposed | embedding | conv
-    a: torch.Tensor
-    b: torch.Tensor
-    scaling: float
-    magnitude: torch.Tensor | None
-
-
-@dataclasses.dataclass(frozen=True)
 class MergePlan:
-    """What to do to which base key: merge a LoRA site, or replace with a stored tensor."""
+    """What to do to which base key: merge a LoRA site (LoRA's own layout), or replace with a stored tensor."""
 
-    sites: dict[str, Site]
+    sites: dict[str, WeightSite]  # base weight key -> adapted weight
+    tensors: Mapping[str, torch.Tensor]  # the adapter's tensors (functuner names), which the sites name
     replacements: dict[str, torch.Tensor]
-
-
-def _expected(kind: str, a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:
-    if kind == "linear":
-        return (b.shape[0], a.shape[1])
-    if kind == "transposed":
-        return (a.shape[1], b.shape[0])
-    if kind == "embedding":
-        return (a.shape[1], b.shape[0])
-    return (b.shape[0], *a.shape[1:])
 
 
 def plan_merge(
@@ -208,112 +192,40 @@ def plan_merge(
 ) -> MergePlan:
     """Match an adapter's tensors (functuner names) to base keys; raise naming the first mismatch.
 
-    ``headers`` maps every base key to its info.  Raises
-    :class:`ParamsMismatchError` for an adapter key whose target is missing from
-    the base or whose shape does not fit.  ``base_weights`` (full weights PEFT
-    saved beside the adapter, base names) replace the base's before merging.
+    ``headers`` maps every base key to its info; the matching is LoRA's own
+    (:func:`functuner.tuners.lora.weight_layout.weight_layout`, the one
+    :func:`functuner.merge` uses on a weights mapping), with ``fan_in_fan_out``
+    deciding square 2-D weights.  Raises :class:`ParamsMismatchError` for an
+    adapter key whose target is missing from the base or whose shape does not
+    fit.  ``base_weights`` (full weights PEFT saved beside the adapter, base
+    names) replace the base's before merging.
     """
-    sites: dict[str, Site] = {}
+    shapes = {k: tuple(info.shape) for k, info in headers.items()}
+    layout = weight_layout(
+        tensors, config, adapter_name, shapes, fan_in_fan_out=fan_in_fan_out, source=str(adapter_path)
+    )
     replacements: dict[str, torch.Tensor] = {}
-    claimed: set[str] = set()
-    ad = adapter_name
-
-    def base_info(key: str, from_key: str) -> TensorInfo:
-        if key not in headers:
-            raise ParamsMismatchError(
-                f"{adapter_path}: adapter key {from_key!r} targets base key {key!r}, which the base checkpoint does not have"
-            )
-        return headers[key]
-
-    for key in sorted(tensors):
-        for marker, emb in ((f".lora_A.{ad}.weight", False), (f".lora_embedding_A.{ad}", True)):
-            if not key.endswith(marker):
-                continue
-            module = key[: -len(marker)]
-            b_key = f"{module}.lora_B.{ad}.weight" if not emb else f"{module}.lora_embedding_B.{ad}"
-            m_key = f"{module}.lora_magnitude_vector.{ad}.weight"
-            if b_key not in tensors:
-                raise ParamsMismatchError(f"{adapter_path}: adapter has {key!r} but not its partner {b_key!r}")
-            a, b = tensors[key], tensors[b_key]
-            wkey = f"{module}.weight"
-            info = base_info(wkey, key)
-            if emb:
-                kind = "embedding"
-            elif a.dim() > 2:
-                kind = "conv"
-            else:
-                lin, tr = _expected("linear", a, b), _expected("transposed", a, b)
-                if info.shape == lin and info.shape == tr:
-                    kind = "transposed" if fan_in_fan_out else "linear"
-                else:
-                    kind = "transposed" if info.shape == tr else "linear"
-            want = _expected(kind, a, b)
-            if info.shape != want:
-                raise ParamsMismatchError(
-                    f"{adapter_path}: adapter key {key!r} (shape {list(a.shape)}) does not fit base key {wkey!r}"
-                    f" of shape {list(info.shape)}"
-                )
-            magnitude = tensors.get(m_key)
-            sites[wkey] = Site(wkey, kind, a, b, float(config.scaling_for(module)), magnitude)
-            claimed.update({key, b_key, m_key})
     for key, value in sorted((base_weights or {}).items()):
-        info = base_info(key, key)
-        if info.shape != tuple(value.shape):
+        if key not in headers:
+            raise ParamsMismatchError(f"{adapter_path}: saved base weight {key!r} is not in the base checkpoint")
+        if tuple(headers[key].shape) != tuple(value.shape):
             raise ParamsMismatchError(
                 f"{adapter_path}: saved base weight {key!r} (shape {list(value.shape)}) does not fit the base's"
-                f" shape {list(info.shape)}"
+                f" shape {list(headers[key].shape)}"
             )
         replacements[key] = value
-    for key in sorted(tensors):
-        if key in claimed:
-            continue
-        if f".modules_to_save.{ad}." in key:
-            module, _, rest = key.partition(f".modules_to_save.{ad}.")
-            target = f"{module}.{rest}"
-        elif key.endswith(".bias"):
-            target = key
-        else:
-            raise ParamsMismatchError(
-                f"{adapter_path}: adapter key {key!r} is not a LoRA, bias or modules_to_save tensor"
-            )
-        info = base_info(target, key)
-        if info.shape != tuple(tensors[key].shape):
-            raise ParamsMismatchError(
-                f"{adapter_path}: adapter key {key!r} (shape {list(tensors[key].shape)}) does not fit base key"
-                f" {target!r} of shape {list(info.shape)}"
-            )
+    for site in layout.sites:
+        if site.bias is not None:
+            replacements[f"{site.name}.bias"] = tensors[site.bias]
+    for target, key in layout.replacements:
         replacements[target] = tensors[key]
-    return MergePlan(sites, replacements)
+    return MergePlan({f"{s.name}.weight": s for s in layout.sites}, tensors, replacements)
 
 
-def _delta(site: Site) -> torch.Tensor:
-    """``scaling * B @ A`` in float32, in the base weight's layout."""
-    a, b = site.a.float(), site.b.float()
-    if site.kind == "conv":
-        if all(k == 1 for k in a.shape[2:]):
-            d = (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:])
-        else:
-            conv = torch.nn.functional.conv1d if a.dim() == 3 else torch.nn.functional.conv2d
-            d = conv(a.transpose(0, 1), b).transpose(0, 1)
-        return d * site.scaling
-    d = (b @ a) * site.scaling
-    return d.T if site.kind in ("transposed", "embedding") else d
-
-
-def merged_weight(weight: torch.Tensor, site: Site) -> torch.Tensor:
-    """``W + delta`` (DoRA: ``m / ||W + delta||_row * (W + delta)``), in float32."""
-    new = weight.float() + _delta(site)
-    if site.magnitude is None:
-        return new
-    oi = new.T if site.kind in ("transposed", "embedding") else new
-    if site.kind == "conv":
-        norm = oi.flatten(1).norm(dim=1)
-    else:
-        norm = torch.linalg.norm(oi, dim=1)
-    factor = site.magnitude.float().reshape(-1) / norm
-    shape = (-1,) + (1,) * (oi.dim() - 1)
-    oi = oi * factor.reshape(shape)
-    return cast(torch.Tensor, oi.T if site.kind in ("transposed", "embedding") else oi)
+def merged_weight(weight: torch.Tensor, site: WeightSite, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``W + s B A`` (DoRA: ``m / ||W + s B A||_row * (W + s B A)``) in float32, by LoRA's own merge formula."""
+    magnitude = tensors[site.m] if site.m is not None else None
+    return lora_merged_weight(weight, tensors[site.a], tensors[site.b], site.scaling, site.kind, magnitude)
 
 
 def _read_tensor(f: Any, info: TensorInfo, path: Path) -> torch.Tensor:
@@ -365,7 +277,7 @@ def _write_shard(
             if key in plan.sites or key in plan.replacements or name != info.dtype:
                 w = plan.replacements[key] if key in plan.replacements else _read_tensor(src, info, header.path)
                 if key in plan.sites:
-                    w = merged_weight(w, plan.sites[key])
+                    w = merged_weight(w, plan.sites[key], plan.tensors)
                 w = w.to(_DTYPES[name][0])
                 out.write(_tensor_bytes(w))
                 del w

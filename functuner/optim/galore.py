@@ -218,10 +218,14 @@ def init_param_state(param: torch.Tensor, hp: Hyper) -> ParamState:
     return ParamState(0, zeros, zeros.clone(), None)
 
 
-def adam_direction(grad: torch.Tensor, st: ParamState, hp: Hyper) -> tuple[torch.Tensor, float, ParamState]:
+def adam_direction(
+    grad: torch.Tensor, st: ParamState, hp: Hyper, *, inplace: bool = False
+) -> tuple[torch.Tensor, float, ParamState]:
     """``(direction, step_size, new_state)``: the weight moves by ``-step_size * direction``.
 
-    Pure: ``st``'s tensors are not modified.  Weight decay is not included (it needs the updated weight:
+    Pure by default: ``st``'s tensors are not modified.  ``inplace=True`` (the eager optimizer's choice)
+    updates the moments in place instead, with the same arithmetic, so no second copy of the state is
+    allocated during the step.  Weight decay is not included (it needs the updated weight:
     ``p <- p' - lr * weight_decay * p'`` with ``p' = p - step_size * direction``, as ``galore_torch`` does).
     """
     proj = st.proj
@@ -233,9 +237,13 @@ def adam_direction(grad: torch.Tensor, st: ParamState, hp: Hyper) -> tuple[torch
         grad = project(grad, proj)
     beta1, beta2 = hp.betas
     step = st.step + 1
-    exp_avg = torch.add(st.exp_avg * beta1, grad, alpha=1.0 - beta1)
-    exp_avg_sq = (st.exp_avg_sq * beta2).addcmul(grad, grad, value=1.0 - beta2)
-    denom = exp_avg_sq.sqrt().add(hp.eps)
+    if inplace:
+        exp_avg = st.exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        exp_avg_sq = st.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    else:
+        exp_avg = torch.add(st.exp_avg * beta1, grad, alpha=1.0 - beta1)
+        exp_avg_sq = (st.exp_avg_sq * beta2).addcmul(grad, grad, value=1.0 - beta2)
+    denom = exp_avg_sq.sqrt().add_(hp.eps)
     step_size = hp.lr
     if hp.correct_bias:
         step_size = step_size * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)

@@ -15,8 +15,8 @@ checkpoint gives the same layers).  The references draw from NumPy's global gene
 exact layers cannot be reproduced; the distribution (uniform over ``n_layers``-subsets) and the update
 rule are the same (``tests/optim`` checks both).
 
-* functional: :class:`LISASchedule` ``.trainable(params, step)`` returns the trainable sub-pytree;
-  :func:`functuner.optim.base.resync_state` rebuilds the optimizer state when it changes;
+* functional: :class:`LISASchedule` ``.trainable(params, step)`` returns the trainable sub-pytree and
+  ``.sync_state(transform, state, trainable, step)`` rebuilds the optimizer state at the switches;
 * eager / Trainer: :class:`LISACallback` (a ``transformers.TrainerCallback``; :meth:`LISACallback.switch`
   also works in a hand-written loop) flips ``requires_grad`` and rebuilds the ``torch.optim`` state.
 """
@@ -33,7 +33,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..errors import ConfigError, TargetError
-from .base import rebuild_like
+from .base import GradientTransformation, rebuild_like, resync_state
 
 __all__ = ["LISACallback", "LISAConfig", "LISASchedule", "find_layers", "lisa_active_layers"]
 
@@ -158,6 +158,24 @@ class LISASchedule:
         chosen = [*self.always, *(n for i in self.active_layers(step) for n in self.layer_names[i])]
         return tuple(sorted(chosen, key=self._order.__getitem__))
 
+    def sync_state(
+        self,
+        transform: GradientTransformation,
+        state: Mapping[str, Any] | None,
+        trainable: Mapping[str, torch.Tensor],
+        step: int,
+    ) -> dict[str, Any]:
+        """The optimizer state for ``trainable`` at ``step``, with the reference's reset rule.
+
+        At a period start (``step > 0``) the state of every decoder-layer leaf is dropped and re-initialized
+        (LMFlow's ``LISATrainer`` deletes the optimizer state of all previously active layers); the leaves
+        outside the layers keep theirs.  Otherwise new leaves get fresh state (:func:`resync_state`).
+        """
+        if state is not None and step > 0 and self.switches_at(step):
+            keep = set(self.always)
+            state = {n: s for n, s in state.items() if n in keep}
+        return resync_state(transform, state, trainable)
+
     def trainable(self, params: Tree, step: int) -> Tree:
         """The sub-pytree of ``params`` (a ``{name: tensor}`` dict or TunerParams) trainable at ``step``."""
         names = self.trainable_names(step)
@@ -212,18 +230,21 @@ class LISACallback(TrainerCallback):
                     self._group_of.setdefault(rel, where[id(p)])
 
     def switch(self, step: int, optimizer: Any = None) -> bool:
-        """Activate the layers of ``step``; returns whether the active set changed.
+        """Re-sample at a period start (``step > 0``, ``step % step_interval == 0``); returns whether it did.
 
-        ``optimizer`` (a ``torch.optim.Optimizer``, or a wrapper with ``.optimizer`` such as accelerate's)
-        has its state and groups rebuilt; without it only ``requires_grad`` changes.
+        As LMFlow's ``LISATrainer``, every previously active layer loses its optimizer state, even one
+        sampled again.  ``optimizer`` (a ``torch.optim.Optimizer``, or a wrapper with ``.optimizer`` such
+        as accelerate's) has its state and groups rebuilt; without it only ``requires_grad`` changes.
+        A step off the period boundary whose layers differ from the current ones (a resumed run) also
+        switches; a second call for the same step does nothing.
         """
         new = self.schedule.active_layers(step)
-        if not self.schedule.switches_at(step) or new == self.active:
-            return False
+        if step == self.history[-1][0] or (not (step > 0 and self.schedule.switches_at(step)) and new == self.active):
+            return False  # the same step twice (idempotent), or nothing to change
         opt = _unwrap(optimizer)
         if opt is not None:
             self._learn_groups(opt)
-            leaving = {id(p): p for i in self.active if i not in new for p in self.layers[i].parameters()}
+            leaving = {id(p): p for i in self.active for p in self.layers[i].parameters()}
             for p in leaving.values():
                 opt.state.pop(p, None)
             for g in opt.param_groups:

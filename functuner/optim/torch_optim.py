@@ -108,7 +108,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     if "exp_avg" in raw
                     else init_param_state(p, hp)
                 )
-                direction, step_size, new = adam_direction(p.grad, st, hp)
+                direction, step_size, new = adam_direction(p.grad, st, hp, inplace=True)
                 raw.update(step=new.step, exp_avg=new.exp_avg, exp_avg_sq=new.exp_avg_sq)
                 if new.proj is not None:
                     raw["projection"] = {new.proj.side: list(new.proj.mats)}

@@ -157,5 +157,5 @@ def read_for_model(
     if not configs and not extra:
         raise CheckpointError(f"{model_dir}: no adapter found (no adapter_config.json at the root or in sub-folders)")
     for ck in found.values():
-        ckpt.check_lora_ranks(inner, ck.config, f"{ck.path}/{ckpt.CONFIG_NAME}")
+        ckpt.check_model(inner, ck.config, f"{ck.path}/{ckpt.CONFIG_NAME}")  # the tuner's check (LoRA: ranks)
     return Found(configs, {n: c.state for n, c in found.items()}, dict(extra or {}), extra_state_keys)

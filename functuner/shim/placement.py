@@ -30,7 +30,6 @@ from ..tuners import tuner_for
 from .state import AdapterEntry, ShimState
 
 __all__ = [
-    "Holder",
     "add_adapters",
     "delete_adapter",
     "filled",
@@ -43,8 +42,12 @@ __all__ = [
 ]
 
 
-class Holder(nn.Module):
-    """Holds tuner tensors so they appear under SWIFT's parameter names. Never called."""
+class _Holder(nn.Module):
+    """Holds tuner tensors so they appear under SWIFT's parameter names. Never called.
+
+    The class name is what :mod:`functuner.tuners.llamapro` looks for to tell a layer's
+    own parameters from those the shim placed on it: keep it.
+    """
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - defensive
         raise RuntimeError("a functuner parameter holder is not a layer; it is never called")
@@ -197,7 +200,7 @@ def _owner_and_rest(model: nn.Module, key: str) -> tuple[nn.Module, list[str]]:
     owner, depth = model, 0
     for i, part in enumerate(parts[:-1]):
         child = owner._modules.get(part)
-        if child is None or isinstance(child, Holder):
+        if child is None or isinstance(child, _Holder):
             break
         owner, depth = child, i + 1
     return owner, parts[depth:]
@@ -212,9 +215,9 @@ def register(model: nn.Module, key: str, value: torch.Tensor) -> nn.Parameter:
         if child is None and (part in node._parameters or part in node._buffers or part in node.__dict__):
             raise ParamsMismatchError(f"cannot place {key!r}: the model already has something named {part!r} there")
         if child is None:
-            child = Holder()
+            child = _Holder()
             node.add_module(part, child)
-        elif not isinstance(child, Holder):
+        elif not isinstance(child, _Holder):
             raise ParamsMismatchError(f"cannot place {key!r}: {part!r} is an existing {type(child).__name__}")
         node = child
     leaf = rest[-1]
@@ -243,7 +246,7 @@ def unregister(model: nn.Module, key: str) -> None:
     del chain[-1]._parameters[parts[-1]]
     for i in range(len(chain) - 1, 0, -1):
         node = chain[i]
-        if isinstance(node, Holder) and not node._parameters and not node._modules:
+        if isinstance(node, _Holder) and not node._parameters and not node._modules:
             del chain[i - 1]._modules[parts[i - 1]]
         else:
             break

@@ -42,8 +42,9 @@ def signed_class(cls: type, inner: nn.Module) -> type:
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         return base_forward(self, *args, **kwargs)
 
-    params = [Parameter("self", Parameter.POSITIONAL_ONLY), *signature(inner.forward).parameters.values()]
-    forward.__signature__ = Signature(params)  # type: ignore[attr-defined]
+    inner_sig = signature(inner.forward)
+    params = [Parameter("self", Parameter.POSITIONAL_ONLY), *inner_sig.parameters.values()]
+    forward.__signature__ = Signature(params, return_annotation=inner_sig.return_annotation)  # type: ignore[attr-defined]
     forward.__doc__ = base_forward.__doc__
     ns = {
         "forward": forward,

@@ -11,6 +11,10 @@ holds what they share:
   function), and cache the result per model and params structure;
 * ``modules_to_save`` copies: :func:`init_modules_to_save`,
   :func:`override_routes`, :func:`merge_overrides`;
+* the disk-layer hooks (:func:`peft_format`, :func:`model_check`,
+  :func:`state_check`): PEFT stores these tensors at ``<m>.<tensor name>``
+  (adapter name dropped) under ``base_model.model.``, and its
+  ``adapter_config.json`` is the config's fields plus ``peft_type``;
 * LyCORIS config validation (:func:`check_lycoris_fields`) and the training-time
   randomness of LoHa/LoKr (module dropout, rank dropout) drawn from an explicit
   generator.
@@ -33,7 +37,7 @@ from torch import nn
 from ..core.params import TunerParams
 from ..core.routing import Routes, ensure_slots
 from ..core.targets import match_name, select_modules
-from ..errors import ConfigError, ParamsMismatchError, TargetError
+from ..errors import CheckpointError, ConfigError, ParamsMismatchError, TargetError, UnsupportedModuleError
 
 __all__ = [
     "Layout",
@@ -46,6 +50,9 @@ __all__ = [
     "first_arg",
     "init_modules_to_save",
     "keep_module",
+    "model_check",
+    "peft_format",
+    "state_check",
     "merge_deltas",
     "merge_overrides",
     "override_routes",
@@ -382,3 +389,77 @@ def merge_deltas(
     if sign > 0:
         merge_overrides(layout, params, state, out)
     return out
+
+
+# ---------------------------------------------------------------------------
+# disk-layer hooks (functuner.io calls them through the Tuner fields)
+# ---------------------------------------------------------------------------
+def peft_format(peft_type: str, names: Sequence[str], what: str) -> Any:
+    """The :class:`~functuner.tuners.base.PeftFormat` of a tuner whose tensors are ``<m>.<name>.<adapter>``.
+
+    PEFT's files name them ``<m>.<name>`` (``get_peft_model_state_dict`` drops
+    the adapter name); its ``adapter_config.json`` holds the config's fields and
+    ``peft_type`` (not ``swift_type``).
+    """
+    from .base import PeftFormat
+
+    def config_to_json(config: Any) -> dict[str, Any]:
+        data = cast(dict[str, Any], config.to_dict())
+        data.pop("swift_type", None)
+        data["peft_type"] = peft_type
+        return data
+
+    def to_keys(state: Mapping[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            tname = next((t for t in names if key.endswith(f".{t}.{adapter_name}")), None)
+            if tname is None:
+                raise CheckpointError(
+                    f"key {key!r} is not a tensor of {what} adapter {adapter_name!r}; cannot name it for PEFT"
+                )
+            out[key[: -len(adapter_name) - 1]] = value
+        return out
+
+    def from_keys(state: Mapping[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            if not any(key.endswith(f".{t}") for t in names):
+                raise CheckpointError(
+                    f"PEFT key 'base_model.model.{key}' is not a {what} tensor (expected '<module>.<name>' with <name>"
+                    f" one of {list(names)}, or a modules_to_save copy)"
+                )
+            out[f"{key}.{adapter_name}"] = value
+        return out
+
+    return PeftFormat(peft_type=peft_type, config_to_json=config_to_json, to_keys=to_keys, from_keys=from_keys)
+
+
+def model_check(expected: ExpectedFn) -> Callable[[nn.Module, Any, str], None]:
+    """A ``check_model`` hook: the config read from ``source`` selects modules this tuner can adapt, before any tensor."""
+
+    def check(model: nn.Module, config: Any, source: str) -> None:
+        try:
+            for name, module in selected_modules(model, config):
+                expected(name, module, config)
+        except TargetError as e:
+            raise TargetError(f"{source}: {e}") from None
+        except (ConfigError, UnsupportedModuleError) as e:
+            raise CheckpointError(f"{source}: {e}") from None
+
+    return check
+
+
+def state_check(names: Sequence[str], what: str) -> Callable[[Any, Mapping[str, torch.Tensor], str], None]:
+    """A ``check_state`` hook: the tuner's tensors read from ``source`` must be floating point."""
+
+    def check(config: Any, state: Mapping[str, torch.Tensor], source: str) -> None:
+        for key, t in state.items():
+            if ".modules_to_save." in key or not any(f".{n}." in key + "." for n in names):
+                continue
+            if not t.is_floating_point():
+                raise ParamsMismatchError(
+                    f"{source}: tensor {key!r} has dtype {str(t.dtype).replace('torch.', '')}; {what} tensors must be"
+                    " floating point (the weights file is corrupt)"
+                )
+
+    return check

@@ -7,7 +7,8 @@ A tuner is a :class:`Tuner` value (like optax's ``GradientTransformation``):
 * ``routes(model, params, ctx) -> Routes``: the slot functions one call runs at
   each adapted module (how ``apply`` injects the tuner without touching the model).
 * ``merge(model, params, base) -> dict`` / ``unmerge``: weight arithmetic on a
-  state mapping, ``None`` where the tuner's math has no merged form.
+  state mapping, ``None`` where the tuner's math has no merged form; with
+  ``merges_weights=True`` the model may be replaced by its ``{name: tensor}`` weights.
 * ``validate(model, params)``: raise :class:`~functuner.errors.ParamsMismatchError`
   if ``params`` does not fit ``model``.
 
@@ -165,12 +166,16 @@ class PeftFormat(NamedTuple):
     *without* the ``base_model.model.`` prefix (io adds it and handles
     ``modules_to_save``); ``CheckpointError`` naming a key that is not this tuner's.
     ``from_keys(state, adapter_name)``: the inverse (prefix already removed).
+    ``check_json(data, source)``: refuse a raw SWIFT ``adapter_config.json`` dict
+    (read from ``source``) whose fields PEFT's format cannot hold, before a config
+    is built from it (so a conversion says why PEFT cannot take it).
     """
 
     peft_type: str
     config_to_json: Callable[[Any], dict[str, Any]]
     to_keys: Callable[[Mapping[str, torch.Tensor], str], dict[str, torch.Tensor]]
     from_keys: Callable[[Mapping[str, torch.Tensor], str], dict[str, torch.Tensor]]
+    check_json: Callable[[Mapping[str, Any], str], None] = lambda data, source: None
 
 
 class PerSample(NamedTuple):
@@ -201,8 +206,12 @@ class Tuner(NamedTuple):
     init: Callable[[nn.Module, Any, torch.Generator, str], TunerParams]
     routes: Callable[[nn.Module, TunerParams, CallContext], Routes]
     validate: Callable[[nn.Module, TunerParams], None]
-    merge: Callable[[nn.Module, TunerParams, Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
-    unmerge: Callable[[nn.Module, TunerParams, Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    # merge(model_or_weights, params, base) / unmerge(model_or_weights, params, merged): the first argument is the
+    # nn.Module, or (only where merges_weights) a {name: tensor} weights mapping: merging is weight arithmetic
+    merge: Callable[[Any, TunerParams, Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    unmerge: Callable[[Any, TunerParams, Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    # whether merge/unmerge accept a weights mapping in place of the model (False: functuner.merge asks for the model)
+    merges_weights: bool = False
     needs_generator: Callable[[nn.Module, TunerParams], bool] = lambda model, params: False
     # -- optional hooks the disk layer (functuner.io) calls; defaults mean "nothing special" --
     # functuner names -> SWIFT's on-disk names (beyond modules_to_save, which io handles); config may be None

@@ -35,9 +35,9 @@ from ..core.routing import Routes, ensure_slots
 from ..core.targets import is_conv1d_gpt2
 from ..errors import ConfigError, ParamsMismatchError, UnsupportedModuleError
 from . import _lycoris as ly
-from .base import CallContext, Tuner, TunerConfig
+from .base import CallContext, KeyNaming, Tuner, TunerConfig
 
-__all__ = ["IA3Config", "init", "is_feedforward", "merge", "routes", "tuner", "unmerge", "validate"]
+__all__ = ["PEFT_FORMAT", "IA3Config", "init", "is_feedforward", "merge", "routes", "tuner", "unmerge", "validate"]
 
 NAMES = ("ia3_l",)
 _EPS = 1e-8  # PEFT's guard against division by zero in unmerge
@@ -254,6 +254,12 @@ def unmerge(model: nn.Module, params: TunerParams, merged: Mapping[str, torch.Te
     return _merge_impl(model, params, merged, invert=True)
 
 
+# PEFT's checkpoint layout for these params (``<module>.<name>`` under ``base_model.model.``).  Not yet the
+# tuner's ``peft`` field: with it, PEFT-format IA3 directories would be read by functuner instead of being
+# passed to ``peft`` by ``Swift.from_pretrained`` (tests/io/test_peft_passthrough.py pins the pass-through).
+PEFT_FORMAT = ly.peft_format("IA3", NAMES, "(IA)³")
+
+
 tuner = Tuner(
     swift_type="IA3",
     config_cls=IA3Config,
@@ -262,4 +268,7 @@ tuner = Tuner(
     validate=validate,
     merge=merge,
     unmerge=unmerge,
+    key_naming=KeyNaming(after=NAMES),
+    check_model=ly.model_check(expected_shapes),
+    check_state=ly.state_check(NAMES, "(IA)³"),
 )

@@ -38,9 +38,9 @@ from ..core.routing import Routes
 from ..core.targets import pattern_value
 from ..errors import ConfigError, UnsupportedModuleError
 from . import _lycoris as ly
-from .base import CallContext, Tuner, TunerConfig
+from .base import CallContext, KeyNaming, Tuner, TunerConfig
 
-__all__ = ["LoHaConfig", "delta_weight", "init", "merge", "routes", "tuner", "unmerge", "validate"]
+__all__ = ["PEFT_FORMAT", "LoHaConfig", "delta_weight", "init", "merge", "routes", "tuner", "unmerge", "validate"]
 
 NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
@@ -207,6 +207,12 @@ def unmerge(model: nn.Module, params: TunerParams, merged: Mapping[str, torch.Te
     return ly.merge_deltas(model, _layout(model, params), params, merged, -1.0, delta)
 
 
+# PEFT's checkpoint layout for these params (``<module>.<name>`` under ``base_model.model.``).  Not yet the
+# tuner's ``peft`` field: with it, PEFT-format LOHA directories would be read by functuner instead of being
+# passed to ``peft`` by ``Swift.from_pretrained`` (tests/io/test_peft_passthrough.py pins the pass-through).
+PEFT_FORMAT = ly.peft_format("LOHA", NAMES, "LoHa")
+
+
 tuner = Tuner(
     swift_type="LOHA",
     config_cls=LoHaConfig,
@@ -215,5 +221,8 @@ tuner = Tuner(
     validate=validate,
     merge=merge,
     unmerge=unmerge,
+    key_naming=KeyNaming(after=NAMES),
+    check_model=ly.model_check(expected_shapes),
+    check_state=ly.state_check(NAMES, "LoHa"),
     needs_generator=needs_generator,
 )

@@ -35,9 +35,20 @@ from ..core.routing import Routes
 from ..core.targets import pattern_value
 from ..errors import ConfigError, UnsupportedModuleError
 from . import _lycoris as ly
-from .base import CallContext, Tuner, TunerConfig
+from .base import CallContext, KeyNaming, Tuner, TunerConfig
 
-__all__ = ["LoKrConfig", "delta_weight", "factorization", "init", "merge", "routes", "tuner", "unmerge", "validate"]
+__all__ = [
+    "PEFT_FORMAT",
+    "LoKrConfig",
+    "delta_weight",
+    "factorization",
+    "init",
+    "merge",
+    "routes",
+    "tuner",
+    "unmerge",
+    "validate",
+]
 
 NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 _INIT_CHOICES = (True, False, "lycoris")
@@ -161,8 +172,10 @@ def delta_weight(tensors: Mapping[str, torch.Tensor], scaling: float, shape: tup
         w2 = tensors["lokr_w2_a"] @ tensors["lokr_w2_b"]
     if w2.dim() == 4:
         w1 = w1[:, :, None, None]
-    # torch.kron fails on some non-contiguous inputs (e.g. a transposed w1 with unit dims added)
-    return (torch.kron(w1.contiguous(), w2.contiguous()) * scaling).reshape(shape)
+    # torch.kron fails on inputs whose unit dims have odd strides (einsum's output for a Conv1d CP kernel, which
+    # crashes PEFT 0.21's LoKr): give both operands standard strides first
+    w1, w2 = w1.clone(memory_format=torch.contiguous_format), w2.clone(memory_format=torch.contiguous_format)
+    return (torch.kron(w1, w2) * scaling).reshape(shape)
 
 
 def _layout(model: nn.Module, params: TunerParams) -> ly.Layout:
@@ -246,6 +259,12 @@ def unmerge(model: nn.Module, params: TunerParams, merged: Mapping[str, torch.Te
     return ly.merge_deltas(model, _layout(model, params), params, merged, -1.0, delta)
 
 
+# PEFT's checkpoint layout for these params (``<module>.<name>`` under ``base_model.model.``).  Not yet the
+# tuner's ``peft`` field: with it, PEFT-format LOKR directories would be read by functuner instead of being
+# passed to ``peft`` by ``Swift.from_pretrained`` (tests/io/test_peft_passthrough.py pins the pass-through).
+PEFT_FORMAT = ly.peft_format("LOKR", NAMES, "LoKr")
+
+
 tuner = Tuner(
     swift_type="LOKR",
     config_cls=LoKrConfig,
@@ -254,5 +273,8 @@ tuner = Tuner(
     validate=validate,
     merge=merge,
     unmerge=unmerge,
+    key_naming=KeyNaming(after=NAMES),
+    check_model=ly.model_check(expected_shapes),
+    check_state=ly.state_check(NAMES, "LoKr"),
     needs_generator=needs_generator,
 )

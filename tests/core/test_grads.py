@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import tiny_gpt2, tiny_llama
 
 import functuner as ft
 

@@ -139,7 +139,7 @@ def test_copies() -> None:
 
 
 def test_real_init_result_is_a_pytree_of_the_right_leaves() -> None:
-    from tests.conftest import tiny_llama
+    from models import tiny_llama
 
     model = tiny_llama()
     p = ft.init(model, ft.LoRAConfig(r=2, target_modules=["q_proj"], use_dora=True), generator=0)

@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -34,7 +35,6 @@ from functuner.optim.galore import (
     project_back,
     projection_side,
 )
-from conftest import tiny_llama
 
 galore_torch = pytest.importorskip("galore_torch")
 from galore_torch.galore_projector import GaLoreProjector  # noqa: E402

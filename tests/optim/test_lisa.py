@@ -18,6 +18,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,7 +33,6 @@ from functuner.optim import (
     lisa_active_layers,
     resync_state,
 )
-from conftest import tiny_llama
 
 LAYERS = 4
 STEPS = 8
@@ -215,10 +215,10 @@ def test_callback_and_functional_loop_match_reference_update_rule() -> None:
     state = None
     for step, ids in enumerate(_batches()):
         trainable = sched.trainable(params, step)
-        state = resync_state(tx, state, trainable)
+        state = sched.sync_state(tx, state, trainable, step)
 
-        def loss_fn(tr, ids=ids):
-            return torch.func.functional_call(model, {**params, **tr}, (), {"input_ids": ids, "labels": ids}).loss
+        def loss_fn(tr, ids=ids, frozen=params):
+            return torch.func.functional_call(model, {**frozen, **tr}, (), {"input_ids": ids, "labels": ids}).loss
 
         grads = torch.func.grad(loss_fn)(trainable)
         decayed = {n: g for n, g in grads.items() if "norm" not in n}
@@ -227,8 +227,10 @@ def test_callback_and_functional_loop_match_reference_update_rule() -> None:
         upd_p, new_p = tx_norm.update(plain, {n: state[n] for n in plain}, trainable)
         state = {**new_d, **new_p}
         params = apply_updates(params, {**upd_d, **upd_p})
+    # torch.func's gradients differ from autograd's in the last bits, and Adam's normalization amplifies that
+    # where a gradient is near eps: 1e-4 is 0.1% of the distance the weights travel here (8 steps of lr 1e-2)
     for n in want:
-        torch.testing.assert_close(params[n], want[n], rtol=1e-4, atol=2e-5, msg=lambda m, n=n: f"{n}: {m}")
+        torch.testing.assert_close(params[n], want[n], rtol=1e-4, atol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def test_errors_name_the_field() -> None:
@@ -244,3 +246,26 @@ def test_errors_name_the_field() -> None:
         LISASchedule.from_model(_model(), LISAConfig(layers_attribute="model.norm"))
     with pytest.raises(TargetError, match="no nn.ModuleList"):
         LISASchedule.from_model(torch.nn.Linear(2, 2), LISAConfig(n_layers=1))
+
+
+def test_switch_keeps_group_keys_with_galore() -> None:
+    from functuner.optim import GaLoreConfig, create_galore_optimizer
+
+    model = _model()
+    cfg = LISAConfig(n_layers=1, step_interval=1, seed=0)
+    cb = LISACallback(model, cfg)
+    opt = create_galore_optimizer(model, GaLoreConfig(rank=2, target_modules=["q_proj"]), lr=1e-3, weight_decay=0.1)
+    step = next(s for s in range(1, 50) if cb.schedule.active_layers(s) != cb.active)
+    assert cb.switch(step, opt)
+    (i,) = cb.active
+    layer = model.model.layers[i]
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    assert group_of[id(layer.self_attn.q_proj.weight)]["rank"] == 2
+    assert (
+        "rank" not in group_of[id(layer.mlp.up_proj.weight)]
+        and group_of[id(layer.mlp.up_proj.weight)]["weight_decay"] == 0.1
+    )
+    assert group_of[id(layer.input_layernorm.weight)]["weight_decay"] == 0.0
+    state_before = dict(opt.state)
+    assert not cb.switch(step, opt)  # a second call for the same step changes nothing
+    assert dict(opt.state) == state_before

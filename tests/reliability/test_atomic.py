@@ -31,7 +31,8 @@ import torch
 from rel_common import ModelSnapshot, out_of, tiny_llama
 from torch.overrides import TorchFunctionMode
 
-import functuner.shim.swift as swift_mod
+import functuner.shim.placement as placement_mod
+import functuner.shim.state as state_mod
 from functuner import LoRAConfig, Swift, SwiftModel
 
 MAX_STEPS = 10**9 if os.environ.get("FUNCTUNER_FULL") == "1" else 80
@@ -68,22 +69,27 @@ class Steps(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-_HELPERS = ("_register", "_unregister", "_set_registered", "bind_routes", "load_file", "save_file")
+# the shim's steps that are no torch op: parameter placement, route building, offload file I/O
+_HELPERS = (
+    (placement_mod, ("register", "unregister", "set_registered", "bind_routes", "load_file", "save_file")),
+    (state_mod, ("bind_routes",)),
+)
 
 
 @pytest.fixture
 def steps(monkeypatch: pytest.MonkeyPatch):
     holder: dict[str, Steps | None] = {"mode": None}
-    for name in _HELPERS:
-        real = getattr(swift_mod, name)
+    for module, names in _HELPERS:
+        for name in names:
+            real = getattr(module, name)
 
-        def wrapped(*a: Any, _real: Any = real, _name: str = name, **kw: Any) -> Any:
-            mode = holder["mode"]
-            if mode is not None:
-                mode.tick(_name)
-            return _real(*a, **kw)
+            def wrapped(*a: Any, _real: Any = real, _name: str = name, **kw: Any) -> Any:
+                mode = holder["mode"]
+                if mode is not None:
+                    mode.tick(_name)
+                return _real(*a, **kw)
 
-        monkeypatch.setattr(swift_mod, name, wrapped)
+            monkeypatch.setattr(module, name, wrapped)
 
     def run(call: Callable[[], Any], fail_at: int | None) -> int:
         mode = Steps(fail_at)

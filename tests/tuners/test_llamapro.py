@@ -1,21 +1,26 @@
-"""LLaMA-Pro block expansion, compared with SWIFT's own LLaMAPro on a tiny Llama (fixtures from the real ms-swift)."""
+"""LLaMA-Pro block expansion on a tiny Llama: the new blocks' init, KV-cache generation, SWIFT's interleaving, grads.
+
+Parity with SWIFT's own LLaMAPro (keys, init and trained outputs, deactivation, loading and re-saving SWIFT's
+files): row llamapro of tests/tuners/test_swift_parity.py.
+"""
 
 from __future__ import annotations
 
-import json
 import pathlib
+import shutil
+import tempfile
 
 import pytest
 import torch
-import transformers
-from conftest import tiny_bert, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import SMALL_LLAMA, tiny_bert, tiny_llama
 from safetensors.torch import load_file
 
 import functuner as ft
 from functuner.core.routing import routed
 from functuner.errors import ConfigError, ParamsMismatchError, TargetError
+from functuner.io import checkpoint as ckpt
 from functuner.io import keys
 from functuner.tuners.llamapro import expansion_plan
 
@@ -23,49 +28,30 @@ FIX = pathlib.Path(__file__).parents[1] / "fixtures" / "tuners2"
 
 
 def _swift_setup():
-    cfg = transformers.LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attn_implementation="sdpa",
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(**SMALL_LLAMA)
     model.load_state_dict(load_file(FIX / "llamapro_base.safetensors"))
-    config = ft.LLaMAProConfig(**json.loads((FIX / "llamapro_config.json").read_text()))
-    swift_adapter = load_file(FIX / "llamapro_adapter.safetensors")  # SWIFT's keys: model.layers.1.*, model.layers.3.*
-    return (
-        model,
-        config,
-        load_file(FIX / "llamapro_outputs.safetensors"),
-        keys.llamapro_from_swift_state_dict(swift_adapter, "model.layers"),
-    )
+    with tempfile.TemporaryDirectory() as d:  # SWIFT's files, read by functuner's checkpoint reader
+        (pathlib.Path(d) / "default").mkdir()
+        shutil.copy(FIX / "llamapro_config.json", pathlib.Path(d) / "default" / "adapter_config.json")
+        # SWIFT's keys: model.layers.1.*, model.layers.3.* (the expanded list's indices)
+        shutil.copy(FIX / "llamapro_adapter.safetensors", pathlib.Path(d) / "default" / "adapter_model.safetensors")
+        read = ckpt.read_adapter_dir(d)["default"]
+    assert isinstance(read.config, ft.LLaMAProConfig)
+    return model, read.config, load_file(FIX / "llamapro_outputs.safetensors"), read.state
 
 
-def test_matches_swift_keys_init_and_trained_outputs():
+def test_new_blocks_start_as_identity_copies_and_leave_the_model_alone():
+    # (keys as SWIFT saves them, init / trained outputs, deactivation against SWIFT's recording:
+    #  test_swift_parity.py, row llamapro)
     model, config, out, swift_adapter = _swift_setup()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     p = ft.init(model, config, generator=0)
-    assert sorted(p) == sorted(swift_adapter)
-    on_disk = load_file(FIX / "llamapro_adapter.safetensors")
-    assert sorted(keys.to_swift_state_dict(p)) == sorted(on_disk)  # SWIFT's names: model.layers.1.*, model.layers.3.*
     assert torch.equal(p["model.layers.0.llamapro_default.self_attn.o_proj.weight"], torch.zeros(16, 16))
     assert torch.equal(p["model.layers.1.llamapro_default.mlp.down_proj.weight"], torch.zeros(16, 32))
     assert torch.equal(
         p["model.layers.1.llamapro_default.self_attn.q_proj.weight"], model.model.layers[1].self_attn.q_proj.weight
     )
-    ids = out["ids"]
-    assert torch.equal(model(ids).logits, out["base_out"])
-    assert torch.equal(ft.apply(model, p, (ids,)).logits, out["init_out"])  # starts equal to the base model
-    trained = ft.TunerParams(swift_adapter, config)
-    got = ft.apply(model, trained, (ids,)).logits
-    torch.testing.assert_close(got, out["tuned_out"], rtol=1e-6, atol=1e-6)
-    assert not torch.allclose(got, out["base_out"])
-    assert torch.equal(model(ids).logits, out["base_out"])  # deactivated: base again
-    torch.testing.assert_close(ft.apply(model, trained, (ids,)).logits, got, rtol=0, atol=0)
+    ft.apply(model, ft.TunerParams(swift_adapter, config), (out["ids"],))
     assert len(model.model.layers) == 2
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -143,20 +129,3 @@ def test_bad_configs_raise_before_anything_changes():
     with pytest.raises(ConfigError, match="no merged form"):
         ft.merge(model, p)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-
-
-def test_loads_the_files_swift_saved(tmp_path):
-    """adapter_config.json and adapter_model.safetensors exactly as SWIFT's save_pretrained wrote them."""
-    import shutil
-
-    model, _, out, _ = _swift_setup()
-    (tmp_path / "default").mkdir()
-    shutil.copy(FIX / "llamapro_config.json", tmp_path / "default" / "adapter_config.json")
-    shutil.copy(FIX / "llamapro_adapter.safetensors", tmp_path / "default" / "adapter_model.safetensors")
-    loaded = ft.SwiftModel.from_pretrained(model, str(tmp_path))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(out["ids"]).logits, out["tuned_out"], rtol=1e-6, atol=1e-6)
-    loaded.save_pretrained(tmp_path / "again")
-    assert sorted(load_file(tmp_path / "again" / "default" / "adapter_model.safetensors")) == sorted(
-        load_file(FIX / "llamapro_adapter.safetensors")
-    )

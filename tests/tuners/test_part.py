@@ -15,9 +15,9 @@ from models import logits, tiny_bert
 import functuner as ft
 from functuner.errors import CheckpointError, ConfigError, ParamsMismatchError, TargetError
 from functuner.io import checkpoint as ckpt
-from functuner.io.keys import part_from_swift_state_dict, rename_adapter, to_swift_state_dict
+from functuner.io.keys import rename_adapter, to_swift_state_dict
 from functuner.tuners.adapter import AdapterConfig
-from functuner.tuners.part import PartConfig
+from functuner.tuners.part import PartConfig, part_from_swift_state_dict
 from functuner.tuners.prompt import PromptConfig
 
 TARGET = r".*layer\.0\.output\.dense"

@@ -17,6 +17,7 @@ import functuner as ft
 from functuner.errors import ConfigError, ParamsMismatchError
 from functuner.tuners.prompt import PromptConfig
 
+
 def swift_params(case, name: str = "default") -> ft.TunerParams:
     files = case.adapters[name]
     return ft.TunerParams(files.state, PromptConfig.from_dict(files.config), name)

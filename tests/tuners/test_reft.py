@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import tiny_bert, tiny_llama
 
 import functuner as ft
 from functuner.errors import ConfigError, ParamsMismatchError, TargetError

@@ -307,8 +307,21 @@ def _shim_output(sm: Any, rec: Recorded) -> torch.Tensor:
         return logits(sm(*rec.args))
 
 
+#: Rows whose shim checks fail on a library bug (strict: the test says so once the bug is fixed).
+SHIM_BUGS = {
+    "tuners/side_toy_fcn4": "the shim attaches its parameter holder 'side_default' as a child of the target "
+    "nn.Sequential 'backbone', which then calls it as a layer (RuntimeError); ft.apply is unaffected",
+}
+
+
+def _known_shim_bug(row: Row, request: pytest.FixtureRequest) -> None:
+    if row.fixture in SHIM_BUGS:
+        request.applymarker(pytest.mark.xfail(raises=RuntimeError, strict=True, reason=SHIM_BUGS[row.fixture]))
+
+
 @parity
-def test_shim_loads_swifts_directory(row, tmp_path):
+def test_shim_loads_swifts_directory(row, tmp_path, request):
+    _known_shim_bug(row, request)
     model = row.build()
     rec = recorded(row, model, tmp_path)
     with torch.no_grad():
@@ -321,10 +334,33 @@ def test_shim_loads_swifts_directory(row, tmp_path):
         sm.deactivate_adapter(name)
     assert torch.equal(_shim_output(sm, rec), base)
     assert set(sm.state_dict()) == {k for s in rec.swift_state.values() for k in s}
+    sm.save_pretrained(str(tmp_path / "again"))  # re-saved: SWIFT's keys again
+    for name, state in rec.swift_state.items():
+        if state:
+            assert set(ckpt.read_tensors(tmp_path / "again" / name)) == set(state)
 
 
 @parity
-def test_shim_prepare_load_toggle_save_and_reload(row, tmp_path):
+def test_shim_loads_the_directory_functuner_wrote(row, tmp_path, request):
+    _known_shim_bug(row, request)
+    model = row.build()
+    rec = recorded(row, model, tmp_path)
+    with torch.no_grad():
+        base = logits(model(*rec.args))
+    for p in swift_params(rec):
+        ckpt.write_swift_adapter(tmp_path / "ours", p.adapter_name, p.config, p)
+    sm = ft.Swift.from_pretrained(model, str(tmp_path / "ours"))
+    if rec.train:
+        sm.train()
+    torch.testing.assert_close(_shim_output(sm, rec), rec.output, **row.tol)
+    sm.set_active_adapters([])
+    assert torch.equal(_shim_output(sm, rec), base)
+    assert set(sm.state_dict()) == {k for s in rec.swift_state.values() for k in s}
+
+
+@parity
+def test_shim_prepare_load_toggle_save_and_reload(row, tmp_path, request):
+    _known_shim_bug(row, request)
     model = row.build()
     rec = recorded(row, model, tmp_path)
     with torch.no_grad():

@@ -64,6 +64,7 @@ from ...core.naming import check_adapter_name
 from ...core.params import TunerParams
 from ...errors import AdapterNameError, ConfigError
 from .config import LoRAConfig
+from .keys import EMBEDDING_PARTS, param_names, parse_key
 from .layout import expected_shapes, layer_kind
 from .math import dora_norm, weight_as_out_in
 
@@ -228,16 +229,15 @@ def _modules_of(params: TunerParams, model: nn.Module | None = None) -> dict[str
     ad = params.adapter_name
     out: dict[str, _Factors] = {}
     for key in params:
-        for a_mark, b_mark, emb in (
-            (f".lora_A.{ad}.weight", f".lora_B.{ad}.weight", False),
-            (f".lora_embedding_A.{ad}", f".lora_embedding_B.{ad}", True),
-        ):
-            if key.endswith(a_mark):
-                name = key[: -len(a_mark)]
-                transposed = emb or bool(cfg.fan_in_fan_out) or _is_gpt2_conv1d(model, name)
-                out[name] = _Factors(params[key], params[name + b_mark], cfg.scaling_for(name), emb, transposed)
+        parsed = parse_key(key)
+        if parsed is None or parsed.adapter != ad or parsed.part not in ("lora_A", "lora_embedding_A"):
+            continue
+        name, emb = parsed.module, parsed.part in EMBEDDING_PARTS
+        b_key = param_names(name, "embedding" if emb else "linear", ad)[1]
+        transposed = emb or bool(cfg.fan_in_fan_out) or _is_gpt2_conv1d(model, name)
+        out[name] = _Factors(params[key], params[b_key], cfg.scaling_for(name), emb, transposed)
     for key in params:
-        if ".lora_A." in key or ".lora_B." in key or ".lora_embedding_" in key or ".lora_magnitude_vector." in key:
+        if parse_key(key) is not None:
             continue
         raise ConfigError(
             f"adapter {ad!r} holds {key!r} (a trainable bias or modules_to_save copy);"
@@ -512,14 +512,10 @@ def add_weighted_adapter(
                 svd_full_matrices,
                 svd_driver,
             )
-        if present[0][0].embedding:
-            tensors[f"{name}.lora_embedding_A.{adapter_name}"] = A
-            tensors[f"{name}.lora_embedding_B.{adapter_name}"] = B
-        else:
-            tensors[f"{name}.lora_A.{adapter_name}.weight"] = A
-            tensors[f"{name}.lora_B.{adapter_name}.weight"] = B
+        a_key, b_key, m_key = param_names(name, "embedding" if present[0][0].embedding else "linear", adapter_name)
+        tensors[a_key], tensors[b_key] = A, B
         if use_dora:
-            tensors[f"{name}.lora_magnitude_vector.{adapter_name}.weight"] = _dora_magnitude(model, name)
+            tensors[m_key] = _dora_magnitude(model, name)
     config = dataclasses.replace(
         configs[0],
         r=new_rank,

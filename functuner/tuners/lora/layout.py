@@ -21,7 +21,7 @@ from ...core.params import TunerParams
 from ...core.targets import is_conv1d_gpt2
 from ...errors import ParamsMismatchError, UnsupportedModuleError
 from .config import LoRAConfig
-from .keys import param_names
+from .keys import param_names, parse_key
 
 __all__ = [
     "Layout",
@@ -137,36 +137,36 @@ def _build_layout(model: nn.Module, params: TunerParams) -> Layout:
     keys = list(params)
     modules_to_save_keys: dict[str, list[tuple[str, str]]] = {}
     for key in keys:
-        for marker in (f".lora_A.{ad}.weight", f".lora_embedding_A.{ad}"):
-            if key.endswith(marker):
-                mname = key[: -len(marker)]
-                module = _find_module(model, mname, key)
-                kind = layer_kind(module, mname)
-                a, b, m = param_names(mname, kind, ad)
-                if a != key:
-                    raise ParamsMismatchError(f"params key {key!r}: module {mname!r} is a {kind}, expected key {a!r}")
-                if b not in params:
-                    raise ParamsMismatchError(f"params has {a!r} but not its partner {b!r}")
-                has_m = m in params
-                if has_m != bool(cfg.use_dora):
-                    raise ParamsMismatchError(
-                        f"params for {mname!r}: use_dora={cfg.use_dora} but {m!r} is {'present' if has_m else 'missing'}"
-                    )
-                bias_key = f"{mname}.bias" if f"{mname}.bias" in params else None
-                sites.append(
-                    Site(
-                        mname,
-                        module,
-                        kind,
-                        a,
-                        b,
-                        m if has_m else None,
-                        bias_key,
-                        cfg.scaling_for(mname),
-                        float(cfg.lora_dropout),
-                    )
+        parsed = parse_key(key)
+        if parsed is not None and parsed.adapter == ad and parsed.part in ("lora_A", "lora_embedding_A"):
+            mname = parsed.module
+            module = _find_module(model, mname, key)
+            kind = layer_kind(module, mname)
+            a, b, m = param_names(mname, kind, ad)
+            if a != key:
+                raise ParamsMismatchError(f"params key {key!r}: module {mname!r} is a {kind}, expected key {a!r}")
+            if b not in params:
+                raise ParamsMismatchError(f"params has {a!r} but not its partner {b!r}")
+            has_m = m in params
+            if has_m != bool(cfg.use_dora):
+                raise ParamsMismatchError(
+                    f"params for {mname!r}: use_dora={cfg.use_dora} but {m!r} is {'present' if has_m else 'missing'}"
                 )
-                claimed.update(k for k in (a, b, m if has_m else None, bias_key) if k)
+            bias_key = f"{mname}.bias" if f"{mname}.bias" in params else None
+            sites.append(
+                Site(
+                    mname,
+                    module,
+                    kind,
+                    a,
+                    b,
+                    m if has_m else None,
+                    bias_key,
+                    cfg.scaling_for(mname),
+                    float(cfg.lora_dropout),
+                )
+            )
+            claimed.update(k for k in (a, b, m if has_m else None, bias_key) if k)
         if ".modules_to_save." in key:
             mname, _, rest = key.partition(".modules_to_save.")
             if not rest.startswith(ad + "."):

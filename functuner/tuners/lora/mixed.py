@@ -186,17 +186,20 @@ def stack_adapters(model: nn.Module, adapters: Sequence[TunerParams] | Mapping[s
                 base_bias = getattr(module, "bias", None)
                 shift = p[s.bias] - base_bias if base_bias is not None else p[s.bias]
                 biases[i] = shift.to(dtype)
-        sites.append(
-            _StackSite(
-                module,
-                first.name,
-                kind,
-                torch.stack(As),
-                torch.stack(Bs),
-                torch.stack(doras) if any_dora else None,
-                torch.stack(biases) if any_bias else None,
-                max(s.dropout for _, s, _ in entries),
+        try:
+            A_all, B_all = torch.stack(As), torch.stack(Bs)
+            M_all = torch.stack(doras) if any_dora else None
+            bias_all = torch.stack(biases) if any_bias else None
+        except RuntimeError as exc:  # factors on different devices (shapes and dtypes are made to agree above)
+            found = ", ".join(
+                f"{named[i][0]!r}: r={p[s.a].shape[0]} {p[s.a].dtype} on {p[s.a].device}" for i, s, p in entries
             )
+            raise ConfigError(
+                f"stack_adapters: the adapters of module {first.name!r} cannot be stacked ({found}): {exc}."
+                " Put every adapter on the model's device"
+            ) from None
+        sites.append(
+            _StackSite(module, first.name, kind, A_all, B_all, M_all, bias_all, max(s.dropout for _, s, _ in entries))
         )
     return AdapterStack(tuple(n for n, _ in named), tuple(sites))
 

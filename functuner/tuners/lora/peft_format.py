@@ -27,12 +27,14 @@ from torch import nn
 from ...core.targets import match_name, select_modules
 from ...errors import CheckpointError, ParamsMismatchError, TargetError
 from ..base import KeyNaming, PeftFormat
+from .config import LoRAConfig
 from .keys import EMBEDDING_PARTS, LORA_PARTS, parse_key
 from .layout import in_out_features, layer_kind
 
 __all__ = [
     "KEY_NAMING",
     "PEFT_FORMAT",
+    "check_json",
     "check_model",
     "check_state",
     "from_peft_keys",
@@ -109,6 +111,17 @@ def peft_config_json(config: Any) -> dict[str, Any]:
     return cast(dict[str, Any], data)
 
 
+def check_json(data: Mapping[str, Any], source: str) -> None:
+    """Refuse a raw SWIFT LoRA config whose SWIFT-only fields PEFT's format cannot hold (:class:`CheckpointError`)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(LoRAConfig) if f.default is not dataclasses.MISSING}
+    for name in _SWIFT_ONLY_FIELDS:
+        value = data.get(name, defaults.get(name))
+        if value not in (defaults.get(name), None, False, "None"):
+            raise CheckpointError(
+                f"{source}: LoRA field {name}={value!r} has no PEFT counterpart; PEFT's format cannot hold it"
+            )
+
+
 def to_peft_keys(state: Mapping[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
     """functuner names -> PEFT's on-disk names without the ``base_model.model.`` prefix. Pure.
 
@@ -154,7 +167,11 @@ def from_peft_keys(state: Mapping[str, torch.Tensor], adapter_name: str) -> dict
 
 
 PEFT_FORMAT = PeftFormat(
-    peft_type="LORA", config_to_json=peft_config_json, to_keys=to_peft_keys, from_keys=from_peft_keys
+    peft_type="LORA",
+    config_to_json=peft_config_json,
+    to_keys=to_peft_keys,
+    from_keys=from_peft_keys,
+    check_json=check_json,
 )
 
 

@@ -161,6 +161,7 @@ tuner = Tuner(
     validate=validate,
     merge=merge,
     unmerge=unmerge,
+    merges_weights=True,
     needs_generator=needs_generator,
     to_swift_keys=peft_format.to_swift_keys,
     from_swift_keys=peft_format.from_swift_keys,

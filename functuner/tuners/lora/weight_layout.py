@@ -123,7 +123,7 @@ def weight_layout(
     def base_shape(wkey: str, from_key: str) -> tuple[int, ...]:
         if wkey not in shapes:
             raise ParamsMismatchError(
-                f"{source}: params key {from_key!r} targets weight {wkey!r}, which the base weights do not have"
+                f"{source}: params key {from_key!r} targets weight {wkey!r}, which the base does not have"
             )
         return tuple(int(d) for d in shapes[wkey])
 

@@ -103,8 +103,14 @@ def make_pair(model: nn.Module, ours: Any, theirs: peft.PeftConfig, seed: int = 
     return p.replace({k: theirs_t[k].detach().clone() for k in p}), pm
 
 
-def assert_parity(model: nn.Module, inputs: dict[str, torch.Tensor], p: ft.TunerParams, pm: nn.Module) -> None:
-    """Forward, gradients, merged forward and unmerge agree with PEFT (see the module docstring)."""
+def assert_parity(
+    model: nn.Module, inputs: dict[str, torch.Tensor], p: ft.TunerParams, pm: nn.Module, *, peft_grads: bool = True
+) -> None:
+    """Forward, gradients, merged forward and unmerge agree with PEFT (see the module docstring).
+
+    ``peft_grads=False`` skips the gradient comparison, for the one case where PEFT's hand-written backward
+    is wrong (LoHa's CP kernel; the test checks that and runs ``gradcheck`` on ours instead).
+    """
     base = out_of(model(**inputs)).detach()
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in p.items()}
     ours = out_of(ft.apply(model, p.replace(leaves), kwargs=inputs))
@@ -117,6 +123,8 @@ def assert_parity(model: nn.Module, inputs: dict[str, torch.Tensor], p: ft.Tuner
     peft_t = adapter_params(pm)
     g_theirs = torch.autograd.grad((theirs * weights).sum(), [peft_t[k] for k in leaves])
     for k, a, b in zip(leaves, g_ours, g_theirs, strict=True):
+        if not peft_grads:
+            break
         torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"grad of {k}: {m}")
 
     merged = ft.merge(model, p)

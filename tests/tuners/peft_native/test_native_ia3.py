@@ -85,3 +85,18 @@ def test_errors_name_the_problem() -> None:
     bad = ft.TunerParams({"lin1.ia3_l.default": torch.ones(1, 12)}, p.config)
     with pytest.raises(ParamsMismatchError, match=r"lin1\.ia3_l\.default.*\(1, 12\).*\(16, 1\)"):
         ft.validate(model, bad)
+
+
+def test_shim_takes_native_configs_and_still_passes_peft_configs_to_peft() -> None:
+    x = torch.randn(3, 12)
+    cfg = IA3Config(target_modules=["lin1", "lin2"], feedforward_modules=["lin2"], init_ia3_weights=False)
+    model = mlp()
+    p = ft.init(model, cfg, generator=0)
+    sm = ft.Swift.prepare_model(mlp(), cfg)
+    assert isinstance(sm, ft.SwiftModel)
+    trained = {k.removeprefix("base_model."): v.detach() for k, v in sm.named_parameters() if v.requires_grad}
+    assert set(trained) == set(p)
+    torch.testing.assert_close(sm(x), ft.apply(model, p.replace(trained), (x,)))
+    pm = ft.Swift.prepare_model(mlp(), peft.IA3Config(target_modules=["lin1"], feedforward_modules=[]))
+    assert isinstance(pm, peft.PeftModel)
+    torch.testing.assert_close(pm(x), mlp()(x))  # PEFT's own init: ones

@@ -24,7 +24,7 @@ ROWS = {
             "alpha_pattern": {r"layers\.1\.self_attn\.q_proj": 7},
         },
     ),
-    "llama-layers": ("llama", {"target_modules": r".*\.o_proj", "layers_to_transform": [1], "r": 3}),
+    "llama-layers": ("llama", {"target_modules": ["o_proj"], "layers_to_transform": [1], "r": 3}),
     "conv-flat": ("conv", {"target_modules": ["c1", "c2", "c3", "c4"], "r": 2}),
     "conv-effective": ("conv", {"target_modules": ["c1", "c2", "c3", "c4"], "r": 2, "use_effective_conv2d": True}),
 }
@@ -36,7 +36,30 @@ def test_loha_parity_with_peft(row: str) -> None:
     build, inputs = MODELS[model_name]
     model = build()
     p, pm = make_pair(model, LoHaConfig(init_weights=False, **kwargs), peft.LoHaConfig(init_weights=False, **kwargs))
-    assert_parity(model, inputs(), p, pm)
+    assert_parity(model, inputs(), p, pm, peft_grads=not kwargs.get("use_effective_conv2d"))
+
+
+def test_cp_gradients_pass_gradcheck_where_peft_backward_does_not() -> None:
+    """PEFT 0.21.2's ``HadaWeightCP.backward`` fails ``gradcheck``; ours is plain autograd and passes it."""
+    from peft.tuners.loha.layer import HadaWeightCP
+    from torch.autograd.gradcheck import GradcheckError
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(2, 2, 3, 3), (2, 5), (2, 4)] * 2
+    ts = [torch.randn(s, dtype=torch.float64, generator=g, requires_grad=True) for s in shapes]
+    scale = torch.tensor(0.5, dtype=torch.float64)
+    with pytest.raises(GradcheckError):
+        torch.autograd.gradcheck(lambda *a: HadaWeightCP.apply(*a, scale), ts)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 5, 3, padding=1)).double()
+    p = ft.init(
+        model, LoHaConfig(target_modules=["0"], r=2, use_effective_conv2d=True, init_weights=False), generator=0
+    )
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64, generator=g)
+    names = list(p)
+    leaves = [p[n].detach().clone().requires_grad_(True) for n in names]
+    assert torch.autograd.gradcheck(
+        lambda *a: ft.apply(model, p.replace(dict(zip(names, a, strict=True))), (x,)), leaves
+    )
 
 
 def test_default_init_is_identity_and_pure() -> None:

@@ -30,7 +30,8 @@ ROWS = {
     "conv-flat": ("conv", {"target_modules": ["c1", "c2", "c3"], "r": 1}),
     "conv-full-w2": ("conv", {"target_modules": ["c1", "c2", "c3"], "r": 8}),
     "conv-effective": ("conv", {"target_modules": ["c1", "c2", "c3"], "r": 1, "use_effective_conv2d": True}),
-    "conv1d": ("conv", {"target_modules": ["c4"], "r": 1, "use_effective_conv2d": True}),
+    "conv1d-flat": ("conv", {"target_modules": ["c4"], "r": 1}),
+    "conv1d-full-w2": ("conv", {"target_modules": ["c4"], "r": 8}),
 }
 
 
@@ -52,6 +53,22 @@ def test_default_inits_are_identity(init_weights: object) -> None:
     pm = peft.get_peft_model(mlp(), peft.LoKrConfig(target_modules=["lin1", "lin2"], r=1, init_weights=init_weights))
     zeros = {n.split("base_model.model.")[1] for n, t in pm.named_parameters() if t.requires_grad and not t.any()}
     assert zeros == {k for k, t in p.items() if not t.any()}
+
+
+def test_conv1d_effective_runs_where_peft_crashes() -> None:
+    """PEFT 0.21.2 raises inside ``torch.kron`` for a Conv1d CP kernel; ours runs, and merge equals apply."""
+    build, inputs = MODELS["conv"]
+    model, x = build(), inputs()
+    kwargs = {"target_modules": ["c4"], "r": 1, "use_effective_conv2d": True, "init_weights": False}
+    pm = peft.get_peft_model(build(), peft.LoKrConfig(**kwargs))
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        pm(**x)
+    p = ft.init(model, LoKrConfig(**kwargs), generator=0)
+    assert "c4.lokr_t2.default" in p
+    out = ft.apply(model, p, kwargs=x)
+    assert (out - model(**x)).abs().max() > 1e-3
+    merged = torch.func.functional_call(model, ft.merge(model, p), (), x)
+    torch.testing.assert_close(merged, out, atol=1e-5, rtol=1e-5)
 
 
 def test_factorization_matches_peft() -> None:
