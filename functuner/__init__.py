@@ -34,6 +34,9 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     "AdapterConfig": "functuner.tuners.adapter",
+    "IA3Config": "functuner.tuners.ia3",
+    "LoHaConfig": "functuner.tuners.loha",
+    "LoKrConfig": "functuner.tuners.lokr",
     "LLaMAProConfig": "functuner.tuners.llamapro",
     "LoRAConfig": "functuner.tuners.lora",
     "LoraConfig": "functuner.tuners.lora",
@@ -74,7 +77,10 @@ _SUBMODULES = ("cli", "core", "distributed", "errors", "functional", "grads", "i
 
 __all__ = [
     "AdapterConfig",
+    "IA3Config",
     "LLaMAProConfig",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoRAConfig",
     "LongLoRAConfig",
     "LoraConfig",
@@ -138,7 +144,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names __getattr__
     from .shim import Swift, SwiftConfig, SwiftModel
     from .tuners import Tuner, TunerConfig, register, tuner_for
     from .tuners.adapter import AdapterConfig
+    from .tuners.ia3 import IA3Config
     from .tuners.llamapro import LLaMAProConfig
+    from .tuners.loha import LoHaConfig
+    from .tuners.lokr import LoKrConfig
     from .tuners.longlora import LongLoRAConfig
     from .tuners.lora import LoRAConfig, LoraConfig, lora_delta
     from .tuners.neftune import NEFTuneConfig

@@ -10,7 +10,7 @@ pytree of ordinary tensors, so data parallelism is PyTorch's own collectives:
   (eager training without a ``DistributedDataParallel`` wrapper).
 * :func:`broadcast_params` makes every rank hold rank ``src``'s params.
 * :func:`run_on_rank0` / :func:`save_params_on_rank0` write a checkpoint (SWIFT's
-  layout, via :mod:`functuner.checkpoint`) from rank 0 only while the other
+  layout, via :mod:`functuner.io.checkpoint`) from rank 0 only while the other
   ranks wait; a failure on rank 0 is raised on every rank (nobody hangs).
   :func:`load_params` reads it on every rank.
 * :func:`merge_sharded` folds an adapter into base weights that
@@ -194,7 +194,7 @@ def save_params_on_rank0(params: TunerParams, save_directory: str | os.PathLike[
 
     The adapter lands in ``save_directory/<adapter_name>/`` (``adapter_config.json``
     and ``adapter_model.safetensors``, what ``SwiftModel.save_pretrained`` and
-    ms-swift write), through :func:`functuner.checkpoint.write_swift_adapter`:
+    ms-swift write), through :func:`functuner.io.checkpoint.write_swift_adapter`:
     an atomic directory swap, so a crash never leaves half a checkpoint.  Call
     it on every rank (it contains a collective); returns the adapter folder.
     """
@@ -213,7 +213,7 @@ def load_params(
     """Read an adapter written by :func:`save_params_on_rank0` (on every rank; no collective, no unpickling).
 
     Reads ``save_directory/<like.adapter_name>/`` with
-    :func:`functuner.checkpoint.read_adapter` (SWIFT or PEFT layout).  ``like``
+    :func:`functuner.io.checkpoint.read_adapter` (SWIFT or PEFT layout).  ``like``
     supplies the expected config, names, shapes and dtypes: anything that
     differs raises :class:`~functuner.errors.CheckpointError` naming the folder
     and what differs.  Tensors go to ``device`` (default: where ``like``'s are).

@@ -4,7 +4,7 @@ functuner implements LoRA and SWIFT's tuners itself; a PEFT checkpoint of any
 other PEFT type is handed to the real ``peft.PeftModel.from_pretrained`` /
 ``PeftModel.load_adapter``, as ms-swift's ``Swift.from_pretrained`` does.
 Which adapters go this way is decided by
-:func:`functuner.checkpoint.peft_native_adapters`; this module only calls peft,
+:func:`functuner.io.checkpoint.peft_native_adapters`; this module only calls peft,
 with functuner's safety rules around it:
 
 * the weights files are read and checked first (pickles refused unless

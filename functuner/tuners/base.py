@@ -103,7 +103,7 @@ class TunerConfig:
             raise ConfigError(f"{cls.__name__} has no field(s) {unknown}")
         return cls(**{k: v for k, v in data.items() if k in names})
 
-    # SWIFT's SwiftConfig interface (functuner.SwiftConfig is this class); disk I/O lives in functuner.checkpoint.
+    # SWIFT's SwiftConfig interface (functuner.SwiftConfig is this class); disk I/O lives in functuner.io.checkpoint.
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Write ``save_directory/adapter_config.json`` (fields plus ``swift_type``), atomically, as SWIFT does."""
         from ..io.checkpoint import write_adapter_config

@@ -11,7 +11,7 @@ their index in the expanded list: with 2 layers and 2 new blocks the list is
 ``model.layers.3.*``.  Those names are original layers' names in the
 unexpanded model, so functuner's params name a new block after the layer it
 follows: ``model.layers.<i>.llamapro_<adapter>.<param>``
-(:func:`functuner.keys.llamapro_to_swift_state_dict` and its inverse convert
+(:func:`to_swift_keys` and :func:`from_swift_keys`, the disk layer's hooks, convert
 to and from SWIFT's names; checkpoints use SWIFT's).
 
 Functional form: the model keeps its layers.  A forward slot on each original
