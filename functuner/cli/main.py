@@ -155,7 +155,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
     if (dst.exists() or dst.is_symlink()) and not args.overwrite:
         raise _Fail(f"{dst}: already exists (pass --overwrite to replace it)")
-    adapters = convert_checkpoint(src, dst, args.to, overwrite=args.overwrite, keep_existing=False)
+    adapters = convert_checkpoint(
+        src, dst, args.to, overwrite=args.overwrite, keep_existing=False, same_format_ok=False
+    )
     source_format = "/".join(sorted({ck.format for ck in adapters.values()}))
     print(
         f"converted {len(adapters)} adapter(s) ({', '.join(map(repr, adapters))}) from {source_format.upper()} to"

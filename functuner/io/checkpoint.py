@@ -241,6 +241,7 @@ def convert_checkpoint(
     *,
     overwrite: bool = True,
     keep_existing: bool = True,
+    same_format_ok: bool = True,
 ) -> dict[str, AdapterCheckpoint]:
     """Write every adapter of ``src`` in ``to``'s layout (``"peft"`` or ``"swift"``) at ``dst``, atomically.
 
@@ -248,9 +249,13 @@ def convert_checkpoint(
     validated before anything is written; ``dst`` may be ``src``.  Refused
     (:class:`CheckpointError`): a tuner without a PEFT format, SWIFT-only
     fields PEFT cannot hold, ``extra_states/`` (to PEFT), full base weights
-    (to SWIFT), a directory already wholly in ``to``'s layout (unless in
-    place), an existing ``dst`` without ``overwrite``.  Regular top-level files
-    of ``src`` are copied (never symlinks).  Returns the adapters read.
+    (to SWIFT), an existing ``dst`` without ``overwrite``, and, without
+    ``same_format_ok``, a directory already wholly in ``to``'s layout (unless
+    converting in place).  Regular top-level files of ``src`` are copied
+    (never symlinks).  ``Swift.save_to_peft_format`` is
+    ``convert_checkpoint(src, dst, "peft")``; ``functuner convert`` adds
+    ``overwrite=False, keep_existing=False, same_format_ok=False``.  Returns
+    the adapters read.
     """
     keys._check_fmt(to)
     src_p = Path(src)
@@ -271,7 +276,7 @@ def convert_checkpoint(
                 peft.check_json(data, str(folder / CONFIG_NAME))
     adapters = read_adapter_dir(src_p)
     in_place = os.path.realpath(src_p) == os.path.realpath(dst)
-    if not in_place and adapters and all(ck.format == to for ck in adapters.values()):
+    if not same_format_ok and not in_place and adapters and all(ck.format == to for ck in adapters.values()):
         raise CheckpointError(f"{src_p}: already in {to.upper()} format")
     if to == "peft":
         write_peft_checkpoint(dst, adapters, copy_from=src_p, keep_existing=keep_existing, overwrite=overwrite)

@@ -77,8 +77,11 @@ class GaLoreConfig:
         (:func:`functuner.optim.torch_optim.create_galore_optimizer`).
     :param quantize: Q-GaLore (int8 weights, stochastic rounding): not implemented, must stay ``False``.
     :param proj_quant: Q-GaLore's low-bit projection matrices: not implemented, must stay ``False``.
-    :param proj_bits, proj_group_size, cos_threshold, gamma_proj, queue_size: Q-GaLore's settings,
-        accepted for configuration compatibility and unused.
+    :param proj_bits: Q-GaLore's projection bits: accepted for configuration compatibility, unused.
+    :param proj_group_size: Q-GaLore's quantization group size: accepted, unused.
+    :param cos_threshold: Q-GaLore's adaptive-refresh threshold: accepted, unused.
+    :param gamma_proj: Q-GaLore's refresh-gap multiplier: accepted, unused.
+    :param queue_size: Q-GaLore's similarity queue length: accepted, unused.
     :param exclude_modules: modules never selected even if ``target_modules`` matches them.
     """
 

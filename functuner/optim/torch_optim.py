@@ -58,7 +58,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     :param params: parameters or groups; a group with ``rank`` (and optionally ``update_proj_gap``,
         ``scale``, ``proj_type``) is trained with its gradient projected, Adam's moments low-rank.
-    :param lr, betas, eps, weight_decay, correct_bias: AdamW's, with ``galore_torch``'s defaults.
+    :param lr: learning rate (``galore_torch``'s default).
+    :param betas: Adam's moment decay rates.
+    :param eps: added to the square root of the second moment.
+    :param weight_decay: decoupled weight decay, applied after the step as ``galore_torch`` does.
+    :param correct_bias: fold Adam's bias correction into the step size.
 
     The state of a parameter is ``step``, ``exp_avg``, ``exp_avg_sq`` and (GaLore groups) ``projection``
     (``{side: [orthogonal factors]}``), all plain containers, so ``state_dict`` / ``load_state_dict`` round-trip.

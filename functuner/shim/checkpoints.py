@@ -28,7 +28,15 @@ from .placement import filled, reload
 from .state import AdapterEntry, ShimState
 from .undo import undo_on_error
 
-__all__ = ["Found", "adapter_state_dict", "extra_states", "load_into_adapter", "read_for_model", "save"]
+__all__ = [
+    "Found",
+    "adapter_state_dict",
+    "extra_states",
+    "load_into_adapter",
+    "read_for_model",
+    "save",
+    "save_wrapped_model",
+]
 
 Grab = Callable[[torch.Tensor], torch.Tensor]
 
@@ -118,6 +126,17 @@ def save(state: ShimState, save_directory: str | os.PathLike[str], names: Sequen
         if extra:
             ckpt.write_extra_states(tmp, state.extra_state_keys, extra)
         ckpt.write_configuration_json(tmp)
+
+
+def save_wrapped_model(state: ShimState, save_directory: str | os.PathLike[str], kwargs: dict[str, Any]) -> None:
+    """A SwiftModel without adapters (after ``merge_and_unload``) saves the wrapped model with its own ``save_pretrained``."""
+    inner: Any = state.model
+    if not callable(getattr(inner, "save_pretrained", None)):
+        raise CheckpointError(
+            f"save_pretrained({str(save_directory)!r}): the SwiftModel has no adapters left and the wrapped"
+            f" {type(inner).__name__} has no save_pretrained; save it with torch.save(model.model.state_dict(), path)"
+        )
+    inner.save_pretrained(save_directory, safe_serialization=True, **kwargs)
 
 
 class Found(NamedTuple):

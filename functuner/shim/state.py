@@ -13,6 +13,7 @@ adapters, the active set or the merge state change.  No tensor math, no disk I/O
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 import threading
 import weakref
@@ -21,10 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.params import TunerParams
-from ..core.routing import Routes
+from ..core.routing import Routes, set_default_routes
 from ..errors import AdapterNameError
 from ..functional import bind_routes
 from ..tuners import tuner_for
@@ -107,6 +109,50 @@ class ShimState:
         self.extra_state_keys: list[str] = []
         self.offload_dir: tempfile.TemporaryDirectory[str] | None = None
         self.mixed: Any = None  # the per-sample stack cache (see .per_sample); None when empty
+
+    # -- copies (copy.deepcopy, pickle, torch.save) ------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable state: per-thread state, locks, built routes and caches are left out (rebuilt by :meth:`rebind`).
+
+        Adapters offloaded to ``'meta'`` carry their tensors (read from the private cache file) so the copy
+        gets its own cache; merged weights are recorded by owner module, not by ``id`` (ids differ in a copy).
+        """
+        d = dict(self.__dict__)
+        for k in ("tls", "thread_states", "lock", "routes", "mixed", "offload_dir"):
+            d.pop(k)
+        d["offloaded_files"] = {
+            n: load_file(a.offload_file, device="cpu") for n, a in self.adapters.items() if a.offload_file
+        }
+        d["originals"] = list(self.originals.values())
+        return d
+
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        offloaded: dict[str, dict[str, torch.Tensor]] = d.pop("offloaded_files")
+        originals: list[tuple[nn.Module, str, Any, bool]] = d.pop("originals")
+        self.__dict__.update(d)
+        self.tls = threading.local()
+        self.thread_states = weakref.WeakSet()
+        self.lock = threading.RLock()
+        self.routes = None
+        self.mixed = None
+        self.offload_dir = None
+        self.originals = {}
+        self.pending_originals = originals  # keyed by id in rebind(), once the owner modules exist
+        for name, values in offloaded.items():
+            if self.offload_dir is None:
+                self.offload_dir = tempfile.TemporaryDirectory(prefix="functuner-offload-")
+            path = os.path.join(self.offload_dir.name, f"{name}.safetensors")
+            save_file(values, path)
+            self.adapters[name].offload_file = path
+
+    def rebind(self) -> None:
+        """After a copy is built: key merged originals by the copy's modules, point its slots at this state, rebuild routes."""
+        pending = self.__dict__.pop("pending_originals", None)
+        if pending is not None:
+            self.originals = {(id(owner), leaf): (owner, leaf, orig, p) for owner, leaf, orig, p in pending}
+        for adapter in self.adapters.values():
+            set_default_routes(list(adapter.modules), self.provider)
+        self.refresh()
 
     def require(self, name: str) -> AdapterEntry:
         """The adapter called ``name``; :class:`AdapterNameError` naming the known ones if there is none."""

@@ -16,7 +16,8 @@ delegates each concern to one module of :mod:`functuner.shim`:
   ordinary optimizers and ``transformers.Trainer`` train them), offloading;
 * :mod:`.merging`: merged state (weight objects swapped, swapped back on unmerge);
 * :mod:`.per_sample`: PEFT's ``adapter_names=``; :mod:`.optim`: param groups;
-* :mod:`.checkpoints`: state dicts, saving and loading; :mod:`.undo`: all or nothing.
+* :mod:`.checkpoints`: state dicts, saving and loading; :mod:`.undo`: all or nothing;
+* :mod:`.peft_names`: PEFT's model-level names; :mod:`.trainer`: ``transformers.Trainer`` checkpoints.
 
 Tuner math lives in the tuners, and whatever the shim must know about a tuner
 is an optional hook on :class:`functuner.tuners.base.Tuner` (``merge``,
@@ -25,13 +26,12 @@ is an optional hook on :class:`functuner.tuners.base.Tuner` (``merge``,
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, SupportsIndex
 
 import torch
 from torch import nn
@@ -44,6 +44,7 @@ from ..io import checkpoint as ckpt
 from ..tuners import tuner_for
 from ..tuners.base import TunerConfig
 from . import checkpoints, merging, optim, per_sample, placement
+from .peft_names import PeftNames
 from .signature import signed_class
 from .state import DEFAULT_ADAPTER, USE_UNIQUE_THREAD, AdapterEntry, ShimState, active_sets_restored_on_error
 from .undo import undo_on_error
@@ -55,7 +56,7 @@ __all__ = ["Swift", "SwiftConfig", "SwiftModel"]
 SwiftConfig = TunerConfig
 
 
-class SwiftModel(nn.Module):
+class SwiftModel(PeftNames):
     """A model with functuner adapters attached, with SWIFT's ``SwiftModel`` interface.
 
     Args:
@@ -106,6 +107,21 @@ class SwiftModel(nn.Module):
                 if any(re.fullmatch(k, n) for k in state.extra_state_keys):
                     p.requires_grad_(True)
 
+    # -- copies: copy.deepcopy, pickle, torch.save ----------------------------------------
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
+        """Rebuilt as the plain class (the signed subclass is made per process) from the instance's state."""
+        cls = type(self)
+        if getattr(cls, "_signed_for", None) is not None:
+            cls = cls.__mro__[1]
+        return (_new_swift_model, (cls,), self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """The copy's own state: fresh per-thread state, its slots routed to its own adapters."""
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
+        shim: ShimState = self.__dict__["_state"]
+        self.__class__ = signed_class(type(self), shim.model)
+        shim.rebind()
+
     @staticmethod
     def _normalise_configs(config: Any) -> dict[str, Any]:
         configs = dict(config) if isinstance(config, Mapping) else {DEFAULT_ADAPTER: config}
@@ -126,17 +142,17 @@ class SwiftModel(nn.Module):
     @property
     def model(self) -> nn.Module:
         """The wrapped model (SWIFT's alias of ``base_model``)."""
-        return cast(nn.Module, self._state.model)
+        return self._state.model
 
     @property
     def adapters(self) -> dict[str, AdapterEntry]:
         """``{adapter name: adapter}``; each has ``.config``, ``.params`` (live TunerParams) and ``.swift_type``."""
-        return cast("dict[str, AdapterEntry]", self._state.adapters)
+        return self._state.adapters
 
     @property
     def active_adapters(self) -> set[str]:
         """Names of the adapters active for the calling thread (all threads with ``USE_UNIQUE_THREAD=1``)."""
-        return cast("set[str]", self._state.active_set())
+        return self._state.active_set()
 
     @property
     def extra_state_keys(self) -> list[str]:
@@ -160,11 +176,12 @@ class SwiftModel(nn.Module):
         more than one copy per prompt are not supported (:class:`ConfigError`).
         """
         adapter_names = kwargs.pop("adapter_names", None)
+        inner: Any = self.base_model
         if adapter_names is None:
-            return self.base_model.generate(*args, **kwargs)
-        expanded = per_sample.expanded_for_generate(self.base_model, adapter_names, args, kwargs)
+            return inner.generate(*args, **kwargs)
+        expanded = per_sample.expanded_for_generate(inner, adapter_names, args, kwargs)
         with routed(per_sample.mixed_routes(self._state, expanded, None)):
-            return self.base_model.generate(*args, **kwargs)
+            return inner.generate(*args, **kwargs)
 
     # -- activation -------------------------------------------------------------
     def activate_adapter(self, adapter_name: str) -> None:
@@ -238,22 +255,6 @@ class SwiftModel(nn.Module):
                 self.activate_adapter(name)
             for name in sorted(set(self.adapters) - names):
                 self.deactivate_adapter(name, offload)
-
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Run the base model inside the block; the previous active set is restored afterwards."""
-        before = self.active_adapters
-        try:
-            self.set_active_adapters([])
-            yield
-        finally:
-            self.set_active_adapters(sorted(before))
-
-    # -- merge --------------------------------------------------------------------
-    def merge_and_unload(self, adapter_name: str | Sequence[str] | None = None) -> SwiftModel:
-        """Merge adapters into the base weights permanently and remove them (see :meth:`Swift.merge_and_unload`)."""
-        merging.merge_and_unload(self._state, adapter_name)
-        return self
 
     # -- optimizer groups ---------------------------------------------------------
     def create_optimizer_param_groups(self, **defaults: Any) -> list[dict[str, Any]]:
@@ -362,9 +363,17 @@ class SwiftModel(nn.Module):
         PEFT's (``base_model.model.`` prefix, no adapter name); every tensor of
         the adapter must be present with its shape, else
         :class:`ParamsMismatchError` lists the differences and nothing changes.
-        Without: ``base_model.load_state_dict(state_dict, strict=False)``.
+        Without: a dict shaped like :meth:`state_dict`'s (adapters' tensors, extra states: what
+        ``transformers.Trainer`` saves and reloads on resume) loads into the adapters, all or nothing,
+        and the result lists missing keys among those only; any other dict goes to
+        ``base_model.load_state_dict(state_dict, strict=False)``.
         """
         if adapter_name is None:
+            from .trainer import load_trainer_state  # a dict of SwiftModel.state_dict() (transformers.Trainer resume)
+
+            result = load_trainer_state(self._state, state_dict)
+            if result is not None:
+                return result
             return self._state.model.load_state_dict(dict(state_dict), strict=False, assign=assign)
         checkpoints.load_into_adapter(self._state, adapter_name, state_dict)
         return None
@@ -382,9 +391,19 @@ class SwiftModel(nn.Module):
         The whole directory is written atomically.  ``peft_format=True`` writes
         LoRA adapters in PEFT's layout instead (``default`` at the root).
         Only safetensors are written; ``safe_serialization=False`` raises.
+        With no adapter left (after ``merge_and_unload``) the wrapped model is saved
+        with its own ``save_pretrained`` (a transformers model: ``from_pretrained`` loads it).
+        transformers' ``is_main_process=False`` writes nothing; its ``state_dict`` is ignored
+        (the live adapters are saved).
         """
         if not safe_serialization:
             raise CheckpointError("functuner writes safetensors only (pickled .bin files are unsafe to load)")
+        if not kwargs.pop("is_main_process", True):
+            return
+        kwargs.pop("state_dict", None)
+        if not self.adapters and not kwargs.get("peft_format") and adapter_name is None:
+            checkpoints.save_wrapped_model(self._state, save_directory, kwargs)
+            return
         peft_format = bool(kwargs.pop("peft_format", False))
         if kwargs:
             raise TypeError(f"save_pretrained got unexpected keyword(s) {sorted(kwargs)}")
@@ -433,22 +452,10 @@ class SwiftModel(nn.Module):
             raise type(e)(f"checkpoint {model_dir}: {e}") from None
         return self
 
-    # -- reporting ------------------------------------------------------------------------
-    def get_trainable_parameters(self) -> str:
-        """SWIFT's summary line: trainable / all parameter counts, percentage, CUDA memory in GiB."""
-        trainable = total = 0
-        for _, p in self._state.model.named_parameters():
-            total += p.numel()
-            if p.requires_grad:
-                trainable += p.numel()
-        mem = 0.0
-        if torch.cuda.is_available():
-            mem = sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())) / 1024**3
-        pct = 100 * trainable / total if total else 0.0
-        return (
-            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
-            f"|| cuda memory: {mem:.2f}GiB."
-        )
+
+def _new_swift_model(cls: type[SwiftModel]) -> SwiftModel:
+    """An empty instance for unpickling and ``copy.deepcopy`` (``__setstate__`` fills it)."""
+    return cls.__new__(cls)
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,145 @@
+"""``transformers.Trainer`` (and its subclasses, e.g. TRL's) checkpoints of a ``SwiftModel``.
+
+Design note: the Trainer saves a model that is neither a ``PreTrainedModel`` nor a
+``peft.PeftModel`` (its ``supported_classes``, a closed tuple) as a bare
+``model.safetensors`` of ``model.state_dict()``, and resumes with
+``model.load_state_dict(state_dict, False)``.  Both calls are the shim's:
+``SwiftModel.state_dict()`` is exactly the adapters' tensors (SWIFT's names) and
+:func:`load_trainer_state` loads such a dict into the live adapters, all or
+nothing, reporting missing keys only among the adapters' own (so resuming logs no
+"missing keys" for the frozen base model).  What the Trainer cannot write, the
+adapter config, comes from :class:`SwiftCheckpointCallback` (the Trainer's
+supported extension point): after each checkpoint it writes the adapter
+directory into ``checkpoint-N/``, in PEFT's layout when every adapter has a PEFT
+form (so ``peft.PeftModel.from_pretrained`` loads it too), else SWIFT's.
+``trainer.save_model()`` has no callback event: :class:`SwiftTrainerMixin` (an
+override of the Trainer's ``_save``) covers it and every checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch.nn.modules.module import _IncompatibleKeys
+
+from ..errors import CheckpointError, FunctunerError
+from ..io import checkpoint as ckpt
+from ..io import keys
+from .checkpoints import extra_states, load_into_adapter
+from .state import ShimState
+from .undo import undo_on_error
+
+__all__ = [
+    "SwiftCheckpointCallback",
+    "SwiftTrainerMixin",
+    "adapter_keys",
+    "has_peft_form",
+    "load_trainer_state",
+    "save_adapters",
+]
+
+
+def adapter_keys(state: ShimState) -> dict[str, set[str]]:
+    """``{adapter name: its keys in SwiftModel.state_dict()}`` (SWIFT's on-disk names)."""
+    return {
+        name: set(keys.to_disk({k: v.detach() for k, v in a.tensors.items()}, a.config, name, "swift"))
+        for name, a in state.adapters.items()
+    }
+
+
+def load_trainer_state(state: ShimState, values: Mapping[str, torch.Tensor]) -> _IncompatibleKeys | None:
+    """Load a ``SwiftModel.state_dict()``-shaped dict into the live adapters and extra states (all or nothing).
+
+    Returns torch's ``(missing_keys, unexpected_keys)`` over the adapters' and extra
+    states' keys, or ``None`` when ``values`` is not such a dict (a full model state
+    dict: the caller loads it into the wrapped model).
+    """
+    per_adapter = adapter_keys(state)
+    extra = extra_states(state)
+    known = set(extra).union(*per_adapter.values()) if per_adapter else set(extra)
+    if not values or not set(values) <= known:
+        return None
+    missing = sorted(known - set(values))
+    own = dict(state.model.state_dict(keep_vars=True))
+    with undo_on_error(state.model, state, overwritten=[own[k] for k in extra if k in values]):
+        for name, names in per_adapter.items():
+            if names <= set(values):
+                load_into_adapter(state, name, {k: values[k] for k in names})
+        with torch.no_grad():
+            for k in extra:
+                if k in values:
+                    own[k].copy_(values[k])
+    return _IncompatibleKeys(missing, [])
+
+
+def has_peft_form(state: ShimState) -> bool:
+    """Whether every adapter can be written in PEFT's layout (its tuner has a PEFT config form)."""
+    if state.extra_state_keys:
+        return False
+    try:
+        for a in state.adapters.values():
+            ckpt.peft_config_json(a.config)
+    except (FunctunerError, AssertionError):
+        return False
+    return True
+
+
+try:  # transformers is optional for functuner; the callback needs it
+    from transformers import TrainerCallback as _CallbackBase
+except ImportError:  # pragma: no cover - transformers is installed wherever a Trainer runs
+    _CallbackBase = object  # type: ignore[assignment,misc]
+
+
+class SwiftCheckpointCallback(_CallbackBase):
+    """Write the adapter directory (configs and tensors) into every ``checkpoint-N/`` the Trainer saves.
+
+    Pass it to any ``transformers.Trainer`` (or subclass: TRL's trainers) training a
+    ``SwiftModel``: ``Trainer(model=sm, ..., callbacks=[SwiftCheckpointCallback()])``.
+    ``checkpoint-N/`` then loads with ``Swift.from_pretrained(model, dir)`` and, when every
+    adapter has a PEFT form (LoRA), with ``peft.PeftModel.from_pretrained(model, dir)``;
+    ``resume_from_checkpoint`` keeps working (the Trainer's own ``model.safetensors`` is kept).
+    ``peft_format`` forces a layout (``None``: PEFT's when possible).
+    """
+
+    def __init__(self, peft_format: bool | None = None) -> None:
+        self.peft_format = peft_format
+
+    def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
+        from .swift import SwiftModel
+
+        if not isinstance(model, SwiftModel) or not getattr(args, "should_save", True):
+            return control
+        out = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(out):
+            raise CheckpointError(f"{out}: the Trainer's checkpoint directory is missing; cannot add the adapters")
+        save_adapters(model, out, self.peft_format)
+        return control
+
+
+def save_adapters(model: Any, directory: str | os.PathLike[str], peft_format: bool | None = None) -> None:
+    """``model.save_pretrained(directory)`` in PEFT's layout when every adapter has one (``peft_format=None``)."""
+    fmt = has_peft_form(model._state) if peft_format is None else peft_format
+    model.save_pretrained(directory, peft_format=fmt)
+
+
+class SwiftTrainerMixin:
+    """Mix into a ``transformers.Trainer`` subclass so ``save_model()`` writes adapter directories too.
+
+    ``class MyTrainer(SwiftTrainerMixin, transformers.Trainer): pass`` (or with TRL's
+    ``SFTTrainer``): every ``_save`` (``trainer.save_model()`` and each ``checkpoint-N/``)
+    writes the Trainer's files and, for a ``SwiftModel``, its adapter directory
+    (PEFT's layout when every adapter has one).  No callback is needed then.
+    """
+
+    model: Any
+    args: Any
+
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
+        from .swift import SwiftModel
+
+        super()._save(output_dir, state_dict)  # type: ignore[misc]
+        if isinstance(self.model, SwiftModel) and self.args.should_save:
+            save_adapters(self.model, output_dir if output_dir is not None else self.args.output_dir)
