@@ -7,18 +7,37 @@
   model's output layer.
 * ``exclude_modules`` uses the same rules and wins over ``target_modules``.
 * ``layers_to_transform`` / ``layers_pattern`` restrict to numbered layers.
+
+Modules functuner itself inserted into a model (the stateful shim's parameter
+holders, which carry the :data:`INTERNAL_MARKER` attribute) are never targets
+and their parameters are never a module's own: :func:`own_named_modules` and
+:func:`own_named_parameters` walk a model without them.  Every tuner's target
+matching goes through these, so one tuner never adapts, copies or counts
+another tuner's tensors.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from torch import nn
 
 from ..errors import TargetError
 
-__all__ = ["is_conv1d_gpt2", "match_name", "select_modules", "pattern_value"]
+__all__ = [
+    "INTERNAL_MARKER",
+    "is_conv1d_gpt2",
+    "is_internal",
+    "match_name",
+    "own_named_modules",
+    "own_named_parameters",
+    "pattern_value",
+    "select_modules",
+]
+
+# The attribute (``True``) that marks a module functuner inserted into a model (set on the class or the instance).
+INTERNAL_MARKER = "_functuner_internal"
 
 _DEFAULT_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
@@ -26,6 +45,37 @@ _DEFAULT_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 def is_conv1d_gpt2(module: nn.Module) -> bool:
     """transformers' GPT-2 style ``Conv1D`` (weight stored as ``(in, out)``), detected without importing it."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def is_internal(module: nn.Module) -> bool:
+    """Whether ``module`` is one functuner inserted (it carries ``INTERNAL_MARKER = True``)."""
+    return getattr(module, INTERNAL_MARKER, False) is True
+
+
+def own_named_modules(model: nn.Module, *, remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()`` (same order) without functuner's inserted modules and everything below them. Pure."""
+    memo: set[nn.Module] = set()
+
+    def walk(prefix: str, module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        if remove_duplicate:
+            if module in memo:
+                return
+            memo.add(module)
+        yield prefix, module
+        for child_name, child in module._modules.items():
+            if child is not None and not is_internal(child):
+                yield from walk(f"{prefix}.{child_name}" if prefix else child_name, child)
+
+    yield from walk("", model)
+
+
+def own_named_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """``module.named_parameters()`` without parameters functuner placed in inserted sub-modules. Pure."""
+    internal = {n for n, m in module.named_modules() if n and is_internal(m)}
+    for name, p in module.named_parameters():
+        parts = name.split(".")
+        if not internal or not any(".".join(parts[:i]) in internal for i in range(1, len(parts))):
+            yield name, p
 
 
 def match_name(name: str, spec: str | Iterable[str] | None) -> bool:
@@ -96,7 +146,7 @@ def select_modules(
     else:
         patterns = list(layers_pattern)
     chosen = []
-    for name, module in model.named_modules():
+    for name, module in own_named_modules(model):
         if not name:
             continue
         if all_linear:
@@ -112,7 +162,7 @@ def select_modules(
                 continue
         chosen.append((name, module))
     if not chosen:
-        sample = [n for n, _ in model.named_modules() if n][:8]
+        sample = [n for n, _ in own_named_modules(model) if n][:8]
         raise TargetError(
             f"{field}={target_modules!r} matched no module of {type(model).__name__}"
             f" (exclude_modules={exclude_modules!r}, layers_to_transform={layers_to_transform!r});"

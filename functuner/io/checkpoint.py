@@ -14,7 +14,7 @@ Layouts (both are what the real libraries write):
 
 This module holds the writers and the front doors (:func:`save`, :func:`load`,
 :func:`convert_checkpoint`); reading is :mod:`functuner.io.reader`, configs
-:mod:`functuner.io.configs`, key names :mod:`functuner.io.keys`, file-system
+:mod:`functuner.tuners.config_json`, key names :mod:`functuner.io.keys`, file-system
 mechanics :mod:`functuner.core.fs` (every name is re-exported here).  Every
 write goes to a temporary directory beside the target which then replaces the
 target in one atomic exchange, so an interrupted save never leaves a
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,7 @@ from ..core.fs import atomic_dir, atomic_write_text, copy_plain_files, read_json
 from ..core.naming import check_adapter_name
 from ..errors import AdapterNameError, CheckpointError
 from ..tuners import REGISTRY, tuner_for
-from . import keys
-from .configs import (
+from ..tuners.config_json import (
     BIN_NAME,
     CONFIG_NAME,
     EXTRA_STATE_DIR,
@@ -47,7 +46,10 @@ from .configs import (
     is_peft_native_type,
     peft_config_json,
     peft_tuner,
+    read_adapter_config,
+    write_adapter_config,
 )
+from . import keys
 from .reader import (
     AdapterCheckpoint,
     check_finite,
@@ -55,7 +57,6 @@ from .reader import (
     list_adapters,
     peft_native_adapters,
     read_adapter,
-    read_adapter_config,
     read_adapter_dir,
     read_extra_states,
     read_tensors,
@@ -185,7 +186,7 @@ def write_peft_checkpoint(
 
 
 def write_extra_states(
-    save_directory: str | os.PathLike[str], patterns: Any, state: Mapping[str, torch.Tensor]
+    save_directory: str | os.PathLike[str], patterns: Sequence[str], state: Mapping[str, torch.Tensor]
 ) -> Path:
     """Write ``extra_states/`` (SWIFT's layout: safetensors plus ``{"extra_state_keys": [...]}``) atomically."""
     target = Path(save_directory) / EXTRA_STATE_DIR
@@ -200,20 +201,6 @@ def write_configuration_json(save_directory: str | os.PathLike[str]) -> None:
     path = Path(save_directory) / "configuration.json"
     if not path.exists():
         atomic_write_text(path, "{}")
-
-
-def write_adapter_config(save_directory: str | os.PathLike[str], config: Any, **extra: Any) -> Path:
-    """Write ``adapter_config.json`` for ``config`` into ``save_directory`` (temp file + rename); returns its path."""
-    import json
-
-    folder = Path(save_directory)
-    if folder.exists() and not folder.is_dir():
-        raise CheckpointError(f"{folder} is a file; expected a directory")
-    folder.mkdir(parents=True, exist_ok=True)
-    data = config_to_json(config)
-    data.update(extra)
-    atomic_write_text(folder / CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True))
-    return folder / CONFIG_NAME
 
 
 # ---------------------------------------------------------------------------

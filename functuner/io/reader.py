@@ -30,8 +30,15 @@ from ..core.fs import check_inside, read_json
 from ..core.naming import check_adapter_name
 from ..errors import AdapterNameError, CheckpointError
 from ..tuners import REGISTRY, tuner_for
+from ..tuners.config_json import (
+    BIN_NAME,
+    CONFIG_NAME,
+    EXTRA_STATE_DIR,
+    SAFETENSORS_NAME,
+    config_from_json,
+    is_peft_native_type,
+)
 from . import keys
-from .configs import BIN_NAME, CONFIG_NAME, EXTRA_STATE_DIR, SAFETENSORS_NAME, config_from_json, is_peft_native_type
 
 __all__ = [
     "AdapterCheckpoint",
@@ -40,7 +47,6 @@ __all__ = [
     "list_adapters",
     "peft_native_adapters",
     "read_adapter",
-    "read_adapter_config",
     "read_adapter_dir",
     "read_extra_states",
     "read_tensors",
@@ -335,14 +341,3 @@ def read_extra_states(
     if (folder / CONFIG_NAME).is_file():
         patterns = read_json(folder / CONFIG_NAME, root).get("extra_state_keys")
     return patterns, read_tensors(folder, weights_only=weights_only, root=root)
-
-
-def read_adapter_config(path: str | os.PathLike[str], revision: str | None = None, **hub_kwargs: Any) -> Any:
-    """The config in ``path/adapter_config.json`` (``path`` a directory or a ModelScope hub id)."""
-    from ..core.hub import resolve_model_dir
-
-    folder = Path(resolve_model_dir(path, revision, **hub_kwargs))
-    cfg = folder / CONFIG_NAME
-    if not cfg.is_file():
-        raise CheckpointError(f"{folder}: no {CONFIG_NAME}")
-    return config_from_json(read_json(cfg, folder), str(cfg))

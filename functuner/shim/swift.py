@@ -44,6 +44,7 @@ from ..io import checkpoint as ckpt
 from ..tuners import tuner_for
 from ..tuners.base import TunerConfig
 from . import checkpoints, merging, optim, per_sample, placement
+from .patches import inner_call, move_forward_patch
 from .peft_names import PeftNames
 from .signature import signed_class
 from .state import DEFAULT_ADAPTER, USE_UNIQUE_THREAD, AdapterEntry, ShimState, active_sets_restored_on_error
@@ -133,10 +134,15 @@ class SwiftModel(PeftNames):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped model's forward; ``adapter_names=[...]`` gives each sample its own adapter (as PEFT)."""
         adapter_names = kwargs.pop("adapter_names", None)
+        call = inner_call(self.base_model)  # a forward patched onto the SwiftModel (TRL) runs on the wrapped model
         if adapter_names is None:
-            return self.base_model(*args, **kwargs)
+            return call(*args, **kwargs)
         with routed(per_sample.mixed_routes(self._state, adapter_names, per_sample.batch_size(args, kwargs))):
-            return self.base_model(*args, **kwargs)
+            return call(*args, **kwargs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name != "forward" or not move_forward_patch(self, self._state.model, value):
+            super().__setattr__(name, value)
 
     # -- SWIFT attributes -----------------------------------------------------
     @property

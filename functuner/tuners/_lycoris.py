@@ -36,7 +36,7 @@ from torch import nn
 
 from ..core.params import TunerParams
 from ..core.routing import Routes, ensure_slots
-from ..core.targets import match_name, select_modules
+from ..core.targets import match_name, own_named_modules, own_named_parameters, select_modules
 from ..errors import CheckpointError, ConfigError, ParamsMismatchError, TargetError, UnsupportedModuleError
 
 __all__ = [
@@ -193,9 +193,9 @@ def init_modules_to_save(model: nn.Module, config: Any, adapter_name: str) -> di
     out: dict[str, torch.Tensor] = {}
     if not config.modules_to_save:
         return out
-    for mname, module in model.named_modules():
+    for mname, module in own_named_modules(model):
         if mname and match_name(mname, config.modules_to_save):
-            for pname, p in module.named_parameters():
+            for pname, p in own_named_parameters(module):
                 out[f"{mname}.modules_to_save.{adapter_name}.{pname}"] = p.detach().clone()
     if not out:
         raise ConfigError(f"modules_to_save={list(config.modules_to_save)!r} matched no module with parameters")

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..core.routing import MethodSlot, ensure_method_slot
+from ..core.targets import own_named_modules
 from ..errors import ConfigError, TargetError
 
 __all__ = [
@@ -70,9 +71,9 @@ def swift_select(
         def hit(name: str) -> bool:
             return any(name.endswith(t) for t in ends)
 
-    chosen = [(n, m) for n, m in model.named_modules() if hit(n)]
+    chosen = [(n, m) for n, m in own_named_modules(model) if hit(n)]
     if not chosen:
-        sample = [n for n, _ in model.named_modules() if n][:8]
+        sample = [n for n, _ in own_named_modules(model) if n][:8]
         raise TargetError(
             f"{field}={target_modules!r} matched no module of {type(model).__name__}; some module names: {sample}"
         )

@@ -81,9 +81,11 @@ class AdapterConfig(TunerConfig):
     swift_type: str = "ADAPTER"
     model_key_mapping: Any = None
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim <= 0:
+    def check(self, *, complete: bool = True) -> None:
+        """Field checks (:meth:`TunerConfig.check`); unset required fields only when ``complete``."""
+        if (complete or self.dim is not None) and (
+            isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim <= 0
+        ):
             raise ConfigError(f"AdapterConfig.dim must be a positive int (the hidden size), got {self.dim!r}")
         if (
             isinstance(self.adapter_length, bool)
@@ -125,6 +127,7 @@ def init(
     """
     if not isinstance(config, AdapterConfig):
         raise ConfigError(f"adapter.init needs an AdapterConfig, got {type(config).__name__}")
+    config.check()
     selected = swift_select(model, config.target_modules)
     for name, module in selected:
         _check_method(module, name, config.method_name)

@@ -54,6 +54,12 @@ class TunerConfig:
     Lists given for sequence fields are stored as tuples so a config can be
     static pytree aux data.  Use ``dataclasses.replace(cfg, r=16)`` to derive a
     changed config.
+
+    As in SWIFT, every config can be built with its defaults (``AdapterConfig()``):
+    construction checks only the values that are set (``check(complete=False)``);
+    fields a tuner needs (``dim``, ``target_modules``...) are checked by
+    ``check()``, which the tuner's ``init`` (so ``functuner.init`` and
+    ``Swift.prepare_model``) and :meth:`from_dict` (configs read from disk) run.
     """
 
     def __post_init__(self) -> None:
@@ -63,6 +69,14 @@ class TunerConfig:
                 object.__setattr__(self, f.name, tuple(v))
             elif isinstance(v, set):
                 object.__setattr__(self, f.name, tuple(sorted(v)))
+        self.check(complete=False)
+
+    def check(self, *, complete: bool = True) -> None:
+        """Raise :class:`ConfigError` naming the field for a bad value.
+
+        ``complete=False`` (at construction) leaves unset (``None``) required fields
+        alone; ``complete=True`` (before params are built) also demands them.
+        """
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field (tuples become lists)."""
@@ -101,19 +115,21 @@ class TunerConfig:
         unknown = sorted(set(data) - names)
         if unknown and strict:
             raise ConfigError(f"{cls.__name__} has no field(s) {unknown}")
-        return cls(**{k: v for k, v in data.items() if k in names})
+        config = cls(**{k: v for k, v in data.items() if k in names})
+        config.check()
+        return config
 
     # SWIFT's SwiftConfig interface (functuner.SwiftConfig is this class); disk I/O lives in functuner.io.checkpoint.
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Write ``save_directory/adapter_config.json`` (fields plus ``swift_type``), atomically, as SWIFT does."""
-        from ..io.checkpoint import write_adapter_config
+        from .config_json import write_adapter_config
 
         write_adapter_config(save_directory, self, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs: Any) -> Any:
         """Read ``adapter_config.json`` from a directory or ModelScope hub id; the class comes from ``swift_type``."""
-        from ..io.checkpoint import read_adapter_config
+        from .config_json import read_adapter_config
 
         config = read_adapter_config(pretrained_model_name_or_path, **kwargs)
         if cls is not TunerConfig and not isinstance(config, cls):

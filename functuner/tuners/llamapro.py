@@ -38,6 +38,7 @@ from torch import nn
 
 from ..core.params import TunerParams
 from ..core.routing import Routes, ensure_slots
+from ..core.targets import own_named_parameters
 from ..errors import CheckpointError, ConfigError, TargetError
 from .base import CallContext, KeyNaming, Tuner, TunerConfig, _clone_module_tree, check_exact_tensors
 
@@ -102,15 +103,16 @@ class LLaMAProConfig(TunerConfig):
     model_key_mapping: Any = None
     swift_type: str = "LLAMAPRO"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self, *, complete: bool = True) -> None:
+        """Field checks (:meth:`TunerConfig.check`); unset required fields only when ``complete``."""
         n = self.num_new_blocks
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        if (complete or n is not None) and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
             raise ConfigError(f"num_new_blocks must be a positive integer, got {n!r}")
         g = self.num_groups
         if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g <= 0):
             raise ConfigError(f"num_groups must be a positive integer or None, got {g!r}")
-        if self.model_key_mapping is None and self.model_type not in _ARCHS:
+        unset = self.model_type is None and self.model_key_mapping is None
+        if (complete or not unset) and self.model_key_mapping is None and self.model_type not in _ARCHS:
             raise ConfigError(
                 f"model_type={self.model_type!r} is not one LLaMA-Pro knows ({sorted(_ARCHS)}); pass model_key_mapping"
             )
@@ -171,9 +173,8 @@ def _layers(model: nn.Module, cfg: LLaMAProConfig) -> tuple[str, nn.ModuleList, 
 
 
 def _own_parameters(layer: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The layer's own parameters: not those the stateful shim registered on it (its ``_Holder`` sub-trees)."""
-    holders = [n for n, m in layer.named_modules() if n and type(m).__name__ == "_Holder"]
-    return [(n, p) for n, p in layer.named_parameters() if not any(n.startswith(h + ".") for h in holders)]
+    """The layer's own parameters: not those functuner placed on it (the stateful shim's marked holder modules)."""
+    return list(own_named_parameters(layer))
 
 
 def block_key(module_list: str, source: int, adapter_name: str, param: str) -> str:
@@ -192,6 +193,7 @@ def init(
     """The new blocks' weights: copies of their source layers, o_proj/down_proj zeroed. Pure (no randomness)."""
     if not isinstance(config, LLaMAProConfig):
         raise ConfigError(f"llamapro.init needs a LLaMAProConfig, got {type(config).__name__}")
+    config.check()
     prefix, layer_list, keys, plan = _plan(model, config)
     zeroed = (f"{keys['o_proj']}.", f"{keys['down_proj']}.")
     tensors: dict[str, torch.Tensor] = {}

@@ -98,6 +98,13 @@ class LongLoRAConfig(lora.LoRAConfig):
         if spec is not None and not isinstance(spec, (str, tuple)):
             raise ConfigError(f"embedder_and_normalizer must be a regex string or a list of names, got {spec!r}")
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, as SWIFT 4.6 writes them: ``use_flash_attn`` (not a 4.6 field) only when set."""
+        out = super().to_dict()
+        if not out.get("use_flash_attn"):
+            out.pop("use_flash_attn", None)
+        return out
+
     def lora_view(self) -> lora.LoRAConfig:
         """The plain LoRA part of this config, built once per config object.
 

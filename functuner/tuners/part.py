@@ -33,6 +33,7 @@ from torch import nn
 
 from ..core.params import TunerParams
 from ..core.routing import Routes, ensure_slots
+from ..core.targets import own_named_modules, own_named_parameters
 from ..errors import CheckpointError, ConfigError, ParamsMismatchError, TargetError
 from .base import CallContext, KeyNaming, Tuner, TunerConfig, override_slot
 
@@ -59,8 +60,10 @@ class PartConfig(TunerConfig):
     swift_type: str = "part"
     model_key_mapping: Any = None
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self, *, complete: bool = True) -> None:
+        """Field checks (:meth:`TunerConfig.check`); unset required fields only when ``complete``."""
+        if self.target_modules is None and not complete:
+            return
         if not isinstance(self.target_modules, str):
             raise ConfigError(
                 f"PartConfig.target_modules must be a regex string (as in SWIFT), got {self.target_modules!r}"
@@ -73,11 +76,11 @@ class PartConfig(TunerConfig):
 
 def target_names(model: nn.Module, config: PartConfig) -> list[str]:
     """Names of the outermost modules ``config.target_modules`` fully matches (with parameters). Pure."""
-    names = [n for n, _ in model.named_modules() if n and re.fullmatch(config.target_modules, n)]
+    names = [n for n, _ in own_named_modules(model) if n and re.fullmatch(config.target_modules, n)]
     outer = [n for n in names if not any(n != o and (o == "" or n.startswith(o + ".")) for o in names)]
-    outer = [n for n in outer if any(True for _ in model.get_submodule(n).parameters())]
+    outer = [n for n in outer if any(True for _ in own_named_parameters(model.get_submodule(n)))]
     if not outer:
-        sample = [n for n, _ in model.named_modules() if n][:8]
+        sample = [n for n, _ in own_named_modules(model) if n][:8]
         raise TargetError(
             f"PartConfig.target_modules={config.target_modules!r} matched no module with parameters"
             f" in {type(model).__name__}; some module names: {sample}"
@@ -90,15 +93,17 @@ def init(
 ) -> TunerParams:
     """Copies (``clone``, detached, same dtype/device) of every parameter of each targeted module. Pure.
 
-    Parameters of other Part copies registered inside the module (``_part_<other>``) are skipped.
+    Parameters functuner placed inside the module (the stateful shim's holders of other
+    adapters' tensors: another Part's ``_part_<other>``, LoRA's ``lora_A``...) are skipped.
 
     ``generator`` is unused (a Part starts equal to the base model).
     """
     if not isinstance(config, PartConfig):
         raise ConfigError(f"part.init needs a PartConfig, got {type(config).__name__}")
+    config.check()
     tensors: dict[str, torch.Tensor] = {}
     for name in target_names(model, config):
-        for pname, p in model.get_submodule(name).named_parameters():
+        for pname, p in own_named_parameters(model.get_submodule(name)):
             if any(part.startswith("_part_") for part in pname.split(".")):
                 continue  # another Part's copy registered inside the module (the stateful shim does that)
             tensors[f"{name}._part_{adapter_name}.{pname}"] = p.detach().clone()

@@ -59,14 +59,15 @@ class PromptConfig(TunerConfig):
     swift_type: str = "PROMPT"
     model_key_mapping: Any = None
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self, *, complete: bool = True) -> None:
+        """Field checks (:meth:`TunerConfig.check`); unset required fields only when ``complete``."""
         dims = self.dim if isinstance(self.dim, tuple) else (self.dim,)
-        if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in dims):
+        bad_dims = not dims or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in dims)
+        if (complete or self.dim is not None) and bad_dims:
             raise ConfigError(f"PromptConfig.dim must be a positive int or a list of them, got {self.dim!r}")
         if isinstance(self.prompt_length, bool) or not isinstance(self.prompt_length, int) or self.prompt_length <= 0:
             raise ConfigError(f"PromptConfig.prompt_length must be a positive int, got {self.prompt_length!r}")
-        if (
+        if (complete or self.embedding_pos is not None) and (
             self.embedding_pos is None
             or isinstance(self.embedding_pos, bool)
             or not isinstance(self.embedding_pos, (int, str))
@@ -114,6 +115,7 @@ def init(
     """
     if not isinstance(config, PromptConfig):
         raise ConfigError(f"prompt.init needs a PromptConfig, got {type(config).__name__}")
+    config.check()
     selected = swift_select(model, config.target_modules)
     for name, module in selected:
         _check_layer(module, name, config)

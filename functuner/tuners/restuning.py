@@ -46,6 +46,7 @@ from torch import nn
 
 from ..core.params import TunerParams
 from ..core.routing import Routes, ensure_slots
+from ..core.targets import own_named_modules
 from ..errors import ConfigError, TargetError
 from .base import CallContext, KeyNaming, Tuner, TunerConfig, check_exact_tensors
 
@@ -74,21 +75,20 @@ class ResTuningConfig(TunerConfig):
     model_key_mapping: Any = None
     swift_type: str = "RESTUNING"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.target_hidden_pos is None:
-            object.__setattr__(self, "target_hidden_pos", 0)
+    def check(self, *, complete: bool = True) -> None:
+        """Field checks (:meth:`TunerConfig.check`); unset required fields only when ``complete``."""
         for f in ("root_modules_hook", "stem_modules_hook", "target_modules_hook"):
             if getattr(self, f) not in _HOOKS:
                 raise ConfigError(f"{f}={getattr(self, f)!r}; use 'input' or 'output'")
-        if not self.stem_modules:
+        if (complete or self.stem_modules is not None) and not self.stem_modules:
             raise ConfigError("stem_modules is required (a regex or a list of module names)")
-        if not isinstance(self.target_modules, str):
+        if (complete or self.target_modules is not None) and not isinstance(self.target_modules, str):
             raise ConfigError(f"target_modules must be a regex string, got {self.target_modules!r}")
         dims = (self.dims,) if isinstance(self.dims, int) else self.dims
-        if not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+        bad_dims = not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims)
+        if (complete or self.dims is not None) and bad_dims:
             raise ConfigError(f"dims must be a positive int or a list of them, got {self.dims!r}")
-        if self.tuner_cfg is None:
+        if complete and self.tuner_cfg is None:
             raise ConfigError("tuner_cfg is required: e.g. 'res_adapter' or {'lateral_cfg': ..., 'vertical_cfg': ...}")
 
 
@@ -282,7 +282,7 @@ def _block_cfgs(cfg: ResTuningConfig, i: int, depth: int) -> dict[str, Any]:
 
 
 def _layout(model: nn.Module, cfg: ResTuningConfig, adapter: str) -> _Layout:
-    names = [n for n, _ in model.named_modules()]
+    names = [n for n, _ in own_named_modules(model)]
     root = None
     if cfg.root_modules:
         hits = [n for n in names if re.fullmatch(cfg.root_modules, n)]
@@ -334,6 +334,7 @@ def init(
     """Fresh bypass params drawn like SWIFT (Xavier + N(0, 1e-6) for res_adapter, zero convs...). Pure."""
     if not isinstance(config, ResTuningConfig):
         raise ConfigError(f"restuning.init needs a ResTuningConfig, got {type(config).__name__}")
+    config.check()
     lay = _layout(model, config, adapter_name)
     ref = next(model.parameters())
     tensors: dict[str, torch.Tensor] = {}
@@ -433,7 +434,7 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
             )
         return bypass(lay.blocks, tensors, probes["root"], [probes[f"stem{i}"] for i in range(len(lay.stems))])
 
-    pos = cfg.target_hidden_pos
+    pos = 0 if cfg.target_hidden_pos is None else cfg.target_hidden_pos  # SWIFT's None means position 0
     for name, module in lay.targets:
         if cfg.target_modules_hook == "input":
 

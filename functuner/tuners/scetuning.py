@@ -36,6 +36,7 @@ from torch import nn
 
 from ..core.params import TunerParams
 from ..core.routing import Routes, ensure_slots
+from ..core.targets import own_named_modules
 from ..errors import ConfigError, TargetError
 from .base import CallContext, KeyNaming, Tuner, TunerConfig, check_exact_tensors
 
@@ -60,16 +61,17 @@ class SCETuningConfig(TunerConfig):
     model_key_mapping: Any = None  # a SwiftConfig field SWIFT writes; unused by SCEdit
     swift_type: str = "SCETuning"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self, *, complete: bool = True) -> None:
+        """Field checks (:meth:`TunerConfig.check`); unset required fields only when ``complete``."""
         if self.tuner_mode not in _MODES:
             raise ConfigError(f"tuner_mode={self.tuner_mode!r}; use one of {_MODES}")
         if self.tuner_op != "SCEAdapter":
             raise ConfigError(f"tuner_op={self.tuner_op!r}; SWIFT (and functuner) only have 'SCEAdapter'")
-        if self.target_modules is None:
+        if complete and self.target_modules is None:
             raise ConfigError("target_modules is required")
         dims = (self.dims,) if isinstance(self.dims, int) else self.dims
-        if not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+        bad_dims = not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims)
+        if (complete or self.dims is not None) and bad_dims:
             raise ConfigError(f"dims must be a positive int or a list of them, got {self.dims!r}")
         if not float(self.down_ratio) > 0:
             raise ConfigError(f"down_ratio must be positive, got {self.down_ratio!r}")
@@ -86,7 +88,7 @@ def sce_adapter(x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _match(model: nn.Module, spec: Any, field: str) -> list[tuple[str, nn.Module]]:
-    names = dict(model.named_modules())
+    names = dict(own_named_modules(model))
     if isinstance(spec, str):
         found = [(n, m) for n, m in names.items() if re.fullmatch(spec, n)]
     else:
@@ -141,6 +143,7 @@ def init(
     """Fresh adapters: ``ln1`` like ``nn.Linear`` (Kaiming-uniform weight, uniform bias), ``ln2`` zero. Pure."""
     if not isinstance(config, SCETuningConfig):
         raise ConfigError(f"scetuning.init needs a SCETuningConfig, got {type(config).__name__}")
+    config.check()
     sites = _sites(model, config, adapter_name)
     ref = next(model.parameters())
     tensors: dict[str, torch.Tensor] = {}

@@ -63,9 +63,11 @@ class SideConfig(TunerConfig):
     swift_type: str = "SIDE"
     model_key_mapping: Any = None
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim <= 0:
+    def check(self, *, complete: bool = True) -> None:
+        """Field checks (:meth:`TunerConfig.check`); unset required fields only when ``complete``."""
+        if (complete or self.dim is not None) and (
+            isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim <= 0
+        ):
             raise ConfigError(f"SideConfig.dim must be a positive int, got {self.dim!r}")
         name = str(self.side_module_name).lower()
         if name == "alexnet":
@@ -81,7 +83,7 @@ class SideConfig(TunerConfig):
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, (int, str)):
                 raise ConfigError(f"SideConfig.{field} must be an int or a str, got {v!r}")
-        if not isinstance(self.target_modules, str):
+        if (complete or self.target_modules is not None) and not isinstance(self.target_modules, str):
             raise ConfigError(
                 f"SideConfig.target_modules must be a regex string (as in SWIFT), got {self.target_modules!r}"
             )
@@ -135,6 +137,7 @@ def init(
     """Fresh side networks (PyTorch default layer init, ``alpha = 0``), float32 on each module's device. Pure."""
     if not isinstance(config, SideConfig):
         raise ConfigError(f"side.init needs a SideConfig, got {type(config).__name__}")
+    config.check()
     selected = swift_select(model, config.target_modules, "SideConfig.target_modules", regex_only=True)
     for name, module in selected:
         _check_module(module, name, config)

@@ -241,6 +241,7 @@ def test_convert_modes_follow_the_umask(dirs: dict[str, Path], tmp_path: Path) -
     res = run("merge", "--base", str(dirs["base"]), "--adapter", str(dirs["peft"]), "--out", str(out), umask=0o022)
     assert res.returncode == 0, res.stderr
     assert out.stat().st_mode & 0o777 == 0o755
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644
 
 
 @pytest.mark.parametrize(

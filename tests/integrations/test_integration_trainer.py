@@ -97,7 +97,9 @@ def test_resume_without_the_callback_is_exact_and_quiet(tmp_path: Path, caplog: 
 
 def test_merged_model_saves_as_a_transformers_model(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    sm = Swift.prepare_model(tiny_llama(), LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    sm = Swift.prepare_model(
+        tiny_llama(), LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     want = _logits(sm)
     merged = Swift.merge_and_unload(sm)
     merged.save_pretrained(tmp_path)
@@ -105,3 +107,38 @@ def test_merged_model_saves_as_a_transformers_model(tmp_path: Path) -> None:
     back = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
     assert torch.allclose(_logits(back), want, atol=1e-5)
     assert torch.equal(_logits(back), _logits(merged.model))
+
+
+def test_save_model_with_the_mixin_writes_an_adapter_dir(tmp_path: Path) -> None:
+    from functuner.shim.trainer import SwiftTrainerMixin
+
+    class SwiftTrainer(SwiftTrainerMixin, transformers.Trainer):
+        pass
+
+    sm = _swift_model()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=1,
+        report_to=[],
+        use_cpu=True,
+        learning_rate=1e-2,
+        disable_tqdm=True,
+        save_strategy="no",
+    )
+    trainer = SwiftTrainer(model=sm, args=args, train_dataset=DATA)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    want = _logits(sm)
+    assert torch.allclose(_logits(Swift.from_pretrained(tiny_llama(), str(tmp_path / "final"))), want, atol=1e-6)
+    assert torch.allclose(
+        _logits(peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "final"))), want, atol=1e-5
+    )
+
+
+def test_plain_trainer_save_model_is_not_an_adapter_dir_without_the_mixin(tmp_path: Path) -> None:
+    """Documented limit: transformers' Trainer writes a bare model.safetensors for a model it does not know."""
+    sm = _swift_model()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no")
+    transformers.Trainer(model=sm, args=args).save_model()
+    assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / "adapter_config.json").exists()

@@ -49,7 +49,7 @@ class LoRAConfig(TunerConfig):
     lora_bias: bool = False
     # SWIFT's extra fields
     lora_dtype: Any = None
-    lorap_lr_ratio: float | None = None
+    lorap_lr_ratio: float | None = 16.0  # SWIFT's default (2**4); None: no LoRA+ groups of its own
     lorap_emb_lr: float = 1e-6
     use_qa_lora: bool = False
     use_merged_linear: bool = False
@@ -61,6 +61,8 @@ class LoRAConfig(TunerConfig):
     revision: Any = None
     swift_type: str = "LORA"
     peft_type: str = "LORA"
+    # SwiftConfig's field: the model's layer names for tuners that need them (kept and written back; LoRA ignores it)
+    model_key_mapping: Any = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

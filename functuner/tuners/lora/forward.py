@@ -18,7 +18,7 @@ from ...core.params import TunerParams
 from ...core.routing import Routes, ensure_slots
 from ..base import CallContext, override_slot
 from .layout import Site, layout_of
-from .math import add_lowrank, dora_norm, dora_row_norm_lowrank, lora_delta, weight_as_out_in
+from .math import add_lowrank, conv_fn, dora_norm, dora_row_norm_lowrank, lora_delta, weight_as_out_in
 
 __all__ = ["first_arg", "needs_generator", "routes"]
 
@@ -81,9 +81,9 @@ def _slot(
     if dropped:
         xa = _dropout(xa, site.dropout, generator)
     if kind == "conv":
-        conv = F.conv1d if A.dim() == 3 else F.conv2d
+        conv = conv_fn(A.dim() - 2)
         h = conv(xa, A, stride=module.stride, padding=module.padding)
-        lora_out = conv(h, B)
+        lora_out = conv(h, B, groups=module.groups)  # B is grouped as the base conv (PEFT's layout)
     else:
         h = F.linear(xa, A)
         if out.dtype == h.dtype and not dropped:
@@ -105,8 +105,9 @@ def _slot(
         scale = scale.view(1, -1) if scale.dim() == 1 else scale
     if dropped:
         if kind == "conv":
-            conv = F.conv1d if A.dim() == 3 else F.conv2d
-            base_result = conv(xa.to(w.dtype), w, None, module.stride, module.padding, module.dilation, module.groups)
+            base_result = conv_fn(A.dim() - 2)(
+                xa.to(w.dtype), w, None, module.stride, module.padding, module.dilation, module.groups
+            )
         else:
             base_result = F.linear(xa.to(w.dtype), w_oi)
     else:

@@ -19,7 +19,7 @@ from torch import nn
 
 from ...core.params import TunerParams
 from ...core.targets import is_conv1d_gpt2
-from ...errors import ParamsMismatchError, UnsupportedModuleError
+from ...errors import ConfigError, ParamsMismatchError, UnsupportedModuleError
 from .config import LoRAConfig
 from .keys import param_names, parse_key
 
@@ -27,6 +27,8 @@ __all__ = [
     "Layout",
     "Site",
     "base_weight",
+    "check_site",
+    "conv_groups",
     "expected_shapes",
     "in_out_features",
     "in_out_of_shape",
@@ -36,9 +38,13 @@ __all__ = [
 ]
 
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def layer_kind(module: nn.Module, name: str) -> str:
     """What ``module`` is to LoRA: ``"linear"``, ``"conv1d_gpt2"``, ``"embedding"`` or ``"conv"``.
 
+    ``"conv"`` is ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``, grouped or not.
     Raises :class:`UnsupportedModuleError` naming ``name`` for any other module.
     """
     if is_conv1d_gpt2(module):
@@ -47,25 +53,51 @@ def layer_kind(module: nn.Module, name: str) -> str:
         return "linear"
     if isinstance(module, nn.Embedding):
         return "embedding"
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        if module.groups != 1:
-            raise UnsupportedModuleError(
-                f"LoRA on {name!r}: grouped convolutions (groups={module.groups}) are not supported"
-            )
+    if isinstance(module, _CONVS):
         return "conv"
     raise UnsupportedModuleError(
         f"LoRA cannot adapt module {name!r} of type {type(module).__name__}; supported: nn.Linear, nn.Embedding,"
-        " nn.Conv1d, nn.Conv2d, transformers Conv1D"
+        " nn.Conv1d, nn.Conv2d, nn.Conv3d (grouped too), transformers Conv1D"
     )
+
+
+def conv_groups(module: nn.Module) -> int:
+    """``module.groups`` for a convolution, 1 for every other layer."""
+    return int(getattr(module, "groups", 1)) if isinstance(module, _CONVS) else 1
+
+
+def check_site(module: nn.Module, name: str, kind: str, r: int, use_dora: bool) -> None:
+    """Refuse what LoRA cannot do on this module (:class:`ConfigError` naming the module and the fix).
+
+    Grouped convolutions (``groups > 1``), as PEFT does them: ``A`` is a full
+    conv ``in -> r`` and ``B`` a 1x1 conv grouped like the base layer, so the
+    rank must be divisible by ``groups`` (PEFT refuses the same).  DoRA on a
+    grouped convolution is not supported: its row norm needs ``B A`` as a
+    grouped kernel, which it is not.
+    """
+    groups = conv_groups(module)
+    if kind != "conv" or groups == 1:
+        return
+    if r % groups != 0:
+        raise ConfigError(
+            f"LoRA on {name!r} ({type(module).__name__}, groups={groups}): rank r={r} is not divisible by groups;"
+            " choose r (or rank_pattern for this module) as a multiple of groups, or do not target it"
+        )
+    if use_dora:
+        raise ConfigError(
+            f"LoRA on {name!r}: DoRA on grouped convolutions (groups={groups}) is not supported; use plain LoRA"
+            " (use_dora=False) or exclude this module (exclude_modules)"
+        )
 
 
 def in_out_features(module: nn.Module, kind: str) -> tuple[int, int]:
     """``(fan_in, fan_out)`` of ``module`` (LoRA's ``A`` reads fan_in, ``B`` writes fan_out)."""
-    return in_out_of_shape(tuple(base_weight(module).shape), kind)
+    fan_in, fan_out = in_out_of_shape(tuple(base_weight(module).shape), kind)
+    return fan_in * conv_groups(module), fan_out
 
 
 def in_out_of_shape(weight_shape: tuple[int, ...], kind: str) -> tuple[int, int]:
-    """``(fan_in, fan_out)`` of a base weight of shape ``weight_shape`` and layer ``kind``."""
+    """``(fan_in, fan_out)`` of a base weight of shape ``weight_shape`` and layer ``kind`` (ungrouped)."""
     if kind in ("conv1d_gpt2", "embedding"):
         return int(weight_shape[0]), int(weight_shape[1])
     return int(weight_shape[1]), int(weight_shape[0])
@@ -78,20 +110,24 @@ def base_weight(module: nn.Module) -> torch.Tensor:
 
 def expected_shapes(module: nn.Module, kind: str, r: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """Shapes of ``(A, B, magnitude)`` for rank ``r`` on ``module``."""
-    return shapes_for_weight(tuple(base_weight(module).shape), kind, r)
+    return shapes_for_weight(tuple(base_weight(module).shape), kind, r, conv_groups(module))
 
 
 def shapes_for_weight(
-    weight_shape: tuple[int, ...], kind: str, r: int
+    weight_shape: tuple[int, ...], kind: str, r: int, groups: int = 1
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """Shapes of ``(A, B, magnitude)`` for rank ``r`` on a base weight of shape ``weight_shape``."""
+    """Shapes of ``(A, B, magnitude)`` for rank ``r`` on a base weight of shape ``weight_shape``.
+
+    ``groups``: a grouped convolution's ``groups`` (its weight is ``(out, in / groups, *k)``):
+    ``A (r, in, *k)`` reads every input channel, ``B (out, r / groups, 1...)`` is grouped.
+    """
     fan_in, fan_out = in_out_of_shape(weight_shape, kind)
     if kind == "embedding":
         return (r, fan_in), (fan_out, r), (fan_out,)
     if kind == "conv":
         k = tuple(int(d) for d in weight_shape[2:])
         ones = (1,) * len(k)
-        return (r, fan_in, *k), (fan_out, r, *ones), (1, fan_out, *ones)
+        return (r, fan_in * groups, *k), (fan_out, r // groups, *ones), (1, fan_out, *ones)
     return (r, fan_in), (fan_out, r), (fan_out,)
 
 
@@ -142,6 +178,7 @@ def _build_layout(model: nn.Module, params: TunerParams) -> Layout:
             mname = parsed.module
             module = _find_module(model, mname, key)
             kind = layer_kind(module, mname)
+            check_site(module, mname, kind, cfg.rank_for(mname), bool(cfg.use_dora))
             a, b, m = param_names(mname, kind, ad)
             if a != key:
                 raise ParamsMismatchError(f"params key {key!r}: module {mname!r} is a {kind}, expected key {a!r}")

@@ -10,6 +10,7 @@ bitwise.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -17,12 +18,18 @@ import torch.nn.functional as F
 
 __all__ = [
     "add_lowrank",
+    "conv_fn",
     "dora_norm",
     "dora_row_norm_lowrank",
     "lora_delta",
     "plus_delta",
     "weight_as_out_in",
 ]
+
+
+def conv_fn(kernel_dims: int) -> Callable[..., torch.Tensor]:
+    """``F.conv1d`` / ``F.conv2d`` / ``F.conv3d`` for a kernel with ``kernel_dims`` spatial dims."""
+    return cast(Callable[..., torch.Tensor], (F.conv1d, F.conv2d, F.conv3d)[kernel_dims - 1])
 
 
 def weight_as_out_in(weight: torch.Tensor, kind: str) -> torch.Tensor:
@@ -36,7 +43,8 @@ def lora_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, kind: str = "li
     """The full-size weight change ``s * B @ A`` in the base weight's own layout, in float32.
 
     Shapes: linear ``(out, in)``; GPT-2 Conv1D ``(in, out)``; embedding
-    ``(num_embeddings, dim)``; conv ``(out, in, *k)``.  For inference merges only:
+    ``(num_embeddings, dim)``; conv ``(out, in, *k)`` (1, 2 or 3 spatial dims; ungrouped only:
+    for a grouped conv ``B A`` is a dense kernel the grouped weight cannot hold).  For inference merges only:
     training through :func:`functuner.apply` never forms it.
     """
     A32, B32 = A.float(), B.float()
@@ -44,8 +52,7 @@ def lora_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, kind: str = "li
         if all(k == 1 for k in A.shape[2:]):
             delta = (B32.flatten(1) @ A32.flatten(1)).reshape(B.shape[0], A.shape[1], *A.shape[2:])
         else:
-            conv = F.conv1d if A.dim() == 3 else F.conv2d
-            delta = conv(A32.transpose(0, 1), B32).transpose(0, 1)
+            delta = conv_fn(A.dim() - 2)(A32.transpose(0, 1), B32).transpose(0, 1)
         return delta * scaling
     delta = (B32 @ A32) * scaling  # (out, in) for linear; (dim, num_emb) for embedding
     if kind in ("conv1d_gpt2", "embedding"):

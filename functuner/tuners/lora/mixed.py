@@ -45,7 +45,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...core.params import TunerParams
@@ -55,7 +54,7 @@ from ..base import PerSample
 from .config import LoRAConfig
 from .forward import first_arg
 from .layout import layout_of
-from .math import dora_norm, lora_delta, weight_as_out_in
+from .math import conv_fn, dora_norm, lora_delta, weight_as_out_in
 
 __all__ = ["BASE", "PER_SAMPLE", "AdapterStack", "apply_mixed", "index_of", "mixed_routes", "stack_adapters"]
 
@@ -161,6 +160,12 @@ def stack_adapters(model: nn.Module, adapters: Sequence[TunerParams] | Mapping[s
                 " per-sample adapters support LoRA factors (and biases of adapted modules) only"
             )
         for site in layout.sites:
+            if site.kind == "conv" and getattr(site.module, "groups", 1) != 1:
+                raise ConfigError(
+                    f"adapter {name!r}: per-sample adapters do not support LoRA on grouped convolutions"
+                    f" ({site.name!r}: {type(site.module).__name__} with groups={getattr(site.module, 'groups', 1)});"
+                    " run this adapter with functuner.apply instead"
+                )
             per_module.setdefault(site.module, []).append((i, site, p))
     K = len(named)
     sites: list[_StackSite] = []
@@ -238,7 +243,7 @@ def _lora_out(site: _StackSite, module: nn.Module, x: torch.Tensor, idx: torch.T
     A = site.A.index_select(0, idx)
     xa = x.to(A.dtype)
     if site.kind == "conv":
-        conv = F.conv1d if A.dim() == 4 else F.conv2d
+        conv = conv_fn(A.dim() - 3)
         grouped = xa.reshape(1, n * xa.shape[1], *xa.shape[2:])
         geometry: Any = module  # nn.Conv1d / nn.Conv2d
         h = conv(grouped, A.reshape(-1, *A.shape[2:]), stride=geometry.stride, padding=geometry.padding, groups=n)

@@ -29,7 +29,7 @@ from ...errors import CheckpointError, ParamsMismatchError, TargetError
 from ..base import KeyNaming, PeftFormat
 from .config import LoRAConfig
 from .keys import EMBEDDING_PARTS, LORA_PARTS, parse_key
-from .layout import in_out_features, layer_kind
+from .layout import expected_shapes, in_out_features, layer_kind
 
 __all__ = [
     "KEY_NAMING",
@@ -46,12 +46,15 @@ __all__ = [
 
 KEY_NAMING = KeyNaming(after=LORA_PARTS)
 
-# SWIFT-only LoRA fields that do not change the weights or the forward (training hyper-parameters):
+# SWIFT-only LoRA fields that do not change the weights or the forward (training hyper-parameters, SwiftConfig's
+# model_key_mapping, which SWIFT's to_peft_config drops too):
 # dropped when writing PEFT's format.  Any other SWIFT-only field at a non-default value is refused.
-_SWIFT_ONLY_TRAINING_FIELDS = ("lorap_lr_ratio", "lorap_emb_lr")
+_SWIFT_ONLY_TRAINING_FIELDS = ("lorap_lr_ratio", "lorap_emb_lr", "model_key_mapping")
 _SWIFT_ONLY_FIELDS = ("lora_dtype", "use_qa_lora", "use_merged_linear", "enable_lora")
 _A_PARTS = ("lora_A", "lora_embedding_A")
 _MAGNITUDE = "lora_magnitude_vector"
+# a rank whose factors fit in this many elements is never refused as corrupt, however small the model
+_RANK_FLOOR_ELEMENTS = 1 << 24
 
 
 def _adapted_modules(keys: Any, adapter_name: str | None) -> set[str]:
@@ -179,11 +182,14 @@ PEFT_FORMAT = PeftFormat(
 # checks
 # ---------------------------------------------------------------------------
 def check_model(model: nn.Module, config: Any, source: str) -> None:
-    """Refuse a config whose rank exceeds both dimensions of a targeted layer (:class:`CheckpointError`).
+    """Refuse a config whose rank would make a layer's factors larger than the whole model (:class:`CheckpointError`).
 
     Checked before any tensor is allocated, so a config from a stranger with
-    ``r=10**9`` fails at once instead of exhausting memory.  (A rank between the
-    two dimensions is wasteful but valid, as in PEFT, and is accepted.)
+    ``r=10**9`` fails at once instead of exhausting memory.  Any rank that
+    fits is valid, also one larger than a layer's dimensions (wasteful, but
+    PEFT accepts it and its test table uses ``r=8`` on a ``5 -> 1`` layer):
+    only factors holding more elements than the base model itself (at least
+    :data:`_RANK_FLOOR_ELEMENTS`) are refused as corrupt.
     """
     try:
         selected = select_modules(
@@ -195,15 +201,19 @@ def check_model(model: nn.Module, config: Any, source: str) -> None:
         )
     except TargetError as e:
         raise TargetError(f"{source}: {e}") from None
+    limit = max(_RANK_FLOOR_ELEMENTS, sum(p.numel() for p in model.parameters()))
     for name, module in selected:
         if config.modules_to_save and match_name(name, config.modules_to_save):
             continue
         r = config.rank_for(name)
-        fan_in, fan_out = in_out_features(module, layer_kind(module, name))
-        if r > max(fan_in, fan_out):
+        kind = layer_kind(module, name)
+        a_shape, b_shape, _ = expected_shapes(module, kind, r)
+        size = math.prod(a_shape) + math.prod(b_shape)
+        if size > limit:
+            fan_in, fan_out = in_out_features(module, kind)
             raise CheckpointError(
-                f"{source}: field r={r} is larger than layer {name!r} ({fan_in} in, {fan_out} out);"
-                " the checkpoint is corrupt or not for this model"
+                f"{source}: field r={r} gives layer {name!r} ({fan_in} in, {fan_out} out) LoRA factors of {size}"
+                f" elements, more than the whole model ({limit}); the checkpoint is corrupt or not for this model"
             )
 
 
@@ -229,7 +239,8 @@ def check_state(config: Any, state: Mapping[str, torch.Tensor], source: str) -> 
             continue
         r = config.rank_for(lk.module)
         found = t.shape[0] if lk.part in _A_PARTS else t.shape[1]
-        if found != r:
+        grouped_b = lk.part == "lora_B" and t.dim() > 2 and found > 0 and r % found == 0  # (out, r / groups, 1...)
+        if found != r and not grouped_b:
             raise CheckpointError(
                 f"{source}: field r={r} (for {lk.module!r}) does not match tensor {key!r} of rank {found}"
                 f" (shape {list(t.shape)}); the config and the weights are not from the same adapter"

@@ -1,7 +1,11 @@
 """LoRA+ optimizer param groups (the ``Tuner.optimizer_groups`` hook; SWIFT's ``create_optimizer_param_groups``).
 
 LoRA+ (Hayou et al., 2024) trains ``B`` with a larger learning rate than ``A``.
-For an adapter whose config sets ``lorap_lr_ratio``: ``lora_A`` tensors get
+As in SWIFT, ``lorap_lr_ratio`` defaults to 16 and LoRA+ takes effect only
+through these groups: only a caller that builds its optimizer from
+``create_optimizer_param_groups`` (SWIFT's ``lorap`` optimizer callback does)
+trains with them; ``lorap_lr_ratio=None`` means no groups of its own.
+For an adapter whose ``lorap_lr_ratio`` is not ``None``: ``lora_A`` tensors get
 ``lr``; ``lora_B`` tensors and 1-d tensors (biases, DoRA magnitudes) get
 ``lr * lorap_lr_ratio``, split by whether transformers' Trainer decays them;
 embedding LoRA tensors get ``lorap_emb_lr``.  Pure: reads the tensors' names

@@ -13,8 +13,11 @@ Math, per adapted module with base weight ``W`` and scaling
   the forward, so training never pays for a full-size weight gradient.
 * ``nn.Embedding``: ``y = base(x) + s * embedding(x, A.T) @ B.T`` with
   ``A: (r, num_embeddings)``, ``B: (embedding_dim, r)``.
-* ``nn.Conv1d`` / ``nn.Conv2d``: ``A`` is a conv with the base kernel, stride
-  and padding (``(r, in, *k)``), ``B`` a 1x1 conv (``(out, r, 1...)``).
+* ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``: ``A`` is a conv with the base
+  kernel, stride and padding (``(r, in, *k)``), ``B`` a 1x1 conv (``(out, r, 1...)``).
+  Grouped convolutions (as PEFT): ``B`` is grouped like the base layer
+  (``(out, r / groups, 1...)``); they run and train but cannot be merged
+  (``B A`` is a dense kernel, the base weight a grouped one; PEFT refuses too).
 * DoRA: ``y = m / ||W + s B A||_row * (W x + s B A x) + bias``, the norm detached
   from the graph (DoRA paper, section 4.3), as PEFT does.
 
@@ -38,7 +41,7 @@ import torch
 from torch import nn
 
 from ...core.params import TunerParams
-from ...core.targets import match_name, select_modules
+from ...core.targets import match_name, own_named_modules, own_named_parameters, select_modules
 from ...errors import ConfigError
 from ..base import Tuner, resolve_dtype
 from . import peft_format
@@ -46,7 +49,7 @@ from .combine import add_weighted_adapter
 from .config import LoRAConfig, LoraConfig
 from .forward import needs_generator, routes
 from .keys import param_names
-from .layout import base_weight, expected_shapes, layer_kind, layout_of
+from .layout import base_weight, check_site, expected_shapes, layer_kind, layout_of
 from .math import dora_norm, lora_delta, weight_as_out_in
 from .merge import merge, unmerge
 from .mixed import PER_SAMPLE
@@ -100,6 +103,7 @@ def init(
     for name, module in selected:
         kind = layer_kind(module, name)
         r = config.rank_for(name)
+        check_site(module, name, kind, r, bool(config.use_dora))
         # r larger than the module's fan-in/out is wasteful but valid (PEFT accepts it too)
         base_w = base_weight(module)
         dtype = lora_dtype or base_w.dtype
@@ -133,7 +137,7 @@ def init(
             tensors[f"{name}.bias"] = cast(torch.Tensor, module.bias).detach().clone()
     if config.bias == "all":
         adapted = {n for n, _ in selected}
-        for mname, module in model.named_modules():
+        for mname, module in own_named_modules(model):
             b = module._parameters.get("bias")
             if (
                 b is not None
@@ -143,10 +147,10 @@ def init(
                 tensors[f"{mname}.bias" if mname else "bias"] = b.detach().clone()
     if config.modules_to_save:
         found = False
-        for mname, module in model.named_modules():
+        for mname, module in own_named_modules(model):
             if mname and match_name(mname, config.modules_to_save):
                 found = True
-                for pname, p in module.named_parameters():
+                for pname, p in own_named_parameters(module):
                     tensors[f"{mname}.modules_to_save.{adapter_name}.{pname}"] = p.detach().clone()
         if not found:
             raise ConfigError(f"modules_to_save={list(config.modules_to_save)!r} matched no module of the model")

@@ -7,7 +7,8 @@ headers.  This module finds, from the params' keys (:mod:`.keys`), the config
 and the base weight shapes, what :mod:`.layout` finds from the modules:
 
 * the layer kind: ``lora_embedding_*`` keys are embeddings, ``A`` with more than
-  two dims a conv; a 2-D weight is a Linear ``(out, in)`` or a GPT-2 Conv1D
+  two dims a conv (1-3 spatial dims; a grouped conv, whose ``A`` reads more
+  input channels than its weight has, cannot be merged: :class:`ConfigError`); a 2-D weight is a Linear ``(out, in)`` or a GPT-2 Conv1D
   ``(in, out)``, whichever its shape fits; a square weight fits both and the
   config's ``fan_in_fan_out`` (or the caller's hint) decides, as in PEFT;
 * where each trainable bias and ``modules_to_save`` copy goes;
@@ -27,10 +28,10 @@ import torch
 from torch import nn
 
 from ...core.params import TunerParams
-from ...errors import ParamsMismatchError
+from ...errors import ConfigError, ParamsMismatchError
 from .config import LoRAConfig
 from .keys import EMBEDDING_PARTS, param_names, parse_key
-from .layout import layout_of, shapes_for_weight
+from .layout import conv_groups, layout_of, shapes_for_weight
 
 __all__ = ["WeightLayout", "WeightSite", "weight_layout", "weight_layout_of_model"]
 
@@ -57,6 +58,9 @@ class WeightLayout(NamedTuple):
 def weight_layout_of_model(model: nn.Module, params: TunerParams) -> WeightLayout:
     """The :class:`WeightLayout` of LoRA ``params`` on ``model``, from its validated (cached) layout."""
     layout = layout_of(model, params)
+    for s in layout.sites:
+        if conv_groups(s.module) != 1:
+            raise _grouped_conv_error("merge", s.name, conv_groups(s.module))
     sites = tuple(WeightSite(s.name, s.kind, s.a, s.b, s.m, s.bias, s.scaling) for s in layout.sites)
     names: dict[int, str] = {}
     if layout.overrides:
@@ -68,6 +72,14 @@ def weight_layout_of_model(model: nn.Module, params: TunerParams) -> WeightLayou
         for pname, key in pairs
     )
     return WeightLayout(sites, replacements)
+
+
+def _grouped_conv_error(source: str, name: str, groups: int) -> ConfigError:
+    return ConfigError(
+        f"{source}: LoRA on {name!r}, a grouped convolution (groups={groups}), cannot be merged: its B A is a dense"
+        " kernel and the base weight a grouped one (PEFT refuses this merge too); keep the adapter unmerged"
+        " (functuner.apply)"
+    )
 
 
 def _kind_of(
@@ -143,6 +155,8 @@ def weight_layout(
         if a != key:
             raise ParamsMismatchError(f"{source}: params key {key!r}: {wkey!r} is a {kind} weight, expected {a!r}")
         r = int(A.shape[0]) if A.dim() > 0 else -1
+        if kind == "conv" and len(wshape) == A.dim() and wshape[1] != A.shape[1] and A.shape[1] % wshape[1] == 0:
+            raise _grouped_conv_error(source, name, int(A.shape[1]) // wshape[1])
         want_r = config.rank_for(name)
         if r != want_r:
             raise ParamsMismatchError(

@@ -1,4 +1,4 @@
-"""``adapter_config.json``: functuner configs to and from SWIFT's and PEFT's JSON.
+"""``adapter_config.json``: functuner configs to and from SWIFT's and PEFT's JSON (the config <-> JSON home).
 
 SWIFT writes a config's fields plus ``swift_type``; PEFT writes its own fields
 plus ``peft_type``.  Which tuner reads a PEFT config, and how a config is
@@ -11,11 +11,18 @@ file and field, except PEFT/SWIFT bookkeeping fields at their neutral values.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Mapping
-from typing import Any, cast
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
+from ..core.fs import atomic_write_text, read_json
 from ..errors import CheckpointError, ConfigError
-from ..tuners import REGISTRY, Tuner, tuner_for
+from .registry import REGISTRY, tuner_for
+
+if TYPE_CHECKING:
+    from .base import Tuner
 
 __all__ = [
     "BIN_NAME",
@@ -27,6 +34,8 @@ __all__ = [
     "is_peft_native_type",
     "peft_config_json",
     "peft_tuner",
+    "read_adapter_config",
+    "write_adapter_config",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -76,7 +85,7 @@ def peft_tuner(config: Any, where: str = "") -> Tuner:
 
     Otherwise :class:`CheckpointError` (starting with ``where``) saying which tuners have one.
     """
-    tuner = config if isinstance(config, Tuner) else tuner_for(config)
+    tuner = config if any(config is t for t in REGISTRY.values()) else tuner_for(config)
     if tuner.peft is None:
         have = [t.config_cls.__name__.removesuffix("Config") for t in REGISTRY.values() if t.peft is not None]
         raise CheckpointError(
@@ -155,3 +164,26 @@ def is_peft_native_type(peft_type: Any) -> bool:
     except ImportError:  # pragma: no cover - peft is a dependency
         return False
     return peft_type in {t.value for t in peft.PeftType}
+
+
+def write_adapter_config(save_directory: str | os.PathLike[str], config: Any, **extra: Any) -> Path:
+    """Write ``adapter_config.json`` for ``config`` into ``save_directory`` (temp file + rename); returns its path."""
+    folder = Path(save_directory)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{folder} is a file; expected a directory")
+    folder.mkdir(parents=True, exist_ok=True)
+    data = config_to_json(config)
+    data.update(extra)
+    atomic_write_text(folder / CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True))
+    return folder / CONFIG_NAME
+
+
+def read_adapter_config(path: str | os.PathLike[str], revision: str | None = None, **hub_kwargs: Any) -> Any:
+    """The config in ``path/adapter_config.json`` (``path`` a directory or a hub id)."""
+    from ..core.hub import resolve_model_dir
+
+    folder = Path(resolve_model_dir(path, revision, **hub_kwargs))
+    cfg = folder / CONFIG_NAME
+    if not cfg.is_file():
+        raise CheckpointError(f"{folder}: no {CONFIG_NAME}")
+    return config_from_json(read_json(cfg, folder), str(cfg))
