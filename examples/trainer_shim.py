@@ -80,8 +80,7 @@ def _train_save_reload(
         use_cpu=True,
         disable_tqdm=True,
         seed=0,
-        label_names=["labels"],
-    )  # Trainer cannot read the label names off the wrapper's generic forward
+    )  # no label_names: Trainer reads them off the SwiftModel class's forward signature (the wrapped model's)
     # Trainer builds its usual AdamW over the trainable parameters: the adapters' (the base model is frozen).
     # For LoRA+ pass optimizers=(torch.optim.AdamW(model.create_optimizer_param_groups(lr=...)), None).
     trainer = transformers.Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation)

@@ -34,6 +34,13 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     "AdapterConfig": "functuner.tuners.adapter",
+    "GaLoreAdamW": "functuner.optim",
+    "GaLoreConfig": "functuner.optim",
+    "LISACallback": "functuner.optim",
+    "LISAConfig": "functuner.optim",
+    "LISASchedule": "functuner.optim",
+    "create_galore_optimizer": "functuner.optim",
+    "galore_adamw": "functuner.optim",
     "IA3Config": "functuner.tuners.ia3",
     "LoHaConfig": "functuner.tuners.loha",
     "LoKrConfig": "functuner.tuners.lokr",
@@ -73,11 +80,16 @@ _EXPORTS: dict[str, str] = {
     "validate": "functuner.functional",
     "value_and_grad": "functuner.grads",
 }
-_SUBMODULES = ("cli", "core", "distributed", "errors", "functional", "grads", "io", "shim", "tuners")
+_SUBMODULES = ("cli", "core", "distributed", "errors", "functional", "grads", "io", "optim", "shim", "tuners")
 
 __all__ = [
     "AdapterConfig",
+    "GaLoreAdamW",
+    "GaLoreConfig",
     "IA3Config",
+    "LISACallback",
+    "LISAConfig",
+    "LISASchedule",
     "LLaMAProConfig",
     "LoHaConfig",
     "LoKrConfig",
@@ -99,8 +111,10 @@ __all__ = [
     "TunerParams",
     "apply",
     "checkpoint_context_fn",
+    "create_galore_optimizer",
     "errors",
     "from_peft_state_dict",
+    "galore_adamw",
     "gradient_checkpointing_enable",
     "init",
     "load",
@@ -141,6 +155,15 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names __getattr__
     from .grads import per_sample_grads, value_and_grad
     from .io.checkpoint import load, save
     from .io.keys import from_peft_state_dict, rename_adapter, to_peft_state_dict
+    from .optim import (
+        GaLoreAdamW,
+        GaLoreConfig,
+        LISACallback,
+        LISAConfig,
+        LISASchedule,
+        create_galore_optimizer,
+        galore_adamw,
+    )
     from .shim import Swift, SwiftConfig, SwiftModel
     from .tuners import Tuner, TunerConfig, register, tuner_for
     from .tuners.adapter import AdapterConfig

@@ -1,13 +1,14 @@
-"""Merge a LoRA adapter into a safetensors base checkpoint, shard by shard, tensor by tensor.
+"""Merge an adapter into a safetensors base checkpoint, shard by shard, tensor by tensor.
 
 Memory: the adapter's tensors plus one base tensor (and its fp32 merge) at a
 time.  Untouched tensors are copied as raw bytes in 16 MiB chunks with plain
 reads (no memory map, so pages already written do not stay in this process's
 resident set); adapted weights are read, merged in float32 and rounded once to
 the output dtype.  Nothing here imports ``peft`` or ``transformers``.  Which
-base key each adapter tensor adapts, and the merge formula, are LoRA's own
-(:mod:`functuner.tuners.lora.weight_layout`, :func:`functuner.tuners.lora.merge.merged_weight`),
-so a streamed merge equals ``functuner.merge`` on the same weights, bitwise.
+base key each adapter tensor adapts, and the merge formula, come from the
+tuner's ``plan_shard_merge`` hook (LoRA's: :mod:`functuner.tuners.lora.streaming`,
+built on the same layout and formula as ``functuner.merge``), so a streamed
+merge equals ``functuner.merge`` on the same weights, bitwise.
 
 Layouts handled are the ones ``transformers`` writes: ``model.safetensors``,
 or shards listed in ``model.safetensors.index.json`` (``{"metadata":
@@ -34,10 +35,9 @@ from typing import Any, cast
 import torch
 
 from ..errors import CheckpointError, ParamsMismatchError, UnsafeCheckpointError
-from ..tuners.lora.merge import merged_weight as lora_merged_weight
-from ..tuners.lora.weight_layout import WeightSite, weight_layout
+from ..tuners import tuner_for
 
-__all__ = ["Header", "MergePlan", "merge_checkpoint", "merged_weight", "plan_merge", "read_header", "shard_files"]
+__all__ = ["Header", "MergePlan", "merge_checkpoint", "plan_merge", "read_header", "shard_files"]
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -174,10 +174,9 @@ def shard_files(base_dir: Path) -> tuple[list[str], dict[str, Any] | None]:
 
 @dataclasses.dataclass(frozen=True)
 class MergePlan:
-    """What to do to which base key: merge a LoRA site (LoRA's own layout), or replace with a stored tensor."""
+    """What to do to which base key: replace it with a tensor stored with the adapter, then merge it (the tuner's plan)."""
 
-    sites: dict[str, WeightSite]  # base weight key -> adapted weight
-    tensors: Mapping[str, torch.Tensor]  # the adapter's tensors (functuner names), which the sites name
+    merges: Mapping[str, Callable[[torch.Tensor], torch.Tensor]]  # base key -> old tensor -> merged tensor (fp32)
     replacements: dict[str, torch.Tensor]
 
 
@@ -192,18 +191,22 @@ def plan_merge(
 ) -> MergePlan:
     """Match an adapter's tensors (functuner names) to base keys; raise naming the first mismatch.
 
-    ``headers`` maps every base key to its info; the matching is LoRA's own
-    (:func:`functuner.tuners.lora.weight_layout.weight_layout`, the one
-    :func:`functuner.merge` uses on a weights mapping), with ``fan_in_fan_out``
+    ``headers`` maps every base key to its info; the matching is the tuner's own
+    (its ``plan_shard_merge`` hook; for LoRA the layout :func:`functuner.merge` uses on
+    a weights mapping), with ``fan_in_fan_out``
     deciding square 2-D weights.  Raises :class:`ParamsMismatchError` for an
     adapter key whose target is missing from the base or whose shape does not
     fit.  ``base_weights`` (full weights PEFT saved beside the adapter, base
     names) replace the base's before merging.
     """
     shapes = {k: tuple(info.shape) for k, info in headers.items()}
-    layout = weight_layout(
-        tensors, config, adapter_name, shapes, fan_in_fan_out=fan_in_fan_out, source=str(adapter_path)
-    )
+    tuner = tuner_for(config)
+    if tuner.plan_shard_merge is None:
+        raise CheckpointError(
+            f"{adapter_path}: {tuner.swift_type} adapters have no streaming merge; merge them in memory with"
+            " functuner.merge(model, params) or keep them as adapters"
+        )
+    plan = tuner.plan_shard_merge(tensors, config, adapter_name, shapes, fan_in_fan_out, str(adapter_path))
     replacements: dict[str, torch.Tensor] = {}
     for key, value in sorted((base_weights or {}).items()):
         if key not in headers:
@@ -214,18 +217,8 @@ def plan_merge(
                 f" shape {list(headers[key].shape)}"
             )
         replacements[key] = value
-    for site in layout.sites:
-        if site.bias is not None:
-            replacements[f"{site.name}.bias"] = tensors[site.bias]
-    for target, key in layout.replacements:
-        replacements[target] = tensors[key]
-    return MergePlan({f"{s.name}.weight": s for s in layout.sites}, tensors, replacements)
-
-
-def merged_weight(weight: torch.Tensor, site: WeightSite, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``W + s B A`` (DoRA: ``m / ||W + s B A||_row * (W + s B A)``) in float32, by LoRA's own merge formula."""
-    magnitude = tensors[site.m] if site.m is not None else None
-    return lora_merged_weight(weight, tensors[site.a], tensors[site.b], site.scaling, site.kind, magnitude)
+    replacements.update(plan.replacements)
+    return MergePlan(dict(plan.merges), replacements)
 
 
 def _read_tensor(f: Any, info: TensorInfo, path: Path) -> torch.Tensor:
@@ -274,10 +267,10 @@ def _write_shard(
         out.write(raw)
         for key, info in header.tensors.items():
             name = out_entries[key]["dtype"]
-            if key in plan.sites or key in plan.replacements or name != info.dtype:
+            if key in plan.merges or key in plan.replacements or name != info.dtype:
                 w = plan.replacements[key] if key in plan.replacements else _read_tensor(src, info, header.path)
-                if key in plan.sites:
-                    w = merged_weight(w, plan.sites[key], plan.tensors)
+                if key in plan.merges:
+                    w = plan.merges[key](w)
                 w = w.to(_DTYPES[name][0])
                 out.write(_tensor_bytes(w))
                 del w
@@ -362,7 +355,7 @@ def merge_checkpoint(
         full = "disk full: " if exc.errno == errno.ENOSPC else ""
         where = exc.filename or current
         raise CheckpointError(f"{full}could not write {where} ({exc.strerror}); no output was written") from None
-    return {"shards": len(names), "merged": len(plan.sites), "replaced": len(plan.replacements), "bytes": total}
+    return {"shards": len(names), "merged": len(plan.merges), "replaced": len(plan.replacements), "bytes": total}
 
 
 def _model_type(base_dir: Path) -> str | None:

@@ -35,7 +35,7 @@ from ..tuners import tuner_for
 from . import merging, placement
 from .state import AdapterEntry, ShimState
 
-__all__ = ["PEFT_MIXIN_NAMES", "PeftNames"]
+__all__ = ["PEFT_MIXIN_NAMES", "PeftNames", "to_peft_config"]
 
 #: every public or private name of ``transformers.integrations.peft.PeftAdapterMixin`` (transformers 5.x);
 #: each is defined on :class:`PeftNames` so none falls through to the wrapped model.
@@ -313,3 +313,17 @@ class PeftNames(nn.Module):
 
     def _dispatch_accelerate_model(self, *args: Any, **kwargs: Any) -> None:
         raise _refuse("_dispatch_accelerate_model", "place the wrapped model with accelerate before wrapping it")
+
+
+def to_peft_config(config: Any) -> Any:
+    """The ``peft.PeftConfig`` equal to a functuner ``config`` (PEFT's ``adapter_config.json`` of it, as an object).
+
+    For ``SFTTrainer(peft_config=...)`` and ``peft.get_peft_model``.  Lossless: a config
+    with fields PEFT cannot express raises :class:`~functuner.errors.FunctunerError`
+    naming them (the same check as saving in PEFT's layout).
+    """
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    data = dict(ckpt.peft_config_json(config))
+    peft_type = data.pop("peft_type")
+    return PEFT_TYPE_TO_CONFIG_MAPPING[peft_type](**data)

@@ -214,6 +214,18 @@ class PerSample(NamedTuple):
     depends_on: Callable[[nn.Module, TunerParams], Sequence[torch.Tensor]] = lambda model, params: ()
 
 
+class ShardMergePlan(NamedTuple):
+    """How a streaming merge changes a base checkpoint, key by key (see the ``plan_shard_merge`` hook).
+
+    ``merges`` maps a base key to a pure function of its current tensor returning the merged tensor (float32;
+    the caller rounds once to the output dtype); ``replacements`` maps a base key to a tensor stored with the
+    adapter that replaces the base's (applied before a merge function of the same key).
+    """
+
+    merges: Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
+    replacements: Mapping[str, torch.Tensor]
+
+
 class Tuner(NamedTuple):
     """A tuner: its SWIFT type name, config class and pure functions."""
 
@@ -242,6 +254,15 @@ class Tuner(NamedTuple):
     check_model: Callable[[nn.Module, Any, str], None] = _no_model_check
     # check tensors read from ``source`` (functuner names) against their own config, no model needed
     check_state: Callable[[Any, Mapping[str, torch.Tensor], str], None] = lambda config, state, source: None
+    # streaming merge into a checkpoint read shard by shard: (tensors, config, adapter_name, {base key: shape},
+    # fan_in_fan_out, source) -> ShardMergePlan; None means "no streaming merge" (functuner merge refuses it)
+    plan_shard_merge: (
+        Callable[
+            [Mapping[str, torch.Tensor], Any, str, Mapping[str, tuple[int, ...]], bool, str],
+            ShardMergePlan,
+        ]
+        | None
+    ) = None
     # -- optional hooks the shim (functuner.shim) calls; defaults mean "nothing special" --
     # per-sample adapters (adapter_names=); None means "not supported per sample"
     per_sample: PerSample | None = None
@@ -256,6 +277,9 @@ class Tuner(NamedTuple):
     ) = None
     # a new adapter combining adapters of this tuner (PEFT's add_weighted_adapter); None means "cannot be combined"
     combine: Callable[..., TunerParams] | None = None
+    # whether adding an adapter of this tuner freezes the base model's parameters (SWIFT's has_additional_modules);
+    # False for a tuner that adds no tensors and leaves the model fully trainable (NEFTune)
+    freezes_base: bool = True
 
 
 _DTYPES = {

@@ -24,10 +24,15 @@ the caller's cache object, so generation works and never touches the original
 layers' entries.
 
 No merged form: the expansion adds layers, so there are no base weights to fold it into.
+SWIFT's own form (real decoder layers inserted, ``num_hidden_layers`` updated)
+is :func:`expand`: the expanded model's weights and its transformers config,
+so ``AutoModelForCausalLM.from_config(config)`` + ``load_state_dict(state)``
+rebuilds a model whose outputs equal the adapted model's.
 """
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,13 +43,14 @@ from torch import nn
 
 from ..core.params import TunerParams
 from ..core.routing import Routes, ensure_slots
-from ..core.targets import own_named_parameters
+from ..core.targets import is_internal, own_named_parameters
 from ..errors import CheckpointError, ConfigError, TargetError
 from .base import CallContext, KeyNaming, Tuner, TunerConfig, _clone_module_tree, check_exact_tensors
 
 __all__ = [
     "LLaMAProConfig",
     "block_key",
+    "expand",
     "expansion_plan",
     "from_swift_keys",
     "init",
@@ -276,6 +282,51 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
         )
     ensure_slots(list(fwd))
     return Routes(forward=fwd)
+
+
+def expand(model: nn.Module, params: TunerParams) -> tuple[dict[str, torch.Tensor], Any]:
+    """SWIFT's form of the adapted model: ``(state_dict, config)`` of the model with the new blocks as real layers.
+
+    The layer list gets the new blocks at SWIFT's indices (2 layers + 2 new
+    blocks: ``[layer0, new, layer1, new]``), the original layers' weights move
+    to their new indices, and the returned config is a copy of ``model.config``
+    with ``num_hidden_layers`` (and ``layer_types``, where the model has them)
+    updated.  ``type(model)(config)`` or ``AutoModelForCausalLM.from_config(config)``
+    followed by ``load_state_dict(state)`` (strict) gives a model whose outputs
+    equal ``functuner.apply(model, params, ...)``'s.  Tensors are shared with
+    the model and the params, not copied.  Pure: the model is not changed.
+    """
+    layer_list, _keys, plan, prefix = _check(model, params)
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "num_hidden_layers"):
+        raise ConfigError(
+            f"llamapro.expand needs a transformers model whose .config has num_hidden_layers;"
+            f" {type(model).__name__} has none (use the side-block form: functuner.apply)"
+        )
+    internal = [n + "." for n, m in model.named_modules() if n and is_internal(m)]
+    base = {k: v for k, v in model.state_dict().items() if not any(k.startswith(h) for h in internal)}
+    head = prefix + "."
+    new_index = {b.source: b.new_index for b in plan}
+    shift = {i: i + sum(1 for b in plan if b.source < i) for i in range(len(layer_list))}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in base.items():
+        idx, _, rest = key[len(head) :].partition(".") if key.startswith(head) else ("", "", "")
+        if not idx.isdigit():
+            out[key] = value
+            continue
+        out[f"{prefix}.{shift[int(idx)]}.{rest}"] = value
+        if int(idx) in new_index:  # the new block: the params' tensors, the source layer's buffers
+            marker = block_key(prefix, int(idx), params.adapter_name, rest)
+            out[f"{prefix}.{new_index[int(idx)]}.{rest}"] = params[marker] if marker in params else value
+    config = copy.deepcopy(cfg)
+    config.num_hidden_layers = len(layer_list) + len(plan)
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)) and len(layer_types) == len(layer_list):
+        expanded: list[Any] = []
+        for i, t in enumerate(layer_types):
+            expanded += [t, t] if i in new_index else [t]
+        config.layer_types = expanded
+    return out, config
 
 
 # -- on disk: SWIFT saves the new blocks at their indices in the expanded layer list ---------------------

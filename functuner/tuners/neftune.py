@@ -7,7 +7,8 @@ shape ``(..., seq_len, dim)`` becomes::
 
 (``m`` computed in float32 as SWIFT does).  In eval mode the model is unchanged.
 The tuner has no trainable tensors (its params are empty); its merged form is
-the base model itself.
+the base model itself.  As in SWIFT, adding it to a model through the stateful
+shim leaves the model's own parameters trainable (``Tuner.freezes_base=False``).
 
 Randomness: the functional API draws the noise from the call's ``generator``
 (required in training mode: :func:`needs_generator`); ``generator=None`` (the
@@ -133,4 +134,5 @@ tuner = Tuner(
     merge=merge,
     unmerge=unmerge,
     needs_generator=needs_generator,
+    freezes_base=False,  # as SWIFT: NEFTune only adds noise, the model stays fully trainable
 )

@@ -75,6 +75,11 @@ class ResTuningConfig(TunerConfig):
     model_key_mapping: Any = None
     swift_type: str = "RESTUNING"
 
+    def __post_init__(self) -> None:
+        if self.target_hidden_pos is None:  # as SWIFT's __post_init__
+            object.__setattr__(self, "target_hidden_pos", 0)
+        super().__post_init__()
+
     def check(self, *, complete: bool = True) -> None:
         """Field checks (:meth:`TunerConfig.check`); unset required fields only when ``complete``."""
         for f in ("root_modules_hook", "stem_modules_hook", "target_modules_hook"):
@@ -434,7 +439,7 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
             )
         return bypass(lay.blocks, tensors, probes["root"], [probes[f"stem{i}"] for i in range(len(lay.stems))])
 
-    pos = 0 if cfg.target_hidden_pos is None else cfg.target_hidden_pos  # SWIFT's None means position 0
+    pos = cfg.target_hidden_pos
     for name, module in lay.targets:
         if cfg.target_modules_hook == "input":
 

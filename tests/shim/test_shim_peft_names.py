@@ -134,3 +134,26 @@ def test_unload_gives_back_the_base_model(tmp_path: Path) -> None:
     assert not sm.adapters and [n for n, _ in unloaded.named_parameters()] == [
         n for n, _ in tiny_llama().named_parameters()
     ]
+
+
+def test_to_peft_config_is_lossless(tmp_path: Path) -> None:
+    from functuner.shim.peft_names import to_peft_config
+
+    cfg = LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1, use_rslora=True)
+    pc = to_peft_config(cfg)
+    assert isinstance(pc, peft.LoraConfig)
+    torch.manual_seed(0)
+    sm = Swift.prepare_model(tiny_llama(), {"default": LoRAConfig(**{**cfg.__dict__, "init_lora_weights": False})})
+    sm.eval()
+    pm = peft.get_peft_model(tiny_llama(), pc).eval()
+    peft.set_peft_model_state_dict(pm, sm.state_dict(peft_format=True))
+    assert torch.allclose(_logits(sm), _logits(pm), atol=1e-6)
+    sm.save_pretrained(tmp_path, peft_format=True)  # the same JSON PEFT would write for that config
+    import json
+
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    theirs = pc.to_dict()
+    assert {k: saved[k] for k in ("r", "lora_alpha", "use_rslora", "lora_dropout")} == {
+        k: theirs[k] for k in ("r", "lora_alpha", "use_rslora", "lora_dropout")
+    }
+    assert sorted(saved["target_modules"]) == sorted(theirs["target_modules"])

@@ -142,9 +142,10 @@ def test_hidden_pos_out_of_range_and_dim_mismatch_name_the_field():
     "kwargs", [dict(dim=None), dict(dim=0), dict(adapter_length=0), dict(act_layer="nope"), dict(hidden_pos=1.5)]
 )
 def test_invalid_fields_raise_config_error(kwargs):
+    # a set bad value fails at construction, an unset required field (dim=None) at init (as in SWIFT)
     fields = dict(dim=32, target_modules=["mlp"], adapter_length=4) | kwargs
     with pytest.raises(ConfigError, match=next(iter(kwargs))):
-        AdapterConfig(**fields)
+        ft.init(tiny_llama(), AdapterConfig(**fields), generator=0)
 
 
 def test_no_match_and_mismatched_params():

@@ -153,9 +153,10 @@ def test_dim_mismatch_names_the_field_and_leaves_model_untouched():
     "kwargs", [dict(dim=None), dict(prompt_length=0), dict(embedding_pos=None), dict(attention_mask_pos=1.0)]
 )
 def test_invalid_fields_raise_config_error(kwargs):
+    # a set bad value fails at construction, an unset required field (None) at init (as in SWIFT)
     fields = dict(dim=32, target_modules=r".*layer\.\d+$", embedding_pos=0) | kwargs
     with pytest.raises(ConfigError, match=next(iter(kwargs))):
-        PromptConfig(**fields)
+        ft.init(tiny_bert(), PromptConfig(**fields), generator=0)
 
 
 @settings(max_examples=20, deadline=None)

@@ -76,8 +76,8 @@ def test_bad_configs_raise_clearly_and_change_nothing():
         ft.ResTuningConfig(
             dims=16, stem_modules="x", target_modules="y", target_modules_hook="middle", tuner_cfg="res_adapter"
         )
-    with pytest.raises(ConfigError, match="tuner_cfg"):
-        ft.ResTuningConfig(dims=16, stem_modules="x", target_modules="y")
+    with pytest.raises(ConfigError, match="tuner_cfg"):  # an unset required field fails at init (as in SWIFT)
+        ft.init(model, ft.ResTuningConfig(dims=16, stem_modules="x", target_modules="y"), generator=0)
     with pytest.raises(TargetError, match="stem_modules"):
         ft.init(
             model,

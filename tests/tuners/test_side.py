@@ -97,9 +97,10 @@ def test_dim_mismatch_and_wrong_input_name_the_field():
     ],
 )
 def test_invalid_fields_raise_config_error(kwargs):
+    # a set bad value fails at construction, an unset required field (dim=None) at init (as in SWIFT)
     fields = dict(dim=32, target_modules="backbone") | kwargs
     with pytest.raises(ConfigError, match=next(iter(kwargs))):
-        SideConfig(**fields)
+        ft.init(tiny_toy(), SideConfig(**fields), generator=0)
 
 
 @settings(max_examples=10, deadline=None)

@@ -47,6 +47,7 @@ class LoRAConfig(TunerConfig):
     use_dora: bool = False
     exclude_modules: Any = None
     lora_bias: bool = False
+    target_parameters: Any = None  # PEFT's: LoRA on raw nn.Parameters (2-D, or 3-D fused MoE experts)
     # SWIFT's extra fields
     lora_dtype: Any = None
     lorap_lr_ratio: float | None = 16.0  # SWIFT's default (2**4); None: no LoRA+ groups of its own
@@ -83,11 +84,28 @@ class LoRAConfig(TunerConfig):
             raise ConfigError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported; use one of {_INIT_CHOICES}"
             )
-        for name in ("use_qa_lora", "use_merged_linear", "lora_bias"):
+        for name in ("use_qa_lora", "use_merged_linear"):
             if getattr(self, name):
                 raise ConfigError(f"{name}=True is not supported by functuner's LoRA")
+        if self.lora_bias and self.use_dora:  # PEFT refuses the same pair
+            raise ConfigError("lora_bias=True is not supported with DoRA (use_dora=True), as in PEFT; drop one")
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            raise ConfigError(
+                f"lora_bias=True needs init_lora_weights True or False (as PEFT), got {self.init_lora_weights!r}"
+            )
         if self.enable_lora is not None:
             raise ConfigError("enable_lora (merged-linear LoRA) is not supported by functuner's LoRA")
+        if self.target_parameters:
+            if isinstance(self.target_parameters, str):
+                raise ConfigError("target_parameters must be a list of parameter names, not a string (as in PEFT)")
+            for name, bad in (
+                ("lora_dropout", self.lora_dropout),
+                ("fan_in_fan_out", self.fan_in_fan_out),
+                ("lora_bias", self.lora_bias),
+                ("use_dora", self.use_dora),
+            ):
+                if bad:
+                    raise ConfigError(f"target_parameters does not work with {name}={bad!r} (PEFT refuses it too)")
         resolve_dtype(self.lora_dtype, "lora_dtype")
         if self.lorap_lr_ratio is not None and self.lorap_lr_ratio <= 0:
             raise ConfigError(f"lorap_lr_ratio must be positive, got {self.lorap_lr_ratio!r}")

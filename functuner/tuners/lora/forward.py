@@ -18,7 +18,16 @@ from ...core.params import TunerParams
 from ...core.routing import Routes, ensure_slots
 from ..base import CallContext, override_slot
 from .layout import Site, layout_of
-from .math import add_lowrank, conv_fn, dora_norm, dora_row_norm_lowrank, lora_delta, weight_as_out_in
+from .math import (
+    PARAM_KINDS,
+    add_lowrank,
+    conv_fn,
+    dora_norm,
+    dora_row_norm_lowrank,
+    lora_delta,
+    param_delta,
+    weight_as_out_in,
+)
 
 __all__ = ["first_arg", "needs_generator", "routes"]
 
@@ -45,6 +54,7 @@ def _slot(
     B: torch.Tensor,
     M: torch.Tensor | None,
     bias: torch.Tensor | None,
+    lora_b_bias: torch.Tensor | None,
     generator: torch.Generator | None,
     module: Any,  # nn.Linear / Conv1D / Embedding / ConvNd: their attributes are read directly
     args: tuple[Any, ...],
@@ -59,6 +69,9 @@ def _slot(
         shift = (bias - base_bias) if base_bias is not None else bias
         out = out + (shift.view(1, -1, *([1] * (out.dim() - 2))) if kind == "conv" else shift)
         base_bias = bias
+    if lora_b_bias is not None:  # lora_bias=True: s (B A x + b) = s B A x + s b (never with DoRA or embeddings)
+        shift = lora_b_bias * s
+        out = out + (shift.view(1, -1, *([1] * (out.dim() - 2))) if kind == "conv" else shift).to(out.dtype)
     if kind == "embedding":
         emb = F.embedding(
             x,
@@ -147,12 +160,30 @@ def _fused_linear(
     return scaled if base_bias is None else scaled + base_bias
 
 
+def _param_slot(
+    site: Site,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    out: Any,
+) -> Any:
+    """``target_parameters``: re-run the module with its parameter ``W + s B A`` (as PEFT's parametrization)."""
+    weight = cast(torch.Tensor, getattr(module, site.weight_name))
+    new = weight + param_delta(A, B, site.scaling, tuple(weight.shape), site.kind).to(weight.dtype)
+    return override_slot({site.weight_name: new})(module, args, kwargs, out)
+
+
 def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
     """The slot functions one call runs: a LoRA delta at each adapted module, overrides elsewhere."""
     layout = layout_of(model, params)
     fwd: dict[nn.Module, list[Any]] = {}
     gen = ctx.generator
     for site in layout.sites:
+        if site.kind in PARAM_KINDS:
+            fwd.setdefault(site.module, []).append(functools.partial(_param_slot, site, params[site.a], params[site.b]))
+            continue
         fn = functools.partial(
             _slot,
             site,
@@ -160,6 +191,7 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
             params[site.b],
             params[site.m] if site.m else None,
             params[site.bias] if site.bias else None,
+            params[site.lora_bias] if site.lora_bias else None,
             gen,
         )
         fwd.setdefault(site.module, []).append(fn)

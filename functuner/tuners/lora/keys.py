@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["EMBEDDING_PARTS", "LORA_PARTS", "LoraKey", "param_names", "parse_key"]
+__all__ = ["EMBEDDING_PARTS", "LORA_PARTS", "LoraKey", "lora_b_bias_name", "param_names", "parse_key"]
 
 LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 EMBEDDING_PARTS = ("lora_embedding_A", "lora_embedding_B")
@@ -28,6 +28,7 @@ class LoraKey(NamedTuple):
     part: str  # one of LORA_PARTS
     adapter: str | None  # None in PEFT's on-disk spelling, which carries no adapter name
     weight: bool  # whether the key ends in ".weight"
+    bias: bool = False  # ``lora_B``'s own bias (``lora_bias=True``): ``<module>.lora_B[.<adapter>].bias``
 
 
 def parse_key(key: str) -> LoraKey | None:
@@ -35,10 +36,15 @@ def parse_key(key: str) -> LoraKey | None:
 
     ``a.lora_A.default.weight`` -> ``LoraKey("a", "lora_A", "default", True)``;
     ``a.lora_embedding_B.x`` -> ``LoraKey("a", "lora_embedding_B", "x", False)``;
-    ``a.lora_A.weight`` / ``a.lora_magnitude_vector`` (PEFT files) -> adapter ``None``.
+    ``a.lora_A.weight`` / ``a.lora_magnitude_vector`` (PEFT files) -> adapter ``None``;
+    ``a.lora_B.x.bias`` / ``a.lora_B.bias`` (``lora_bias=True``) -> ``bias=True``.
     """
     parts = key.split(".")
     n = len(parts)
+    if n >= 2 and parts[-1] == "bias" and "lora_B" in parts[-3:-1]:  # lora_bias=True: B's own bias
+        if parts[-2] == "lora_B":
+            return LoraKey(".".join(parts[:-2]), "lora_B", None, False, True)
+        return LoraKey(".".join(parts[:-3]), "lora_B", parts[-2], False, True)
     if parts[-1] in LORA_PARTS:
         return LoraKey(".".join(parts[:-1]), parts[-1], None, False)
     if n >= 2 and parts[-2] in LORA_PARTS:
@@ -57,3 +63,8 @@ def param_names(module_name: str, kind: str, adapter: str) -> tuple[str, str, st
     else:
         a, b = f"{module_name}.lora_A.{adapter}.weight", f"{module_name}.lora_B.{adapter}.weight"
     return a, b, f"{module_name}.lora_magnitude_vector.{adapter}.weight"
+
+
+def lora_b_bias_name(module_name: str, adapter: str) -> str:
+    """The in-memory key of ``lora_B``'s bias (``lora_bias=True``) of ``adapter`` at ``module_name``."""
+    return f"{module_name}.lora_B.{adapter}.bias"

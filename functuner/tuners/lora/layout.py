@@ -21,7 +21,8 @@ from ...core.params import TunerParams
 from ...core.targets import is_conv1d_gpt2
 from ...errors import ConfigError, ParamsMismatchError, UnsupportedModuleError
 from .config import LoRAConfig
-from .keys import param_names, parse_key
+from .keys import lora_b_bias_name, param_names, parse_key
+from .math import PARAM_KINDS
 
 __all__ = [
     "Layout",
@@ -34,6 +35,7 @@ __all__ = [
     "in_out_of_shape",
     "layer_kind",
     "layout_of",
+    "param_targets",
     "shapes_for_weight",
 ]
 
@@ -90,6 +92,40 @@ def check_site(module: nn.Module, name: str, kind: str, r: int, use_dora: bool) 
         )
 
 
+def param_targets(model: nn.Module, cfg: LoRAConfig) -> dict[str, tuple[str, str]]:
+    """``{module name: (parameter name, kind)}`` of the raw parameters ``cfg.target_parameters`` names.
+
+    As PEFT: ``"<module>.<param>"`` is targeted when it equals an entry or ends
+    with ``"." + entry``.  Only 2-D and 3-D (fused experts) parameters; kind
+    ``"param_t"`` for a 3-D parameter of a module with ``is_transposed``.  One
+    parameter per module, and not a module ``target_modules`` adapts too (PEFT
+    nests wrappers there): :class:`ConfigError` naming the module.
+    """
+    targets = tuple(cfg.target_parameters or ())
+    if not targets:
+        return {}
+    out: dict[str, tuple[str, str]] = {}
+    for mname, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            if not any(full == t or full.endswith("." + t) for t in targets):
+                continue
+            if param.dim() not in (2, 3):
+                raise ConfigError(
+                    f"target_parameters: {full!r} has {param.dim()} dims; LoRA adapts 2-D and 3-D parameters only"
+                )
+            if mname in out:
+                raise ConfigError(
+                    f"target_parameters: module {mname!r} has two targeted parameters ({out[mname][0]!r}, {pname!r});"
+                    " functuner adapts one parameter per module (PEFT nests wrappers there); target one of them"
+                )
+            kind = "param_t" if param.dim() == 3 and getattr(module, "is_transposed", False) else "param"
+            out[mname] = (pname, kind)
+    if not out:
+        raise ConfigError(f"target_parameters={list(targets)!r} matched no parameter of the model")
+    return out
+
+
 def in_out_features(module: nn.Module, kind: str) -> tuple[int, int]:
     """``(fan_in, fan_out)`` of ``module`` (LoRA's ``A`` reads fan_in, ``B`` writes fan_out)."""
     fan_in, fan_out = in_out_of_shape(tuple(base_weight(module).shape), kind)
@@ -121,6 +157,12 @@ def shapes_for_weight(
     ``groups``: a grouped convolution's ``groups`` (its weight is ``(out, in / groups, *k)``):
     ``A (r, in, *k)`` reads every input channel, ``B (out, r / groups, 1...)`` is grouped.
     """
+    if kind in PARAM_KINDS:
+        if len(weight_shape) == 2:
+            return (r, int(weight_shape[1])), (int(weight_shape[0]), r), ()
+        E, p, q = (int(d) for d in weight_shape)
+        fan_in, fan_out = (p, q) if kind == "param_t" else (q, p)
+        return (r * E, fan_in), (fan_out, r * E), ()
     fan_in, fan_out = in_out_of_shape(weight_shape, kind)
     if kind == "embedding":
         return (r, fan_in), (fan_out, r), (fan_out,)
@@ -143,6 +185,8 @@ class Site(NamedTuple):
     bias: str | None
     scaling: float
     dropout: float
+    lora_bias: str | None = None  # key of lora_B's own bias (lora_bias=True)
+    weight_name: str = "weight"  # the adapted parameter of the module (target_parameters: any name)
 
 
 class Layout(NamedTuple):
@@ -172,12 +216,13 @@ def _build_layout(model: nn.Module, params: TunerParams) -> Layout:
     claimed: set[str] = set()
     keys = list(params)
     modules_to_save_keys: dict[str, list[tuple[str, str]]] = {}
+    ptargets = param_targets(model, cfg)
     for key in keys:
         parsed = parse_key(key)
         if parsed is not None and parsed.adapter == ad and parsed.part in ("lora_A", "lora_embedding_A"):
             mname = parsed.module
             module = _find_module(model, mname, key)
-            kind = layer_kind(module, mname)
+            weight_name, kind = ptargets.get(mname) or ("weight", layer_kind(module, mname))
             check_site(module, mname, kind, cfg.rank_for(mname), bool(cfg.use_dora))
             a, b, m = param_names(mname, kind, ad)
             if a != key:
@@ -190,6 +235,15 @@ def _build_layout(model: nn.Module, params: TunerParams) -> Layout:
                     f"params for {mname!r}: use_dora={cfg.use_dora} but {m!r} is {'present' if has_m else 'missing'}"
                 )
             bias_key = f"{mname}.bias" if f"{mname}.bias" in params else None
+            lb_key = lora_b_bias_name(mname, ad)
+            has_lb = lb_key in params
+            if has_lb != bool(cfg.lora_bias):
+                raise ParamsMismatchError(
+                    f"params for {mname!r}: lora_bias={cfg.lora_bias} but {lb_key!r} is"
+                    f" {'present' if has_lb else 'missing'}"
+                )
+            if has_lb and kind == "embedding":
+                raise ConfigError(f"LoRA on {mname!r}: lora_bias=True is not supported on embeddings (as in PEFT)")
             sites.append(
                 Site(
                     mname,
@@ -201,9 +255,11 @@ def _build_layout(model: nn.Module, params: TunerParams) -> Layout:
                     bias_key,
                     cfg.scaling_for(mname),
                     float(cfg.lora_dropout),
+                    lb_key if has_lb else None,
+                    weight_name,
                 )
             )
-            claimed.update(k for k in (a, b, m if has_m else None, bias_key) if k)
+            claimed.update(k for k in (a, b, m if has_m else None, bias_key, lb_key if has_lb else None) if k)
         if ".modules_to_save." in key:
             mname, _, rest = key.partition(".modules_to_save.")
             if not rest.startswith(ad + "."):
@@ -289,13 +345,16 @@ def _compiled_layout(model: nn.Module, params: TunerParams) -> Layout:
 def _check_shapes(model: nn.Module, params: TunerParams, layout: Layout) -> None:
     for s in layout.sites:
         r = params[s.a].shape[0] if params[s.a].dim() > 0 else -1
+        weight = cast(torch.Tensor, getattr(s.module, s.weight_name))
+        if s.kind in PARAM_KINDS and weight.dim() == 3:
+            r //= weight.shape[0]  # fused experts: A holds r rows per expert
         want_r = params.config.rank_for(s.name)
         if r != want_r:
             raise ParamsMismatchError(
                 f"params[{s.a!r}] has rank {r}, but the config says r={want_r} for module {s.name!r}"
                 " (the scaling lora_alpha/r depends on it; fix r or rank_pattern)"
             )
-        ea, eb, em = expected_shapes(s.module, s.kind, r)
+        ea, eb, em = shapes_for_weight(tuple(weight.shape), s.kind, r, conv_groups(s.module))
         for key, expect in ((s.a, ea), (s.b, eb), (s.m, em)):
             if key is None:
                 continue
@@ -303,7 +362,14 @@ def _check_shapes(model: nn.Module, params: TunerParams, layout: Layout) -> None
             if got != expect:
                 raise ParamsMismatchError(
                     f"params[{key!r}] has shape {got}, but module {s.name!r} ({type(s.module).__name__},"
-                    f" weight {tuple(base_weight(s.module).shape)}) needs {expect}"
+                    f" {s.weight_name} {tuple(weight.shape)}) needs {expect}"
+                )
+        if s.lora_bias is not None:
+            want = (expected_shapes(s.module, s.kind, r)[1][0],)
+            if tuple(params[s.lora_bias].shape) != want:
+                raise ParamsMismatchError(
+                    f"params[{s.lora_bias!r}] has shape {tuple(params[s.lora_bias].shape)}, but module {s.name!r}"
+                    f" needs {want} (one lora_B bias per output unit)"
                 )
         if s.bias is not None:
             mb = getattr(s.module, "bias", None)

@@ -21,10 +21,35 @@ __all__ = [
     "conv_fn",
     "dora_norm",
     "dora_row_norm_lowrank",
+    "PARAM_KINDS",
     "lora_delta",
+    "param_delta",
     "plus_delta",
     "weight_as_out_in",
 ]
+
+
+PARAM_KINDS = ("param", "param_t")  # LoRA on a raw nn.Parameter (target_parameters); "param_t": 3-D, is_transposed
+
+
+def param_delta(
+    A: torch.Tensor, B: torch.Tensor, scaling: float, weight_shape: tuple[int, ...], kind: str
+) -> torch.Tensor:
+    """The change ``s B A`` of a parameter adapted through ``target_parameters``, in its shape, float32 (as PEFT).
+
+    2-D parameter ``(d0, d1)``: ``A (r, d1)``, ``B (d0, r)``.  3-D fused experts
+    ``(E, p, q)``: ``A (r E, q)`` and ``B (p, r E)`` (expert ``e`` owns rows
+    ``e r .. e r + r`` of ``A`` and columns ``e, e + E, ...`` of ``B``), or, for
+    a module with ``is_transposed`` (kind ``"param_t"``), ``A (r E, p)``, ``B (q, r E)``.
+    """
+    A32, B32 = A.float(), B.float()
+    if len(weight_shape) == 2:
+        return (B32 @ A32) * scaling
+    E = int(weight_shape[0])
+    a = A32.reshape(E, -1, A32.shape[-1])  # (E, r, in)
+    b = B32.reshape(B32.shape[0], -1, E).permute(2, 0, 1)  # (E, out, r)
+    delta = torch.bmm(b, a) * scaling  # (E, out, in)
+    return delta.transpose(-2, -1) if kind == "param_t" else delta
 
 
 def conv_fn(kernel_dims: int) -> Callable[..., torch.Tensor]:
@@ -107,6 +132,8 @@ def plus_delta(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float, 
     """
     if kind == "conv":
         return W.float() + lora_delta(A, B, alpha, kind)
+    if kind in PARAM_KINDS:
+        return W.float() + param_delta(A, B, alpha, tuple(W.shape), kind)
     A32, B32 = A.float(), B.float()
     if kind == "linear":
         return torch.addmm(W.float(), B32, A32, alpha=alpha)

@@ -88,6 +88,21 @@ def merged_weight(
     return weight_as_out_in(new_oi, kind)  # transposing back is its own inverse
 
 
+def _lora_bias_base(state: Mapping[str, torch.Tensor], bkey: str, name: str, what: str) -> torch.Tensor:
+    """The base bias ``lora_B``'s bias folds into (``lora_bias=True``); :class:`ConfigError` if there is none."""
+    if bkey not in state:
+        raise ConfigError(
+            f"{what}: LoRA on {name!r} has lora_bias=True but the base layer has no bias {bkey!r} to merge it into"
+            " (PEFT refuses this merge too); keep the adapter unmerged (functuner.apply)"
+        )
+    return state[bkey]
+
+
+def _shift_bias(bias: torch.Tensor, lora_b_bias: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``bias + scaling * lora_b_bias`` in fp32, rounded once to ``bias``'s dtype."""
+    return (bias.float() + lora_b_bias.float() * scaling).to(bias.dtype)
+
+
 def _merge_impl(
     layout: WeightLayout,
     params: TunerParams,
@@ -97,21 +112,25 @@ def _merge_impl(
     norm_state = state if unmerged is None else unmerged
     out = dict(state)
     for site in layout.sites:
-        wkey = f"{site.name}.weight"
+        wkey = f"{site.name}.{site.weight_name}"
         if wkey not in state:
             raise ParamsMismatchError(f"merge: base state has no {wkey!r}")
         W = state[wkey]
         M = params[site.m] if site.m is not None else None
         new = merged_weight(W, params[site.a], params[site.b], site.scaling, site.kind, M, norm_state[wkey])
         _set_with_aliases(out, state, wkey, new.to(W.dtype))
+        bkey = f"{site.name}.bias"
         if site.bias is not None:
-            bkey = f"{site.name}.bias"
             new_bias = params[site.bias]
             if unmerged is not None and bkey in unmerged and state[bkey] is not unmerged[bkey]:
                 # an earlier adapter already replaced this bias: add ours as a delta from the unmerged bias,
                 # as the forward does when several adapters carry the bias of one adapted module
                 new_bias = state[bkey] + (new_bias - unmerged[bkey])
             _set_with_aliases(out, state, bkey, new_bias)
+        if site.lora_bias is not None:
+            base_bias = _lora_bias_base(state, bkey, site.name, "merge")
+            current = out[bkey] if site.bias is not None else base_bias
+            _set_with_aliases(out, state, bkey, _shift_bias(current, params[site.lora_bias], site.scaling))
     for full, key in layout.replacements:
         if full not in state:
             raise ParamsMismatchError(f"merge: base state has no {full!r} (for params key {key!r})")
@@ -176,8 +195,12 @@ def unmerge(
                 f"unmerge: DoRA ({site.name!r}) is not invertible from merged weights alone; keep the original"
                 " weights (functuner.merge never overwrites them)"
             )
-        wkey = f"{site.name}.weight"
+        wkey = f"{site.name}.{site.weight_name}"
         W = merged[wkey]
         new = plus_delta(W, params[site.a], params[site.b], -site.scaling, site.kind).to(W.dtype)
         _set_with_aliases(out, merged, wkey, new)
+        if site.lora_bias is not None:
+            bkey = f"{site.name}.bias"
+            base_bias = _lora_bias_base(merged, bkey, site.name, "unmerge")
+            _set_with_aliases(out, merged, bkey, _shift_bias(base_bias, params[site.lora_bias], -site.scaling))
     return out

@@ -54,7 +54,7 @@ from ..base import PerSample
 from .config import LoRAConfig
 from .forward import first_arg
 from .layout import layout_of
-from .math import conv_fn, dora_norm, lora_delta, weight_as_out_in
+from .math import PARAM_KINDS, conv_fn, dora_norm, lora_delta, weight_as_out_in
 
 __all__ = ["BASE", "PER_SAMPLE", "AdapterStack", "apply_mixed", "index_of", "mixed_routes", "stack_adapters"]
 
@@ -160,6 +160,11 @@ def stack_adapters(model: nn.Module, adapters: Sequence[TunerParams] | Mapping[s
                 " per-sample adapters support LoRA factors (and biases of adapted modules) only"
             )
         for site in layout.sites:
+            if site.kind in PARAM_KINDS:
+                raise ConfigError(
+                    f"adapter {name!r}: per-sample adapters do not support LoRA on raw parameters (target_parameters:"
+                    f" {site.name}.{site.weight_name}); run this adapter with functuner.apply instead"
+                )
             if site.kind == "conv" and getattr(site.module, "groups", 1) != 1:
                 raise ConfigError(
                     f"adapter {name!r}: per-sample adapters do not support LoRA on grouped convolutions"
@@ -179,7 +184,7 @@ def stack_adapters(model: nn.Module, adapters: Sequence[TunerParams] | Mapping[s
         Bs = [torch.zeros_like(b0)] * (K + 1)
         out_features = b0.shape[0] if kind == "conv" else b0.shape[1]
         any_dora = any(s.m is not None for _, s, _ in entries)
-        any_bias = any(s.bias is not None for _, s, _ in entries)
+        any_bias = any(s.bias is not None or s.lora_bias is not None for _, s, _ in entries)
         ones = torch.ones(out_features, dtype=dtype, device=a0.device)
         doras = [ones] * (K + 1)
         biases = [torch.zeros_like(ones)] * (K + 1)
@@ -191,6 +196,8 @@ def stack_adapters(model: nn.Module, adapters: Sequence[TunerParams] | Mapping[s
                 base_bias = getattr(module, "bias", None)
                 shift = p[s.bias] - base_bias if base_bias is not None else p[s.bias]
                 biases[i] = shift.to(dtype)
+            if s.lora_bias is not None:  # lora_bias=True: s * b per sample, on top of any trainable bias shift
+                biases[i] = biases[i] + (p[s.lora_bias] * s.scaling).to(dtype)
         try:
             A_all, B_all = torch.stack(As), torch.stack(Bs)
             M_all = torch.stack(doras) if any_dora else None

@@ -138,7 +138,7 @@ def to_peft_keys(state: Mapping[str, torch.Tensor], adapter_name: str) -> dict[s
         new: str | None = None
         if lk is not None and lk.adapter == adapter_name:
             head = f"{lk.module}.{lk.part}" if lk.module else lk.part
-            new = head + (".weight" if lk.weight and lk.part != _MAGNITUDE else "")
+            new = head + (".bias" if lk.bias else ".weight" if lk.weight and lk.part != _MAGNITUDE else "")
         elif lk is None and key.endswith(".bias"):
             mod = key[: -len(".bias")]
             new = f"{mod}.base_layer.bias" if mod in adapted else key
@@ -158,7 +158,7 @@ def from_peft_keys(state: Mapping[str, torch.Tensor], adapter_name: str) -> dict
         new: str | None = None
         if lk is not None and lk.adapter is None:
             head = f"{lk.module}.{lk.part}" if lk.module else lk.part
-            new = f"{head}.{adapter_name}" + ("" if lk.part in EMBEDDING_PARTS else ".weight")
+            new = f"{head}.{adapter_name}" + (".bias" if lk.bias else "" if lk.part in EMBEDDING_PARTS else ".weight")
         elif lk is None and key.endswith(".base_layer.bias"):
             new = key[: -len(".base_layer.bias")] + ".bias"
         elif lk is None and key.endswith(".bias"):
@@ -192,12 +192,16 @@ def check_model(model: nn.Module, config: Any, source: str) -> None:
     :data:`_RANK_FLOOR_ELEMENTS`) are refused as corrupt.
     """
     try:
-        selected = select_modules(
-            model,
-            config.target_modules,
-            exclude_modules=config.exclude_modules,
-            layers_to_transform=config.layers_to_transform,
-            layers_pattern=config.layers_pattern,
+        selected = (
+            select_modules(
+                model,
+                config.target_modules,
+                exclude_modules=config.exclude_modules,
+                layers_to_transform=config.layers_to_transform,
+                layers_pattern=config.layers_pattern,
+            )
+            if config.target_modules is not None or not getattr(config, "target_parameters", None)
+            else []
         )
     except TargetError as e:
         raise TargetError(f"{source}: {e}") from None
@@ -240,7 +244,8 @@ def check_state(config: Any, state: Mapping[str, torch.Tensor], source: str) -> 
         r = config.rank_for(lk.module)
         found = t.shape[0] if lk.part in _A_PARTS else t.shape[1]
         grouped_b = lk.part == "lora_B" and t.dim() > 2 and found > 0 and r % found == 0  # (out, r / groups, 1...)
-        if found != r and not grouped_b:
+        experts = bool(getattr(config, "target_parameters", None)) and found % r == 0  # fused experts: r * E
+        if found != r and not grouped_b and not experts:
             raise CheckpointError(
                 f"{source}: field r={r} (for {lk.module!r}) does not match tensor {key!r} of rank {found}"
                 f" (shape {list(t.shape)}); the config and the weights are not from the same adapter"

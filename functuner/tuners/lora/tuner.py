@@ -24,7 +24,8 @@ Math, per adapted module with base weight ``W`` and scaling
 Parameter names match PEFT/SWIFT in-memory names relative to the original
 model: ``<module>.lora_A.<adapter>.weight``, ``<module>.lora_B.<adapter>.weight``,
 ``<module>.lora_embedding_A.<adapter>``, ``<module>.lora_embedding_B.<adapter>``,
-``<module>.lora_magnitude_vector.<adapter>.weight``; trainable biases
+``<module>.lora_magnitude_vector.<adapter>.weight``, ``<module>.lora_B.<adapter>.bias``
+(``lora_bias=True``: ``y = base(x) + s (B A x + b)``, folded into the base bias on merge); trainable biases
 (``bias='all'|'lora_only'``) keep the model's own name (``<module>.bias``);
 ``modules_to_save`` copies live at ``<module>.modules_to_save.<adapter>.<param>``.
 
@@ -48,12 +49,13 @@ from . import peft_format
 from .combine import add_weighted_adapter
 from .config import LoRAConfig, LoraConfig
 from .forward import needs_generator, routes
-from .keys import param_names
-from .layout import base_weight, check_site, expected_shapes, layer_kind, layout_of
+from .keys import lora_b_bias_name, param_names
+from .layout import base_weight, check_site, expected_shapes, layer_kind, layout_of, param_targets, shapes_for_weight
 from .math import dora_norm, lora_delta, weight_as_out_in
 from .merge import merge, unmerge
 from .mixed import PER_SAMPLE
 from .plus import optimizer_groups
+from .streaming import plan_shard_merge
 
 __all__ = [
     "LoRAConfig",
@@ -74,6 +76,49 @@ def validate(model: nn.Module, params: TunerParams) -> None:
     layout_of(model, params)
 
 
+def _lora_b_bias(
+    name: str, kind: str, out_features: int, r: int, config: LoRAConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """``lora_B``'s bias (``lora_bias=True``): zero, or ``nn.Linear``'s default draw when ``init_lora_weights=False``."""
+    if kind == "embedding":
+        raise ConfigError(f"LoRA on {name!r}: lora_bias=True is not supported on embeddings (as in PEFT)")
+    bias = torch.zeros(out_features, dtype=torch.float32)
+    if config.init_lora_weights is False:
+        bound = 1.0 / math.sqrt(r)
+        bias.uniform_(-bound, bound, generator=generator)
+    return bias
+
+
+def _init_param_site(
+    module: nn.Module,
+    name: str,
+    pname: str,
+    kind: str,
+    config: LoRAConfig,
+    generator: torch.Generator,
+    adapter_name: str,
+    lora_dtype: torch.dtype | None,
+    tensors: dict[str, torch.Tensor],
+) -> None:
+    """``A``, ``B`` for a raw parameter (``target_parameters``), drawn as PEFT's ``ParamWrapper`` draws them."""
+    weight = cast(torch.Tensor, getattr(module, pname))
+    r = config.rank_for(name)
+    a_shape, b_shape, _ = shapes_for_weight(tuple(weight.shape), kind, r)
+    A, B = torch.empty(a_shape, dtype=torch.float32), torch.empty(b_shape, dtype=torch.float32)
+    if config.init_lora_weights == "gaussian":
+        torch.nn.init.normal_(A, std=1.0 / r, generator=generator)
+    else:
+        torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+    if config.init_lora_weights is False:
+        torch.nn.init.kaiming_uniform_(B, a=math.sqrt(5), generator=generator)
+    else:
+        torch.nn.init.zeros_(B)
+    a_key, b_key, _ = param_names(name, kind, adapter_name)
+    dtype = lora_dtype or weight.dtype
+    tensors[a_key] = A.to(device=weight.device, dtype=dtype)
+    tensors[b_key] = B.to(device=weight.device, dtype=dtype)
+
+
 def init(
     model: nn.Module, config: LoRAConfig, generator: torch.Generator, adapter_name: str = "default"
 ) -> TunerParams:
@@ -89,17 +134,33 @@ def init(
     """
     if not isinstance(config, LoRAConfig):
         raise ConfigError(f"lora.init needs a LoRAConfig, got {type(config).__name__}")
-    selected = select_modules(
-        model,
-        config.target_modules,
-        exclude_modules=config.exclude_modules,
-        layers_to_transform=config.layers_to_transform,
-        layers_pattern=config.layers_pattern,
+    ptargets = param_targets(model, config)
+    selected = (
+        select_modules(
+            model,
+            config.target_modules,
+            exclude_modules=config.exclude_modules,
+            layers_to_transform=config.layers_to_transform,
+            layers_pattern=config.layers_pattern,
+        )
+        if config.target_modules is not None or not ptargets
+        else []
     )
     if config.modules_to_save:
         selected = [(n, m) for n, m in selected if not match_name(n, config.modules_to_save)]
     lora_dtype = resolve_dtype(config.lora_dtype, "lora_dtype")
     tensors: dict[str, torch.Tensor] = {}
+    for name, _module in selected:
+        if name in ptargets:
+            raise ConfigError(
+                f"LoRA on {name!r}: the module is selected by target_modules and its parameter"
+                f" {ptargets[name][0]!r} by target_parameters; functuner adapts a module one way (PEFT nests"
+                " wrappers there): drop it from one of the two"
+            )
+    for name, (pname, kind) in ptargets.items():
+        _init_param_site(
+            model.get_submodule(name), name, pname, kind, config, generator, adapter_name, lora_dtype, tensors
+        )
     for name, module in selected:
         kind = layer_kind(module, name)
         r = config.rank_for(name)
@@ -128,6 +189,10 @@ def init(
         a_key, b_key, m_key = param_names(name, kind, adapter_name)
         A, B = A.to(device=base_w.device, dtype=dtype), B.to(device=base_w.device, dtype=dtype)
         tensors[a_key], tensors[b_key] = A, B
+        if config.lora_bias:
+            tensors[lora_b_bias_name(name, adapter_name)] = _lora_b_bias(
+                name, kind, b_shape[0], r, config, generator
+            ).to(device=base_w.device, dtype=dtype)
         if config.use_dora:
             with torch.no_grad():
                 delta = weight_as_out_in(lora_delta(A, B, config.scaling_for(name), kind), kind)
@@ -165,6 +230,7 @@ tuner = Tuner(
     validate=validate,
     merge=merge,
     unmerge=unmerge,
+    plan_shard_merge=plan_shard_merge,
     merges_weights=True,
     needs_generator=needs_generator,
     to_swift_keys=peft_format.to_swift_keys,

@@ -30,8 +30,9 @@ from torch import nn
 from ...core.params import TunerParams
 from ...errors import ConfigError, ParamsMismatchError
 from .config import LoRAConfig
-from .keys import EMBEDDING_PARTS, param_names, parse_key
+from .keys import EMBEDDING_PARTS, lora_b_bias_name, param_names, parse_key
 from .layout import conv_groups, layout_of, shapes_for_weight
+from .math import PARAM_KINDS
 
 __all__ = ["WeightLayout", "WeightSite", "weight_layout", "weight_layout_of_model"]
 
@@ -46,6 +47,8 @@ class WeightSite(NamedTuple):
     m: str | None  # DoRA magnitude key
     bias: str | None  # trainable bias key (``<name>.bias``)
     scaling: float
+    lora_bias: str | None = None  # lora_B's own bias key (lora_bias=True): merged into ``<name>.bias``
+    weight_name: str = "weight"  # the adapted parameter (target_parameters: any name)
 
 
 class WeightLayout(NamedTuple):
@@ -61,7 +64,9 @@ def weight_layout_of_model(model: nn.Module, params: TunerParams) -> WeightLayou
     for s in layout.sites:
         if conv_groups(s.module) != 1:
             raise _grouped_conv_error("merge", s.name, conv_groups(s.module))
-    sites = tuple(WeightSite(s.name, s.kind, s.a, s.b, s.m, s.bias, s.scaling) for s in layout.sites)
+    sites = tuple(
+        WeightSite(s.name, s.kind, s.a, s.b, s.m, s.bias, s.scaling, s.lora_bias, s.weight_name) for s in layout.sites
+    )
     names: dict[int, str] = {}
     if layout.overrides:
         for n, mod in model.named_modules():
@@ -72,6 +77,17 @@ def weight_layout_of_model(model: nn.Module, params: TunerParams) -> WeightLayou
         for pname, key in pairs
     )
     return WeightLayout(sites, replacements)
+
+
+def _targeted_param(name: str, shapes: Mapping[str, tuple[int, ...]], targets: tuple[str, ...]) -> str | None:
+    """The parameter of module ``name`` that ``target_parameters`` adapts (PEFT's suffix match), else ``None``."""
+    if targets:
+        prefix = f"{name}." if name else ""
+        for key in shapes:
+            leaf = key[len(prefix) :]
+            if key.startswith(prefix) and "." not in leaf and any(key == t or key.endswith("." + t) for t in targets):
+                return leaf
+    return None
 
 
 def _grouped_conv_error(source: str, name: str, groups: int) -> ConfigError:
@@ -127,6 +143,7 @@ def weight_layout(
     :class:`ParamsMismatchError` naming the first key that does not fit.
     """
     hint = bool(config.fan_in_fan_out) if fan_in_fan_out is None else fan_in_fan_out
+    targets = tuple(getattr(config, "target_parameters", None) or ())
     ad = adapter_name
     sites: list[WeightSite] = []
     replacements: list[tuple[str, str]] = []
@@ -144,17 +161,25 @@ def weight_layout(
         if parsed is None or parsed.part not in ("lora_A", "lora_embedding_A") or parsed.adapter != ad:
             continue
         name = parsed.module
-        wkey = f"{name}.weight"
+        targeted = _targeted_param(name, shapes, targets)
+        weight_name = targeted or "weight"
+        wkey = f"{name}.{weight_name}"
         wshape = base_shape(wkey, key)
         b_guess = param_names(name, "embedding" if parsed.part in EMBEDDING_PARTS else "linear", ad)[1]
         if b_guess not in params:
             raise ParamsMismatchError(f"{source}: params has {key!r} but not its partner {b_guess!r}")
         A, B = params[key], params[b_guess]
-        kind = _kind_of(key, parsed.part, A, B, wkey, wshape, hint, source)
+        if targeted is not None:
+            # target_parameters: a 3-D fused-experts weight (E, p, q) has A (r E, q), or (r E, p) when transposed
+            kind = "param_t" if len(wshape) == 3 and A.dim() == 2 and A.shape[1] != wshape[2] else "param"
+        else:
+            kind = _kind_of(key, parsed.part, A, B, wkey, wshape, hint, source)
         a, b, m = param_names(name, kind, ad)
         if a != key:
             raise ParamsMismatchError(f"{source}: params key {key!r}: {wkey!r} is a {kind} weight, expected {a!r}")
         r = int(A.shape[0]) if A.dim() > 0 else -1
+        if kind in PARAM_KINDS and len(wshape) == 3:
+            r //= wshape[0]  # fused experts: A holds r rows per expert
         if kind == "conv" and len(wshape) == A.dim() and wshape[1] != A.shape[1] and A.shape[1] % wshape[1] == 0:
             raise _grouped_conv_error(source, name, int(A.shape[1]) // wshape[1])
         want_r = config.rank_for(name)
@@ -178,8 +203,32 @@ def weight_layout(
         bias = f"{name}.bias" if f"{name}.bias" in params else None
         if bias is not None and (bias not in shapes or tuple(shapes[bias]) != tuple(params[bias].shape)):
             raise ParamsMismatchError(f"{source}: params[{bias!r}] does not fit the base bias {bias!r}")
-        sites.append(WeightSite(name, kind, a, b, m if has_m else None, bias, config.scaling_for(name)))
-        claimed.update(k for k in (a, b, m if has_m else None, bias) if k)
+        lb = lora_b_bias_name(name, ad)
+        has_lb = lb in params
+        if has_lb != bool(config.lora_bias):
+            raise ParamsMismatchError(
+                f"{source}: params for {name!r}: lora_bias={config.lora_bias} but {lb!r} is"
+                f" {'present' if has_lb else 'missing'}"
+            )
+        if has_lb and tuple(params[lb].shape) != (shapes_for_weight(wshape, kind, r)[1][0],):
+            raise ParamsMismatchError(
+                f"{source}: params[{lb!r}] has shape {tuple(params[lb].shape)}, but weight {wkey!r} {list(wshape)}"
+                f" needs ({shapes_for_weight(wshape, kind, r)[1][0]},)"
+            )
+        sites.append(
+            WeightSite(
+                name,
+                kind,
+                a,
+                b,
+                m if has_m else None,
+                bias,
+                config.scaling_for(name),
+                lb if has_lb else None,
+                weight_name,
+            )
+        )
+        claimed.update(k for k in (a, b, m if has_m else None, bias, lb if has_lb else None) if k)
     for key in params:
         if key in claimed:
             continue
