@@ -24,6 +24,7 @@ from torch import nn
 
 from ..core.params import TunerParams
 from ..core.routing import set_default_routes
+from ..core.targets import INTERNAL_MARKER
 from ..errors import AdapterNameError, ParamsMismatchError
 from ..functional import bind_routes
 from ..tuners import tuner_for
@@ -45,12 +46,16 @@ __all__ = [
 class _Holder(nn.Module):
     """Holds tuner tensors so they appear under SWIFT's parameter names. Never called.
 
-    The class name is what :mod:`functuner.tuners.llamapro` looks for to tell a layer's
-    own parameters from those the shim placed on it: keep it.
+    It carries :data:`functuner.core.targets.INTERNAL_MARKER`, so target matching and
+    :func:`~functuner.core.targets.own_named_parameters` (LLaMA-Pro's copies of a layer)
+    never take the shim's placed tensors for a layer's own.
     """
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - defensive
         raise RuntimeError("a functuner parameter holder is not a layer; it is never called")
+
+
+setattr(_Holder, INTERNAL_MARKER, True)
 
 
 def global_generator() -> torch.Generator:

@@ -38,6 +38,7 @@ def _tokenizer() -> object:
 def _train(model: torch.nn.Module, out: Path, bf16: bool) -> list[float]:
     args = trl.SFTConfig(
         bf16=bf16,
+        activation_checkpointing=True,  # TRL's default (recomputation reaches the adapters through the shim's routes)
         output_dir=str(out),
         max_steps=4,
         per_device_train_batch_size=2,

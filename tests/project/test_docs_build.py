@@ -72,6 +72,14 @@ def test_every_doc_page_is_in_the_nav() -> None:
     pages = set(_nav_pages(_load_mkdocs_yml()["nav"]))
     on_disk = {str(p.relative_to(ROOT / "docs")) for p in (ROOT / "docs").rglob("*.md")}
     assert on_disk <= pages, f"pages missing from mkdocs.yml's nav: {sorted(on_disk - pages)}"
-    tuners = {p.stem for p in (ROOT / "functuner" / "tuners").glob("*.py") if not p.stem.startswith("_")} - {"base"}
+    # tuners/ also holds the machinery every tuner shares (not tuners themselves)
+    machinery = {"base", "registry", "config_json"}
+    tuner_dir = ROOT / "functuner" / "tuners"
+    tuners = {p.stem for p in tuner_dir.glob("*.py") if not p.stem.startswith("_")} - machinery
+    tuners |= {p.name for p in tuner_dir.iterdir() if (p / "__init__.py").is_file()}  # package tuners (lora/)
     documented = {pathlib.PurePath(p).stem for p in pages if p.startswith("tuners/")}
     assert tuners <= documented, f"tuners without a page: {sorted(tuners - documented)}"
+    from functuner.tuners import REGISTRY
+
+    registered = {t.config_cls.__module__.split(".")[2] for t in REGISTRY.values()}  # functuner.tuners.<name>[...]
+    assert registered <= documented, f"registered tuners without a page: {sorted(registered - documented)}"

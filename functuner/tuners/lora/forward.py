@@ -161,18 +161,21 @@ def _fused_linear(
 
 
 def _param_slot(
-    site: Site,
-    A: torch.Tensor,
-    B: torch.Tensor,
+    sites: tuple[tuple[Site, torch.Tensor, torch.Tensor], ...],
     module: nn.Module,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     out: Any,
 ) -> Any:
-    """``target_parameters``: re-run the module with its parameter ``W + s B A`` (as PEFT's parametrization)."""
-    weight = cast(torch.Tensor, getattr(module, site.weight_name))
-    new = weight + param_delta(A, B, site.scaling, tuple(weight.shape), site.kind).to(weight.dtype)
-    return override_slot({site.weight_name: new})(module, args, kwargs, out)
+    """Raw parameters (``target_parameters``, ``nn.MultiheadAttention``): re-run the module once with every adapted
+    parameter ``W + s B A`` (as PEFT's parametrization / merge-around-forward)."""
+    overrides: dict[str, torch.Tensor] = {}
+    for site, A, B in sites:
+        weight = module.get_parameter(site.weight_name)
+        overrides[site.weight_name] = weight + param_delta(A, B, site.scaling, tuple(weight.shape), site.kind).to(
+            weight.dtype
+        )
+    return override_slot(overrides)(module, args, kwargs, out)
 
 
 def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
@@ -180,9 +183,10 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
     layout = layout_of(model, params)
     fwd: dict[nn.Module, list[Any]] = {}
     gen = ctx.generator
+    raw: dict[nn.Module, list[tuple[Site, torch.Tensor, torch.Tensor]]] = {}
     for site in layout.sites:
         if site.kind in PARAM_KINDS:
-            fwd.setdefault(site.module, []).append(functools.partial(_param_slot, site, params[site.a], params[site.b]))
+            raw.setdefault(site.module, []).append((site, params[site.a], params[site.b]))
             continue
         fn = functools.partial(
             _slot,
@@ -195,6 +199,8 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
             gen,
         )
         fwd.setdefault(site.module, []).append(fn)
+    for module, entries in raw.items():
+        fwd.setdefault(module, []).append(functools.partial(_param_slot, tuple(entries)))
     for module, pairs in layout.overrides:
         fwd.setdefault(module, []).insert(0, override_slot({pname: params[key] for pname, key in pairs}))
     ensure_slots(list(fwd))

@@ -57,9 +57,11 @@ def layer_kind(module: nn.Module, name: str) -> str:
         return "embedding"
     if isinstance(module, _CONVS):
         return "conv"
+    if isinstance(module, nn.MultiheadAttention):
+        return "mha"
     raise UnsupportedModuleError(
         f"LoRA cannot adapt module {name!r} of type {type(module).__name__}; supported: nn.Linear, nn.Embedding,"
-        " nn.Conv1d, nn.Conv2d, nn.Conv3d (grouped too), transformers Conv1D"
+        " nn.Conv1d, nn.Conv2d, nn.Conv3d (grouped too), nn.MultiheadAttention, transformers Conv1D"
     )
 
 
@@ -77,6 +79,15 @@ def check_site(module: nn.Module, name: str, kind: str, r: int, use_dora: bool) 
     grouped convolution is not supported: its row norm needs ``B A`` as a
     grouped kernel, which it is not.
     """
+    if kind == "mha":
+        if not getattr(module, "_qkv_same_embed_dim", True):
+            raise ConfigError(
+                f"LoRA on {name!r}: nn.MultiheadAttention with different query/key/value sizes (kdim/vdim) is not"
+                " supported (PEFT refuses it too)"
+            )
+        if use_dora:
+            raise ConfigError(f"LoRA on {name!r}: DoRA on nn.MultiheadAttention is not supported (as in PEFT)")
+        return
     groups = conv_groups(module)
     if kind != "conv" or groups == 1:
         return
@@ -140,7 +151,12 @@ def in_out_of_shape(weight_shape: tuple[int, ...], kind: str) -> tuple[int, int]
 
 
 def base_weight(module: nn.Module) -> torch.Tensor:
-    """``module.weight`` typed as a tensor (``nn.Module.__getattr__`` is typed ``Tensor | Module``)."""
+    """``module.weight`` typed as a tensor (``nn.Module.__getattr__`` is typed ``Tensor | Module``).
+
+    ``nn.MultiheadAttention``: its fused q/k/v projection ``in_proj_weight`` ``(3 E, E)``.
+    """
+    if isinstance(module, nn.MultiheadAttention):
+        return cast(torch.Tensor, module.in_proj_weight)
     return cast(torch.Tensor, module.weight)
 
 
@@ -157,7 +173,7 @@ def shapes_for_weight(
     ``groups``: a grouped convolution's ``groups`` (its weight is ``(out, in / groups, *k)``):
     ``A (r, in, *k)`` reads every input channel, ``B (out, r / groups, 1...)`` is grouped.
     """
-    if kind in PARAM_KINDS:
+    if kind in PARAM_KINDS or kind == "mha":
         if len(weight_shape) == 2:
             return (r, int(weight_shape[1])), (int(weight_shape[0]), r), ()
         E, p, q = (int(d) for d in weight_shape)
@@ -223,6 +239,7 @@ def _build_layout(model: nn.Module, params: TunerParams) -> Layout:
             mname = parsed.module
             module = _find_module(model, mname, key)
             weight_name, kind = ptargets.get(mname) or ("weight", layer_kind(module, mname))
+            module, weight_name, kind = _mha_site(model, mname, module, weight_name, kind)
             check_site(module, mname, kind, cfg.rank_for(mname), bool(cfg.use_dora))
             a, b, m = param_names(mname, kind, ad)
             if a != key:
@@ -280,6 +297,21 @@ def _build_layout(model: nn.Module, params: TunerParams) -> Layout:
         module = _find_module(model, mname, key)
         overrides.append((module, (("bias", key),)))
     return Layout(tuple(sites), tuple(overrides))
+
+
+def _mha_site(
+    model: nn.Module, name: str, module: nn.Module, weight_name: str, kind: str
+) -> tuple[nn.Module, str, str]:
+    """``nn.MultiheadAttention`` (as PEFT): its ``in_proj_weight`` and its ``out_proj.weight`` are adapted as raw
+    parameters of the attention module, whose forward reads both weights (``out_proj.forward`` is never called)."""
+    if kind == "mha":
+        return module, "in_proj_weight", "param"
+    parent_name, _, leaf = name.rpartition(".")
+    if leaf == "out_proj" and kind == "linear":
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(parent, nn.MultiheadAttention):
+            return parent, "out_proj.weight", "param"
+    return module, weight_name, kind
 
 
 def layout_of(model: nn.Module, params: TunerParams) -> Layout:
@@ -345,7 +377,7 @@ def _compiled_layout(model: nn.Module, params: TunerParams) -> Layout:
 def _check_shapes(model: nn.Module, params: TunerParams, layout: Layout) -> None:
     for s in layout.sites:
         r = params[s.a].shape[0] if params[s.a].dim() > 0 else -1
-        weight = cast(torch.Tensor, getattr(s.module, s.weight_name))
+        weight = s.module.get_parameter(s.weight_name)
         if s.kind in PARAM_KINDS and weight.dim() == 3:
             r //= weight.shape[0]  # fused experts: A holds r rows per expert
         want_r = params.config.rank_for(s.name)

@@ -132,9 +132,9 @@ def plus_delta(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float, 
     """
     if kind == "conv":
         return W.float() + lora_delta(A, B, alpha, kind)
-    if kind in PARAM_KINDS:
+    if kind in PARAM_KINDS and W.dim() == 3:
         return W.float() + param_delta(A, B, alpha, tuple(W.shape), kind)
     A32, B32 = A.float(), B.float()
-    if kind == "linear":
+    if kind == "linear" or kind in PARAM_KINDS:  # a 2-D raw parameter is (out, in), as a Linear weight
         return torch.addmm(W.float(), B32, A32, alpha=alpha)
     return torch.addmm(W.float(), A32.T, B32.T, alpha=alpha)  # (in, out) / (num_embeddings, dim) layouts

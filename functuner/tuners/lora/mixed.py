@@ -24,8 +24,10 @@ convolutions (one group per sample).
 
 Supported per sample: plain LoRA, rsLoRA, DoRA (per-sample magnitude scale),
 mixed ranks and mixed target modules (an adapter that does not adapt a module
-contributes zero there), trainable biases of adapted modules.  Not supported
-(a :class:`~functuner.errors.ConfigError` names the adapter): ``modules_to_save``
+contributes zero there), trainable biases of adapted modules, ``lora_bias``,
+``nn.Conv3d``.  Not supported (a :class:`~functuner.errors.ConfigError` names the
+adapter and the module type): grouped convolutions, raw parameters
+(``target_parameters``, ``nn.MultiheadAttention``), ``modules_to_save``
 copies and trainable biases of modules LoRA does not adapt; dropout in training
 mode (call ``model.eval()``, as PEFT requires for ``adapter_names``).
 
@@ -162,8 +164,9 @@ def stack_adapters(model: nn.Module, adapters: Sequence[TunerParams] | Mapping[s
         for site in layout.sites:
             if site.kind in PARAM_KINDS:
                 raise ConfigError(
-                    f"adapter {name!r}: per-sample adapters do not support LoRA on raw parameters (target_parameters:"
-                    f" {site.name}.{site.weight_name}); run this adapter with functuner.apply instead"
+                    f"adapter {name!r}: per-sample adapters do not support LoRA on raw parameters"
+                    f" ({type(site.module).__name__} {site.name!r}, parameter {site.weight_name!r}: target_parameters"
+                    " or nn.MultiheadAttention); run this adapter with functuner.apply instead"
                 )
             if site.kind == "conv" and getattr(site.module, "groups", 1) != 1:
                 raise ConfigError(

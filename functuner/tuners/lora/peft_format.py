@@ -46,11 +46,11 @@ __all__ = [
 
 KEY_NAMING = KeyNaming(after=LORA_PARTS)
 
-# SWIFT-only LoRA fields that do not change the weights or the forward (training hyper-parameters, SwiftConfig's
-# model_key_mapping, which SWIFT's to_peft_config drops too):
-# dropped when writing PEFT's format.  Any other SWIFT-only field at a non-default value is refused.
-_SWIFT_ONLY_TRAINING_FIELDS = ("lorap_lr_ratio", "lorap_emb_lr", "model_key_mapping")
-_SWIFT_ONLY_FIELDS = ("lora_dtype", "use_qa_lora", "use_merged_linear", "enable_lora")
+# SWIFT-only LoRA fields that do not change the weights or the forward (training hyper-parameters):
+# dropped when writing PEFT's format.  Any other SWIFT-only field at a non-default value is refused
+# (SwiftConfig's model_key_mapping included: PEFT's format cannot keep it).
+_SWIFT_ONLY_TRAINING_FIELDS = ("lorap_lr_ratio", "lorap_emb_lr")
+_SWIFT_ONLY_FIELDS = ("lora_dtype", "use_qa_lora", "use_merged_linear", "enable_lora", "model_key_mapping")
 _A_PARTS = ("lora_A", "lora_embedding_A")
 _MAGNITUDE = "lora_magnitude_vector"
 # a rank whose factors fit in this many elements is never refused as corrupt, however small the model
@@ -125,6 +125,15 @@ def check_json(data: Mapping[str, Any], source: str) -> None:
             )
 
 
+def _peft_module_path(module: str, adapted: set[str]) -> str:
+    """PEFT's path of an adapted module: an ``out_proj`` inside an adapted module (``nn.MultiheadAttention``) sits
+    under that module's wrapper, ``<mha>.base_layer.out_proj``, in PEFT's names."""
+    parent, _, leaf = module.rpartition(".")
+    if leaf == "out_proj" and parent in adapted:
+        return f"{parent}.base_layer.out_proj"
+    return module
+
+
 def to_peft_keys(state: Mapping[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
     """functuner names -> PEFT's on-disk names without the ``base_model.model.`` prefix. Pure.
 
@@ -137,7 +146,8 @@ def to_peft_keys(state: Mapping[str, torch.Tensor], adapter_name: str) -> dict[s
         lk = parse_key(key)
         new: str | None = None
         if lk is not None and lk.adapter == adapter_name:
-            head = f"{lk.module}.{lk.part}" if lk.module else lk.part
+            module = _peft_module_path(lk.module, adapted)
+            head = f"{module}.{lk.part}" if module else lk.part
             new = head + (".bias" if lk.bias else ".weight" if lk.weight and lk.part != _MAGNITUDE else "")
         elif lk is None and key.endswith(".bias"):
             mod = key[: -len(".bias")]
@@ -157,7 +167,8 @@ def from_peft_keys(state: Mapping[str, torch.Tensor], adapter_name: str) -> dict
         lk = parse_key(key)
         new: str | None = None
         if lk is not None and lk.adapter is None:
-            head = f"{lk.module}.{lk.part}" if lk.module else lk.part
+            module = lk.module.replace(".base_layer.", ".")  # PEFT's nested wrappers (MHA's out_proj)
+            head = f"{module}.{lk.part}" if module else lk.part
             new = f"{head}.{adapter_name}" + (".bias" if lk.bias else "" if lk.part in EMBEDDING_PARTS else ".weight")
         elif lk is None and key.endswith(".base_layer.bias"):
             new = key[: -len(".base_layer.bias")] + ".bias"

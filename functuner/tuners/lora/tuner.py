@@ -101,7 +101,7 @@ def _init_param_site(
     tensors: dict[str, torch.Tensor],
 ) -> None:
     """``A``, ``B`` for a raw parameter (``target_parameters``), drawn as PEFT's ``ParamWrapper`` draws them."""
-    weight = cast(torch.Tensor, getattr(module, pname))
+    weight = module.get_parameter(pname)
     r = config.rank_for(name)
     a_shape, b_shape, _ = shapes_for_weight(tuple(weight.shape), kind, r)
     A, B = torch.empty(a_shape, dtype=torch.float32), torch.empty(b_shape, dtype=torch.float32)
@@ -165,6 +165,13 @@ def init(
         kind = layer_kind(module, name)
         r = config.rank_for(name)
         check_site(module, name, kind, r, bool(config.use_dora))
+        if kind == "mha":  # as PEFT: LoRA on in_proj_weight and on out_proj (both read by the attention's forward)
+            if config.lora_bias:
+                raise ConfigError(f"LoRA on {name!r}: lora_bias=True is not supported on nn.MultiheadAttention")
+            for sub, pname in ((module, "in_proj_weight"), (module.get_submodule("out_proj"), "weight")):
+                sub_name = name if sub is module else f"{name}.out_proj" if name else "out_proj"
+                _init_param_site(sub, sub_name, pname, "param", config, generator, adapter_name, lora_dtype, tensors)
+            continue
         # r larger than the module's fan-in/out is wasteful but valid (PEFT accepts it too)
         base_w = base_weight(module)
         dtype = lora_dtype or base_w.dtype

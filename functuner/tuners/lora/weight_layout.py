@@ -65,7 +65,9 @@ def weight_layout_of_model(model: nn.Module, params: TunerParams) -> WeightLayou
         if conv_groups(s.module) != 1:
             raise _grouped_conv_error("merge", s.name, conv_groups(s.module))
     sites = tuple(
-        WeightSite(s.name, s.kind, s.a, s.b, s.m, s.bias, s.scaling, s.lora_bias, s.weight_name) for s in layout.sites
+        # the weight key is ``<name>.<leaf>``: an MHA's out_proj site is "<mha>.out_proj" with "out_proj.weight"
+        WeightSite(s.name, s.kind, s.a, s.b, s.m, s.bias, s.scaling, s.lora_bias, s.weight_name.rpartition(".")[2])
+        for s in layout.sites
     )
     names: dict[int, str] = {}
     if layout.overrides:
@@ -162,6 +164,8 @@ def weight_layout(
             continue
         name = parsed.module
         targeted = _targeted_param(name, shapes, targets)
+        if targeted is None and f"{name}.weight" not in shapes and f"{name}.in_proj_weight" in shapes:
+            targeted = "in_proj_weight"  # nn.MultiheadAttention's fused q/k/v projection, a raw (out, in) parameter
         weight_name = targeted or "weight"
         wkey = f"{name}.{weight_name}"
         wshape = base_shape(wkey, key)

@@ -42,7 +42,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import functuner as ft
-from functuner.errors import ConfigError, FunctunerError, UnsupportedModuleError
+from functuner.errors import ConfigError, FunctunerError
 
 PEFT_COMMIT = "5d602fdbff04c33c1c4de55cda9d4ae1d7cb7e40"
 FWD_ATOL = FWD_RTOL = 1e-5  # adapter forward and gradients (same math, fp32)
@@ -234,6 +234,14 @@ class Row(NamedTuple):
     kwargs: dict[str, Any]  # PEFT's config_kwargs
     gap: tuple[type[FunctunerError], str] | None = None  # (error functuner raises, the missing feature)
     peft_refuses_merge: bool = False  # PEFT raises on merge_and_unload (grouped convs): functuner must refuse too
+    # a known PEFT bug on this row: (issue, keys whose B PEFT applies twice); PEFT is given half of those B
+    # tensors, so it computes the correct W + s B A that functuner computes, and every comparison stays exact
+    peft_bug: tuple[str, tuple[str, ...]] | None = None
+
+
+# huggingface/peft#3774 (open): peft's MultiheadAttention.merge() applies out_proj's delta twice (W + 2 s B A),
+# in merge_and_unload and in every unmerged forward (which merges around the call).
+MHA_BUG = ("huggingface/peft#3774", ("mha.base_layer.out_proj.lora_B",))
 
 
 def _gap(error: type[FunctunerError], feature: str) -> tuple[type[FunctunerError], str]:
@@ -335,12 +343,12 @@ TEST_CASES: list[Row] = [
         "Conv3d",
         {"target_modules": ["conv3d"], "lora_bias": True, "lora_alpha": 32},
     ),
-    Row("MHA 1 LoRA", "MHA", {"target_modules": ["mha"]}, gap=_gap(UnsupportedModuleError, "MultiheadAttention")),
+    Row("MHA 1 LoRA", "MHA", {"target_modules": ["mha"]}, peft_bug=MHA_BUG),
     Row(
         "MHA 2 LoRA",
         "MHA",
         {"target_modules": ["mha", "lin0"]},
-        gap=_gap(UnsupportedModuleError, "MultiheadAttention"),
+        peft_bug=MHA_BUG,
     ),
     Row(
         "MLP 1 using nn.Parameter LoRA",
@@ -412,6 +420,19 @@ def _peft_grads_as_params(pm: peft.PeftModel, config: ft.LoRAConfig) -> dict[str
     return ft.from_peft_state_dict(state, "default", modules_to_save=config.modules_to_save, config=config)
 
 
+def _halve_for_peft_bug(pm: peft.PeftModel, prefixes: tuple[str, ...]) -> set[str]:
+    """Halve PEFT's B tensors that its bug applies twice; returns their functuner keys."""
+    keys: set[str] = set()
+    with torch.no_grad():
+        for name, param in pm.named_parameters():
+            bare = name.removeprefix("base_model.model.")
+            if any(bare.startswith(pre + ".") for pre in prefixes):
+                param.mul_(0.5)
+                keys.add(bare.replace(".base_layer.", "."))
+    assert keys, prefixes
+    return keys
+
+
 @pytest.mark.parametrize("row", TEST_CASES, ids=[r.name for r in TEST_CASES])
 def test_peft_test_case(row: Row, tmp_path: Any) -> None:
     model = make_model(row.model_id)
@@ -430,6 +451,9 @@ def test_peft_test_case(row: Row, tmp_path: Any) -> None:
     cfg = _ft_config(row.kwargs)
     p = _functuner_params(pm, cfg)
     assert len(p) > 0
+    twice: set[str] = set()  # functuner keys of the B tensors PEFT applies twice (row.peft_bug)
+    if row.peft_bug is not None:
+        twice = _halve_for_peft_bug(pm, row.peft_bug[1])
     # the same set of tensors as functuner's own init
     assert set(p) == set(ft.init(model, cfg, generator=0)), "PEFT's tensors and functuner's init differ in names"
 
@@ -449,6 +473,10 @@ def test_peft_test_case(row: Row, tmp_path: Any) -> None:
     g_theirs = _peft_grads_as_params(pm, cfg)
     assert set(g_ours) == set(g_theirs)
     for k in g_ours:
+        if k.replace(".lora_A.", ".lora_B.") in twice and ".lora_A." in k:
+            # PEFT's second application is a .data update outside autograd: its graph sees s (B / 2) A once,
+            # so its gradient for A is half of ours (and the one for its B / 2 equals ours for B)
+            g_ours[k] = g_ours[k] / 2
         torch.testing.assert_close(g_ours[k], g_theirs[k], atol=FWD_ATOL, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
 
     # merged forward
@@ -480,6 +508,8 @@ def test_peft_test_case(row: Row, tmp_path: Any) -> None:
     for k in p:
         torch.testing.assert_close(back[k], p[k], atol=0, rtol=0)
     reread = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(out)).eval()
+    if row.peft_bug is not None:
+        _halve_for_peft_bug(reread, row.peft_bug[1])
     torch.testing.assert_close(reread(X), ours.detach(), atol=FWD_ATOL, rtol=FWD_RTOL)
 
 
