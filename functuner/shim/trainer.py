@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from torch.nn.modules.module import _IncompatibleKeys
 
 from ..errors import CheckpointError, FunctunerError
 from ..io import checkpoint as ckpt
@@ -33,6 +32,7 @@ from .state import ShimState
 from .undo import undo_on_error
 
 __all__ = [
+    "LoadResult",
     "SwiftCheckpointCallback",
     "SwiftTrainerMixin",
     "adapter_keys",
@@ -40,6 +40,13 @@ __all__ = [
     "load_trainer_state",
     "save_adapters",
 ]
+
+
+class LoadResult(NamedTuple):
+    """What ``load_state_dict`` returns (the fields of torch's result, which the Trainer reads)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
 
 
 def adapter_keys(state: ShimState) -> dict[str, set[str]]:
@@ -50,7 +57,7 @@ def adapter_keys(state: ShimState) -> dict[str, set[str]]:
     }
 
 
-def load_trainer_state(state: ShimState, values: Mapping[str, torch.Tensor]) -> _IncompatibleKeys | None:
+def load_trainer_state(state: ShimState, values: Mapping[str, torch.Tensor]) -> LoadResult | None:
     """Load a ``SwiftModel.state_dict()``-shaped dict into the live adapters and extra states (all or nothing).
 
     Returns torch's ``(missing_keys, unexpected_keys)`` over the adapters' and extra
@@ -72,7 +79,7 @@ def load_trainer_state(state: ShimState, values: Mapping[str, torch.Tensor]) -> 
             for k in extra:
                 if k in values:
                     own[k].copy_(values[k])
-    return _IncompatibleKeys(missing, [])
+    return LoadResult(missing, [])
 
 
 def has_peft_form(state: ShimState) -> bool:

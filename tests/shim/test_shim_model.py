@@ -230,7 +230,8 @@ def test_gradient_checkpointing_recomputes_with_adapters() -> None:
             tiny_llama(), LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
         )
         if checkpointing:
-            sm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers 5.25 renamed gradient_checkpointing_enable (deprecated alias, warns)
+            sm.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         sm.train()
         sm(input_ids=X, labels=X).loss.backward()
         return {n: p.grad.clone() for n, p in sm.named_parameters() if p.requires_grad}

@@ -95,7 +95,8 @@ def test_add_set_load_delete_adapters_as_peft(tmp_path: Path) -> None:
     # delete_adapter: deleting the active one activates the first remaining (PEFT warns too)
     with pytest.warns(UserWarning, match="activating 'default'"):
         sm.delete_adapter("c")
-    pm.delete_adapter("c")
+    with pytest.warns(UserWarning, match="Adapter c was active which is now deleted"):
+        pm.delete_adapter("c")
     assert sorted(sm.adapters) == sorted(pm.peft_config) and sm.active_adapters == set(pm.active_adapters)
     assert torch.allclose(_logits(sm), _logits(pm), atol=1e-6)
 
