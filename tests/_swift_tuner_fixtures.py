@@ -7,8 +7,7 @@ checks the rebuilt model against the checksum SWIFT's side recorded.
 
 The outputs were recorded on another CPU: float kernels (and the vectorised
 weight initialisers) differ between CPUs / ISAs in the last bits, so our outputs
-are compared with them within :data:`SWIFT_OUTPUT_TOL` (:func:`assert_close_to_recorded`),
-never bitwise.  Comparisons inside one process stay bitwise.
+are compared with them within :data:`SWIFT_OUTPUT_TOL`, never bitwise.  Comparisons inside one process stay bitwise.
 """
 
 from __future__ import annotations
@@ -34,13 +33,6 @@ SWIFT_OUTPUT_TOL: dict[str, float] = {"rtol": 1e-6, "atol": 1e-6}
 #: The rebuilt base model's float64 state sum vs SWIFT's: bitwise on x86 AVX2; scalar initialisers
 #: (ATEN_CPU_CAPABILITY=default) move it by 5e-8 relative, a different seed or config by far more.
 _CHECKSUM_RTOL = 1e-6
-
-
-def assert_close_to_recorded(got: torch.Tensor, recorded: torch.Tensor, what: str = "output") -> None:
-    """``got`` (computed here) equals ``recorded`` (by ms-swift, on another CPU) within :data:`SWIFT_OUTPUT_TOL`."""
-    torch.testing.assert_close(
-        got.detach(), recorded, **SWIFT_OUTPUT_TOL, msg=lambda m: f"{what} vs ms-swift's recording: {m}"
-    )
 
 
 class SwiftAdapterFiles(NamedTuple):

@@ -145,8 +145,9 @@ def gradient_checkpointing_enable(model: nn.Module, **checkpoint_kwargs: Any) ->
     This is a deliberate, explicit change of the model's configuration (like
     calling transformers' own method); ``apply`` itself never makes it.
     """
+    new_api = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5 (the old name is deprecated)
     enable = getattr(model, "gradient_checkpointing_enable", None)
-    if not callable(enable):
+    if not callable(enable) and not callable(new_api):
         raise TypeError(
             f"{type(model).__name__} has no gradient_checkpointing_enable(); wrap its blocks with"
             " torch.utils.checkpoint.checkpoint(..., use_reentrant=False, context_fn=functuner.routing."
@@ -155,7 +156,10 @@ def gradient_checkpointing_enable(model: nn.Module, **checkpoint_kwargs: Any) ->
     kwargs = {"use_reentrant": False, "context_fn": checkpoint_context_fn, **checkpoint_kwargs}
     if kwargs["use_reentrant"]:
         raise ValueError("use_reentrant=True cannot carry functuner's per-call routes into the recomputation")
-    enable(gradient_checkpointing_kwargs=kwargs)
+    if callable(new_api):
+        new_api(activation_checkpointing_kwargs=kwargs)
+    else:
+        enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[misc]
 
 
 # A default routes provider: a zero-argument callable returning the Routes to use when none are set.

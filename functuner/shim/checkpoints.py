@@ -174,7 +174,16 @@ def read_for_model(
             raise CheckpointError(f"{model_dir}/extra_states: keys that do not fit the model: {bad[:8]}")
     configs = {n: c.config for n, c in found.items()}
     if not configs and not extra:
-        raise CheckpointError(f"{model_dir}: no adapter found (no adapter_config.json at the root or in sub-folders)")
+        hint = ""
+        if (Path(model_dir) / "training_args.bin").is_file():  # a transformers.Trainer checkpoint of a SwiftModel
+            hint = (
+                "; it is a transformers.Trainer checkpoint without adapter configs: train with"
+                " callbacks=[functuner.shim.trainer.SwiftCheckpointCallback()] so checkpoints are adapter directories,"
+                " or load its model.safetensors into a SwiftModel with the same configs (model.load_state_dict)"
+            )
+        raise CheckpointError(
+            f"{model_dir}: no adapter found (no adapter_config.json at the root or in sub-folders){hint}"
+        )
     for ck in found.values():
         ckpt.check_model(inner, ck.config, f"{ck.path}/{ckpt.CONFIG_NAME}")  # the tuner's check (LoRA: ranks)
     return Found(configs, {n: c.state for n, c in found.items()}, dict(extra or {}), extra_state_keys)

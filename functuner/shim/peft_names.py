@@ -119,13 +119,13 @@ class PeftNames(nn.Module):
             for p in a.tensors.values():
                 p.requires_grad_(n in names and not inference_mode)
 
-    def _keep_active(self, before: set[str]) -> None:
-        """Undo the activation that adding adapters does (PEFT adds and loads adapters inactive)."""
+    def _keep_inactive(self, names: set[str]) -> None:
+        """Undo the activation that adding adapters does, in every thread (PEFT adds and loads adapters inactive)."""
         state = self._state
         with state.lock:
             for ts in list(state.thread_states):
-                ts.active.intersection_update(before | (ts.active - set(state.adapters)))
-            state.active.intersection_update(before)
+                ts.active.difference_update(names)
+            state.active.difference_update(names)
             state.refresh()
 
     def add_adapter(self, adapter_name: Any, peft_config: Any = None, **kwargs: Any) -> None:
@@ -148,9 +148,8 @@ class PeftNames(nn.Module):
             )
         check_adapter_name(adapter_name)
         tuner_for(peft_config)
-        before = self.active_adapters
         placement.add_adapters(self._state, {adapter_name: peft_config}, {}, trainable=False)
-        self._keep_active(before)
+        self._keep_inactive({adapter_name})
 
     def load_adapter(
         self,
@@ -191,11 +190,10 @@ class PeftNames(nn.Module):
                 f"{model_dir}: holds adapters {sorted(on_disk)}; load_adapter loads one: pass adapter_name="
                 f" one of them, or use Swift.from_pretrained(model, {str(model_dir)!r}) to load them all"
             )
-        before = self.active_adapters
         SwiftModel.from_pretrained(
             self, model_dir, adapter_name={source: adapter_name}, inference_mode=not is_trainable, **kwargs
         )
-        self._keep_active(before)
+        self._keep_inactive({adapter_name})
         if not is_trainable:
             self.eval()
 

@@ -44,15 +44,20 @@ __all__ = [
 
 
 class _Holder(nn.Module):
-    """Holds tuner tensors so they appear under SWIFT's parameter names. Never called.
+    """Holds tuner tensors so they appear under SWIFT's parameter names.
 
-    It carries :data:`functuner.core.targets.INTERNAL_MARKER`, so target matching and
+    It is not a layer, but a holder placed inside an ``nn.Sequential`` (SWIFT's Side
+    tuner on a Sequential backbone) is called by the container with the running
+    activation: it then passes that through unchanged, so the container computes
+    exactly what it did before the holder was added.  It carries :data:`functuner.core.targets.INTERNAL_MARKER`, so target matching and
     :func:`~functuner.core.targets.own_named_parameters` (LLaMA-Pro's copies of a layer)
     never take the shim's placed tensors for a layer's own.
     """
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - defensive
-        raise RuntimeError("a functuner parameter holder is not a layer; it is never called")
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if len(args) == 1 and not kwargs:  # as nn.Sequential calls its children: identity
+            return args[0]
+        raise RuntimeError("a functuner parameter holder is not a layer; only nn.Sequential passes through it")
 
 
 setattr(_Holder, INTERNAL_MARKER, True)
@@ -89,7 +94,7 @@ def add_adapters(
     overwritten: dict[str, torch.Tensor] = {}
     added: list[str] = []
     try:
-        if not was_frozen:
+        if not was_frozen and any(tuner_for(c).freezes_base for c in configs.values()):  # NEFTune alone: as SWIFT
             for p in model.parameters():
                 p.requires_grad_(False)
             model.__dict__["_functuner_frozen"] = True

@@ -17,7 +17,8 @@ delegates each concern to one module of :mod:`functuner.shim`:
 * :mod:`.merging`: merged state (weight objects swapped, swapped back on unmerge);
 * :mod:`.per_sample`: PEFT's ``adapter_names=``; :mod:`.optim`: param groups;
 * :mod:`.checkpoints`: state dicts, saving and loading; :mod:`.undo`: all or nothing;
-* :mod:`.peft_names`: PEFT's model-level names; :mod:`.trainer`: ``transformers.Trainer`` checkpoints.
+* :mod:`.peft_names`: PEFT's model-level names; :mod:`.trainer`: ``transformers.Trainer`` checkpoints;
+* :mod:`.copies`: ``copy.deepcopy`` / pickle; :mod:`.patches`: forwards patched on by libraries (TRL).
 
 Tuner math lives in the tuners, and whatever the shim must know about a tuner
 is an optional hook on :class:`functuner.tuners.base.Tuner` (``merge``,
@@ -30,8 +31,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import Any, SupportsIndex
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,6 +44,7 @@ from ..io import checkpoint as ckpt
 from ..tuners import tuner_for
 from ..tuners.base import TunerConfig
 from . import checkpoints, merging, optim, per_sample, placement
+from .copies import Copyable
 from .patches import inner_call, move_forward_patch
 from .peft_names import PeftNames
 from .signature import signed_class
@@ -57,7 +58,7 @@ __all__ = ["Swift", "SwiftConfig", "SwiftModel"]
 SwiftConfig = TunerConfig
 
 
-class SwiftModel(PeftNames):
+class SwiftModel(PeftNames, Copyable):
     """A model with functuner adapters attached, with SWIFT's ``SwiftModel`` interface.
 
     Args:
@@ -107,21 +108,6 @@ class SwiftModel(PeftNames):
             for n, p in inner.named_parameters():
                 if any(re.fullmatch(k, n) for k in state.extra_state_keys):
                     p.requires_grad_(True)
-
-    # -- copies: copy.deepcopy, pickle, torch.save ----------------------------------------
-    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
-        """Rebuilt as the plain class (the signed subclass is made per process) from the instance's state."""
-        cls = type(self)
-        if getattr(cls, "_signed_for", None) is not None:
-            cls = cls.__mro__[1]
-        return (_new_swift_model, (cls,), self.__dict__)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """The copy's own state: fresh per-thread state, its slots routed to its own adapters."""
-        super().__setstate__(state)  # type: ignore[no-untyped-call]
-        shim: ShimState = self.__dict__["_state"]
-        self.__class__ = signed_class(type(self), shim.model)
-        shim.rebind()
 
     @staticmethod
     def _normalise_configs(config: Any) -> dict[str, Any]:
@@ -459,11 +445,6 @@ class SwiftModel(PeftNames):
         return self
 
 
-def _new_swift_model(cls: type[SwiftModel]) -> SwiftModel:
-    """An empty instance for unpickling and ``copy.deepcopy`` (``__setstate__`` fills it)."""
-    return cls.__new__(cls)
-
-
 # ---------------------------------------------------------------------------
 # Swift: the static entry points
 # ---------------------------------------------------------------------------
@@ -537,15 +518,7 @@ class Swift:
         """
         if not ckpt_dir or not output_dir:
             raise CheckpointError("save_to_peft_format needs ckpt_dir and output_dir")
-        src = Path(ckpt_dir)
-        if not src.is_dir():
-            raise CheckpointError(f"{src}: not a directory")
-        if (src / ckpt.EXTRA_STATE_DIR).exists():
-            raise CheckpointError(f"{src}: has extra_states/, which PEFT's format cannot hold")
-        adapters = ckpt.read_adapter_dir(src)
-        if not adapters:
-            raise CheckpointError(f"{src}: no adapter found")
-        ckpt.write_peft_checkpoint(output_dir, adapters, copy_from=src)
+        ckpt.convert_checkpoint(ckpt_dir, output_dir, "peft")  # the same code path as `functuner convert --to peft`
 
     @staticmethod
     def from_pretrained(

@@ -84,6 +84,8 @@ class LongLoRAConfig(lora.LoRAConfig):
     group_size_ratio: float = 0.25
     use_flash_attn: bool = False
     swift_type: str = "longlora"
+    # SWIFT's LongLoRAConfig skips PEFT's __post_init__, so its peft_type stays None (and is written as null)
+    peft_type: Any = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -113,7 +115,7 @@ class LongLoRAConfig(lora.LoRAConfig):
         """
         cached = self.__dict__.get("_lora_view_cache")
         if cached is None:
-            names = {f.name for f in dataclasses.fields(lora.LoRAConfig)} - {"swift_type"}
+            names = {f.name for f in dataclasses.fields(lora.LoRAConfig)} - {"swift_type", "peft_type"}
             cached = lora.LoRAConfig(**{n: getattr(self, n) for n in names})
             object.__setattr__(self, "_lora_view_cache", cached)
         return cast(lora.LoRAConfig, cached)

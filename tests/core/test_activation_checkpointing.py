@@ -8,7 +8,6 @@ activations (torch then fails on a saved-tensor count mismatch, or worse).
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -40,12 +39,7 @@ def _eager_grads(model, p, x, scale=1.0):
 def setup():
     model = tiny_llama().train()
     ckpt = copy.deepcopy(model)
-    with warnings.catch_warnings():
-        # functuner.gradient_checkpointing_enable calls transformers' gradient_checkpointing_enable, a deprecated
-        # alias (FutureWarning) since transformers 5.x: a library fix (call activation_checkpointing_enable where
-        # it exists) is pending; this filter covers only that message, only here
-        warnings.filterwarnings("ignore", "`gradient_checkpointing_enable` is deprecated", FutureWarning)
-        ft.gradient_checkpointing_enable(ckpt)
+    ft.gradient_checkpointing_enable(ckpt)  # no deprecation warning: uses activation_checkpointing_enable
     cfg = ft.LoRAConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
     p = ft.init(model, cfg, generator=0)
     q = ft.init(model, cfg, generator=1)

@@ -18,6 +18,7 @@ import transformers
 from conftest import tiny_llama
 
 from functuner import LoRAConfig, Swift, SwiftModel
+from functuner.errors import CheckpointError
 from functuner.shim.trainer import SwiftCheckpointCallback
 
 X = torch.randint(0, 64, (4, 7), generator=torch.Generator().manual_seed(0))
@@ -142,3 +143,5 @@ def test_plain_trainer_save_model_is_not_an_adapter_dir_without_the_mixin(tmp_pa
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no")
     transformers.Trainer(model=sm, args=args).save_model()
     assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / "adapter_config.json").exists()
+    with pytest.raises(CheckpointError, match="SwiftCheckpointCallback"):
+        Swift.from_pretrained(tiny_llama(), str(tmp_path))

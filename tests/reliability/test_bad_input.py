@@ -143,12 +143,16 @@ def test_unsupported_layer_type_names_module_and_type() -> None:
     snap.assert_unchanged()
 
 
-def test_grouped_conv_is_unsupported() -> None:
+def test_grouped_conv_rank_must_divide_by_groups() -> None:
+    # grouped convolutions are supported as PEFT has them (lora_B grouped like the base): the rank must be a
+    # multiple of groups, refused before anything changes; a fitting rank works
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
     snap = Snapshot(model)
-    with pytest.raises(UnsupportedModuleError, match="groups=2"):
-        ft.init(model, ft.LoRAConfig(target_modules=["0"]), generator=0)
+    with pytest.raises(ConfigError, match="groups=2"):
+        ft.init(model, ft.LoRAConfig(r=3, target_modules=["0"]), generator=0)
     snap.assert_unchanged()
+    params = ft.init(model, ft.LoRAConfig(r=8, target_modules=["0"]), generator=0)
+    assert ft.apply(model, params, (torch.randn(1, 4, 6, 6),)).shape == (1, 4, 4, 4)
 
 
 # ---------------------------------------------------------------------------

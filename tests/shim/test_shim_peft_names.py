@@ -158,3 +158,29 @@ def test_to_peft_config_is_lossless(tmp_path: Path) -> None:
         k: theirs[k] for k in ("r", "lora_alpha", "use_rslora", "lora_dropout")
     }
     assert sorted(saved["target_modules"]) == sorted(theirs["target_modules"])
+
+
+def test_add_adapter_leaves_other_threads_active_sets_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    monkeypatch.setenv("USE_UNIQUE_THREAD", "0")
+    sm = Swift.prepare_model(
+        tiny_llama(), {"a": LoRAConfig(r=2, target_modules=["q_proj"]), "b": LoRAConfig(r=2, target_modules=["o_proj"])}
+    )
+    ready, done = threading.Event(), threading.Event()
+    seen: list[set[str]] = []
+
+    def other() -> None:
+        sm.set_active_adapters(["b"])  # this thread's own choice
+        ready.set()
+        done.wait(10)
+        seen.append(sm.active_adapters)
+
+    t = threading.Thread(target=other)
+    t.start()
+    ready.wait(10)
+    sm.set_active_adapters(["a"])
+    sm.add_adapter("c", LoRAConfig(r=2, target_modules=["v_proj"]))
+    done.set()
+    t.join()
+    assert sm.active_adapters == {"a"} and seen == [{"b"}]

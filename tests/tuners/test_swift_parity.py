@@ -308,20 +308,8 @@ def _shim_output(sm: Any, rec: Recorded) -> torch.Tensor:
 
 
 #: Rows whose shim checks fail on a library bug (strict: the test says so once the bug is fixed).
-SHIM_BUGS = {
-    "tuners/side_toy_fcn4": "the shim attaches its parameter holder 'side_default' as a child of the target "
-    "nn.Sequential 'backbone', which then calls it as a layer (RuntimeError); ft.apply is unaffected",
-}
-
-
-def _known_shim_bug(row: Row, request: pytest.FixtureRequest) -> None:
-    if row.fixture in SHIM_BUGS:
-        request.applymarker(pytest.mark.xfail(raises=RuntimeError, strict=True, reason=SHIM_BUGS[row.fixture]))
-
-
 @parity
-def test_shim_loads_swifts_directory(row, tmp_path, request):
-    _known_shim_bug(row, request)
+def test_shim_loads_swifts_directory(row, tmp_path):
     model = row.build()
     rec = recorded(row, model, tmp_path)
     with torch.no_grad():
@@ -341,8 +329,7 @@ def test_shim_loads_swifts_directory(row, tmp_path, request):
 
 
 @parity
-def test_shim_loads_the_directory_functuner_wrote(row, tmp_path, request):
-    _known_shim_bug(row, request)
+def test_shim_loads_the_directory_functuner_wrote(row, tmp_path):
     model = row.build()
     rec = recorded(row, model, tmp_path)
     with torch.no_grad():
@@ -359,8 +346,7 @@ def test_shim_loads_the_directory_functuner_wrote(row, tmp_path, request):
 
 
 @parity
-def test_shim_prepare_load_toggle_save_and_reload(row, tmp_path, request):
-    _known_shim_bug(row, request)
+def test_shim_prepare_load_toggle_save_and_reload(row, tmp_path):
     model = row.build()
     rec = recorded(row, model, tmp_path)
     with torch.no_grad():

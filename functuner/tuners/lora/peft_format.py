@@ -10,7 +10,10 @@ These are the LoRA implementations of the disk-layer hooks of
 * PEFT's files drop the adapter name (``<module>.lora_A.weight``,
   ``<module>.lora_magnitude_vector``, ``<module>.lora_embedding_A``) and also
   keep adapted biases at ``<module>.base_layer.bias``; its config is LoRA's
-  fields plus ``peft_type``, without SWIFT-only fields.  SWIFT-only fields that
+  fields plus ``peft_type``, without SWIFT-only fields.  PEFT wraps the
+  ``out_proj`` of an adapted ``nn.MultiheadAttention`` inside the attention's
+  wrapper (``<mha>.base_layer.out_proj.lora_A.weight``); functuner names it by
+  the real module path (``<mha>.out_proj``).  SWIFT-only fields that
   change the weights or the forward are refused rather than dropped.
 """
 

@@ -57,7 +57,7 @@ def plan_shard_merge(
     merges: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     replacements: dict[str, torch.Tensor] = {}
     for site in layout.sites:
-        merges[f"{site.name}.weight"] = _weight_fn(site, tensors)
+        merges[f"{site.name}.{site.weight_name}"] = _weight_fn(site, tensors)
         bkey = f"{site.name}.bias"
         if site.bias is not None:
             replacements[bkey] = tensors[site.bias]

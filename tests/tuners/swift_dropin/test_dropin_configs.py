@@ -87,6 +87,7 @@ def test_swift_defaults_of_lora_and_friends() -> None:
     assert lora.lorap_lr_ratio == 16.0 and lora.lorap_emb_lr == 1e-6 and lora.model_key_mapping is None
     assert ft.LongLoRAConfig().lorap_lr_ratio == 16.0
     assert ft.LongLoRAConfig().embedder_and_normalizer == ("embed", "norm")
+    assert ft.LongLoRAConfig().peft_type is None  # SWIFT's LongLoRAConfig never runs PEFT's __post_init__
     assert ft.AdapterConfig().adapter_length == 128 and ft.PromptConfig().prompt_length == 16
     assert ft.ReftConfig().to_dict()["args"] == {}  # SWIFT's __post_init__ turns None into {} too
     assert ft.ResTuningConfig().target_hidden_pos == 0  # SWIFT's __post_init__ turns None into 0 too
