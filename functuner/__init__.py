@@ -57,7 +57,10 @@ _EXPORTS: dict[str, str] = {
     "SideConfig": "functuner.tuners.side",
     "Swift": "functuner.shim",
     "SwiftConfig": "functuner.shim",
+    "SwiftCheckpointCallback": "functuner.shim",
     "SwiftModel": "functuner.shim",
+    "SwiftTrainerMixin": "functuner.shim",
+    "to_peft_config": "functuner.shim",
     "Tuner": "functuner.tuners",
     "TunerConfig": "functuner.tuners",
     "TunerParams": "functuner.core.params",
@@ -104,8 +107,10 @@ __all__ = [
     "SCETuningConfig",
     "SideConfig",
     "Swift",
+    "SwiftCheckpointCallback",
     "SwiftConfig",
     "SwiftModel",
+    "SwiftTrainerMixin",
     "Tuner",
     "TunerConfig",
     "TunerParams",
@@ -124,6 +129,7 @@ __all__ = [
     "register",
     "rename_adapter",
     "save",
+    "to_peft_config",
     "to_peft_state_dict",
     "tree_map",
     "tuner_for",
@@ -164,7 +170,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names __getattr__
         create_galore_optimizer,
         galore_adamw,
     )
-    from .shim import Swift, SwiftConfig, SwiftModel
+    from .shim import Swift, SwiftCheckpointCallback, SwiftConfig, SwiftModel, SwiftTrainerMixin, to_peft_config
     from .tuners import Tuner, TunerConfig, register, tuner_for
     from .tuners.adapter import AdapterConfig
     from .tuners.ia3 import IA3Config

@@ -344,7 +344,10 @@ def load(
     ``cache_dir``, ``local_files_only``).  ``adapter_name`` picks the adapter
     when the directory holds several (it is also the params' name).  With
     ``model`` the config is checked against it before the tensors are used
-    (LoRA ranks...), then the params are validated on it.
+    (LoRA ranks...), then the params are validated on it and their names put
+    in the order ``init`` gives on that model, so ``load(save(p), model) == p``
+    and loaded params map together with fresh ones; without ``model`` the
+    names come in sorted order.
     """
     from ..core.hub import resolve_model_dir
     from ..core.params import TunerParams
@@ -379,4 +382,21 @@ def load(
         from ..functional import validate
 
         validate(model, params)
+        params = _in_init_order(model, params)
     return params
+
+
+def _in_init_order(model: torch.nn.Module, params: Any) -> Any:
+    """``params`` with its names in the order ``init`` gives them on ``model`` (validated params, same keys).
+
+    A file stores names sorted; ``init`` orders them by module.  The order is the
+    pytree's leaf order, so a loaded adapter must have ``init``'s to be used in one
+    ``tree_map`` (or compared with ``==``) with params made by ``init``.  Costs one
+    ``init`` (fresh tensors of the adapter's size, discarded).
+    """
+    from ..core.params import TunerParams
+
+    fresh = tuner_for(params.config).init(model, params.config, torch.Generator().manual_seed(0), params.adapter_name)
+    if set(fresh) != set(params):  # validate passed, so this is a tuner whose names depend on more than the model
+        return params
+    return TunerParams({k: params[k] for k in fresh}, params.config, params.adapter_name)

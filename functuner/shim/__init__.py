@@ -1,7 +1,14 @@
-"""The SWIFT-compatible stateful shim: ``Swift``, ``SwiftModel``, ``SwiftConfig`` (state + delegation to the core)."""
+"""The SWIFT-compatible stateful shim: ``Swift``, ``SwiftModel``, ``SwiftConfig`` (state + delegation to the core).
+
+Also what a ``transformers.Trainer`` / TRL user needs around it: :class:`SwiftCheckpointCallback` and
+:class:`SwiftTrainerMixin` (adapter directories in checkpoints), :func:`to_peft_config` (a functuner LoRA
+config as PEFT's, for ``SFTTrainer(peft_config=...)``).
+"""
 
 from __future__ import annotations
 
+from .peft_names import to_peft_config
 from .swift import Swift, SwiftConfig, SwiftModel
+from .trainer import SwiftCheckpointCallback, SwiftTrainerMixin
 
-__all__ = ["Swift", "SwiftConfig", "SwiftModel"]
+__all__ = ["Swift", "SwiftCheckpointCallback", "SwiftConfig", "SwiftModel", "SwiftTrainerMixin", "to_peft_config"]

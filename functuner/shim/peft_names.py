@@ -165,8 +165,6 @@ class PeftNames(nn.Module):
         ``ephemeral_gpu_offload`` and ``low_cpu_mem_usage`` are accepted and ignored;
         ``revision``, ``cache_dir``, ``local_files_only`` and ``weights_only`` as in ``from_pretrained``.
         """
-        from .swift import SwiftModel
-
         if model_id is None:  # transformers' keyword
             model_id = kwargs.pop("peft_model_id", None)
         if model_id is None:
@@ -190,7 +188,7 @@ class PeftNames(nn.Module):
                 f"{model_dir}: holds adapters {sorted(on_disk)}; load_adapter loads one: pass adapter_name="
                 f" one of them, or use Swift.from_pretrained(model, {str(model_dir)!r}) to load them all"
             )
-        SwiftModel.from_pretrained(
+        type(self).from_pretrained(  # type: ignore[attr-defined]  # SwiftModel.from_pretrained: its base
             self, model_dir, adapter_name={source: adapter_name}, inference_mode=not is_trainable, **kwargs
         )
         self._keep_inactive({adapter_name})

@@ -115,15 +115,18 @@ class SwiftCheckpointCallback(_CallbackBase):
         self.peft_format = peft_format
 
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
-        from .swift import SwiftModel
-
-        if not isinstance(model, SwiftModel) or not getattr(args, "should_save", True):
+        if not _is_shim(model) or not getattr(args, "should_save", True):
             return control
         out = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if not os.path.isdir(out):
             raise CheckpointError(f"{out}: the Trainer's checkpoint directory is missing; cannot add the adapters")
         save_adapters(model, out, self.peft_format)
         return control
+
+
+def _is_shim(model: Any) -> bool:
+    """Whether ``model`` is a ``SwiftModel`` (recognised by its shim state, so this module need not import the class)."""
+    return isinstance(getattr(model, "__dict__", {}).get("_state"), ShimState)
 
 
 def save_adapters(model: Any, directory: str | os.PathLike[str], peft_format: bool | None = None) -> None:
@@ -145,8 +148,6 @@ class SwiftTrainerMixin:
     args: Any
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
-        from .swift import SwiftModel
-
         super()._save(output_dir, state_dict)  # type: ignore[misc]
-        if isinstance(self.model, SwiftModel) and self.args.should_save:
+        if _is_shim(self.model) and self.args.should_save:
             save_adapters(self.model, output_dir if output_dir is not None else self.args.output_dir)

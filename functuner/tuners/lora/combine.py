@@ -227,6 +227,12 @@ def _modules_of(params: TunerParams, model: nn.Module | None = None) -> dict[str
             f"add_weighted_adapter combines LoRA params; adapter {params.adapter_name!r} has a {type(cfg).__name__}"
         )
     ad = params.adapter_name
+    for field, value in (("lora_bias", cfg.lora_bias), ("target_parameters", getattr(cfg, "target_parameters", None))):
+        if value:
+            raise ConfigError(
+                f"add_weighted_adapter cannot combine adapter {ad!r}: it has {field}={value!r}, which the combined"
+                " adapter cannot carry; combine adapters without it"
+            )
     out: dict[str, _Factors] = {}
     for key in params:
         parsed = parse_key(key)
@@ -235,7 +241,14 @@ def _modules_of(params: TunerParams, model: nn.Module | None = None) -> dict[str
         name, emb = parsed.module, parsed.part in EMBEDDING_PARTS
         b_key = param_names(name, "embedding" if emb else "linear", ad)[1]
         transposed = emb or bool(cfg.fan_in_fan_out) or _is_gpt2_conv1d(model, name)
-        out[name] = _Factors(params[key], params[b_key], cfg.scaling_for(name), emb, transposed)
+        A, B = params[key], params[b_key]
+        if A.ndim > 2 and B.shape[1] != A.shape[0]:  # lora_B grouped like a grouped convolution
+            raise ConfigError(
+                f"add_weighted_adapter cannot combine adapter {ad!r}: module {name!r} is a grouped convolution"
+                f" (lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}), whose delta is not a plain product B @ A;"
+                " combine adapters that do not target grouped convolutions"
+            )
+        out[name] = _Factors(A, B, cfg.scaling_for(name), emb, transposed)
     for key in params:
         if parse_key(key) is not None:
             continue

@@ -10,7 +10,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
+import functuner as ft
 from functuner import LoRAConfig, TunerParams
 from functuner.errors import AdapterNameError, ConfigError
 from functuner.tuners.lora.combine import COMBINATION_TYPES, adapter_deltas, add_weighted_adapter
@@ -327,3 +329,22 @@ def test_linear_keeps_peft_cross_terms():
         got = adapter_deltas(add_weighted_adapter([p, q], [0.25, 0.5], "y", "linear"))["m.q"]
     factor = (0.25**0.5 + 0.5**0.5) ** 2
     torch.testing.assert_close(got, factor * adapter_deltas(p)["m.q"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("module", "config", "match"),
+    [
+        (nn.Conv2d(4, 4, 3, groups=2), {"r": 4}, "grouped convolution"),
+        (nn.Linear(4, 4), {"r": 4, "lora_bias": True}, "lora_bias=True"),
+    ],
+    ids=["grouped-conv", "lora-bias"],
+)
+@pytest.mark.parametrize("combination_type", ["cat", "svd", "linear"])
+def test_refuses_adapters_it_cannot_combine_up_front(module, config, match, combination_type) -> None:
+    # these would combine silently wrong (grouped B is not B @ A) or lose a tensor: refused with the reason
+    model = nn.Sequential(module)
+    cfg = LoRAConfig(target_modules=["0"], **config)
+    a = ft.init(model, cfg, generator=0, adapter_name="a")
+    b = ft.init(model, cfg, generator=1, adapter_name="b")
+    with pytest.raises(ConfigError, match=match):
+        add_weighted_adapter({"a": a, "b": b}, [0.5, 0.5], "c", combination_type, model=model)
