@@ -97,6 +97,8 @@ def test_sigkill_during_save_leaves_old_or_new_never_a_mix(tmp_path: Path) -> No
             proc.stdin.write("quit\n")
             proc.stdin.flush()
             proc.wait(timeout=30)
+        proc.stdin.close()  # the pipes are ours to close (else a ResourceWarning, an error under -W error)
+        proc.stdout.close()
     # debris a SIGKILL can leave is beside the checkpoint, never inside it
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".ck.")]
     print(f"temporary folders left beside the checkpoint by killed saves: {len(leftovers)}")

@@ -217,14 +217,16 @@ def ids(row: Row) -> str:
 
 
 parity = pytest.mark.parametrize("row", ROWS, ids=ids)
+# restuning4d's fixture holds SWIFT's base weights (the model is loaded from them) but no base output, so
+# there is no recorded base output to compare the rebuilt model with; every other row has one
+WITH_BASE_OUTPUT = [row for row in ROWS if ids(row) != "restuning4d"]
 
 
-@parity
+@pytest.mark.parametrize("row", WITH_BASE_OUTPUT, ids=ids)
 def test_rebuilt_base_model_gives_swifts_base_output(row, tmp_path):
     model = row.build()
     rec = recorded(row, model, tmp_path)
-    if rec.base is None:
-        pytest.skip(f"{row.fixture} holds SWIFT's base weights but not its base output")
+    assert rec.base is not None, f"{row.fixture} records no base output; list it outside WITH_BASE_OUTPUT"
     torch.testing.assert_close(logits(model(*rec.args)), rec.base, **row.tol)
 
 
