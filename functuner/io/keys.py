@@ -34,6 +34,7 @@ from ..tuners import REGISTRY, Tuner, tuner_for
 __all__ = [
     "PEFT_PREFIX",
     "adapter_in_key",
+    "adapter_name_markers",
     "adapter_modules",
     "from_disk",
     "from_peft_state_dict",
@@ -74,8 +75,16 @@ def _peft_tuner(config: Any) -> Tuner:
     return tuner
 
 
-def _after_names() -> set[str]:
-    return {part for t in REGISTRY.values() for part in t.key_naming.after}
+_AFTER_CACHE: tuple[tuple[int, ...], frozenset[str]] = ((), frozenset())
+
+
+def _after_names() -> frozenset[str]:
+    """Every registered tuner's "adapter name follows" components, recomputed only when the registry changes."""
+    global _AFTER_CACHE
+    ident = tuple(id(t) for t in REGISTRY.values())
+    if _AFTER_CACHE[0] != ident:
+        _AFTER_CACHE = (ident, frozenset(part for t in REGISTRY.values() for part in t.key_naming.after))
+    return _AFTER_CACHE[1]
 
 
 def _is_tuner_key(key: str, tuner: Tuner) -> bool:
@@ -329,10 +338,20 @@ def adapter_modules(state: Iterable[str], config: Any, adapter_name: str) -> lis
     return sorted(out)
 
 
-def adapter_in_key(key: str) -> str | None:
-    """The adapter name a key carries as its own component (after e.g. ``lora_A``), or ``None``."""
+def adapter_name_markers() -> frozenset[str]:
+    """The key components after which a registered tuner's keys carry the adapter name (``lora_A``...)."""
+    return _after_names()
+
+
+def adapter_in_key(key: str, after: frozenset[str] | None = None) -> str | None:
+    """The adapter name a key carries as its own component (after e.g. ``lora_A``), or ``None``.
+
+    ``after`` (the registered tuners' components, :func:`adapter_name_markers`) may be passed by a caller
+    looking at many keys.
+    """
     parts = key.split(".")
-    after = _after_names()
+    if after is None:
+        after = _after_names()
     for i, part in enumerate(parts[:-1]):
         if part in after:
             return parts[i + 1]

@@ -152,7 +152,9 @@ def _own_tensors(raw: Mapping[str, torch.Tensor], expected: str, source: Path) -
     (``.lora_A`` contains ``.lora``).  Tensors of other adapters are dropped
     here; the folder's adapter is ``expected`` (its folder name) when present.
     """
-    found = {c for k in raw if (c := keys.adapter_in_key(k)) is not None}
+    after = keys.adapter_name_markers()
+    owner = {k: keys.adapter_in_key(k, after) for k in raw}
+    found = {c for c in owner.values() if c is not None}
     if not found:
         return expected, dict(raw)
     if expected in found:
@@ -161,7 +163,7 @@ def _own_tensors(raw: Mapping[str, torch.Tensor], expected: str, source: Path) -
         name = next(iter(found))
     else:
         raise CheckpointError(f"{source}: holds tensors of adapters {sorted(found)}; none is named {expected!r}")
-    return name, {k: v for k, v in raw.items() if keys.adapter_in_key(k) in (None, name)}
+    return name, {k: v for k, v in raw.items() if owner[k] in (None, name)}
 
 
 def read_adapter(
