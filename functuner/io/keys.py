@@ -182,8 +182,14 @@ def _split_saved(
 
 
 def _saved_module_of(key: str, modules_to_save: Iterable[str]) -> str | None:
-    """The module path inside ``key`` that a ``modules_to_save`` entry names (PEFT's exact-or-suffix rule)."""
+    """The module path inside ``key`` that a ``modules_to_save`` entry names (PEFT's exact-or-suffix rule).
+
+    ``None`` for a key already in functuner's naming (``<module>.modules_to_save.<adapter>.<param>``), so
+    renaming such a key again cannot nest the component twice.
+    """
     parts = key.split(".")
+    if _MTS in parts:
+        return None
     for end in range(len(parts) - 1, 0, -1):
         path = ".".join(parts[:end])
         if any(path == m or path.endswith("." + m) for m in modules_to_save):

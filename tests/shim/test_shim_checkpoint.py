@@ -402,3 +402,21 @@ def test_hub_id_resolves_through_modelscope_cache(tmp_path: Path) -> None:
     assert torch.equal(_out(loaded), _out(sm))
     with pytest.raises(CheckpointError, match="someone/absent"):
         Swift.from_pretrained(tiny_llama(), "someone/absent", cache_dir=str(tmp_path / "cache"), local_files_only=True)
+
+
+@pytest.mark.parametrize("adapter_name", ["default", "a"])
+def test_load_state_dict_takes_functional_params_with_modules_to_save(adapter_name: str) -> None:
+    # params.state_dict() holds `<module>.modules_to_save.<adapter>.<param>`: loaded as is, never renamed twice
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("lin0", torch.nn.Linear(4, 4))
+    model.add_module("lin1", torch.nn.Linear(4, 2))
+    cfg = LoRAConfig(r=2, target_modules=["lin0"], modules_to_save=["lin1"], init_lora_weights=False)
+    import functuner as ft
+
+    params = ft.init(model, cfg, generator=0, adapter_name=adapter_name).map(lambda t: t + 0.1)
+    x = torch.ones(1, 4)
+    want = ft.apply(model, params, (x,))
+    sm = Swift.prepare_model(model, {adapter_name: cfg})
+    sm.load_state_dict(params.state_dict(), adapter_name=adapter_name)
+    assert torch.equal(sm(x), want)
