@@ -22,7 +22,7 @@ from ..errors import CheckpointError, ConfigError
 from .registry import REGISTRY, tuner_for
 
 if TYPE_CHECKING:
-    from .base import Tuner
+    from .spec import Tuner
 
 __all__ = [
     "BIN_NAME",

@@ -45,7 +45,7 @@ from ..core.params import TunerParams
 from ..core.routing import Routes, ensure_slots
 from ..core.targets import is_internal, own_named_parameters
 from ..errors import CheckpointError, ConfigError, TargetError
-from .base import CallContext, KeyNaming, Tuner, TunerConfig, _clone_module_tree, check_exact_tensors
+from .base import CallContext, KeyNaming, Tuner, TunerConfig, check_exact_tensors, clone_module_tree
 
 __all__ = [
     "LLaMAProConfig",
@@ -242,7 +242,7 @@ def _run_block(
     output: Any,
 ) -> Any:
     hidden = output[0] if isinstance(output, tuple) else output
-    block = _clone_module_tree(layer)
+    block = clone_module_tree(layer)
     for name, t in tensors.items():
         owner_path, _, leaf = name.rpartition(".")
         owner = block.get_submodule(owner_path) if owner_path else block

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
-    from .base import Tuner
+    from .spec import Tuner
 
 __all__ = ["REGISTRY", "register", "tuner_for"]
 

@@ -1,0 +1,165 @@
+"""The ``Tuner`` value and the types of its optional hooks (what ``functional``, ``io`` and the shim call).
+
+Kept apart from :mod:`functuner.tuners.base` (which also holds ``TunerConfig`` and the config's disk
+methods) so that :mod:`functuner.tuners.registry` and :mod:`functuner.tuners.config_json` can name these
+types without an import cycle.  See :mod:`functuner.tuners.base` for the shape of a tuner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from ..core.params import TunerParams
+from ..core.routing import Routes
+
+__all__ = ["CallContext", "KeyNaming", "PeftFormat", "PerSample", "ShardMergePlan", "Tuner"]
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """Per-call options every tuner's ``routes`` sees.
+
+    ``generator`` drives random ops (dropout, noise); ``None`` means torch's
+    global RNG (the stateful shim's behaviour, like PEFT).
+    """
+
+    generator: torch.Generator | None = None
+
+
+def _same_keys(state: Mapping[str, torch.Tensor], config: Any, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Default key hook: SWIFT's on-disk names are functuner's names."""
+    return dict(state)
+
+
+def _no_model_check(model: nn.Module, config: Any, source: str) -> None:
+    """Default model check: nothing to check before params are built."""
+
+
+class KeyNaming(NamedTuple):
+    """Where the adapter name sits inside a tuner's param keys, so io can rename it component-wise.
+
+    ``after``: key components followed by the adapter name as its own component
+    (LoRA's ``q_proj.lora_A.<adapter>.weight``: ``"lora_A"``).  ``glued``:
+    ``(prefix, following)`` pairs for components that are ``<prefix><adapter>``
+    (Adapter's ``adapter_<adapter>.linear1``: ``("adapter_", ("linear1", "linear2"))``);
+    ``following`` lists the components allowed next (``None``: any), so a module
+    that merely looks alike is never renamed.
+    """
+
+    after: tuple[str, ...] = ()
+    glued: tuple[tuple[str, tuple[str, ...] | None], ...] = ()
+
+
+class PeftFormat(NamedTuple):
+    """How a tuner's adapters look in PEFT's format (``PeftModel.save_pretrained``).
+
+    ``peft_type``: PEFT's name (``adapter_config.json``'s ``peft_type``).
+    ``config_to_json(config)``: PEFT's ``adapter_config.json`` dict; raises
+    :class:`~functuner.errors.CheckpointError` naming the field PEFT cannot express.
+    ``to_keys(state, adapter_name)``: functuner names -> PEFT's on-disk names
+    *without* the ``base_model.model.`` prefix (io adds it and handles
+    ``modules_to_save``); ``CheckpointError`` naming a key that is not this tuner's.
+    ``from_keys(state, adapter_name)``: the inverse (prefix already removed).
+    ``check_json(data, source)``: refuse a raw SWIFT ``adapter_config.json`` dict
+    (read from ``source``) whose fields PEFT's format cannot hold, before a config
+    is built from it (so a conversion says why PEFT cannot take it).
+    """
+
+    peft_type: str
+    config_to_json: Callable[[Any], dict[str, Any]]
+    to_keys: Callable[[Mapping[str, torch.Tensor], str], dict[str, torch.Tensor]]
+    from_keys: Callable[[Mapping[str, torch.Tensor], str], dict[str, torch.Tensor]]
+    check_json: Callable[[Mapping[str, Any], str], None] = lambda data, source: None
+
+
+class PerSample(NamedTuple):
+    """How a tuner runs a different adapter for each sample of one batch (PEFT's ``adapter_names=``).
+
+    ``kind``: the name messages use (``"LoRA"``).  ``unsupported(model, params)``:
+    why these params cannot run per sample, completing "it ..." (``None``: they can).
+    ``stack(model, {name: params})``: the adapters prepared for per-sample use, an
+    immutable value; pure and differentiable w.r.t. the params.  ``routes(model,
+    stack, names)``: one call's routes, sample ``b`` running ``names[b]``
+    (``"__base__"``: no adapter).  ``depends_on(model, params)``: tensors besides the
+    params' own whose values a stack reads (DoRA's base weights), so a cached stack
+    is rebuilt when they change.
+    """
+
+    kind: str
+    unsupported: Callable[[nn.Module, TunerParams], str | None]
+    stack: Callable[[nn.Module, Mapping[str, TunerParams]], Any]
+    routes: Callable[[nn.Module, Any, Sequence[str]], Routes]
+    depends_on: Callable[[nn.Module, TunerParams], Sequence[torch.Tensor]] = lambda model, params: ()
+
+
+class ShardMergePlan(NamedTuple):
+    """How a streaming merge changes a base checkpoint, key by key (see the ``plan_shard_merge`` hook).
+
+    ``merges`` maps a base key to a pure function of its current tensor returning the merged tensor (float32;
+    the caller rounds once to the output dtype); ``replacements`` maps a base key to a tensor stored with the
+    adapter that replaces the base's (applied before a merge function of the same key).
+    """
+
+    merges: Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
+    replacements: Mapping[str, torch.Tensor]
+
+
+class Tuner(NamedTuple):
+    """A tuner: its SWIFT type name, config class and pure functions."""
+
+    swift_type: str
+    config_cls: type
+    init: Callable[[nn.Module, Any, torch.Generator, str], TunerParams]
+    routes: Callable[[nn.Module, TunerParams, CallContext], Routes]
+    validate: Callable[[nn.Module, TunerParams], None]
+    # merge(model_or_weights, params, base) / unmerge(model_or_weights, params, merged): the first argument is the
+    # nn.Module, or (only where merges_weights) a {name: tensor} weights mapping: merging is weight arithmetic
+    merge: Callable[[Any, TunerParams, Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    unmerge: Callable[[Any, TunerParams, Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    # whether merge/unmerge accept a weights mapping in place of the model (False: functuner.merge asks for the model)
+    merges_weights: bool = False
+    needs_generator: Callable[[nn.Module, TunerParams], bool] = lambda model, params: False
+    # -- optional hooks the disk layer (functuner.io) calls; defaults mean "nothing special" --
+    # functuner names -> SWIFT's on-disk names (beyond modules_to_save, which io handles); config may be None
+    to_swift_keys: Callable[[Mapping[str, torch.Tensor], Any, str], dict[str, torch.Tensor]] = _same_keys
+    # SWIFT's on-disk names -> functuner names (inverse of to_swift_keys; CheckpointError for a foreign key)
+    from_swift_keys: Callable[[Mapping[str, torch.Tensor], Any, str], dict[str, torch.Tensor]] = _same_keys
+    # where the adapter name sits in this tuner's keys (adapter renaming, SWIFT's shared-file quirk)
+    key_naming: KeyNaming = KeyNaming()
+    # PEFT's format for this tuner; None means "no PEFT format" (writing one is refused before any file is written)
+    peft: PeftFormat | None = None
+    # check a config read from ``source`` against a model before any tensor is allocated (CheckpointError/TargetError)
+    check_model: Callable[[nn.Module, Any, str], None] = _no_model_check
+    # check tensors read from ``source`` (functuner names) against their own config, no model needed
+    check_state: Callable[[Any, Mapping[str, torch.Tensor], str], None] = lambda config, state, source: None
+    # streaming merge into a checkpoint read shard by shard: (tensors, config, adapter_name, {base key: shape},
+    # fan_in_fan_out, source) -> ShardMergePlan; None means "no streaming merge" (functuner merge refuses it)
+    plan_shard_merge: (
+        Callable[
+            [Mapping[str, torch.Tensor], Any, str, Mapping[str, tuple[int, ...]], bool, str],
+            ShardMergePlan,
+        ]
+        | None
+    ) = None
+    # -- optional hooks the shim (functuner.shim) calls; defaults mean "nothing special" --
+    # per-sample adapters (adapter_names=); None means "not supported per sample"
+    per_sample: PerSample | None = None
+    # optimizer param groups of one adapter: (config, {key: trainable param}, defaults, is_decayed) -> groups, or None
+    # for "no groups of its own" (its params then join the shim's decay / no-decay groups); LoRA+ uses it
+    optimizer_groups: (
+        Callable[
+            [Any, Mapping[str, nn.Parameter], Mapping[str, Any], Callable[[torch.Tensor], bool]],
+            list[dict[str, Any]] | None,
+        ]
+        | None
+    ) = None
+    # a new adapter combining adapters of this tuner (PEFT's add_weighted_adapter); None means "cannot be combined"
+    combine: Callable[..., TunerParams] | None = None
+    # whether adding an adapter of this tuner freezes the base model's parameters (SWIFT's has_additional_modules);
+    # False for a tuner that adds no tensors and leaves the model fully trainable (NEFTune)
+    freezes_base: bool = True
