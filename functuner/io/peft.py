@@ -21,6 +21,7 @@ Impure by nature: PEFT changes ``model`` in place.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,22 @@ from torch import nn
 from ..errors import AdapterNameError, CheckpointError
 from . import checkpoint as ckpt
 
-__all__ = ["load_peft_native"]
+__all__ = ["is_peft_config", "is_peft_model", "load_peft_native"]
+
+
+def is_peft_config(obj: Any) -> bool:
+    """Whether ``obj`` is a ``peft.PeftConfig`` (such configs go to PEFT itself: the SWIFT contract).
+
+    Never imports peft: a PeftConfig instance means peft is already imported.
+    """
+    peft_mod = sys.modules.get("peft")
+    return peft_mod is not None and isinstance(obj, peft_mod.PeftConfig)
+
+
+def is_peft_model(obj: Any) -> bool:
+    """Whether ``obj`` is a ``peft.PeftModel`` (the shim's entry points hand those to PEFT's own methods)."""
+    peft_mod = sys.modules.get("peft")
+    return peft_mod is not None and isinstance(obj, peft_mod.PeftModel)
 
 
 def _check_files(root: Path, folders: Mapping[str, Path], weights_only: bool) -> None:

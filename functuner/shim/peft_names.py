@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -31,6 +30,7 @@ from ..core.routing import remove_slots
 from ..errors import AdapterNameError, ConfigError
 from ..io import checkpoint as ckpt
 from ..io import keys
+from ..io.peft import is_peft_config
 from ..tuners import tuner_for
 from . import merging, placement
 from .state import AdapterEntry, ShimState
@@ -140,8 +140,7 @@ class PeftNames(nn.Module):
         kwargs.pop("autocast_adapter_dtype", None)
         if kwargs:
             raise TypeError(f"add_adapter got unexpected keyword(s) {sorted(kwargs)}")
-        peft_mod = sys.modules.get("peft")
-        if peft_mod is not None and isinstance(peft_config, peft_mod.PeftConfig):
+        if is_peft_config(peft_config):
             raise ConfigError(
                 f"add_adapter({adapter_name!r}, ...) got a PEFT {type(peft_config).__name__}; a SwiftModel holds"
                 " functuner adapters: pass a functuner config (LoRAConfig(...)), or use peft.get_peft_model for PEFT"

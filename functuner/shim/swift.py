@@ -41,6 +41,7 @@ from ..core.naming import check_adapter_name
 from ..core.routing import routed
 from ..errors import AdapterNameError, CheckpointError, ConfigError, FunctunerError
 from ..io import checkpoint as ckpt
+from ..io.peft import is_peft_config, is_peft_model
 from ..tuners import tuner_for
 from ..tuners.base import TunerConfig
 from . import checkpoints, merging, optim, per_sample, placement
@@ -448,9 +449,6 @@ class SwiftModel(PeftNames, Copyable):
 # ---------------------------------------------------------------------------
 # Swift: the static entry points
 # ---------------------------------------------------------------------------
-def _is_peft_model(model: Any) -> bool:
-    peft_mod = sys.modules.get("peft")  # a PeftModel instance means peft is imported
-    return peft_mod is not None and isinstance(model, peft_mod.PeftModel)
 
 
 class Swift:
@@ -463,15 +461,14 @@ class Swift:
         A ``SwiftModel`` gets the new adapters added.  A PEFT ``PeftConfig``
         goes through ``peft.get_peft_model`` (returns a ``PeftModel``).
         """
-        peft_mod = sys.modules.get("peft")  # a PeftConfig instance means peft is imported
-        if peft_mod is not None and isinstance(config, peft_mod.PeftConfig):
-            return peft_mod.get_peft_model(model, config, **kwargs)
+        if is_peft_config(config):  # the SWIFT contract: PEFT's configs go through PEFT
+            return sys.modules["peft"].get_peft_model(model, config, **kwargs)
         return SwiftModel(model, config, **kwargs)
 
     @staticmethod
     def merge(model: Any, **kwargs: Any) -> None:
         """Fold every active mergeable adapter into the base weights (exact, atomic; undo with :meth:`unmerge`)."""
-        if _is_peft_model(model):
+        if is_peft_model(model):
             _require_peft_mergeable(model)
             model.merge_adapter(**kwargs)
             return
@@ -481,7 +478,7 @@ class Swift:
     @staticmethod
     def unmerge(model: Any, **kwargs: Any) -> None:
         """Restore the exact original base weights after :meth:`merge`."""
-        if _is_peft_model(model):
+        if is_peft_model(model):
             _require_peft_mergeable(model)
             model.unmerge_adapter()
             return
@@ -498,7 +495,7 @@ class Swift:
         side changes (so the merged model computes what the adapted one did).
         Returns the ``SwiftModel`` (a ``PeftModel`` returns its unloaded base model).
         """
-        if _is_peft_model(model):
+        if is_peft_model(model):
             _require_peft_mergeable(model)
             if adapter_name is not None:  # PEFT's keyword for the same choice
                 kwargs["adapter_names"] = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
@@ -544,7 +541,7 @@ class Swift:
             raise CheckpointError("from_pretrained needs model_id (a directory or a hub id)")
         hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "local_files_only") if k in kwargs}
         model_dir = resolve_model_dir(model_id, revision=revision, **hub_kwargs)
-        native = ckpt.peft_native_adapters(model_dir, adapter_name, lora_too=_is_peft_model(model))
+        native = ckpt.peft_native_adapters(model_dir, adapter_name, lora_too=is_peft_model(model))
         if native is None:
             return SwiftModel.from_pretrained(model, model_dir, adapter_name=adapter_name, revision=revision, **kwargs)
         folders, renames = native
