@@ -38,6 +38,7 @@ from ..core.params import TunerParams
 from ..core.routing import Routes, ensure_slots
 from ..core.targets import match_name, own_named_modules, own_named_parameters, select_modules
 from ..errors import CheckpointError, ConfigError, ParamsMismatchError, TargetError, UnsupportedModuleError
+from .spec import CallContext
 
 __all__ = [
     "Layout",
@@ -46,6 +47,8 @@ __all__ = [
     "build_layout",
     "check_lycoris_fields",
     "conv_or_linear",
+    "DeltaFunctions",
+    "delta_functions",
     "delta_routes",
     "first_arg",
     "init_modules_to_save",
@@ -463,3 +466,57 @@ def state_check(names: Sequence[str], what: str) -> Callable[[Any, Mapping[str, 
                 )
 
     return check
+
+
+DeltaOf = Callable[[Any, str, Mapping[str, torch.Tensor], tuple[int, ...]], torch.Tensor]
+
+
+class DeltaFunctions(NamedTuple):
+    """A weight-delta tuner's ``routes``, ``needs_generator``, ``merge`` and ``unmerge`` (see :func:`delta_functions`)."""
+
+    routes: Callable[[nn.Module, TunerParams, CallContext], Routes]
+    needs_generator: Callable[[nn.Module, TunerParams], bool]
+    merge: Callable[..., dict[str, torch.Tensor]]
+    unmerge: Callable[[nn.Module, TunerParams, Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def delta_functions(
+    layout_of: Callable[[nn.Module, TunerParams], Layout],
+    delta_of: DeltaOf,
+    dropouts_of: Callable[[Any], tuple[float, float, bool]],
+) -> DeltaFunctions:
+    """The pure functions every tuner that adds a weight delta ``dW`` has in common (LoHa, LoKr).
+
+    ``layout_of(model, params)`` finds the adapted modules, ``delta_of(config, module name,
+    tensors, weight shape)`` computes one module's ``dW`` and ``dropouts_of(config)`` gives
+    ``(module_dropout, rank_dropout, rank_dropout_scale)``.  The results:
+
+    * ``routes``: a slot per adapted module adding ``op(x, dW)``; ``modules_to_save`` overrides run first;
+    * ``needs_generator``: whether a call in the model's current mode draws random numbers (dropout in training);
+    * ``merge(model, params, base=None)``: new base weights ``W + dW`` (fp32, rounded once to ``W``'s dtype),
+      ``modules_to_save`` copies replacing theirs; untouched entries are the same tensor objects;
+    * ``unmerge(model, params, merged)``: ``W' - dW`` (fp32, rounded once).
+    """
+
+    def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
+        cfg = params.config
+        delta = functools.partial(delta_of, cfg)
+        return delta_routes(layout_of(model, params), params, delta, dropouts_of(cfg), ctx.generator)
+
+    def needs_generator(model: nn.Module, params: TunerParams) -> bool:
+        module_dropout, rank_dropout, _ = dropouts_of(params.config)
+        if rank_dropout <= 0 and module_dropout <= 0:
+            return False
+        return any(s.module.training for s in layout_of(model, params).sites)
+
+    def merge(
+        model: nn.Module, params: TunerParams, base: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        delta = functools.partial(delta_of, params.config)
+        return merge_deltas(model, layout_of(model, params), params, base, 1.0, delta)
+
+    def unmerge(model: nn.Module, params: TunerParams, merged: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        delta = functools.partial(delta_of, params.config)
+        return merge_deltas(model, layout_of(model, params), params, merged, -1.0, delta)
+
+    return DeltaFunctions(routes, needs_generator, merge, unmerge)

@@ -21,7 +21,6 @@ copies at ``<module>.modules_to_save.<adapter>.<param>``.  Every function is pur
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,11 +30,10 @@ import torch
 from torch import nn
 
 from ..core.params import TunerParams
-from ..core.routing import Routes
 from ..core.targets import pattern_value
 from ..errors import ConfigError, UnsupportedModuleError
 from . import _lycoris as ly
-from .base import CallContext, KeyNaming, Tuner, TunerConfig
+from .base import KeyNaming, Tuner, TunerConfig
 
 __all__ = [
     "PEFT_FORMAT",
@@ -226,37 +224,13 @@ def _delta(config: LoKrConfig, name: str, tensors: Mapping[str, torch.Tensor], s
     return delta_weight(tensors, config.scaling_for(name), shape)
 
 
-def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
-    """A slot per adapted module adding ``op(x, dW)``; ``modules_to_save`` overrides run first."""
-    cfg: LoKrConfig = params.config
-    dropouts = (float(cfg.module_dropout), float(cfg.rank_dropout), bool(cfg.rank_dropout_scale))
-    return ly.delta_routes(_layout(model, params), params, functools.partial(_delta, cfg), dropouts, ctx.generator)
+def _dropouts(cfg: LoKrConfig) -> tuple[float, float, bool]:
+    return float(cfg.module_dropout), float(cfg.rank_dropout), bool(cfg.rank_dropout_scale)
 
 
-def needs_generator(model: nn.Module, params: TunerParams) -> bool:
-    """Whether a call in the model's current mode draws random numbers (rank or module dropout in training)."""
-    cfg: LoKrConfig = params.config
-    if cfg.rank_dropout <= 0 and cfg.module_dropout <= 0:
-        return False
-    return any(s.module.training for s in _layout(model, params).sites)
-
-
-def merge(
-    model: nn.Module, params: TunerParams, base: Mapping[str, torch.Tensor] | None = None
-) -> dict[str, torch.Tensor]:
-    """New base weights ``W + dW`` (fp32, rounded once to ``W``'s dtype); ``modules_to_save`` copies replace theirs.
-
-    ``base`` defaults to the model's parameters and buffers; untouched entries
-    are the same tensor objects.  Pure.
-    """
-    delta = functools.partial(_delta, params.config)
-    return ly.merge_deltas(model, _layout(model, params), params, base, 1.0, delta)
-
-
-def unmerge(model: nn.Module, params: TunerParams, merged: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``W' - dW`` (fp32, rounded once); ``modules_to_save`` entries are returned as they are in ``merged``."""
-    delta = functools.partial(_delta, params.config)
-    return ly.merge_deltas(model, _layout(model, params), params, merged, -1.0, delta)
+# routes (a slot per adapted module adding ``op(x, dW)``), needs_generator, merge (``W + dW`` in fp32, rounded
+# once) and unmerge: the functions every weight-delta tuner shares, built from this module's layout and delta
+routes, needs_generator, merge, unmerge = ly.delta_functions(_layout, _delta, _dropouts)
 
 
 # PEFT's checkpoint layout for these params (``<module>.<name>`` under ``base_model.model.``).  Not yet the
