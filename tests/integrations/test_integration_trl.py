@@ -12,15 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import datasets  # in the test extra: a missing client fails, never skips
 import peft
 import pytest
 import torch
+import trl
 from conftest import tiny_llama
 
 from functuner import LoRAConfig, Swift, SwiftModel
-
-trl = pytest.importorskip("trl")
-datasets = pytest.importorskip("datasets")
 
 WORDS = ["<pad>", "<eos>", "<unk>", *"the cat sat on a mat dog ran to park bird flew over tree".split()]
 TEXTS = ["the cat sat on a mat", "the dog ran to the park", "a bird flew over the tree", "the cat ran to a tree"]
