@@ -23,11 +23,16 @@ GROUPS: dict[str, str] = {
     "train": "train_step:run_lora",
     "dora": "train_step:run_dora",
     "inference": "inference:run",
+    "lora_modules": "lora_modules:run",
+    "decoding": "decoding:run",
+    "many_adapters": "many_adapters:run",
     "merge": "merge:run",
     "load": "load:run",
     "compile": "compile:run",
     "scaling": "scaling:run",
     "galore_lisa": "galore_lisa:run",
+    "qlora": "qlora:run",
+    "peft_native": "peft_native:run",
 }
 
 

@@ -1,4 +1,4 @@
-"""GaLore and LISA vs full fine-tuning with AdamW: optimizer-state bytes and step time, side by side.
+"""GaLore, Q-GaLore and LISA vs full fine-tuning with AdamW and vs LoRA: memory and step time, side by side.
 
 Every row trains the same Llama on the same batch (forward, causal-LM loss, backward, optimizer step):
 
@@ -7,7 +7,15 @@ Every row trains the same Llama on the same batch (forward, causal-LM loss, back
   every layer, AdamW on the rest), projector refreshed every 200 steps (the SVD is in the warm-up);
 * ``galore (SVD every step)``: the same with ``update_proj_gap=1``, to show the refresh cost;
 * ``galore per-parameter``: ``optim_per_parameter=True`` (each parameter stepped during backward);
-* ``lisa``: :class:`functuner.optim.LISACallback` with one active decoder layer, ``torch.optim.AdamW``.
+* ``q-galore``: ``GaLoreConfig(quantize=True, proj_quant=True)``: the targets' weights in int8
+  (:func:`functuner.optim.quantize_model`, group 256, stochastic rounding), projectors in int4 (group 256),
+  lazy projector refresh;
+* ``lisa``: :class:`functuner.optim.LISACallback` with one active decoder layer, ``torch.optim.AdamW``;
+* ``lora`` / ``lora (peft)``: rank-``r`` LoRA on the same seven linear kinds, functuner's shim
+  (``Swift.prepare_model``) and real PEFT, ``torch.optim.AdamW`` on the adapter tensors.
+
+Weight bytes: Q-GaLore's int8 targets (codes + one float32 scale and minimum per group) over the same
+weights in float32 (expected ``(1 + 8 / 256) / 4 = 0.258``).
 
 State bytes are counted from the optimizer's state after one step (every tensor, projections included).
 GaLore's ratio is compared with its closed form: per ``m x n`` target, ``2 * (moments of the projected
@@ -45,10 +53,12 @@ from functuner.optim import (
     GaLoreConfig,
     LISACallback,
     LISAConfig,
+    QGaLoreLinear,
     apply_updates,
     create_galore_optimizer,
     galore_adamw,
     galore_targets,
+    quantize_model,
 )
 from functuner.optim.galore import low_rank_shape, projection_side
 
@@ -168,10 +178,37 @@ def _expected_galore_ratio(model: torch.nn.Module, cfg: GaLoreConfig) -> tuple[f
     return ours / adam, sum(r_over) / len(r_over)
 
 
+def _lora_rows(
+    base: torch.nn.Module, shape: C.Shape
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.nn.Module, torch.optim.Optimizer]:
+    """functuner's shim LoRA and real PEFT LoRA with the same adapter tensors, each with AdamW on them."""
+    import functuner as ft
+
+    model = copy.deepcopy(base).train()
+    params = ft.init(model, C.lora_config(shape), generator=0)
+    peft_model = C.peft_lora(model, params).train()
+    peft_opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=LR)
+    sm = ft.Swift.prepare_model(model, params.config)
+    named = dict(sm.base_model.named_parameters())
+    with torch.no_grad():
+        for k, v in params.items():
+            named[k].copy_(v)
+    sm.train()
+    opt = torch.optim.AdamW([p for p in sm.parameters() if p.requires_grad], lr=LR)
+    return sm, opt, peft_model, peft_opt
+
+
 def run(s: C.Settings) -> C.Report:
     shape = dataclasses.replace(s.shape, layers=max(2, s.shape.layers))  # LISA needs layers to choose from
+    warmup, repeats = s.warmup, s.repeats
+    if not s.quick:
+        # 12 rows of full-weight training: the suite's shape at batch 2 (the state and weight ratios do not
+        # depend on the batch) and 5 timed repeats, so the group fits in 8 minutes on 2 shared cores
+        shape = dataclasses.replace(shape, batch=2)
+        warmup, repeats = 1, 5
     report = C.Report(
-        f"GaLore / LISA vs full fine-tuning (hidden {shape.hidden}, {shape.layers} layers, r={shape.rank})"
+        f"GaLore / Q-GaLore / LISA vs full fine-tuning and LoRA (hidden {shape.hidden}, {shape.layers} layers,"
+        f" r={shape.rank}, batch {shape.batch})"
     )
     base = C.build_llama(shape)
     ids, _ = C.batch(shape)
@@ -179,6 +216,11 @@ def run(s: C.Settings) -> C.Report:
     _check_parity(report, base, ids, _galore_config(shape, gap=2))
 
     # the rows
+    qcfg = dataclasses.replace(cfg, quantize=True, proj_quant=True)
+    qgalore = _trainable_copy(base)
+    quantize_model(qgalore, qcfg)
+    qgalore_opt = create_galore_optimizer(qgalore, qcfg, lr=LR, generator=0)
+    lora, lora_opt, peft_model, peft_opt = _lora_rows(base, shape)
     full = _trainable_copy(base)
     full_opt = torch.optim.AdamW(full.parameters(), lr=LR)
     galore = _trainable_copy(base)
@@ -196,6 +238,9 @@ def run(s: C.Settings) -> C.Report:
         "galore_svd": _stepper(svd, svd_opt, ids),
         "galore_per": _stepper(per, per_opt, ids),
         "lisa": _stepper(lisa, lisa_opt, ids),
+        "qgalore": _stepper(qgalore, qgalore_opt, ids),
+        "lora": _stepper(lora, lora_opt, ids),
+        "lora_peft": _stepper(peft_model, peft_opt, ids),
     }
     for step in steps.values():
         step()
@@ -210,6 +255,10 @@ def run(s: C.Settings) -> C.Report:
         if moved != want:
             raise AssertionError(f"LISA: {n} moved={moved}, expected {want} (active layers {cb.active})")
     report.check(f"LISA moved only layers {list(cb.active)} plus embeddings, final norm and head")
+    int8 = [m for m in qgalore.modules() if isinstance(m, QGaLoreLinear)]
+    if not int8 or any(m.weight.dtype != torch.int8 for m in int8):
+        raise AssertionError("Q-GaLore: the target weights are not int8 after a step")
+    report.check(f"Q-GaLore's {len(int8)} target weights are still int8 after a step")
 
     # state bytes
     targets = set(galore_targets(galore, cfg))
@@ -224,10 +273,31 @@ def run(s: C.Settings) -> C.Report:
     report.add("GaLore optimizer state / AdamW state, whole model", _state_bytes(galore_opt) / adam_all)
     report.add("GaLore per-parameter state / AdamW state, whole model", _state_bytes(per_opt) / adam_all)
     report.add("LISA optimizer state / AdamW state (1 active layer)", _state_bytes(lisa_opt) / adam_all)
+    q_targets = {id(m.weight) for m in int8}
+    q_state = _state_bytes(qgalore_opt, q_targets)
+    report.add("Q-GaLore optimizer state / AdamW state, target weights (int4 projectors)", q_state / adam_targets)
+    report.add("Q-GaLore optimizer state / AdamW state, whole model", _state_bytes(qgalore_opt) / adam_all)
+    q_weight = sum(m.quantized().nbytes for m in int8)
+    f32_weight = sum(m.weight.numel() * 4 for m in int8)
+    report.add("Q-GaLore weight bytes / float32, target weights (int8 + group scales)", q_weight / f32_weight)
+    all_f32 = sum(p.numel() * p.element_size() for p in full.parameters())
+    q_all = sum(p.numel() * p.element_size() for p in qgalore.parameters()) + sum(
+        t.numel() * t.element_size() for m in int8 for t in (m.weight_scales, m.weight_mins)
+    )
+    report.add("Q-GaLore weight bytes / float32, whole model", q_all / all_f32)
+    lora_state = _state_bytes(lora_opt)
+    report.add("LoRA optimizer state / AdamW state, whole model", lora_state / adam_all)
     n_train = sum(p.numel() for p in lisa.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in lisa.parameters())
     report.add("LISA trainable parameters / all parameters", n_train / n_all)
+    lisa_train = [p for p in lisa.parameters() if p.requires_grad]
+    lisa_bytes = sum(p.numel() * p.element_size() for p in lisa_train)
     report.info("AdamW state, full fine-tuning", C.mib(adam_all))
+    report.info("GaLore optimizer state", C.mib(_state_bytes(galore_opt)))
+    report.info("Q-GaLore optimizer state", C.mib(_state_bytes(qgalore_opt)))
+    report.info("LISA optimizer state (1 active layer)", C.mib(_state_bytes(lisa_opt)))
+    report.info("LISA trainable state (weights + gradients + Adam moments of the trainable set)", C.mib(4 * lisa_bytes))
+    report.info("weights, float32 / Q-GaLore", f"{C.mib(all_f32)} / {C.mib(q_all)}")
 
     # peak bytes allocated during one step (gradients, activations and transient optimizer tensors; the
     # state already allocated before the step is not counted)
@@ -236,23 +306,37 @@ def run(s: C.Settings) -> C.Report:
         ("galore", "GaLore peak bytes during a step / full"),
         ("galore_per", "GaLore per-parameter peak bytes during a step / full"),
         ("lisa", "LISA peak bytes during a step / full"),
+        ("qgalore", "Q-GaLore peak bytes during a step / full"),
+        ("lora", "LoRA (functuner) peak bytes during a step / full"),
     ]:
         report.add(label, C.ratio(peaks[name], peaks["full"]))
     report.info("full fine-tuning peak during a step", C.mib(peaks["full"]))
 
     # step times
-    times = C.interleaved(steps, warmup=s.warmup, repeats=s.repeats)
+    times = C.interleaved(steps, warmup=warmup, repeats=repeats)
     for name, label in [
         ("galore", "GaLore step time / full fine-tuning"),
         ("galore_svd", "GaLore step time with an SVD refresh every step / full"),
         ("galore_per", "GaLore per-parameter step time / full"),
         ("lisa", "LISA step time / full fine-tuning"),
+        ("qgalore", "Q-GaLore step time / full fine-tuning"),
+        ("lora", "LoRA (functuner) step time / full fine-tuning"),
+        ("lora_peft", "LoRA (PEFT) step time / full fine-tuning"),
     ]:
         report.add(label, C.ratio(times[name], times["full"]))
+    for name, label in [
+        ("full", "full fine-tuning step time / LoRA (PEFT)"),
+        ("galore", "GaLore step time / LoRA (PEFT)"),
+        ("qgalore", "Q-GaLore step time / LoRA (PEFT)"),
+        ("lisa", "LISA step time / LoRA (PEFT)"),
+        ("lora", "LoRA (functuner) step time / LoRA (PEFT)"),
+    ]:
+        report.add(label, C.ratio(times[name], times["lora_peft"]))
     report.info("full fine-tuning step (median)", f"{times['full'] * 1e3:.1f} ms")
     report.notes.append(
         "state bytes are exact counts of the optimizers' tensors; the GaLore rows include its projection matrices"
     )
+    report.notes.append(f"batch {shape.batch} x seq {shape.seq}; times are medians of {repeats} interleaved repeats")
     return report
 
 

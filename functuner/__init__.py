@@ -46,6 +46,7 @@ _EXPORTS: dict[str, str] = {
     "LoKrConfig": "functuner.tuners.lokr",
     "LLaMAProConfig": "functuner.tuners.llamapro",
     "LoRAConfig": "functuner.tuners.lora",
+    "LoraInit": "functuner.tuners.lora.inits.api",
     "LoraConfig": "functuner.tuners.lora",
     "LongLoRAConfig": "functuner.tuners.longlora",
     "NEFTuneConfig": "functuner.tuners.neftune",
@@ -61,6 +62,7 @@ _EXPORTS: dict[str, str] = {
     "SwiftModel": "functuner.shim",
     "SwiftTrainerMixin": "functuner.shim",
     "to_peft_config": "functuner.shim",
+    "reference_model": "functuner.shim",
     "Tuner": "functuner.tuners",
     "TunerConfig": "functuner.tuners",
     "TunerParams": "functuner.core.params",
@@ -71,6 +73,9 @@ _EXPORTS: dict[str, str] = {
     "init": "functuner.functional",
     "load": "functuner.io.checkpoint",
     "lora_delta": "functuner.tuners.lora",
+    "lora_init": "functuner.tuners.lora.inits.api",
+    "lora_residual_weights": "functuner.tuners.lora.inits.api",
+    "lora_to_plain": "functuner.tuners.lora.inits.api",
     "merge": "functuner.functional",
     "per_sample_grads": "functuner.grads",
     "register": "functuner.tuners",
@@ -99,6 +104,7 @@ __all__ = [
     "LoRAConfig",
     "LongLoRAConfig",
     "LoraConfig",
+    "LoraInit",
     "NEFTuneConfig",
     "PartConfig",
     "PromptConfig",
@@ -124,8 +130,12 @@ __all__ = [
     "init",
     "load",
     "lora_delta",
+    "lora_init",
+    "lora_residual_weights",
+    "lora_to_plain",
     "merge",
     "per_sample_grads",
+    "reference_model",
     "register",
     "rename_adapter",
     "save",
@@ -170,7 +180,15 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names __getattr__
         create_galore_optimizer,
         galore_adamw,
     )
-    from .shim import Swift, SwiftCheckpointCallback, SwiftConfig, SwiftModel, SwiftTrainerMixin, to_peft_config
+    from .shim import (
+        Swift,
+        SwiftCheckpointCallback,
+        SwiftConfig,
+        SwiftModel,
+        SwiftTrainerMixin,
+        reference_model,
+        to_peft_config,
+    )
     from .tuners import Tuner, TunerConfig, register, tuner_for
     from .tuners.adapter import AdapterConfig
     from .tuners.ia3 import IA3Config
@@ -179,6 +197,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names __getattr__
     from .tuners.lokr import LoKrConfig
     from .tuners.longlora import LongLoRAConfig
     from .tuners.lora import LoRAConfig, LoraConfig, lora_delta
+    from .tuners.lora.inits.api import LoraInit, lora_init, lora_residual_weights, lora_to_plain
     from .tuners.neftune import NEFTuneConfig
     from .tuners.part import PartConfig
     from .tuners.prompt import PromptConfig

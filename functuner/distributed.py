@@ -123,8 +123,9 @@ def all_reduce_grads(grads: T, group: Any = None, *, average: bool = True) -> T:
 def average_grads_(parameters: Iterable[torch.Tensor], group: Any = None) -> None:
     """In place: every trainable parameter's ``.grad`` becomes its mean over ``group`` (DDP's reduction).
 
-    For eager training without ``DistributedDataParallel`` (e.g. ``SwiftModel``
-    under FSDP2 with the tuner parameters in ``ignored_params``).  Parameters
+    For eager training of replicated parameters without ``DistributedDataParallel``
+    (e.g. parameters kept out of FSDP2 with ``ignored_params``; a ``SwiftModel`` under
+    plain ``fully_shard`` needs none: FSDP2 averages its adapter gradients).  Parameters
     with ``requires_grad=False`` are skipped; a trainable parameter whose
     ``.grad`` is ``None`` counts as a zero gradient (and gets one), so every rank
     takes part in the same collectives.  Pass the same parameters in the same

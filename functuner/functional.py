@@ -10,6 +10,7 @@ is removed by :func:`functuner.routing.remove_slots`.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from .core.params import TunerParams
-from .core.routing import Routes, routed
+from .core.routing import Routes, call_routed, slot_epoch
 from .errors import ConfigError, ParamsMismatchError
 from .tuners import CallContext, tuner_for
 
@@ -47,12 +48,21 @@ def init(
     :class:`~functuner.errors.TargetError` when the targets match nothing,
     :class:`~functuner.errors.ConfigError` for invalid fields, and
     :class:`~functuner.errors.UnsupportedModuleError` for a layer type the tuner
-    cannot adapt.
+    cannot adapt.  ``config`` may also be a ``peft.PeftConfig`` of a tuner
+    functuner implements (LoRA, IA3, LoHa, LoKr, VeRA...): it is converted
+    losslessly (a field functuner cannot express raises ``ConfigError``).
     """
     from .core.naming import check_adapter_name
 
     check_adapter_name(adapter_name)
-    return tuner_for(config).init(model, config, _generator(generator), adapter_name)
+    try:
+        tuner = tuner_for(config)
+    except ConfigError as e:  # PEFT's own config object of a tuner functuner implements: converted losslessly
+        from .tuners.config_json import config_from_peft
+
+        config = config_from_peft(config, e)
+        tuner = tuner_for(config)
+    return tuner.init(model, config, _generator(generator), adapter_name)
 
 
 def as_params_list(params: ParamsLike) -> list[TunerParams]:
@@ -89,9 +99,67 @@ def guard_static(plist: Sequence[TunerParams]) -> None:
         _STATIC_SEEN.get(p.adapter_name)
 
 
+# Routes of params values seen before, per model.  A TunerParams never changes, so the routes built for it on
+# one model stay right as long as the params live and no slot was removed since (routing.slot_epoch): an
+# inference loop, a server switching between loaded adapters, or the shim calling again with the same adapter
+# set pays a dictionary lookup instead of a route build.  Entries hold the params weakly and go away with
+# them (a training loop makes new params every step; its routes are freed with those params).  Calls with a
+# generator (training with dropout) are not cached: their routes hold the generator.
+_RouteEntry = tuple[tuple["weakref.ref[TunerParams]", ...], int, Routes]
+_ROUTES_SEEN: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], _RouteEntry]] = weakref.WeakKeyDictionary()
+_ROUTES_SEEN_MAX = 256  # per model; the oldest entry goes first
+
+
+def _cached_routes(model: nn.Module, plist: Sequence[TunerParams]) -> Routes | None:
+    per_model = _ROUTES_SEEN.get(model)
+    entry = per_model.get(tuple(map(id, plist))) if per_model is not None else None
+    if entry is None or entry[1] != slot_epoch():
+        return None
+    refs = entry[0]
+    for ref, p in zip(refs, plist, strict=True):
+        if ref() is not p:
+            return None
+    return entry[2]
+
+
+def _remember_routes(model: nn.Module, plist: Sequence[TunerParams], routes: Routes) -> None:
+    key = tuple(map(id, plist))
+    per_model = _ROUTES_SEEN.get(model)
+    if per_model is None:
+        per_model = _ROUTES_SEEN.setdefault(model, {})
+    model_ref = weakref.ref(model)
+
+    def forget(_: Any) -> None:  # a params value died: drop its entry (never a newer one under the same ids)
+        owner = model_ref()
+        d = _ROUTES_SEEN.get(owner) if owner is not None else None
+        if d is not None and (e := d.get(key)) is not None and e[0] is refs:
+            d.pop(key, None)
+
+    refs = tuple(weakref.ref(p, forget) for p in plist)
+    if len(per_model) >= _ROUTES_SEEN_MAX:
+        per_model.pop(next(iter(per_model)), None)
+    per_model[key] = (refs, slot_epoch(), routes)
+
+
 def bind_routes(model: nn.Module, params: ParamsLike, generator: torch.Generator | None = None) -> Routes:
-    """The routes that run ``params`` on ``model`` (validated; slots installed). Used by :func:`apply` and the shim."""
+    """The routes that run ``params`` on ``model`` (validated; slots installed). Used by :func:`apply` and the shim.
+
+    Without a generator, the routes of a params value already bound to ``model`` are reused (see
+    ``_ROUTES_SEEN``): the same value is the same routes.
+    """
     plist = as_params_list(params)
+    cache = generator is None and not torch.compiler.is_compiling()
+    if cache:
+        hit = _cached_routes(model, plist)
+        if hit is not None:
+            return hit
+    routes = _build_routes(model, plist, generator)
+    if cache:
+        _remember_routes(model, plist, routes)
+    return routes
+
+
+def _build_routes(model: nn.Module, plist: Sequence[TunerParams], generator: torch.Generator | None) -> Routes:
     ctx = CallContext(generator=generator)
     fwd: dict[nn.Module, list[Any]] = {}
     pre: dict[nn.Module, list[Any]] = {}
@@ -144,9 +212,7 @@ def apply(
                 )
     if model.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
         _check_activation_checkpointing(model)
-    routes = bind_routes(model, plist, generator)
-    with routed(routes):
-        return model(*args, **dict(kwargs or {}))
+    return call_routed(bind_routes(model, plist, generator), model, *args, **dict(kwargs or {}))
 
 
 def _check_activation_checkpointing(model: nn.Module) -> None:

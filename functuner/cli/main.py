@@ -114,13 +114,50 @@ def _config_summary(config: dict[str, Any]) -> str:
     return ", ".join(shown)
 
 
+def _inspect_full_weights(root: Path, as_json: bool) -> int:
+    """A GaLore / LISA full-weight checkpoint (``functuner.io.full_weights``), read and checked."""
+    from ..io.full_weights import read_full_weights
+
+    ck = read_full_weights(root)
+    dtypes = sorted({_ST_NAMES.get(str(t.dtype).replace("torch.", ""), str(t.dtype)) for t in ck.tensors.values()})
+    size = sum((root / f).stat().st_size for f in ck.files)
+    d: dict[str, Any] = {
+        "path": str(root),
+        "format": "full_weights",
+        "method": ck.method,
+        "config": ck.method_config,
+        "files": list(ck.files),
+        "num_tensors": len(ck.tensors),
+        "num_parameters": sum(t.numel() for t in ck.tensors.values()),
+        "dtypes": dtypes,
+        "size_on_disk": size,
+        "tensors": {k: list(t.shape) for k, t in ck.tensors.items()},
+    }
+    if as_json:
+        print(json.dumps(d, indent=2, default=str))
+        return 0
+    keys = list(ck.tensors)
+    print(f"{root}: full-weight checkpoint ({ck.method}), {len(keys)} changed weight tensor(s)")
+    print(f"  config:      {_config_summary(ck.method_config)}")
+    print(f"  weights:     {', '.join(keys[:3])}" + (f", ... (+{len(keys) - 3} more)" if len(keys) > 3 else ""))
+    print(f"  dtypes:      {', '.join(dtypes)}")
+    print(f"  files:       {', '.join(ck.files)}")
+    print(f"  parameters:  {d['num_parameters']:,} in {len(keys)} tensors, {_human(size)} on disk")
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from ..io.checkpoint import read_checkpoint
+    from ..io.checkpoint import read_checkpoint, read_extra_states
+    from ..io.full_weights import is_full_weights_dir
 
     root = _local_dir(args.path)
+    if is_full_weights_dir(root):
+        return _inspect_full_weights(root, args.json)
     described = [_describe(ck) for ck in read_checkpoint(root).values()]
+    _, extra = read_extra_states(root)  # checked with the rules adapter weights follow
+    extra_keys = sorted(extra or {})
     if args.json:
-        print(json.dumps({"path": str(root), "adapters": described}, indent=2, default=str))
+        print(json.dumps({"path": str(root), "adapters": described, "extra_states": extra_keys}, indent=2, default=str))
         return 0
     fmt = {a["format"] for a in described}
     print(f"{root}: {' + '.join(sorted(f.upper() for f in fmt))} format, {len(described)} adapter(s)")
@@ -142,6 +179,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(
             f"  parameters:  {d['num_parameters']:,} in {d['num_tensors']} tensors, {_human(d['size_on_disk'])} on disk"
         )
+    if extra_keys:
+        print(f"\nextra states: {', '.join(extra_keys)} (full copies of the model's own tensors)")
     return 0
 
 
@@ -153,6 +192,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     src = _local_dir(args.src)
     dst = Path(args.dst)
+    same = os.path.realpath(src) == os.path.realpath(dst)
+    if not same and (_inside(dst, src) or _inside(src, dst)):
+        raise _Fail(f"{dst}: the output must not lie inside the source directory {src} or contain it")
     if (dst.exists() or dst.is_symlink()) and not args.overwrite:
         raise _Fail(f"{dst}: already exists (pass --overwrite to replace it)")
     adapters = convert_checkpoint(
@@ -205,7 +247,7 @@ def _set_config_dtype(folder: Path, dtype: Any) -> None:
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from ..core.fs import atomic_dir
-    from ..io.checkpoint import list_adapters, read_checkpoint
+    from ..io.checkpoint import list_adapters, read_checkpoint, read_extra_states
     from ..io.merge_shards import merge_checkpoint, shard_files
     from ..tuners import tuner_for
     from ..tuners.base import resolve_dtype
@@ -225,6 +267,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         read_checkpoint(adapter_root)  # raises "neither a SWIFT nor a PEFT adapter directory"
     name = _pick(found, args.adapter_name, adapter_root)
     ck = read_checkpoint(adapter_root, {name: name})[name]
+    _, extra = read_extra_states(adapter_root)  # SWIFT's saved copies of base weights: merged in as replacements
     kind = tuner_for(ck.config).swift_type
     if kind != "LORA":
         raise _Fail(f"{Path(ck.path) / 'adapter_config.json'}: tuner type {kind!r} is not LoRA; only LoRA merges here")
@@ -249,7 +292,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                 ck.config,
                 ck.name,
                 dtype=dtype,
-                base_weights=ck.base_weights,
+                base_weights={**(extra or {}), **ck.base_weights},
                 adapter_path=Path(ck.weights or ck.path),
                 on_plan=on_plan,
                 progress=lambda n: bar.update(n) if bar is not None else None,
@@ -284,9 +327,10 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "inspect",
-        help="describe a SWIFT or PEFT adapter directory (or a ModelScope id)",
+        help="describe a SWIFT or PEFT adapter directory, a GaLore/LISA full-weight checkpoint (or a ModelScope id)",
         description="Describe every adapter in a SWIFT or PEFT adapter directory: tuner, layout, config,"
-        " targeted modules, ranks, dtypes and sizes.",
+        " targeted modules, ranks, dtypes and sizes; or a GaLore/LISA full-weight checkpoint: method, config,"
+        " changed weights, dtypes, files and sizes.",
     )
     s.add_argument("path", help="adapter directory, or a ModelScope model id (owner/name)")
     s.add_argument("--json", action="store_true", help="print JSON for machines")

@@ -82,9 +82,10 @@ def read_json(path: str | os.PathLike[str], root: str | os.PathLike[str] | None 
         check_inside(path, root)
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
-        raise CheckpointError(f"{path}: cannot read ({reason})") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start}); expected a UTF-8 JSON object") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -206,7 +207,7 @@ def atomic_dir(
         raise CheckpointError(f"{target}: already exists (pass --overwrite to replace it)")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name[:96]}.tmp-", dir=target.parent))  # fits NAME_MAX
     except OSError as e:
         raise CheckpointError(f"{target.parent}: cannot create a directory there ({e.strerror})") from None
     try:
@@ -219,7 +220,7 @@ def atomic_dir(
         fsync_tree(tmp)
         if target.exists():
             if not exchange(tmp, target):
-                old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
+                old = target.parent / f".{target.name[:96]}.old-{uuid.uuid4().hex}"
                 os.replace(target, old)
                 os.replace(tmp, target)
                 tmp = old

@@ -40,7 +40,7 @@ class TunerParams(Mapping[str, torch.Tensor]):
     copied, so do not modify them in place if you rely on old values.
     """
 
-    __slots__ = ("_tensors", "adapter_name", "config")
+    __slots__ = ("_tensors", "adapter_name", "config", "__weakref__")
 
     _tensors: dict[str, torch.Tensor]
     config: Any

@@ -43,6 +43,7 @@ from torch import nn
 
 __all__ = [
     "ForwardSlot",
+    "call_routed",
     "MethodSlot",
     "PreSlot",
     "Provider",
@@ -56,6 +57,7 @@ __all__ = [
     "restore_default_routes",
     "routed",
     "set_default_routes",
+    "slot_epoch",
 ]
 
 # A forward slot function: (module, args, kwargs, output) -> new output.
@@ -120,6 +122,21 @@ def routed(routes: Routes | None) -> Iterator[None]:
             yield
         finally:
             _ROUTES.reset(token)
+
+
+def call_routed(routes: Routes | None, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` with ``routes`` current: :func:`routed` without a generator-based context manager.
+
+    The per-call path of :func:`functuner.apply` (a context variable set and reset, nothing else).
+    """
+    if torch.compiler.is_compiling():
+        with routed(routes):
+            return fn(*args, **kwargs)
+    token = _ROUTES.set(routes)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _ROUTES.reset(token)
 
 
 def checkpoint_context_fn() -> tuple[Any, Any]:
@@ -282,6 +299,14 @@ def ensure_slots(modules: Sequence[nn.Module], *, pre: bool = False) -> None:
                 m.register_forward_pre_hook(_pre_slot_hook, with_kwargs=True, prepend=True)
 
 
+_SLOT_EPOCH = [0]
+
+
+def slot_epoch() -> int:
+    """A counter that :func:`remove_slots` moves on: routes built under another epoch may reach removed slots."""
+    return _SLOT_EPOCH[0]
+
+
 def remove_slots(model: nn.Module) -> int:
     """Remove every functuner slot (forward, pre and method slots) from ``model`` and its submodules.
 
@@ -290,6 +315,7 @@ def remove_slots(model: nn.Module) -> int:
     """
     n = 0
     with _LOCK:
+        _SLOT_EPOCH[0] += 1
         for m in model.modules():
             found = False
             for table, kw_table, fn in (

@@ -23,6 +23,7 @@ half-written checkpoint where a good one was; files get the umask's mode.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -30,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from ..core.fs import atomic_dir, atomic_write_text, copy_plain_files, read_json, umask, write_json
+from ..core.fs import atomic_dir, atomic_write_text, copy_plain_files, read_json, umask
 from ..core.naming import check_adapter_name
 from ..errors import AdapterNameError, CheckpointError
 from ..tuners import REGISTRY, tuner_for
@@ -54,8 +56,10 @@ from .reader import (
     AdapterCheckpoint,
     check_finite,
     check_model,
+    is_functuner_peft_type,
     list_adapters,
     peft_native_adapters,
+    peft_type_of,
     read_adapter,
     read_adapter_dir,
     read_extra_states,
@@ -75,11 +79,13 @@ __all__ = [
     "config_from_json",
     "config_to_json",
     "convert_checkpoint",
+    "is_functuner_peft_type",
     "is_peft_native_type",
     "list_adapters",
     "load",
     "peft_config_json",
     "peft_native_adapters",
+    "peft_type_of",
     "read_adapter",
     "read_adapter_config",
     "read_adapter_dir",
@@ -87,6 +93,7 @@ __all__ = [
     "read_extra_states",
     "read_tensors",
     "save",
+    "weights_name",
     "write_adapter_config",
     "write_configuration_json",
     "write_extra_states",
@@ -100,39 +107,75 @@ check_lora_ranks = check_model  # the name callers used before the check became 
 
 
 def _save_tensors(state: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Write tensors as a new safetensors file (contiguous CPU copies, so views and shared storage are fine).
+    """Write tensors as a new weights file (contiguous CPU copies, so views and shared storage are fine).
 
-    An existing file is unlinked first: it may be a hard link into the previous checkpoint.
+    ``path`` named :data:`BIN_NAME` gets SWIFT's / PEFT's ``safe_serialization=False``
+    form: ``torch.save`` of a plain ``dict`` of plain tensors (which torch's
+    restricted ``weights_only`` loader reads back); any other name a safetensors
+    file.  An existing file is unlinked first: it may be a hard link into the
+    previous checkpoint.
     """
     ready = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     Path(path).unlink(missing_ok=True)
-    save_file(ready, str(path), metadata={"format": "pt"})
+    if Path(path).name == BIN_NAME:
+        torch.save(dict(ready), str(path))
+    else:
+        try:
+            save_file(ready, str(path), metadata={"format": "pt"})
+        except SafetensorError as e:  # an I/O failure (file-size limit, full disk) inside the temporary copy
+            raise CheckpointError(f"{path}: could not write ({e}); the existing checkpoint is unchanged") from None
     os.chmod(path, 0o666 & ~umask())  # safetensors creates it 0600; PEFT's files follow the umask
 
 
+def _write_config(data: Mapping[str, Any], path: Path) -> None:
+    """``adapter_config.json`` as SWIFT and PEFT write it: ``json.dumps(data, indent=2, sort_keys=True)``, no newline.
+
+    The same bytes as ms-swift's ``SwiftConfig.save_pretrained`` (and PEFT's), so a
+    checkpoint read and re-saved keeps its config file byte for byte.  A new file
+    (never written through a hard link into a previous checkpoint), mode from the umask.
+    """
+    path.unlink(missing_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2, sort_keys=True))
+
+
+def weights_name(safe_serialization: bool) -> str:
+    """The weights file name SWIFT and PEFT use: safetensors, or ``adapter_model.bin`` for ``safe_serialization=False``."""
+    return SAFETENSORS_NAME if safe_serialization else BIN_NAME
+
+
 def write_swift_adapter(
-    save_directory: str | os.PathLike[str], adapter_name: str, config: Any, state: Mapping[str, torch.Tensor]
+    save_directory: str | os.PathLike[str],
+    adapter_name: str,
+    config: Any,
+    state: Mapping[str, torch.Tensor],
+    *,
+    safe_serialization: bool = True,
 ) -> Path:
     """Write one adapter in SWIFT's layout at ``save_directory/adapter_name/`` (atomically); returns that path.
 
     ``state`` uses functuner's names; keys are converted to SWIFT's on-disk names.
     An adapter without tensors (NEFTune) gets only its ``adapter_config.json``.
+    ``safe_serialization=False`` writes ``adapter_model.bin`` (tensors only) as SWIFT does.
     """
     check_adapter_name(adapter_name)
     disk = keys.to_disk(state, config, adapter_name, "swift")
     target = Path(save_directory) / adapter_name
     with atomic_dir(target) as tmp:
-        write_json(config_to_json(config), tmp / CONFIG_NAME)
+        _write_config(config_to_json(config), tmp / CONFIG_NAME)
         if disk:
-            _save_tensors(disk, tmp / SAFETENSORS_NAME)
+            _save_tensors(disk, tmp / weights_name(safe_serialization))
     return target
 
 
-def _write_peft_files(folder: Path, adapter_name: str, config: Any, state: Mapping[str, torch.Tensor]) -> None:
+def _write_peft_files(
+    folder: Path, adapter_name: str, config: Any, state: Mapping[str, torch.Tensor], safe_serialization: bool = True
+) -> None:
     data = peft_config_json(config)
     disk = keys.to_disk(state, config, adapter_name, "peft")
-    write_json(data, folder / CONFIG_NAME)
-    _save_tensors(disk, folder / SAFETENSORS_NAME)
+    _write_config(data, folder / CONFIG_NAME)
+    (folder / weights_name(not safe_serialization)).unlink(missing_ok=True)  # no stale file of the other kind
+    _save_tensors(disk, folder / weights_name(safe_serialization))
 
 
 def write_peft_adapter(
@@ -154,6 +197,7 @@ def write_peft_checkpoint(
     *,
     keep_existing: bool = True,
     overwrite: bool = True,
+    safe_serialization: bool = True,
 ) -> Path:
     """Write several adapters in PEFT's layout: ``default`` at the root, others in sub-folders.
 
@@ -179,20 +223,25 @@ def write_peft_checkpoint(
                 folder.mkdir()
             else:
                 (tmp / BIN_NAME).unlink(missing_ok=True)
-            _write_peft_files(folder, name, ck.config, ck.state)
+            _write_peft_files(folder, name, ck.config, ck.state, safe_serialization)
         if "default" in adapters:
             shutil.rmtree(tmp / "default", ignore_errors=True)
     return out
 
 
 def write_extra_states(
-    save_directory: str | os.PathLike[str], patterns: Sequence[str], state: Mapping[str, torch.Tensor]
+    save_directory: str | os.PathLike[str],
+    patterns: Sequence[str],
+    state: Mapping[str, torch.Tensor],
+    *,
+    safe_serialization: bool = True,
 ) -> Path:
-    """Write ``extra_states/`` (SWIFT's layout: safetensors plus ``{"extra_state_keys": [...]}``) atomically."""
+    """Write ``extra_states/`` (SWIFT's layout: weights plus ``{"extra_state_keys": [...]}``) atomically."""
     target = Path(save_directory) / EXTRA_STATE_DIR
     with atomic_dir(target) as tmp:
-        _save_tensors(state, tmp / SAFETENSORS_NAME)
-        write_json({"extra_state_keys": list(patterns)}, tmp / CONFIG_NAME)
+        _save_tensors(state, tmp / weights_name(safe_serialization))
+        with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:  # SWIFT's json.dump: compact, no newline
+            json.dump({"extra_state_keys": list(patterns)}, f)
     return target
 
 
@@ -251,6 +300,7 @@ def convert_checkpoint(
     found = list_adapters(src_p)
     if not found:
         read_checkpoint(src_p)  # raises the "neither layout" error
+    read_extra_states(src_p)  # a malformed extra_states/ is named as such, whatever the target format
     if to == "peft":
         if (src_p / EXTRA_STATE_DIR).exists():
             raise CheckpointError(f"{src_p / EXTRA_STATE_DIR}: SWIFT extra states, which PEFT's format cannot hold")

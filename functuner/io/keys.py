@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 PEFT_PREFIX = "base_model.model."
+_PEFT_ROOT = "base_model."  # PEFT's tuner model: a tuner's ``outside_model`` tensors sit here
 _MTS = "modules_to_save"
 FORMATS = ("swift", "peft")
 
@@ -128,7 +129,10 @@ def _to_peft(state: Mapping[str, torch.Tensor], tuner: Tuner, adapter_name: str)
     assert tuner.peft is not None
     rest, saved = _pop_saved(state, adapter_name)
     own = tuner.peft.to_keys(rest, adapter_name)
-    return {PEFT_PREFIX + k: v for k, v in {**own, **saved}.items()}
+    outside, top = tuner.peft.outside_model, tuner.peft.top_level
+    return {
+        ("" if k in top else _PEFT_ROOT if k in outside else PEFT_PREFIX) + k: v for k, v in {**own, **saved}.items()
+    }
 
 
 def from_disk(state: Mapping[str, torch.Tensor], config: Any, adapter_name: str, fmt: str) -> dict[str, torch.Tensor]:
@@ -149,6 +153,12 @@ def from_disk(state: Mapping[str, torch.Tensor], config: Any, adapter_name: str,
         assert peft is not None
         bare: dict[str, torch.Tensor] = {}
         for key, value in state.items():
+            if key in peft.top_level:
+                bare[key] = value  # stored with no prefix (prompt learning's prompt_embeddings)
+                continue
+            if key.startswith(_PEFT_ROOT) and key[len(_PEFT_ROOT) :] in peft.outside_model:
+                bare[key[len(_PEFT_ROOT) :]] = value  # stored outside the model (VeRA's projections)
+                continue
             if not key.startswith(PEFT_PREFIX):
                 raise CheckpointError(f"key {key!r} lacks PEFT's {PEFT_PREFIX!r} prefix")
             bare[key[len(PEFT_PREFIX) :]] = value

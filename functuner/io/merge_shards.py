@@ -18,6 +18,10 @@ index (``total_size`` updated if ``dtype`` changes sizes), and a copy of every
 other file (config, tokenizer...).  It is written into a temporary sibling
 directory and renamed into place, so a failure (a full disk included) leaves
 nothing at the destination.
+
+A bitsandbytes 4/8-bit checkpoint is first dequantized, shard by shard, into
+a temporary float copy (:func:`functuner.quant.checkpoint.dequantize_bnb_checkpoint`)
+which is then merged; any other quantized checkpoint is refused before writing.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import json
 import os
 import shutil
 import struct
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -35,9 +40,10 @@ from typing import Any, cast
 import torch
 
 from ..errors import CheckpointError, ParamsMismatchError, UnsafeCheckpointError
+from ..quant.checkpoint import bnb_dequantizable, dequantize_bnb_checkpoint, quantized_checkpoint
 from ..tuners import tuner_for
 
-__all__ = ["Header", "MergePlan", "merge_checkpoint", "plan_merge", "read_header", "shard_files"]
+__all__ = ["Header", "MergePlan", "merge_checkpoint", "plan_merge", "read_base", "read_header", "shard_files"]
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -108,25 +114,38 @@ def read_header(path: Path) -> Header:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
     try:
         header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None)
+    if metadata is not None and (
+        not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise CheckpointError(f"{path}: header field '__metadata__' is {metadata!r}; expected an object of strings")
     base = 8 + n
     entries: list[tuple[str, TensorInfo]] = []
     for key, info in header.items():
-        try:
-            dtype, shape, (a, b) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}") from None
-        if dtype not in _DTYPES:
-            raise CheckpointError(f"{path}: tensor {key!r} has unknown dtype {dtype!r}")
-        numel = 1
-        for d in shape:
-            numel *= d
-        if b - a != numel * _DTYPES[dtype][1] or a < 0:
-            raise CheckpointError(f"{path}: tensor {key!r}: byte range {a}..{b} does not fit {dtype} {list(shape)}")
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise CheckpointError(
+                f"{path}: header entry for tensor {key!r} is {info!r}; expected an object with 'dtype', 'shape'"
+                " and 'data_offsets'"
+            )
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise CheckpointError(
+                f"{path}: tensor {key!r}: field 'dtype' is {dtype!r}; expected one of {sorted(_DTYPES)}"
+            )
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise CheckpointError(
+                f"{path}: tensor {key!r}: field 'shape' is {shape!r}; expected a list of non-negative integers"
+            )
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            raise CheckpointError(
+                f"{path}: tensor {key!r}: field 'data_offsets' is {offsets!r}; expected [begin, end], two"
+                " non-negative integers"
+            )
+        shape, (a, b) = tuple(shape), offsets
         entries.append((key, TensorInfo(dtype, shape, base + a, base + b)))
     entries.sort(key=lambda kv: kv[1].start)
     pos = base
@@ -142,24 +161,61 @@ def read_header(path: Path) -> Header:
     return Header(path, dict(entries), metadata)
 
 
+def _is_count(x: Any) -> bool:
+    """A JSON value that is a non-negative integer (not a bool, not a float such as ``4.0`` or ``1e400``)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _inside_source(path: Path, base_dir: Path) -> None:
+    """Refuse a file of the base checkpoint that resolves (symlinks followed) outside it.
+
+    The one exception is the Hugging Face hub cache's own layout
+    (``snapshots/<rev>/<file> -> ../../blobs/<hash>``): links into that
+    repository's ``blobs`` folder are followed.
+    """
+    real = os.path.realpath(path)
+    roots = [os.path.realpath(base_dir)]
+    if base_dir.parent.name == "snapshots":
+        roots.append(os.path.realpath(base_dir.parent.parent / "blobs"))
+    if not any(os.path.commonpath([real, r]) == r for r in roots):
+        raise CheckpointError(
+            f"{path}: resolves to {real}, outside the base checkpoint {base_dir}; refusing to copy it"
+        )
+
+
+def _copy_checked(base_dir: Path) -> Callable[[str, str], object]:
+    def copy(src: str, dst: str) -> object:
+        _inside_source(Path(src), base_dir)
+        return shutil.copy2(src, dst)
+
+    return copy
+
+
 def shard_files(base_dir: Path) -> tuple[list[str], dict[str, Any] | None]:
     """The safetensors files of a checkpoint in order, and its index JSON (``None`` for a single file)."""
     index_path = base_dir / INDEX
     if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-            weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        from ..core.fs import read_json
+
+        index = read_json(index_path, base_dir)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict):
             raise CheckpointError(
-                f"{index_path}: not a valid safetensors index (needs a 'weight_map' object)"
-            ) from None
+                f"{index_path}: field 'weight_map' is {weight_map!r}; expected an object {{tensor name: shard file}}"
+            )
+        if not isinstance(index.get("metadata", {}), (dict, type(None))):
+            raise CheckpointError(f"{index_path}: field 'metadata' is {index['metadata']!r}; expected an object")
         names: list[str] = []
-        for name in weight_map.values():
+        for key, name in weight_map.items():
+            if not isinstance(name, str):
+                raise CheckpointError(
+                    f"{index_path}: weight_map[{key!r}] is {name!r}; expected a shard file name (a string)"
+                )
             if name not in names:
-                if os.path.basename(name) != name:
-                    raise CheckpointError(f"{index_path}: shard name {name!r} is not a plain file name")
+                if os.path.basename(name) != name or name in ("", ".", "..") or "\0" in name:
+                    raise CheckpointError(
+                        f"{index_path}: weight_map[{key!r}] = {name!r} is not a plain file name in the checkpoint"
+                    )
                 names.append(name)
         return sorted(names), index
     if (base_dir / SINGLE).is_file():
@@ -289,6 +345,32 @@ def _write_shard(
     return pos
 
 
+def read_base(base_dir: Path) -> tuple[list[str], dict[str, Any] | None, list[Header], dict[str, TensorInfo]]:
+    """Read and cross-check a base checkpoint's index and every shard header (no tensor data).
+
+    Returns ``(shard names, index or None, headers, {tensor name: info})``.
+    Raises :class:`CheckpointError` naming the file and the key/field for a
+    malformed index or header, a shard resolving outside ``base_dir``, a
+    tensor in two shards, or an index entry its shard does not hold.
+    """
+    names, index = shard_files(base_dir)
+    for n in names:
+        _inside_source(base_dir / n, base_dir)
+    headers = [read_header(base_dir / n) for n in names]
+    all_infos: dict[str, TensorInfo] = {}
+    owner: dict[str, str] = {}
+    for name, h in zip(names, headers, strict=True):
+        for k, info in h.tensors.items():
+            if k in all_infos:
+                raise CheckpointError(f"{base_dir / name}: tensor {k!r} also appears in {owner[k]}")
+            all_infos[k], owner[k] = info, name
+    if index is not None:
+        for k, shard in index["weight_map"].items():
+            if owner.get(k) != shard:
+                raise CheckpointError(f"{base_dir / INDEX}: maps {k!r} to {shard}, but that shard does not hold it")
+    return names, index, headers, all_infos
+
+
 def merge_checkpoint(
     base_dir: Path,
     tmp_out: Path,
@@ -309,19 +391,29 @@ def merge_checkpoint(
     once with the total input bytes.  Returns a summary dict (shards, merged
     weights, replaced tensors, bytes written).
     """
-    names, index = shard_files(base_dir)
-    headers = [read_header(base_dir / n) for n in names]
-    all_infos: dict[str, TensorInfo] = {}
-    owner: dict[str, str] = {}
-    for name, h in zip(names, headers, strict=True):
-        for k, info in h.tensors.items():
-            if k in all_infos:
-                raise CheckpointError(f"{base_dir / name}: tensor {k!r} also appears in {owner[k]}")
-            all_infos[k], owner[k] = info, name
-    if index is not None:
-        for k, shard in index["weight_map"].items():
-            if owner.get(k) != shard:
-                raise CheckpointError(f"{base_dir / INDEX}: maps {k!r} to {shard}, but that shard does not hold it")
+    names, index, headers, all_infos = read_base(base_dir)
+    quantized = quantized_checkpoint(all_infos, _config(base_dir))
+    if quantized is not None and bnb_dequantizable(all_infos):  # bitsandbytes: dequantize shard by shard first
+        with tempfile.TemporaryDirectory(prefix=".dequantized-", dir=tmp_out.parent) as dense:
+            dequantize_bnb_checkpoint(base_dir, Path(dense), names, index, dtype)
+            return merge_checkpoint(
+                Path(dense),
+                tmp_out,
+                tensors,
+                config,
+                adapter_name,
+                dtype=dtype,
+                adapter_path=adapter_path,
+                base_weights=base_weights,
+                progress=progress,
+                on_plan=on_plan,
+            )
+    if quantized is not None:
+        raise CheckpointError(
+            f"{base_dir}: a quantized checkpoint ({quantized}); the streaming merge dequantizes bitsandbytes"
+            " checkpoints only. Load the quantized model and call functuner.quant.merge_quantized(model, params):"
+            " its float weights can be saved in 16 bit (docs/quantization.md)"
+        )
     fan_in_fan_out = bool(getattr(config, "fan_in_fan_out", False)) or _model_type(base_dir) == "gpt2"
     plan = plan_merge(
         all_infos, tensors, config, adapter_name, fan_in_fan_out, adapter_path or base_dir, base_weights or {}
@@ -339,10 +431,11 @@ def merge_checkpoint(
             if item.name in names or item.name == INDEX:
                 continue
             current = tmp_out / item.name
-            if item.is_dir():
-                shutil.copytree(item, tmp_out / item.name)
+            if item.is_dir():  # files resolving outside the base are refused, never copied
+                _inside_source(item, base_dir)
+                shutil.copytree(item, tmp_out / item.name, copy_function=_copy_checked(base_dir))
             else:
-                shutil.copy2(item, tmp_out / item.name)
+                _copy_checked(base_dir)(str(item), str(tmp_out / item.name))
         if index is not None:
             current = tmp_out / INDEX
             new_index = dict(index)
@@ -363,3 +456,12 @@ def _model_type(base_dir: Path) -> str | None:
         return cast("str | None", json.loads((base_dir / "config.json").read_text(encoding="utf-8")).get("model_type"))
     except (OSError, json.JSONDecodeError, AttributeError):
         return None
+
+
+def _config(base_dir: Path) -> dict[str, Any] | None:
+    """``config.json`` of the base as a dict, ``None`` if absent or not an object."""
+    try:
+        data = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None

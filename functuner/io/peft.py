@@ -7,8 +7,8 @@ Which adapters go this way is decided by
 :func:`functuner.io.checkpoint.peft_native_adapters`; this module only calls peft,
 with functuner's safety rules around it:
 
-* the weights files are read and checked first (pickles refused unless
-  ``weights_only=True``, files must stay inside the directory, no NaN/inf);
+* the weights files are read and checked first (``.bin`` only with torch's
+  restricted ``weights_only`` loader, files must stay inside the directory, no NaN/inf);
 * loading is strict: the adapter's state after loading must hold exactly the
   keys of the file (PEFT itself only warns about missing keys);
 * on any failure the model is put back as it was (child modules, parameters,

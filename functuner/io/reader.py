@@ -1,8 +1,11 @@
 """Reading adapter directories (SWIFT's and PEFT's layouts), with every safety check at the file boundary.
 
-* pickled ``adapter_model.bin`` files are refused with
-  :class:`~functuner.errors.UnsafeCheckpointError` unless the caller passes
-  ``weights_only=True`` (then torch's restricted, non-executing loader is used);
+* ``adapter_model.bin`` files (what PEFT and SWIFT write with
+  ``safe_serialization=False``) are read only with torch's restricted,
+  non-executing ``torch.load(weights_only=True)`` loader, as PEFT reads them;
+  never full pickle.  A payload that loader refuses, or anything but a plain
+  dict of tensors, is refused with :class:`~functuner.errors.UnsafeCheckpointError`
+  (a :class:`~functuner.errors.CheckpointError`) naming the file;
 * every file read must resolve (symlinks followed) inside the checkpoint
   directory; adapter names must pass :func:`functuner.core.naming.check_adapter_name`;
 * NaN/inf tensors are refused; the tuner's ``check_state`` hook checks the
@@ -28,7 +31,8 @@ from safetensors.torch import load_file
 
 from ..core.fs import check_inside, read_json
 from ..core.naming import check_adapter_name
-from ..errors import AdapterNameError, CheckpointError
+from ..core.patterns import check_patterns
+from ..errors import AdapterNameError, CheckpointError, ConfigError
 from ..tuners import REGISTRY, tuner_for
 from ..tuners.config_json import (
     BIN_NAME,
@@ -39,13 +43,17 @@ from ..tuners.config_json import (
     is_peft_native_type,
 )
 from . import keys
+from .merge_shards import read_header
 
 __all__ = [
     "AdapterCheckpoint",
+    "check_extra_states",
     "check_finite",
     "check_model",
+    "is_functuner_peft_type",
     "list_adapters",
     "peft_native_adapters",
+    "peft_type_of",
     "read_adapter",
     "read_adapter_dir",
     "read_extra_states",
@@ -84,10 +92,13 @@ def _weights_path(folder: Path) -> Path | None:
 def read_tensors(
     folder: str | os.PathLike[str], *, weights_only: bool = False, root: str | os.PathLike[str] | None = None
 ) -> dict[str, torch.Tensor] | None:
-    """The tensors of ``folder/adapter_model.safetensors`` on CPU, or ``None`` when there is no weights file.
+    """The tensors of ``folder/adapter_model.safetensors`` (else ``adapter_model.bin``) on CPU, or ``None``.
 
-    A pickled ``adapter_model.bin`` raises :class:`UnsafeCheckpointError` unless
-    ``weights_only=True`` (torch's restricted loader, which executes no code).
+    ``adapter_model.bin`` is read with torch's restricted loader
+    (``torch.load(..., weights_only=True)``, which executes no code) and must
+    be a plain dict of tensors; anything else raises :class:`UnsafeCheckpointError`
+    naming the file.  ``weights_only`` is accepted for compatibility (it used
+    to be the opt-in); full unpickling is never done, whatever it says.
     """
     from ..errors import UnsafeCheckpointError
 
@@ -95,24 +106,30 @@ def read_tensors(
     st, binf = folder / SAFETENSORS_NAME, folder / BIN_NAME
     if st.exists() or st.is_symlink():
         check_inside(st, root_p)
+        read_header(st)  # header sanity first: the culprit tensor and field named, as every reader of the file does
         try:
             return load_file(str(st), device="cpu")
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{st}: not a readable safetensors file ({e})") from None
     if binf.exists() or binf.is_symlink():
         check_inside(binf, root_p)
-        if not weights_only:
-            raise UnsafeCheckpointError(
-                f"{binf}: pickled weights; functuner never unpickles checkpoints. Re-save with safetensors"
-                " (save_pretrained(..., safe_serialization=True)), or pass weights_only=True to load it with"
-                " torch's restricted loader"
-            )
+        del weights_only  # always the restricted loader: there is no full-pickle path to opt into
         try:
             data = torch.load(str(binf), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - torch raises many types for bad pickles
-            raise UnsafeCheckpointError(f"{binf}: refused by torch.load(weights_only=True): {e}") from None
-        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-            raise CheckpointError(f"{binf}: expected a dict of tensors")
+            raise UnsafeCheckpointError(
+                f"{binf}: refused by torch's restricted loader (torch.load(weights_only=True)); functuner never"
+                f" unpickles arbitrary objects. Re-save it with safetensors. ({type(e).__name__}: {e})"
+            ) from None
+        if (
+            type(data) is not dict  # noqa: E721 - exactly a plain dict, as PEFT and SWIFT save
+            or not all(isinstance(k, str) for k in data)
+            or not all(type(v) is torch.Tensor or type(v) is torch.nn.Parameter for v in data.values())
+        ):
+            raise UnsafeCheckpointError(
+                f"{binf}: expected a plain dict of tensors (what torch.save(state_dict) writes), got"
+                f" {type(data).__name__}"
+            )
         return dict(data)
     return None
 
@@ -207,9 +224,11 @@ def read_adapter(
                 state = keys.from_disk(raw, config, saved_name, "swift")
             except CheckpointError as e:
                 raise CheckpointError(f"{weights or folder}: {e}") from None
+            tuner_for(config).check_state(config, state, str(cfg_path))  # keys named as the file has them
             if saved_name != adapter_name:
                 state = keys.rename_adapter(state, saved_name, adapter_name)
-        tuner_for(config).check_state(config, state, str(cfg_path))
+        if fmt == "peft":
+            tuner_for(config).check_state(config, state, str(cfg_path))
     except (TypeError, AttributeError, KeyError, IndexError) as e:
         raise CheckpointError(f"{cfg_path}: config does not fit its tensors ({type(e).__name__}: {e})") from None
     return AdapterCheckpoint(
@@ -256,6 +275,15 @@ def _wanted(
         wanted = dict(adapter_names)
     else:
         wanted = {n: n for n in adapter_names}
+    seen: dict[str, str] = {}
+    for disk_name, new_name in wanted.items():
+        check_adapter_name(new_name)
+        if new_name in seen:
+            raise AdapterNameError(
+                f"{root}: adapter_name maps both {seen[new_name]!r} and {disk_name!r} to {new_name!r};"
+                " each adapter needs its own name"
+            )
+        seen[new_name] = disk_name
     missing = sorted(set(wanted) - set(found))
     if missing:
         raise CheckpointError(f"{root}: no adapter(s) {missing}; found {sorted(found)}")
@@ -306,6 +334,22 @@ def _implemented() -> set[str]:
     return {t.peft.peft_type for t in REGISTRY.values() if t.peft is not None}
 
 
+def is_functuner_peft_type(peft_type: str | None) -> bool:
+    """Whether functuner's reader understands PEFT-format adapters of ``peft_type`` (a tuner has that ``peft`` hook)."""
+    return peft_type in _implemented()
+
+
+def peft_type_of(path: str | os.PathLike[str], disk_name: str) -> str | None:
+    """The ``peft_type`` of adapter ``disk_name`` in checkpoint directory ``path`` (``None`` for a SWIFT adapter)."""
+    root = Path(path)
+    found = list_adapters(root)
+    if disk_name not in found:
+        raise CheckpointError(f"{root}: no adapter {disk_name!r}; found {sorted(found)}")
+    data = read_json(found[disk_name] / CONFIG_NAME, root)
+    kind = data.get("peft_type")
+    return None if "swift_type" in data or not isinstance(kind, str) else kind
+
+
 def list_adapters(root: str | os.PathLike[str]) -> dict[str, Path]:
     """``{adapter name: folder}`` of a checkpoint directory (root ``adapter_config.json`` = ``default``)."""
     root = Path(root)
@@ -340,6 +384,39 @@ def read_extra_states(
     if not folder.is_dir():
         return None, None
     patterns = None
-    if (folder / CONFIG_NAME).is_file():
-        patterns = read_json(folder / CONFIG_NAME, root).get("extra_state_keys")
-    return patterns, read_tensors(folder, weights_only=weights_only, root=root)
+    cfg = folder / CONFIG_NAME
+    if cfg.is_file():
+        patterns = read_json(cfg, root).get("extra_state_keys")
+        if patterns is not None and not isinstance(patterns, list):
+            raise CheckpointError(f"{cfg}: field 'extra_state_keys' is {patterns!r}; expected a list of regexes")
+        try:
+            check_patterns(patterns, "extra_state_keys", list_is_regex=True)
+        except ConfigError as e:
+            raise CheckpointError(f"{cfg}: {e}") from None
+    tensors = read_tensors(folder, weights_only=weights_only, root=root)
+    if tensors is not None:  # the same rules as adapter weights: finite values
+        check_finite(tensors, str(_weights_path(folder) or folder))
+    return patterns, tensors
+
+
+def check_extra_states(extra: Mapping[str, torch.Tensor], own_state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Extra states (saved copies of the model's own tensors) must fit the model: key, shape and dtype kind.
+
+    A floating-point tensor of the model takes only a floating-point value
+    (an int32 copy would be cast silently); :class:`CheckpointError` naming
+    ``source`` and the key otherwise.
+    """
+    for k in sorted(extra):
+        v = extra[k]
+        if k not in own_state:
+            raise CheckpointError(f"{source}: key {k!r} is not a tensor of the model")
+        own = own_state[k]
+        if tuple(own.shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"{source}: key {k!r} has shape {list(v.shape)}; the model's tensor has {list(own.shape)}"
+            )
+        if own.is_floating_point() != v.is_floating_point() or own.is_complex() != v.is_complex():
+            raise CheckpointError(
+                f"{source}: key {k!r} has dtype {str(v.dtype).replace('torch.', '')}; the model's tensor is"
+                f" {str(own.dtype).replace('torch.', '')} (expected a tensor of that kind)"
+            )

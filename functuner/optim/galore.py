@@ -21,8 +21,12 @@ projector refreshed when the per-tensor step counter is a multiple of ``update_p
 ``std``/``reverse_std`` chosen from the weight's shape).  ``tests/optim`` checks it against
 ``galore_torch`` step by step.
 
-Q-GaLore (``quantize`` / ``proj_quant``) is not implemented: the config fields exist with SWIFT's names
-and defaults, and setting either to ``True`` raises :class:`~functuner.errors.ConfigError`.
+Q-GaLore (Zhang et al., 2024, arXiv:2407.08296) is the same transformation with ``quantize`` and/or
+``proj_quant`` set: the projectors are stored in ``proj_bits`` bits (:mod:`functuner.optim.quant`) and
+refreshed lazily (each refresh compares the new projector's leading singular vector with the previous
+one; once the mean cosine similarity of the last ``queue_size`` refreshes reaches ``cos_threshold``,
+the tensor's gap is multiplied by ``gamma_proj``), as the reference ``q_galore_torch`` projector does.
+The int8 weights with stochastic rounding are in :mod:`functuner.optim.qgalore`.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from torch import nn
 from ..core.targets import select_modules
 from ..errors import ConfigError, TargetError
 from .base import GradientTransformation, rebuild_like
+from .quant import QUANT_BITS, QuantizedTensor, dequantize, quantize
 
 __all__ = [
     "PROJ_TYPES",
@@ -51,10 +56,12 @@ __all__ = [
     "galore_adamw",
     "galore_targets",
     "init_param_state",
+    "leading_vector",
     "low_rank_shape",
     "project",
     "project_back",
     "projection_side",
+    "refresh_projection",
 ]
 
 PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
@@ -75,14 +82,21 @@ class GaLoreConfig:
     :param optim_per_parameter: one optimizer per parameter, stepped from a post-accumulate-grad hook
         during backward, so each gradient is freed as soon as it is used
         (:func:`functuner.optim.torch_optim.create_galore_optimizer`).
-    :param quantize: Q-GaLore (int8 weights, stochastic rounding): not implemented, must stay ``False``.
-    :param proj_quant: Q-GaLore's low-bit projection matrices: not implemented, must stay ``False``.
-    :param proj_bits: Q-GaLore's projection bits: accepted for configuration compatibility, unused.
-    :param proj_group_size: Q-GaLore's quantization group size: accepted, unused.
-    :param cos_threshold: Q-GaLore's adaptive-refresh threshold: accepted, unused.
-    :param gamma_proj: Q-GaLore's refresh-gap multiplier: accepted, unused.
-    :param queue_size: Q-GaLore's similarity queue length: accepted, unused.
+    :param quantize: Q-GaLore: the target weights are stored in int8 (group-wise, re-quantized after each
+        update with stochastic rounding; :func:`functuner.optim.qgalore.quantize_params` /
+        :func:`functuner.optim.qgalore.quantize_model`) and projectors are refreshed lazily.
+    :param proj_quant: Q-GaLore: projection matrices stored in ``proj_bits`` bits (lazy refresh too).
+    :param proj_bits: bits of a quantized projection matrix (2, 4 or 8).
+    :param proj_group_size: elements per quantization group of a projection matrix (``<= 0``: per row).
+    :param cos_threshold: lazy refresh: the gap grows once the mean cosine similarity of successive
+        projectors' leading singular vectors, over the last ``queue_size`` refreshes, reaches this.
+    :param gamma_proj: lazy refresh: the gap is multiplied by this when it grows.
+    :param queue_size: lazy refresh: how many successive similarities are averaged.
     :param exclude_modules: modules never selected even if ``target_modules`` matches them.
+    :param weight_group_size: Q-GaLore: elements per quantization group of an int8 weight (the
+        reference's ``weight_group_size``; ``<= 0``: per row).
+    :param stochastic_round: Q-GaLore: re-quantize the int8 weights with stochastic rounding (the
+        reference's ``stochastic_round``); ``False`` rounds to nearest (updates below half a step are lost).
     """
 
     rank: int = 128
@@ -99,6 +113,13 @@ class GaLoreConfig:
     gamma_proj: int = 2
     queue_size: int = 5
     exclude_modules: str | list[str] | None = None
+    weight_group_size: int = 256
+    stochastic_round: bool = True
+
+    @property
+    def q_galore(self) -> bool:
+        """Whether this is Q-GaLore (``quantize`` or ``proj_quant``): quantized storage and lazy refresh."""
+        return bool(self.quantize or self.proj_quant)
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -110,23 +131,35 @@ class GaLoreConfig:
             )
         if self.proj_type not in PROJ_TYPES:
             raise ConfigError(f"GaLoreConfig.proj_type must be one of {PROJ_TYPES}, got {self.proj_type!r}")
-        for flag in ("quantize", "proj_quant"):
-            if getattr(self, flag):
-                raise ConfigError(
-                    f"GaLoreConfig.{flag}=True asks for Q-GaLore (quantized weights / projections), which"
-                    f" functuner does not implement; set {flag}=False (plain GaLore) or use the q_galore_torch"
-                    " package's QGaLoreAdamW8bit directly"
-                )
+        if self.proj_bits not in QUANT_BITS:
+            raise ConfigError(f"GaLoreConfig.proj_bits must be one of {QUANT_BITS}, got {self.proj_bits!r}")
+        for field in ("proj_group_size", "weight_group_size"):
+            if not isinstance(getattr(self, field), int):
+                raise ConfigError(f"GaLoreConfig.{field} must be an int (<= 0: one group per row)")
+        if not isinstance(self.queue_size, int) or self.queue_size < 1:
+            raise ConfigError(f"GaLoreConfig.queue_size must be a positive int, got {self.queue_size!r}")
+        if not isinstance(self.gamma_proj, (int, float)) or self.gamma_proj < 1:
+            raise ConfigError(f"GaLoreConfig.gamma_proj must be >= 1 (the gap never shrinks), got {self.gamma_proj!r}")
+        if not isinstance(self.cos_threshold, (int, float)) or not -1.0 <= self.cos_threshold <= 1.0:
+            raise ConfigError(f"GaLoreConfig.cos_threshold must lie in [-1, 1], got {self.cos_threshold!r}")
 
 
 # ---------------------------------------------------------------------------
 # projection math (pure, per tensor)
 # ---------------------------------------------------------------------------
 class Projection(NamedTuple):
-    """The orthogonal factor(s) of one gradient's SVD and which side they multiply."""
+    """The orthogonal factor(s) of one gradient's SVD and which side they multiply.
+
+    Under Q-GaLore's ``proj_quant`` the factors are :class:`~functuner.optim.quant.QuantizedTensor`\\ s,
+    dequantized where they are used.
+    """
 
     side: str  # "left" (P^T G), "right" (G Q^T) or "full" (P^T G Q^T)
-    mats: tuple[torch.Tensor, ...]
+    mats: tuple[torch.Tensor | QuantizedTensor, ...]
+
+    def dense(self) -> tuple[torch.Tensor, ...]:
+        """The factors as dense tensors (quantized ones dequantized)."""
+        return tuple(dequantize(m) if isinstance(m, QuantizedTensor) else m for m in self.mats)
 
 
 def projection_side(shape: Sequence[int], proj_type: str) -> str:
@@ -167,22 +200,31 @@ def compute_projection(grad: torch.Tensor, rank: int, side: str) -> Projection:
 
 def project(grad: torch.Tensor, proj: Projection) -> torch.Tensor:
     """The low-rank gradient: ``G Q^T`` (right), ``P^T G`` (left) or ``P^T G Q^T`` (full)."""
+    mats = proj.dense()
     if proj.side == "right":
-        return grad @ proj.mats[0].t()
+        return grad @ mats[0].t()
     if proj.side == "left":
-        return proj.mats[0].t() @ grad
-    return (proj.mats[0].t() @ grad) @ proj.mats[1].t()
+        return mats[0].t() @ grad
+    return (mats[0].t() @ grad) @ mats[1].t()
 
 
 def project_back(low: torch.Tensor, proj: Projection, scale: float) -> torch.Tensor:
     """Back to the weight's shape, times ``scale``."""
+    mats = proj.dense()
     if proj.side == "right":
-        full = low @ proj.mats[0]
+        full = low @ mats[0]
     elif proj.side == "left":
-        full = proj.mats[0] @ low
+        full = mats[0] @ low
     else:
-        full = (proj.mats[0] @ low) @ proj.mats[1]
+        full = (mats[0] @ low) @ mats[1]
     return full * scale
+
+
+def leading_vector(proj: Projection) -> torch.Tensor:
+    """The leading singular vector of a (dense) projection: ``Vh[0]`` (right) or ``U[:, 0]`` (left / full)."""
+    mat = proj.mats[0]
+    assert isinstance(mat, torch.Tensor)
+    return (mat[:1, :] if proj.side == "right" else mat[:, :1]).flatten().float()
 
 
 # ---------------------------------------------------------------------------
@@ -200,25 +242,68 @@ class Hyper(NamedTuple):
     update_proj_gap: int = 200
     scale: float = 1.0
     proj_type: str = "std"
+    lazy: bool = False  # Q-GaLore: grow the gap when successive projectors agree
+    cos_threshold: float = 0.4
+    gamma_proj: float = 2.0
+    queue_size: int = 5
+    proj_bits: int | None = None  # Q-GaLore's proj_quant: store projectors in this many bits
+    proj_group_size: int = 256
 
 
 class ParamState(NamedTuple):
-    """One tensor's optimizer state: step count, Adam moments (low-rank under GaLore), current projector."""
+    """One tensor's optimizer state: step count, Adam moments (low-rank under GaLore), current projector.
+
+    Q-GaLore's lazy refresh adds the tensor's current ``gap`` (``None``: the configured
+    ``update_proj_gap``), the ``queue`` of recent cosine similarities and the ``past`` leading vector.
+    """
 
     step: int
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
     proj: Projection | None
+    gap: int | None = None
+    queue: tuple[float, ...] = ()
+    past: torch.Tensor | None = None
 
 
-def init_param_state(param: torch.Tensor, hp: Hyper) -> ParamState:
-    """Zero moments, shaped for the projected gradient when ``hp.rank`` is set and ``param`` is 2-D."""
-    if hp.rank is not None and param.dim() == 2:
+def init_param_state(param: torch.Tensor | QuantizedTensor, hp: Hyper) -> ParamState:
+    """Zero moments, shaped for the projected gradient when ``hp.rank`` is set and ``param`` is 2-D.
+
+    A Q-GaLore int8 weight (:class:`~functuner.optim.quant.QuantizedTensor`) gets moments in its
+    original float dtype.
+    """
+    if hp.rank is not None and len(param.shape) == 2:
         shape: tuple[int, ...] = low_rank_shape(param.shape, hp.rank, projection_side(param.shape, hp.proj_type))
     else:
         shape = tuple(param.shape)
     zeros = torch.zeros(shape, dtype=param.dtype, device=param.device)
     return ParamState(0, zeros, zeros.clone(), None)
+
+
+def refresh_projection(grad: torch.Tensor, st: ParamState, hp: Hyper) -> ParamState:
+    """``st`` with a new projector for ``grad`` (the moments untouched); Q-GaLore's lazy rule and quantization.
+
+    With ``hp.lazy``, as the reference ``q_galore_torch`` projector: the cosine similarity between the
+    new and the previous leading singular vector joins a queue of at most ``queue_size``; when the queue
+    is full and its mean is at least ``cos_threshold``, the gap becomes ``int(gap * gamma_proj)``.
+    With ``hp.proj_bits`` the factors are stored quantized (round to nearest, ``proj_group_size`` groups).
+    """
+    assert hp.rank is not None
+    proj = compute_projection(grad, hp.rank, projection_side(grad.shape, hp.proj_type))
+    gap, queue, past = st.gap, st.queue, st.past
+    if hp.lazy:
+        gap = gap if gap is not None else hp.update_proj_gap
+        lead = leading_vector(proj)
+        if past is not None:
+            cos = float(torch.nn.functional.cosine_similarity(past, lead, dim=0))
+            queue = (*queue, cos)[-hp.queue_size :]
+            if len(queue) == hp.queue_size and sum(queue) / hp.queue_size >= hp.cos_threshold:
+                gap = int(gap * hp.gamma_proj)
+        past = lead
+    if hp.proj_bits is not None:
+        mats = tuple(quantize(m, bits=hp.proj_bits, group_size=hp.proj_group_size) for m in proj.dense())
+        proj = Projection(proj.side, mats)
+    return st._replace(proj=proj, gap=gap, queue=queue, past=past)
 
 
 def adam_direction(
@@ -231,13 +316,14 @@ def adam_direction(
     allocated during the step.  Weight decay is not included (it needs the updated weight:
     ``p <- p' - lr * weight_decay * p'`` with ``p' = p - step_size * direction``, as ``galore_torch`` does).
     """
-    proj = st.proj
     galore = hp.rank is not None and grad.dim() == 2
     if galore:
-        assert hp.rank is not None
-        if proj is None or st.step % hp.update_proj_gap == 0:
-            proj = compute_projection(grad, hp.rank, projection_side(grad.shape, hp.proj_type))
-        grad = project(grad, proj)
+        gap = st.gap if st.gap is not None else hp.update_proj_gap
+        if st.proj is None or st.step % gap == 0:
+            st = refresh_projection(grad, st, hp)
+        assert st.proj is not None
+        grad = project(grad, st.proj)
+    proj = st.proj
     beta1, beta2 = hp.betas
     step = st.step + 1
     if inplace:
@@ -254,7 +340,7 @@ def adam_direction(
     if galore:
         assert proj is not None
         direction = project_back(direction, proj, hp.scale)
-    return direction, step_size, ParamState(step, exp_avg, exp_avg_sq, proj)
+    return direction, step_size, st._replace(step=step, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
 
 
 # ---------------------------------------------------------------------------
@@ -297,6 +383,9 @@ def galore_adamw(
 
     :param lr: a float, or a function of the (0-based) step count of each tensor returning the rate.
     :param config: rank, ``update_proj_gap``, ``galore_scale`` and ``proj_type``; ``None`` means plain AdamW.
+        A Q-GaLore config (``quantize`` / ``proj_quant``) stores projectors in ``proj_bits`` bits and refreshes
+        them lazily; ``params`` may then hold int8 weights (:func:`functuner.optim.qgalore.quantize_params`),
+        whose updates :func:`functuner.optim.qgalore.apply_quantized_updates` applies.
     :param targets: names of the leaves to project (e.g. :func:`galore_targets`), or a predicate
         ``(name, tensor) -> bool``; other leaves get plain AdamW, as in ``galore_torch``'s non-GaLore groups.
         Only 2-D leaves are ever projected.
@@ -305,7 +394,7 @@ def galore_adamw(
     """
 
     def is_target(name: str, t: torch.Tensor) -> bool:
-        if config is None or t.dim() != 2:
+        if config is None or len(t.shape) != 2:
             return False
         return targets(name, t) if callable(targets) else name in targets
 
@@ -323,6 +412,12 @@ def galore_adamw(
                 config.update_proj_gap,
                 config.galore_scale,
                 config.proj_type,
+                config.q_galore,
+                float(config.cos_threshold),
+                float(config.gamma_proj),
+                config.queue_size,
+                config.proj_bits if config.proj_quant else None,
+                config.proj_group_size,
             )
         return Hyper(rate, betas, eps, weight_decay, correct_bias)
 
@@ -352,7 +447,8 @@ def galore_adamw(
                 delta = direction * -step_size
                 if hp.weight_decay > 0.0:
                     assert params is not None
-                    moved = params[name] + delta
+                    p = params[name]
+                    moved = (dequantize(p) if isinstance(p, QuantizedTensor) else p) + delta
                     delta = delta - moved * (hp.lr * hp.weight_decay)
                 updates[name] = delta
         return rebuild_like(grads, updates), new_state

@@ -12,6 +12,11 @@
   backward instead of all of them.  Its ``param_groups`` are the inner optimizers' own group dicts, so
   one LR scheduler on it drives all of them (SWIFT keeps a scheduler per parameter instead).
   Gradient accumulation and gradient clipping do not apply in this mode (each backward steps).
+
+Q-GaLore (``GaLoreConfig(quantize=True)`` / ``proj_quant=True``): the groups carry the reference's extra
+keys (``quant``, ``quant_n_bit``, ``quant_group_size``, ``cos_threshold``, ``gamma_proj``, ``queue_size``)
+and the int8 weights of :class:`functuner.optim.qgalore.QGaLoreLinear` layers are stepped from their
+``float_grad`` and re-quantized with stochastic rounding from the optimizer's ``generator``.
 """
 
 from __future__ import annotations
@@ -24,14 +29,18 @@ from torch import nn
 
 from ..errors import ConfigError
 from .galore import GaLoreConfig, Hyper, ParamState, Projection, adam_direction, galore_targets, init_param_state
+from .qgalore import QGaLoreLinear, quantized_modules
+from .quant import QuantizedTensor
 
 __all__ = ["GaLoreAdamW", "PerParameterOptimizer", "create_galore_optimizer", "galore_param_groups"]
 
 _GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
+_QT_FIELDS = ("codes", "scales", "mins")
 
 
 def _hyper(group: dict[str, Any]) -> Hyper:
     galore = "rank" in group
+    quant = bool(group.get("quant", False))
     return Hyper(
         lr=float(group["lr"]),
         betas=tuple(group["betas"]),
@@ -42,15 +51,48 @@ def _hyper(group: dict[str, Any]) -> Hyper:
         update_proj_gap=int(group.get("update_proj_gap", 200)),
         scale=float(group.get("scale", 1.0)),
         proj_type=str(group.get("proj_type", "std")),
+        lazy="cos_threshold" in group,
+        cos_threshold=float(group.get("cos_threshold", 0.4)),
+        gamma_proj=float(group.get("gamma_proj", 2)),
+        queue_size=int(group.get("queue_size", 5)),
+        proj_bits=int(group.get("quant_n_bit", 4)) if quant else None,
+        proj_group_size=int(group.get("quant_group_size", 256)),
     )
 
 
-def _decode(stored: dict[str, list[torch.Tensor]] | None) -> Projection | None:
+def _encode_mat(m: torch.Tensor | QuantizedTensor) -> Any:
+    if isinstance(m, QuantizedTensor):
+        # no strings: load_state_dict rebuilds every iterable in the state, and a str becomes garbage;
+        # the dtype travels as an empty tensor of that dtype
+        meta = {
+            "shape": list(m.shape),
+            "dtype": torch.empty(0, dtype=m.dtype),
+            "bits": m.bits,
+            "group_size": m.group_size,
+        }
+        return {**{f: getattr(m, f) for f in _QT_FIELDS}, **meta}
+    return m
+
+
+def _decode_mat(m: Any) -> torch.Tensor | QuantizedTensor:
+    if isinstance(m, dict):
+        # load_state_dict casts every tensor of a floating-point parameter's state to its dtype; codes are small
+        # integers (exact in any float dtype), so the cast back to their integer dtype is lossless
+        dtype = m["dtype"].dtype
+        bits = int(m["bits"])
+        codes = m["codes"].to(torch.int8 if bits == 8 else torch.uint8)
+        return QuantizedTensor(
+            codes, m["scales"].float(), m["mins"].float(), tuple(m["shape"]), dtype, bits, int(m["group_size"])
+        )
+    return m  # type: ignore[no-any-return]
+
+
+def _decode(stored: dict[str, list[Any]] | None) -> Projection | None:
     """The state dict keeps a projection as ``{side: [factors]}`` (plain containers survive ``load_state_dict``)."""
     if not stored:
         return None
     side, mats = next(iter(stored.items()))
-    return Projection(side, tuple(mats))
+    return Projection(side, tuple(_decode_mat(m) for m in mats))
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
@@ -76,6 +118,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         eps: float = 1e-6,
         weight_decay: float = 0.0,
         correct_bias: bool = True,
+        *,
+        model: nn.Module | None = None,
+        generator: torch.Generator | int | None = None,
+        stochastic_round: bool = True,
     ) -> None:
         if lr < 0.0:
             raise ConfigError(f"GaLoreAdamW: lr must be >= 0, got {lr}")
@@ -91,6 +137,26 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     f"GaLoreAdamW: a group has proj_type={group['proj_type']!r}; use std, reverse_std,"
                     " right, left or full"
                 )
+        self.quantized: dict[torch.Tensor, QGaLoreLinear] = quantized_modules(model) if model is not None else {}
+        self.stochastic_round = stochastic_round
+        self.generator: torch.Generator | None = None
+        ints = [p for g in self.param_groups for p in g["params"] if not (p.is_floating_point() or p.is_complex())]
+        unknown = [p for p in ints if p not in self.quantized]
+        if unknown:
+            raise ConfigError(
+                f"GaLoreAdamW: {len(unknown)} integer parameter(s) of shape {tuple(unknown[0].shape)} are not"
+                " Q-GaLore int8 weights of the model; pass model=<the model> (with QGaLoreLinear layers from"
+                " functuner.optim.quantize_model) or leave integer tensors out of the groups"
+            )
+        if ints and stochastic_round:
+            if isinstance(generator, int) and not isinstance(generator, bool):
+                generator = torch.Generator(device=ints[0].device).manual_seed(generator)
+            if not isinstance(generator, torch.Generator):
+                raise ConfigError(
+                    "GaLoreAdamW: Q-GaLore's stochastic rounding of the int8 weights needs an explicit generator;"
+                    " pass generator=torch.Generator().manual_seed(0) (or an int seed), or stochastic_round=False"
+                )
+            self.generator = generator
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -102,23 +168,39 @@ class GaLoreAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             hp = _hyper(group)
             for p in group["params"]:
-                if p.grad is None:
+                module = self.quantized.get(p)
+                grad = module.float_grad if module is not None else p.grad
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise ConfigError("GaLoreAdamW does not support sparse gradients")
                 raw = self.state[p]
+                weight = module.dequantized_weight() if module is not None else p
                 st = (
-                    ParamState(raw["step"], raw["exp_avg"], raw["exp_avg_sq"], _decode(raw.get("projection")))
+                    ParamState(
+                        raw["step"],
+                        raw["exp_avg"],
+                        raw["exp_avg_sq"],
+                        _decode(raw.get("projection")),
+                        raw.get("gap"),
+                        tuple(raw.get("queue", ())),
+                        raw.get("past"),
+                    )
                     if "exp_avg" in raw
-                    else init_param_state(p, hp)
+                    else init_param_state(weight, hp)
                 )
-                direction, step_size, new = adam_direction(p.grad, st, hp, inplace=True)
+                direction, step_size, new = adam_direction(grad, st, hp, inplace=True)
                 raw.update(step=new.step, exp_avg=new.exp_avg, exp_avg_sq=new.exp_avg_sq)
                 if new.proj is not None:
-                    raw["projection"] = {new.proj.side: list(new.proj.mats)}
-                p.add_(direction.to(p.dtype), alpha=-step_size)
+                    raw["projection"] = {new.proj.side: [_encode_mat(m) for m in new.proj.mats]}
+                if new.gap is not None:
+                    raw.update(gap=new.gap, queue=list(new.queue), past=new.past)
+                weight.add_(direction.to(weight.dtype), alpha=-step_size)
                 if hp.weight_decay > 0.0:
-                    p.add_(p, alpha=-hp.lr * hp.weight_decay)
+                    weight.add_(weight, alpha=-hp.lr * hp.weight_decay)
+                if module is not None:
+                    module.set_weight(weight, stochastic=self.stochastic_round, generator=self.generator)
+                    module.float_grad = None
         return loss
 
 
@@ -137,13 +219,15 @@ def galore_param_groups(model: nn.Module, config: GaLoreConfig, *, weight_decay:
     """SWIFT's grouping: the selected 2-D weights (with GaLore keys), then other trainable parameters
     split into weight-decayed and not (biases and norms), as ``transformers.Trainer`` splits them.
 
-    Only parameters with ``requires_grad`` are included.  Empty groups are dropped.
+    Only parameters with ``requires_grad`` are included, and the int8 weights of
+    :class:`~functuner.optim.qgalore.QGaLoreLinear` layers.  Empty groups are dropped.
     """
     targets = set(galore_targets(model, config))
     decay = _decay_names(model)
+    int8 = quantized_modules(model)
     galore, decayed, plain = [], [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad and p not in int8:
             continue
         if name in targets:
             galore.append(p)
@@ -157,6 +241,15 @@ def galore_param_groups(model: nn.Module, config: GaLoreConfig, *, weight_decay:
         "scale": config.galore_scale,
         "proj_type": config.proj_type,
     }
+    if config.q_galore:  # the reference q_galore_torch's group keys
+        keys.update(
+            quant=config.proj_quant,
+            quant_n_bit=config.proj_bits,
+            quant_group_size=config.proj_group_size,
+            cos_threshold=config.cos_threshold,
+            gamma_proj=config.gamma_proj,
+            queue_size=config.queue_size,
+        )
     groups = [
         {"params": galore, "weight_decay": weight_decay, **keys},
         {"params": decayed, "weight_decay": weight_decay},
@@ -180,12 +273,22 @@ class PerParameterOptimizer(torch.optim.Optimizer):
         super().__init__([torch.zeros(1)], {"lr": 0.0})
         self.optimizers = optimizers
         self.param_groups = [g for opt in optimizers.values() for g in opt.param_groups]
-        self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in optimizers]  # type: ignore[no-untyped-call]
+        self.handles: list[Any] = []
+        for p, opt in optimizers.items():
+            module = getattr(opt, "quantized", {}).get(p)
+            if module is not None:  # a Q-GaLore int8 weight: its layer calls back once float_grad is complete
+                module.grad_hooks.append(self._int8_hook)
+                self.handles.append(_ListHandle(module.grad_hooks, self._int8_hook))
+            else:
+                self.handles.append(p.register_post_accumulate_grad_hook(self._hook))  # type: ignore[no-untyped-call]
 
     def _hook(self, param: torch.Tensor) -> None:
         opt = self.optimizers[param]
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    def _int8_hook(self, module: QGaLoreLinear) -> None:
+        self.optimizers[module.weight].step()  # consumes and clears module.float_grad
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """No-op: every parameter was stepped during backward (a ``closure``, if given, is still called)."""
@@ -216,6 +319,17 @@ class PerParameterOptimizer(torch.optim.Optimizer):
         self.handles = []
 
 
+class _ListHandle:
+    """``remove()`` takes ``item`` out of ``items`` (a removable handle for a plain hook list)."""
+
+    def __init__(self, items: list[Any], item: Any) -> None:
+        self.items, self.item = items, item
+
+    def remove(self) -> None:
+        if self.item in self.items:
+            self.items.remove(self.item)
+
+
 def create_galore_optimizer(
     model: nn.Module,
     config: GaLoreConfig,
@@ -225,12 +339,28 @@ def create_galore_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-6,
     correct_bias: bool = True,
+    generator: torch.Generator | int | None = None,
 ) -> torch.optim.Optimizer:
     """A :class:`GaLoreAdamW` over :func:`galore_param_groups`, or with ``config.optim_per_parameter`` a
     :class:`PerParameterOptimizer` holding one :class:`GaLoreAdamW` per trainable parameter.
+
+    Q-GaLore with ``config.quantize``: call :func:`functuner.optim.quantize_model` first (the target
+    layers become int8 :class:`~functuner.optim.qgalore.QGaLoreLinear`); ``generator`` (a
+    ``torch.Generator`` or an int seed) drives the stochastic rounding (``config.stochastic_round``).
+    A ``quantize=True`` config on a model without Q-GaLore layers raises :class:`ConfigError`.
     """
+    int8 = quantized_modules(model)
+    if config.quantize and not int8:
+        raise ConfigError(
+            "create_galore_optimizer: GaLoreConfig(quantize=True) but the model has no int8 Q-GaLore layers;"
+            " call functuner.optim.quantize_model(model, config) first"
+        )
     groups = galore_param_groups(model, config, weight_decay=weight_decay)
     kwargs: dict[str, Any] = {"lr": lr, "betas": betas, "eps": eps, "correct_bias": correct_bias}
+    if int8:
+        if isinstance(generator, int) and not isinstance(generator, bool):
+            generator = torch.Generator(device=next(iter(int8)).device).manual_seed(generator)
+        kwargs.update(model=model, generator=generator, stochastic_round=config.stochastic_round)
     if not config.optim_per_parameter:
         return GaLoreAdamW(groups, **kwargs)
     per: dict[torch.Tensor, torch.optim.Optimizer] = {}

@@ -2,13 +2,21 @@
 
 Also what a ``transformers.Trainer`` / TRL user needs around it: :class:`SwiftCheckpointCallback` and
 :class:`SwiftTrainerMixin` (adapter directories in checkpoints), :func:`to_peft_config` (a functuner LoRA
-config as PEFT's, for ``SFTTrainer(peft_config=...)``).
+config as PEFT's, for ``SFTTrainer(peft_config=...)``), :func:`reference_model` (TRL's ``ref_model=``).
 """
 
 from __future__ import annotations
 
 from .peft_names import to_peft_config
 from .swift import Swift, SwiftConfig, SwiftModel
-from .trainer import SwiftCheckpointCallback, SwiftTrainerMixin
+from .trainer import SwiftCheckpointCallback, SwiftTrainerMixin, reference_model
 
-__all__ = ["Swift", "SwiftCheckpointCallback", "SwiftConfig", "SwiftModel", "SwiftTrainerMixin", "to_peft_config"]
+__all__ = [
+    "Swift",
+    "SwiftCheckpointCallback",
+    "SwiftConfig",
+    "SwiftModel",
+    "SwiftTrainerMixin",
+    "reference_model",
+    "to_peft_config",
+]

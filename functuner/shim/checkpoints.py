@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,9 +22,11 @@ import torch
 from torch import nn
 
 from ..core.naming import check_adapter_name
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, FunctunerError
 from ..io import checkpoint as ckpt
 from ..io import keys
+from ..io.peft import is_peft_model
+from ..io.reader import check_extra_states
 from .placement import filled, reload
 from .state import AdapterEntry, ShimState
 from .undo import undo_on_error
@@ -33,9 +36,11 @@ __all__ = [
     "adapter_state_dict",
     "extra_states",
     "load_into_adapter",
+    "load_peft_dir",
     "read_for_model",
     "save",
     "save_wrapped_model",
+    "warn_bin",
 ]
 
 Grab = Callable[[torch.Tensor], torch.Tensor]
@@ -90,8 +95,30 @@ def load_into_adapter(state: ShimState, adapter_name: str, values: Mapping[str, 
                 adapter.tensors[k].copy_(v)
 
 
-def save(state: ShimState, save_directory: str | os.PathLike[str], names: Sequence[str], peft_format: bool) -> None:
-    """Write ``names`` (SWIFT's layout, or PEFT's), ``extra_states/`` and ``configuration.json`` in one atomic step."""
+def warn_bin(save_directory: str | os.PathLike[str]) -> None:
+    """The warning of ``save_pretrained(safe_serialization=False)``: it works as in SWIFT, safetensors are better."""
+    warnings.warn(
+        f"save_pretrained({str(save_directory)!r}, safe_serialization=False) writes pickled adapter_model.bin files"
+        " (tensors only); safetensors (the default) are recommended: they load without unpickling, and faster",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def save(
+    state: ShimState,
+    save_directory: str | os.PathLike[str],
+    names: Sequence[str],
+    peft_format: bool,
+    safe_serialization: bool = True,
+) -> None:
+    """Write ``names`` (SWIFT's layout, or PEFT's), ``extra_states/`` and ``configuration.json`` in one atomic step.
+
+    ``safe_serialization=False`` writes ``adapter_model.bin`` files (``torch.save`` of a plain dict of tensors,
+    as SWIFT does) instead of safetensors.  When no adapter has modules of its own (every tuner leaves the
+    base trainable: NEFTune alone), the whole wrapped model is trained, so it is saved too, with its own
+    ``save_pretrained``, into the same directory in the same atomic step (SWIFT's ``has_additional_modules``).
+    """
     for n in names:
         state.require(n)
         check_adapter_name(n)
@@ -107,6 +134,13 @@ def save(state: ShimState, save_directory: str | os.PathLike[str], names: Sequen
             ckpt.peft_config_json(adapter.config)
             keys.to_disk(snapshots[n], adapter.config, n, "peft")
     extra = extra_states(state)
+    inner: Any = state.model
+    whole_model = bool(state.adapters) and not any(a.tuner.freezes_base for a in state.adapters.values())
+    if whole_model and not callable(getattr(inner, "save_pretrained", None)):
+        raise CheckpointError(
+            f"save_pretrained({str(root)!r}): the model itself is trained (no adapter has modules of its own) and"
+            f" the wrapped {type(inner).__name__} has no save_pretrained; save it with torch.save(model.model.state_dict())"
+        )
     if root.is_symlink():  # the user's own link: write where it points, swapping the real directory
         root = Path(os.path.realpath(root))
     # one atomic step for the whole directory: a crash leaves the old checkpoint or the new one, never a mix
@@ -119,16 +153,23 @@ def save(state: ShimState, save_directory: str | os.PathLike[str], names: Sequen
                     n: ckpt.AdapterCheckpoint(n, state.adapters[n].config, snapshots[n], "peft", str(root))
                     for n in names
                 },
+                safe_serialization=safe_serialization,
             )
         else:
             for n in names:
-                ckpt.write_swift_adapter(tmp, n, state.adapters[n].config, snapshots[n])
+                ckpt.write_swift_adapter(
+                    tmp, n, state.adapters[n].config, snapshots[n], safe_serialization=safe_serialization
+                )
         if extra:
-            ckpt.write_extra_states(tmp, state.extra_state_keys, extra)
+            ckpt.write_extra_states(tmp, state.extra_state_keys, extra, safe_serialization=safe_serialization)
+        if whole_model:  # as SWIFT: the trained model itself, beside the adapter configs
+            inner.save_pretrained(tmp, safe_serialization=safe_serialization)
         ckpt.write_configuration_json(tmp)
 
 
-def save_wrapped_model(state: ShimState, save_directory: str | os.PathLike[str], kwargs: dict[str, Any]) -> None:
+def save_wrapped_model(
+    state: ShimState, save_directory: str | os.PathLike[str], kwargs: dict[str, Any], safe_serialization: bool = True
+) -> None:
     """A SwiftModel without adapters (after ``merge_and_unload``) saves the wrapped model with its own ``save_pretrained``."""
     inner: Any = state.model
     if not callable(getattr(inner, "save_pretrained", None)):
@@ -136,7 +177,7 @@ def save_wrapped_model(state: ShimState, save_directory: str | os.PathLike[str],
             f"save_pretrained({str(save_directory)!r}): the SwiftModel has no adapters left and the wrapped"
             f" {type(inner).__name__} has no save_pretrained; save it with torch.save(model.model.state_dict(), path)"
         )
-    inner.save_pretrained(save_directory, safe_serialization=True, **kwargs)
+    inner.save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
 
 
 class Found(NamedTuple):
@@ -168,10 +209,8 @@ def read_for_model(
                 f"{ck.path}: holds base weights {differ[:4]} that differ from the model's;"
                 " functuner loads adapters, not base weights (load that base model first)"
             )
-    if extra:
-        bad = sorted(k for k, v in extra.items() if k not in own_state or own_state[k].shape != v.shape)
-        if bad:
-            raise CheckpointError(f"{model_dir}/extra_states: keys that do not fit the model: {bad[:8]}")
+    if extra:  # key, shape and dtype kind (the reader checked finiteness): the rules adapter weights follow
+        check_extra_states(extra, own_state, f"{model_dir}/extra_states")
     configs = {n: c.config for n, c in found.items()}
     if not configs and not extra:
         hint = ""
@@ -187,3 +226,48 @@ def read_for_model(
     for ck in found.values():
         ckpt.check_model(inner, ck.config, f"{ck.path}/{ckpt.CONFIG_NAME}")  # the tuner's check (LoRA: ranks)
     return Found(configs, {n: c.state for n, c in found.items()}, dict(extra or {}), extra_state_keys)
+
+
+def load_peft_dir(
+    model: Any, model_dir: str, folders: Mapping[str, Path], renames: Mapping[str, str], kwargs: dict[str, Any]
+) -> Any:
+    """``Swift.from_pretrained`` on a PEFT directory: functuner's checks, then peft loads it; a ``PeftModel`` back.
+
+    ``kwargs`` go to peft (``inference_mode=False`` meaning ``is_trainable=True``);
+    ``weights_only`` is accepted (``.bin`` is always read with torch's restricted loader).
+    """
+    from ..io.peft import load_peft_native
+
+    kwargs = dict(kwargs)
+    if kwargs.pop("extra_state_keys", None):
+        raise ConfigError("extra_state_keys is a SWIFT feature; PEFT adapters cannot carry extra states")
+    weights_only = bool(kwargs.pop("weights_only", False))
+    if "inference_mode" in kwargs:
+        kwargs.setdefault("is_trainable", not bool(kwargs.pop("inference_mode")))
+    _check_peft_dir_for_model(model, model_dir, renames, weights_only)
+    return load_peft_native(model, model_dir, folders, renames, weights_only=weights_only, **kwargs)
+
+
+def _check_peft_dir_for_model(model: Any, model_dir: str, renames: Mapping[str, str], weights_only: bool) -> None:
+    """functuner's load checks on a PEFT directory before peft touches ``model`` (nothing changes here).
+
+    Adapters of a type functuner implements are read with its reader (config
+    fields, NaN/inf, the tuner's tensor checks), checked against the model
+    (ranks, via the tuner's ``check_model``) and validated (every tensor's
+    module and shape).  PEFT's other types get the file checks in
+    :func:`functuner.io.peft.load_peft_native`.
+    """
+    from ..core.params import TunerParams
+    from ..functional import validate
+
+    mine = {n: m for n, m in renames.items() if ckpt.is_functuner_peft_type(ckpt.peft_type_of(model_dir, n))}
+    found = ckpt.read_adapter_dir(model_dir, mine, weights_only=weights_only)
+    if is_peft_model(model):  # its layers are peft's wrappers: peft checks the fit, load_peft_native undoes a failure
+        return
+    for name, ck in found.items():
+        source = f"{ck.path}/{ckpt.CONFIG_NAME}"
+        ckpt.check_model(model, ck.config, source)  # the tuner's check (LoRA: ranks) before any allocation
+        try:
+            validate(model, TunerParams(ck.state, ck.config, name))
+        except FunctunerError as e:
+            raise type(e)(f"checkpoint {source}: {e}") from None

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..functional import merge as core_merge
+from ..quant.weights import merged_storage
 from .placement import delete_adapter, reload
 from .state import ShimState
 from .undo import undo_on_error
@@ -57,6 +58,9 @@ def _merge_now(state: ShimState, names: Sequence[str]) -> None:
     with torch.no_grad():
         merged = core_merge(model, [state.adapters[n].params for n in names], base)
     changes = [(k, v) for k, v in merged.items() if k in base and v is not base[k] and v is not live[k]]
+    for k in merged.keys() - base.keys():  # a merged weight the model has no tensor for (HQQ's packed W_q)
+        owner_path, _, leaf = k.rpartition(".")
+        merged_storage(model.get_submodule(owner_path) if owner_path else model, leaf, merged[k], k)  # raises
     shared_ids: dict[int, int] = {}
     for t in live.values():
         shared_ids[id(t)] = shared_ids.get(id(t), 0) + 1
@@ -66,6 +70,10 @@ def _merge_now(state: ShimState, names: Sequence[str]) -> None:
         owner = model.get_submodule(owner_path) if owner_path else model
         is_param = leaf in owner._parameters
         orig: Any = owner._parameters[leaf] if is_param else owner._buffers[leaf]
+        requantized = merged_storage(owner, leaf, value, key) if is_param else None  # a quantized layer's storage
+        if requantized is not None:
+            ready.append((owner, leaf, orig, is_param, requantized))
+            continue
         new = value.detach().to(orig.dtype)
         ready.append((owner, leaf, orig, is_param, nn.Parameter(new, requires_grad=False) if is_param else new))
     with state.lock:

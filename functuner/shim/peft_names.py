@@ -75,10 +75,10 @@ class PeftNames(nn.Module):
         def active_adapters(self) -> set[str]: ...
 
         def set_active_adapters(
-            self, adapter_names: str | Sequence[str] | None, offload: str | None = None
+            self, adapter_names: str | Sequence[str] | None, offload: str | None = None, *, strict: bool = False
         ) -> None: ...
 
-        def activate_adapter(self, adapter_name: str) -> None: ...
+        def activate_adapter(self, adapter_name: str, *, strict: bool = False) -> None: ...
 
     #: transformers checks this flag to treat a model as one with PEFT adapters loaded by its own integration
     _hf_peft_config_loaded = False
@@ -114,7 +114,7 @@ class PeftNames(nn.Module):
     def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
         """Make exactly ``adapter_name`` active (PEFT): its tensors trainable unless ``inference_mode``, the others frozen."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        self.set_active_adapters(names)
+        self.set_active_adapters(names, strict=True)  # PEFT raises for a name that is not loaded
         for n, a in self._state.adapters.items():
             for p in a.tensors.values():
                 p.requires_grad_(n in names and not inference_mode)
@@ -175,7 +175,7 @@ class PeftNames(nn.Module):
         if adapter_name in self.adapters:
             raise AdapterNameError(f"adapter {adapter_name!r} already exists; choose another adapter_name")
         revision = kwargs.pop("revision", None)
-        hub = {k: kwargs[k] for k in ("cache_dir", "local_files_only") if k in kwargs}
+        hub = {k: kwargs[k] for k in ("cache_dir", "local_files_only", "hub") if k in kwargs}
         model_dir = resolve_model_dir(str(model_id), revision=revision, **hub)
         on_disk = ckpt.list_adapters(model_dir)
         if len(on_disk) == 1:
@@ -188,7 +188,12 @@ class PeftNames(nn.Module):
                 f" one of them, or use Swift.from_pretrained(model, {str(model_dir)!r}) to load them all"
             )
         type(self).from_pretrained(  # type: ignore[attr-defined]  # SwiftModel.from_pretrained: its base
-            self, model_dir, adapter_name={source: adapter_name}, inference_mode=not is_trainable, **kwargs
+            self,
+            model_dir,
+            adapter_name={source: adapter_name},
+            inference_mode=not is_trainable,
+            is_trainable=is_trainable,
+            **kwargs,
         )
         self._keep_inactive({adapter_name})
         if not is_trainable:

@@ -28,6 +28,7 @@ from ..core.targets import INTERNAL_MARKER
 from ..errors import AdapterNameError, ParamsMismatchError
 from ..functional import bind_routes
 from ..tuners import tuner_for
+from . import live
 from .state import AdapterEntry, ShimState
 
 __all__ = [
@@ -51,8 +52,18 @@ class _Holder(nn.Module):
     activation: it then passes that through unchanged, so the container computes
     exactly what it did before the holder was added.  It carries :data:`functuner.core.targets.INTERNAL_MARKER`, so target matching and
     :func:`~functuner.core.targets.own_named_parameters` (LLaMA-Pro's copies of a layer)
-    never take the shim's placed tensors for a layer's own.
+    never take the shim's placed tensors for a layer's own.  Its ``_parameters`` is a
+    :class:`~.live.WatchedParams`: when FSDP2, ``load_state_dict(assign=True)`` or
+    ``to_empty()`` put another object there, the shim's routes follow (:mod:`.live`).
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        live.watch(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # a copy or unpickled holder stays watched
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
+        live.watch(self)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if len(args) == 1 and not kwargs:  # as nn.Sequential calls its children: identity
@@ -81,9 +92,11 @@ def add_adapters(
         if name in state.adapters:
             raise AdapterNameError(f"adapter {name!r} already exists; pass {{new_name: config}} to add another")
     prepared: list[tuple[str, TunerParams]] = []
+    base_updates: dict[str, torch.Tensor] = {}  # residual base weights (PiSSA/OLoRA/CorDA), written as PEFT does
     for name, cfg in configs.items():
         gen = torch.Generator().manual_seed(0) if name in loaded else global_generator()
         params = tuner_for(cfg).init(model, cfg, gen, name)
+        base_updates.update(tuner_for(cfg).init_base_weights(model, params))
         if name in loaded:
             params = filled(params, loaded[name])
         prepared.append((name, params))
@@ -98,6 +111,10 @@ def add_adapters(
             for p in model.parameters():
                 p.requires_grad_(False)
             model.__dict__["_functuner_frozen"] = True
+        for key, value in base_updates.items():
+            overwritten.setdefault(key, base_names[key].detach().clone())
+            with torch.no_grad():
+                base_names[key].copy_(value)
         for name, params in prepared:
             tensors: dict[str, nn.Parameter] = {}
             shared: set[str] = set()
@@ -113,6 +130,8 @@ def add_adapters(
                     tensors[key] = register(model, key, value)
                     registered.append(key)
             adapter = AdapterEntry(name, params.config, tensors, frozenset(shared), ())
+            adapter.owners = live.owners_of(model, tensors)
+            adapter.seen = live.epoch()
             routes = bind_routes(model, adapter.params)
             adapter.modules = tuple(dict.fromkeys([*routes.forward, *routes.pre]))
             set_default_routes(list(adapter.modules), state.provider)

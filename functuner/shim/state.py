@@ -16,6 +16,7 @@ import contextlib
 import os
 import tempfile
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from ..errors import AdapterNameError
 from ..functional import bind_routes
 from ..tuners import tuner_for
 from ..tuners.base import Tuner
+from . import live
 
 __all__ = [
     "DEFAULT_ADAPTER",
@@ -49,7 +51,9 @@ DEFAULT_ADAPTER = "default"
 class AdapterEntry:
     """One adapter held by the shim: its config, its parameters and where they live.
 
-    ``tensors`` maps functuner names to the live ``nn.Parameter`` objects;
+    ``tensors`` maps functuner names to the ``nn.Parameter`` objects the module
+    tree holds now (read through ``owners``, so FSDP2's sharded/unsharded swaps,
+    ``load_state_dict(assign=True)`` and ``to_empty()`` are followed: :mod:`.live`);
     ``shared`` are names that are the base model's own parameters (trainable
     biases); ``modules`` the slot keys its routes reach; ``offload`` is ``None``,
     ``'cpu'`` or ``'meta'`` (``offload_file`` then holds the tensors on disk).
@@ -57,12 +61,22 @@ class AdapterEntry:
 
     name: str
     config: Any
-    tensors: dict[str, nn.Parameter]
+    held: dict[str, nn.Parameter]
     shared: frozenset[str]
     modules: tuple[Any, ...]
     devices: dict[str, torch.device] = field(default_factory=dict)
     offload: str | None = None
     offload_file: str | None = None
+    owners: tuple[live.Owner, ...] = ()
+    seen: int = -1  # the tree epoch ``held`` was last checked at
+    generation: int = 0  # bumped whenever the tree replaced one of ``held``'s objects
+
+    @property
+    def tensors(self) -> dict[str, nn.Parameter]:
+        """``{name: nn.Parameter}`` as the module tree holds them now (an offloaded adapter's: as it left them)."""
+        if self.offload is None and (self.seen != live.epoch() or self.shared):
+            live.follow(self)
+        return self.held
 
     @property
     def params(self) -> TunerParams:
@@ -109,6 +123,9 @@ class ShimState:
         self.extra_state_keys: list[str] = []
         self.offload_dir: tempfile.TemporaryDirectory[str] | None = None
         self.mixed: Any = None  # the per-sample stack cache (see .per_sample); None when empty
+        self.seen = -1  # the tree epoch the routes were last checked at (.live)
+        self.built: tuple[int, ...] = ()  # the adapters' generations the routes were built at
+        self.route_cache: dict[Any, Routes] = {}  # routes by tensor identities, while only the tree changes
 
     # -- copies (copy.deepcopy, pickle, torch.save) ------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -118,7 +135,7 @@ class ShimState:
         gets its own cache; merged weights are recorded by owner module, not by ``id`` (ids differ in a copy).
         """
         d = dict(self.__dict__)
-        for k in ("tls", "thread_states", "lock", "routes", "mixed", "offload_dir"):
+        for k in ("tls", "thread_states", "lock", "routes", "mixed", "offload_dir", "route_cache"):
             d.pop(k)
         d["offloaded_files"] = {
             n: load_file(a.offload_file, device="cpu") for n, a in self.adapters.items() if a.offload_file
@@ -136,6 +153,8 @@ class ShimState:
         self.routes = None
         self.mixed = None
         self.offload_dir = None
+        self.route_cache = {}
+        self.seen = -1
         self.originals = {}
         self.pending_originals = originals  # keyed by id in rebind(), once the owner modules exist
         for name, values in offloaded.items():
@@ -162,6 +181,16 @@ class ShimState:
         return adapter
 
     # -- activation ---------------------------------------------------------
+    def known(self, names: set[str], strict: bool, what: str) -> set[str]:
+        """``names`` that are loaded adapters; unknown ones warn and are ignored (SWIFT), or raise with ``strict``."""
+        unknown = names - set(self.adapters)
+        if unknown:
+            msg = f"{what}: unknown adapter(s) {sorted(unknown)}; have {sorted(self.adapters)}"
+            if strict:
+                raise AdapterNameError(msg)
+            warnings.warn(f"{msg}; ignored (as SWIFT does; pass strict=True to raise)", UserWarning, stacklevel=3)
+        return names - unknown
+
     def thread_state(self, create: bool) -> ThreadState | None:
         ts = getattr(self.tls, "state", None)
         if ts is None and create:
@@ -178,19 +207,46 @@ class ShimState:
         return set(self.active)
 
     def routes_for(self, names: set[str]) -> Routes | None:
-        live = [self.adapters[n].params for n in self.adapters if n in names and n not in self.merged]
-        if not live:
+        params = [self.adapters[n].params for n in self.adapters if n in names and n not in self.merged]
+        if not params:
             return None
-        return bind_routes(self.model, live, generator=None)
+        key = (tuple(p.adapter_name for p in params), tuple(i for p in params for i in live.identity_key(p)))
+        routes = self.route_cache.get(key)
+        if routes is None:
+            if len(self.route_cache) > 8 + 2 * sum(len(a.modules) for a in self.adapters.values()):
+                self.route_cache.clear()  # bounded: tensors replaced for good (assign=True, to_empty) are dropped
+            routes = self.route_cache[key] = bind_routes(self.model, params, generator=None)
+        return routes
 
-    def refresh(self) -> None:
-        """Rebuild the global routes after any change of adapters, activation or merge state."""
+    def refresh(self, tree_only: bool = False) -> None:
+        """Rebuild the global routes after any change of adapters, activation or merge state.
+
+        ``tree_only``: only the module tree replaced tensor objects (FSDP2's swaps), so routes built before for
+        the same objects are reused; any other change drops them.
+        """
         with self.lock:
+            if not tree_only:
+                self.route_cache.clear()
+            if tree_only:
+                self.mixed = None  # the per-sample stack holds the replaced objects
             self.version += 1
             self.routes = self.routes_for(self.active)
+            self.built = tuple(a.generation for a in self.adapters.values())
+
+    def follow_tree(self) -> None:
+        """Rebuild the routes if the module tree replaced any adapter tensor object since they were built (.live)."""
+        with self.lock:
+            self.seen = live.epoch()
+            for a in self.adapters.values():
+                if a.offload is None:
+                    live.follow(a)
+            if tuple(a.generation for a in self.adapters.values()) != self.built:
+                self.refresh(tree_only=True)
 
     def provider(self) -> Routes | None:
         """Default routes of the adapted modules (called from the slot hooks; cheap)."""
+        if self.seen != live._EPOCH[0]:  # one integer compare per hook call: did the module tree replace anything?
+            self.follow_tree()
         if self.per_thread:
             ts = getattr(self.tls, "state", None)
             if ts is not None:

@@ -38,10 +38,12 @@ from torch import nn
 
 from ..core.hub import resolve_model_dir
 from ..core.naming import check_adapter_name
+from ..core.patterns import check_patterns
 from ..core.routing import routed
 from ..errors import AdapterNameError, CheckpointError, ConfigError, FunctunerError
 from ..io import checkpoint as ckpt
 from ..io.peft import is_peft_config, is_peft_model
+from ..quant.kbit import prepare_model_for_kbit_training
 from ..tuners import tuner_for
 from ..tuners.base import TunerConfig
 from . import checkpoints, merging, optim, per_sample, placement
@@ -67,7 +69,9 @@ class SwiftModel(PeftNames, Copyable):
         config: a config (adapter ``default``) or ``{adapter_name: config}``.
         extra_state_keys: regexes (``re.fullmatch`` on the inner model's parameter names)
             of extra parameters to train and save under ``extra_states/``.
-        inference_mode: ``True`` puts the model in eval mode and leaves adapters frozen.
+        inference_mode: ``True`` puts the model in eval mode, as SWIFT does; the new adapters' own
+            tensors stay trainable (SWIFT creates them trainable), while the model's own parameters an
+            adapter trains (LoRA biases) and ``extra_state_keys`` are not made trainable.
 
     The wrapped model is ``.base_model`` (also ``.model``); unknown attributes
     fall through to it, and ``forward`` has its signature (on the class too, so
@@ -88,8 +92,12 @@ class SwiftModel(PeftNames, Copyable):
     ) -> None:
         super().__init__()
         loaded: Mapping[str, Mapping[str, torch.Tensor]] = kwargs.pop("_loaded_states", {}) or {}
+        frozen = bool(kwargs.pop("_frozen", False))  # from_pretrained(is_trainable=False)
         if kwargs:
             raise TypeError(f"SwiftModel got unexpected keyword(s) {sorted(kwargs)}")
+        if extra_state_keys is not None and not isinstance(extra_state_keys, (list, tuple)):
+            raise ConfigError(f"extra_state_keys: expected a list of regexes, got {extra_state_keys!r}")
+        check_patterns(extra_state_keys, "extra_state_keys", list_is_regex=True)  # before anything changes
         if isinstance(model, SwiftModel):
             state = model._state
             inner = state.model
@@ -101,7 +109,12 @@ class SwiftModel(PeftNames, Copyable):
         self.base_model = inner
         configs = self._normalise_configs(config)
         state.extra_state_keys = list(dict.fromkeys([*state.extra_state_keys, *(extra_state_keys or [])]))
-        placement.add_adapters(state, configs, loaded, trainable=not inference_mode)
+        placement.add_adapters(state, configs, loaded, trainable=not frozen)
+        if inference_mode and not frozen:  # SWIFT skips mark_trainable: base parameters an adapter trains stay frozen
+            for name in configs:
+                adapter = state.adapters[name]
+                for key in adapter.shared:
+                    adapter.tensors[key].requires_grad_(False)
         self.__class__ = signed_class(type(self), inner)
         if inference_mode:
             self.eval()
@@ -177,11 +190,14 @@ class SwiftModel(PeftNames, Copyable):
             return inner.generate(*args, **kwargs)
 
     # -- activation -------------------------------------------------------------
-    def activate_adapter(self, adapter_name: str) -> None:
+    def activate_adapter(self, adapter_name: str, *, strict: bool = False) -> None:
         """Activate one adapter (for the calling thread only with ``USE_UNIQUE_THREAD=0``).
 
         An offloaded adapter's tensors come back first, bit-identical, on the device they had.
+        An unknown name warns and is ignored, as in SWIFT (``strict=True``: :class:`AdapterNameError`).
         """
+        if not self._state.known({adapter_name}, strict, "activate_adapter"):
+            return
         state = self._state
         adapter = state.require(adapter_name)
         with state.lock:
@@ -195,14 +211,17 @@ class SwiftModel(PeftNames, Copyable):
                 state.active.add(adapter_name)
                 state.refresh()
 
-    def deactivate_adapter(self, adapter_name: str, offload: str | None = None) -> None:
+    def deactivate_adapter(self, adapter_name: str, offload: str | None = None, *, strict: bool = False) -> None:
         """Deactivate one adapter; ``offload='cpu'`` moves its tensors to host memory, ``'meta'`` frees them.
 
         ``'meta'`` keeps a copy on disk (a private cache directory) that
         :meth:`activate_adapter` reads back.  Parameters report the device they
         are on.  Offloading an adapter that another thread still uses, or one
-        that is merged, raises :class:`ConfigError`.
+        that is merged, raises :class:`ConfigError`.  An unknown name warns and
+        is ignored, as in SWIFT (``strict=True``: :class:`AdapterNameError`).
         """
+        if not self._state.known({adapter_name}, strict, "deactivate_adapter"):
+            return
         state = self._state
         adapter = state.require(adapter_name)
         if offload not in (None, "cpu", "meta"):
@@ -228,17 +247,22 @@ class SwiftModel(PeftNames, Copyable):
             if offload is not None:
                 placement.offload(state, adapter, offload)
 
-    def set_active_adapters(self, adapter_names: str | Sequence[str] | None, offload: str | None = None) -> None:
-        """Make exactly ``adapter_names`` active; the others are deactivated (and offloaded if asked)."""
+    def set_active_adapters(
+        self, adapter_names: str | Sequence[str] | None, offload: str | None = None, *, strict: bool = False
+    ) -> None:
+        """Make exactly ``adapter_names`` active; the others are deactivated (and offloaded if asked).
+
+        Names that are not loaded are ignored with a ``UserWarning``, as SWIFT
+        ignores them (the known ones are still set); ``strict=True`` raises
+        :class:`AdapterNameError` instead, before anything changes.
+        """
         if not adapter_names:
             names: set[str] = set()
         elif isinstance(adapter_names, str):
             names = {adapter_names}
         else:
             names = set(adapter_names)
-        unknown = names - set(self.adapters)
-        if unknown:
-            raise AdapterNameError(f"unknown adapter(s) {sorted(unknown)}; have {sorted(self.adapters)}")
+        names = self._state.known(names, strict, "set_active_adapters")
         state = self._state
         moves = offload is not None or any(state.adapters[n].offload is not None for n in names)
         # all or nothing; only a call that moves tensors pays for a full snapshot (switching stays cheap)
@@ -381,27 +405,25 @@ class SwiftModel(PeftNames, Copyable):
     ) -> None:
         """Save adapters in SWIFT's layout (one sub-folder each), ``extra_states/`` and ``configuration.json``.
 
-        The whole directory is written atomically.  ``peft_format=True`` writes
-        LoRA adapters in PEFT's layout instead (``default`` at the root).
-        Only safetensors are written; ``safe_serialization=False`` raises.
-        With no adapter left (after ``merge_and_unload``) the wrapped model is saved
-        with its own ``save_pretrained`` (a transformers model: ``from_pretrained`` loads it).
-        transformers' ``is_main_process=False`` writes nothing; its ``state_dict`` is ignored
-        (the live adapters are saved).
+        Atomic.  ``peft_format=True``: PEFT's layout.  ``safe_serialization=False``: SWIFT's
+        tensor-only ``adapter_model.bin`` (with a warning recommending safetensors).  With no
+        adapter left (after ``merge_and_unload``), or none with modules of its own (NEFTune),
+        the wrapped model is saved with its own ``save_pretrained`` (as SWIFT).  transformers'
+        ``is_main_process=False`` writes nothing; its ``state_dict`` is ignored.
         """
-        if not safe_serialization:
-            raise CheckpointError("functuner writes safetensors only (pickled .bin files are unsafe to load)")
         if not kwargs.pop("is_main_process", True):
             return
+        if not safe_serialization:
+            checkpoints.warn_bin(save_directory)
         kwargs.pop("state_dict", None)
         if not self.adapters and not kwargs.get("peft_format") and adapter_name is None:
-            checkpoints.save_wrapped_model(self._state, save_directory, kwargs)
+            checkpoints.save_wrapped_model(self._state, save_directory, kwargs, safe_serialization)
             return
         peft_format = bool(kwargs.pop("peft_format", False))
         if kwargs:
             raise TypeError(f"save_pretrained got unexpected keyword(s) {sorted(kwargs)}")
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name or self.adapters)
-        checkpoints.save(self._state, save_directory, names, peft_format)
+        checkpoints.save(self._state, save_directory, names, peft_format, safe_serialization)
 
     @classmethod
     def from_pretrained(
@@ -413,21 +435,23 @@ class SwiftModel(PeftNames, Copyable):
         revision: str | None = None,
         **kwargs: Any,
     ) -> SwiftModel:
-        """Load adapters saved in ``model_id`` (a local directory or a ModelScope hub id) onto ``model``.
+        """Load adapters saved in ``model_id`` (a local directory or a hub id) onto ``model``.
 
-        ``adapter_name``: ``None`` loads every adapter, a name or list of
-        names loads those, ``{name on disk: new name}`` loads and renames
-        (only the adapter-name component of keys changes).  SWIFT- and
-        PEFT-format directories both load.  Keywords: ``extra_state_keys``,
-        ``weights_only`` (allow torch's restricted loader for ``.bin``), and
-        ``cache_dir`` / ``local_files_only`` for the hub.  Everything is read and
+        ``adapter_name``: ``None`` (all), a name, a list, or ``{name on disk: new name}``
+        (only the adapter-name component of keys changes).  SWIFT and PEFT layouts both
+        load here.  As in SWIFT the loaded adapters are trainable and ``inference_mode``
+        (default ``True``) only switches to eval mode; ``is_trainable`` (ms-swift's resume
+        code passes it) is accepted and ``is_trainable=False`` freezes them (SWIFT ignores
+        it).  Also ``extra_state_keys``, ``weights_only`` (accepted; ``.bin`` is always read
+        with torch's restricted loader) and the hub's keywords.  Everything is read and
         checked before the model is touched.
         """
         if model_id is None:
             raise CheckpointError("from_pretrained needs model_id (a directory or a hub id)")
         weights_only = bool(kwargs.pop("weights_only", False))
+        is_trainable = kwargs.pop("is_trainable", None)
         extra_state_keys = kwargs.pop("extra_state_keys", None)
-        hub_kwargs = {k: kwargs.pop(k) for k in ("cache_dir", "local_files_only") if k in kwargs}
+        hub_kwargs = {k: kwargs.pop(k) for k in ("cache_dir", "local_files_only", "hub") if k in kwargs}
         if kwargs:
             raise TypeError(f"from_pretrained got unexpected keyword(s) {sorted(kwargs)}")
         model_dir = resolve_model_dir(model_id, revision=revision, **hub_kwargs)
@@ -437,7 +461,14 @@ class SwiftModel(PeftNames, Copyable):
         shim_state = model._state if isinstance(model, SwiftModel) else None
         try:
             with undo_on_error(inner, shim_state, overwritten=[own_p[k] for k in found.extra]):
-                self = cls(model, found.configs, found.extra_state_keys, inference_mode, _loaded_states=found.states)
+                self = cls(
+                    model,
+                    found.configs,
+                    found.extra_state_keys,
+                    inference_mode,
+                    _loaded_states=found.states,
+                    _frozen=is_trainable is not None and not is_trainable,
+                )
                 with torch.no_grad():
                     for k, v in found.extra.items():
                         own_p[k].copy_(v)
@@ -460,7 +491,11 @@ class Swift:
 
         A ``SwiftModel`` gets the new adapters added.  A PEFT ``PeftConfig``
         goes through ``peft.get_peft_model`` (returns a ``PeftModel``).
+        ``prepare_kbit_training=True``: first PEFT's ``prepare_model_for_kbit_training``
+        (:func:`functuner.quant.prepare_model_for_kbit_training`) on a quantized base.
         """
+        if kwargs.pop("prepare_kbit_training", False) and not isinstance(model, SwiftModel):
+            prepare_model_for_kbit_training(model)
         if is_peft_config(config):  # the SWIFT contract: PEFT's configs go through PEFT
             return sys.modules["peft"].get_peft_model(model, config, **kwargs)
         return SwiftModel(model, config, **kwargs)
@@ -525,41 +560,31 @@ class Swift:
         revision: str | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Load adapters from a local directory or a ModelScope hub id (see :meth:`SwiftModel.from_pretrained`).
+        """Load adapters from a local directory or a hub id, as SWIFT's ``Swift.from_pretrained``.
 
-        SWIFT directories and PEFT LoRA directories load into a ``SwiftModel``
-        (SWIFT would return a PeftModel for the latter).  A PEFT directory of
-        PEFT's other tuners (IA3, LoHa, LoKr, AdaLoRA, VeRA, BOFT, prompt or
-        prefix tuning...) goes to ``peft.PeftModel.from_pretrained`` (or
-        ``load_adapter`` when ``model`` is a ``PeftModel``, which also takes PEFT
-        LoRA directories that way) and a ``PeftModel`` is returned; functuner's safety checks still apply (no unpickling
-        without ``weights_only=True``, no NaN/inf, every key must load) and a
-        failure leaves the model as it was.  ``inference_mode=False`` there
-        means peft's ``is_trainable=True``; other unknown keywords go to peft.
+        A SWIFT directory loads into a ``SwiftModel`` (:meth:`SwiftModel.from_pretrained`).
+        A PEFT directory (no ``swift_type``) of any PEFT type goes through peft and a
+        ``PeftModel`` is returned, as SWIFT does, after functuner's checks (files, NaN/inf,
+        ranks, shapes; every key must load; a failure changes nothing):
+        :func:`functuner.shim.checkpoints.load_peft_dir`.  A ``SwiftModel`` takes PEFT
+        LoRA directories into itself; PEFT's other types raise for it.
         """
         if model_id is None:
             raise CheckpointError("from_pretrained needs model_id (a directory or a hub id)")
-        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "local_files_only") if k in kwargs}
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "local_files_only", "hub") if k in kwargs}
         model_dir = resolve_model_dir(model_id, revision=revision, **hub_kwargs)
-        native = ckpt.peft_native_adapters(model_dir, adapter_name, lora_too=is_peft_model(model))
+        into_swift = isinstance(model, SwiftModel)
+        native = ckpt.peft_native_adapters(model_dir, adapter_name, lora_too=not into_swift)
         if native is None:
             return SwiftModel.from_pretrained(model, model_dir, adapter_name=adapter_name, revision=revision, **kwargs)
-        folders, renames = native
-        if isinstance(model, SwiftModel):
+        if into_swift:
             raise CheckpointError(
-                f"{model_dir}: PEFT adapters {sorted(folders)} are of a type only peft implements,"
+                f"{model_dir}: PEFT adapters {sorted(native[0])} are of a type only peft implements,"
                 " which a SwiftModel cannot hold; pass the plain model (a PeftModel is returned)"
             )
-        for k in hub_kwargs:
-            kwargs.pop(k)
-        if kwargs.pop("extra_state_keys", None):
-            raise ConfigError("extra_state_keys is a SWIFT feature; PEFT adapters cannot carry extra states")
-        weights_only = bool(kwargs.pop("weights_only", False))
-        if "inference_mode" in kwargs:
-            kwargs["is_trainable"] = not kwargs.pop("inference_mode")
-        from ..io.peft import load_peft_native
-
-        return load_peft_native(model, model_dir, folders, renames, weights_only=weights_only, **kwargs)
+        return checkpoints.load_peft_dir(
+            model, model_dir, *native, {k: v for k, v in kwargs.items() if k not in hub_kwargs}
+        )
 
 
 def _require_peft_mergeable(model: Any) -> None:

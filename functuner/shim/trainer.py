@@ -14,6 +14,15 @@ directory into ``checkpoint-N/``, in PEFT's layout when every adapter has a PEFT
 form (so ``peft.PeftModel.from_pretrained`` loads it too), else SWIFT's.
 ``trainer.save_model()`` has no callback event: :class:`SwiftTrainerMixin` (an
 override of the Trainer's ``_save``) covers it and every checkpoint.
+
+Preference trainers (TRL's ``DPOTrainer``) need a *reference model*.  With a
+``PeftModel`` TRL uses the policy with its adapter disabled (``disable_adapter()``),
+but it recognises PEFT by class, so a ``SwiftModel`` would get a second copy of the
+base weights loaded from ``config._name_or_path``.  :func:`reference_model`
+gives TRL's ``ref_model=`` the reference PEFT's paths compute, without copying the
+base weights: the wrapped model's modules, called with every adapter off (or with a
+frozen copy of the adapters) for that call only, through per-call routes, so the
+policy's active set is never touched.
 """
 
 from __future__ import annotations
@@ -24,7 +33,10 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..errors import CheckpointError, FunctunerError
+from ..core.params import TunerParams
+from ..core.routing import Routes, routed
+from ..errors import CheckpointError, ConfigError, FunctunerError
+from ..functional import bind_routes
 from ..io import checkpoint as ckpt
 from ..io import keys
 from .checkpoints import extra_states, load_into_adapter
@@ -33,11 +45,14 @@ from .undo import undo_on_error
 
 __all__ = [
     "LoadResult",
+    "REFERENCE_KINDS",
+    "ReferenceCall",
     "SwiftCheckpointCallback",
     "SwiftTrainerMixin",
     "adapter_keys",
     "has_peft_form",
     "load_trainer_state",
+    "reference_model",
     "save_adapters",
 ]
 
@@ -151,3 +166,81 @@ class SwiftTrainerMixin:
         super()._save(output_dir, state_dict)  # type: ignore[misc]
         if _is_shim(self.model) and self.args.should_save:
             save_adapters(self.model, output_dir if output_dir is not None else self.args.output_dir)
+
+
+class ReferenceCall:
+    """Mixed before the wrapped model's class: every call runs with the reference's own routes (see
+    :func:`reference_model`): none (adapters disabled) or a frozen copy of the adapters."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        frozen: list[TunerParams] = self.__dict__["_functuner_frozen"]
+        routes = bind_routes(self.__dict__["_functuner_inner"], frozen) if frozen else Routes()
+        with routed(routes):  # this call's routes: the policy's active adapters are not consulted
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+
+
+_REFERENCE_CLASSES: dict[type, type] = {}
+# a module's tables that the view gets its own copies of (hooks registered or modules added on it stay on it)
+_OWN_TABLES = (
+    "_parameters",
+    "_buffers",
+    "_modules",
+    "_non_persistent_buffers_set",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+REFERENCE_KINDS = ("disabled", "frozen")
+
+
+def reference_model(model: Any, adapters: str = "disabled") -> torch.nn.Module:
+    """A reference model for TRL's preference trainers, sharing ``model``'s (a ``SwiftModel``'s) base weights.
+
+    ``adapters="disabled"``: the base model, every adapter off, as TRL computes it for a ``PeftModel`` it made
+    from ``peft_config=`` (``with model.disable_adapter():``).  ``adapters="frozen"``: the active adapters as
+    they are now, frozen (detached copies of the adapter tensors only), as TRL computes it for a ``PeftModel``
+    passed with a pretrained adapter (a frozen ``"ref"`` copy of it).  Use:
+    ``DPOTrainer(model=sm, ref_model=functuner.reference_model(sm), ...)``.
+
+    The result is a new object of the wrapped model's class (TRL patches its ``forward`` and reads its
+    ``config``) whose submodules, parameters and buffers *are* the wrapped model's: the base weights are
+    never copied.  Each call sets its own routes, so it is thread-safe and never touches the policy's active
+    adapters.  Train/eval mode and dropout settings are the shared modules' own (TRL sets them for both).
+    """
+    if not _is_shim(model):
+        raise ConfigError(
+            f"reference_model needs a SwiftModel, got {type(model).__name__}; with a peft.PeftModel TRL"
+            " builds its reference itself (pass no ref_model)"
+        )
+    if adapters not in REFERENCE_KINDS:
+        raise ConfigError(f"reference_model(adapters={adapters!r}): use one of {list(REFERENCE_KINDS)}")
+    state: ShimState = model._state
+    inner = state.model
+    frozen: list[TunerParams] = []
+    if adapters == "frozen":
+        active = state.active_set()
+        for name, a in state.adapters.items():
+            if name in active and name not in state.merged:
+                frozen.append(a.params.map(lambda t: t.detach().clone()))
+    base = type(inner)
+    cls = _REFERENCE_CLASSES.get(base)
+    if cls is None:
+        cls = _REFERENCE_CLASSES[base] = type(f"Reference{base.__name__}", (ReferenceCall, base), {})
+    view: torch.nn.Module = object.__new__(cls)
+    d = dict(inner.__dict__)
+    d.pop("forward", None)  # a patch installed on the wrapped model (TRL's, moved there by the shim) is the policy's
+    for name in _OWN_TABLES:
+        if name in d:
+            d[name] = d[name].copy()
+    d["_functuner_frozen"] = frozen
+    d["_functuner_inner"] = inner
+    view.__dict__.update(d)
+    return view

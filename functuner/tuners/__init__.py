@@ -43,3 +43,16 @@ from . import ia3, loha, lokr  # noqa: E402
 register(ia3.tuner)
 register(loha.tuner)
 register(lokr.tuner)
+
+from . import adalora, boft, fourierft, oft, vera  # noqa: E402
+
+register(vera.tuner)
+register(fourierft.tuner)
+register(oft.tuner)
+register(boft.tuner)
+register(adalora.tuner)
+
+from .prompt_learning import p_tuning, prompt_tuning  # noqa: E402
+
+register(prompt_tuning.tuner)
+register(p_tuning.tuner)

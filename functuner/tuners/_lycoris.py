@@ -86,6 +86,9 @@ DeltaFn = Callable[[str, Mapping[str, torch.Tensor], tuple[int, ...]], torch.Ten
 # expected(module name, module, config) -> {tensor name: shape}; raises UnsupportedModuleError for a bad module
 ExpectedFn = Callable[[str, nn.Module, Any], dict[str, tuple[int, ...]]]
 
+# the PEFT release whose math and checkpoint layout these tuners follow (written as ``peft_version`` when unset)
+PEFT_LAYOUT_VERSION = "0.21.2"
+
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Any, Layout]] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
@@ -180,7 +183,7 @@ def selected_modules(model: nn.Module, config: Any) -> list[tuple[str, nn.Module
     selected = select_modules(
         model,
         config.target_modules,
-        exclude_modules=config.exclude_modules,
+        exclude_modules=getattr(config, "exclude_modules", None),
         layers_to_transform=getattr(config, "layers_to_transform", None),
         layers_pattern=getattr(config, "layers_pattern", None),
     )
@@ -402,7 +405,9 @@ def peft_format(peft_type: str, names: Sequence[str], what: str) -> Any:
 
     PEFT's files name them ``<m>.<name>`` (``get_peft_model_state_dict`` drops
     the adapter name); its ``adapter_config.json`` holds the config's fields and
-    ``peft_type`` (not ``swift_type``).
+    ``peft_type`` (not ``swift_type``).  ``shim_reads=False``: ``Swift.from_pretrained``
+    hands such PEFT directories to ``peft`` (a ``PeftModel``, SWIFT's contract);
+    ``functuner.load`` reads them as ``TunerParams``.
     """
     from .base import PeftFormat
 
@@ -410,6 +415,8 @@ def peft_format(peft_type: str, names: Sequence[str], what: str) -> Any:
         data = cast(dict[str, Any], config.to_dict())
         data.pop("swift_type", None)
         data["peft_type"] = peft_type
+        if data.get("peft_version") is None:  # PEFT always writes it; OFT's loader refuses a file without it
+            data["peft_version"] = PEFT_LAYOUT_VERSION
         return data
 
     def to_keys(state: Mapping[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
@@ -434,7 +441,9 @@ def peft_format(peft_type: str, names: Sequence[str], what: str) -> Any:
             out[f"{key}.{adapter_name}"] = value
         return out
 
-    return PeftFormat(peft_type=peft_type, config_to_json=config_to_json, to_keys=to_keys, from_keys=from_keys)
+    return PeftFormat(
+        peft_type=peft_type, config_to_json=config_to_json, to_keys=to_keys, from_keys=from_keys, shim_reads=False
+    )
 
 
 def model_check(expected: ExpectedFn) -> Callable[[nn.Module, Any, str], None]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.patterns import check_config_patterns
 from ..errors import ConfigError, ParamsMismatchError
 from .spec import CallContext, KeyNaming, PeftFormat, PerSample, ShardMergePlan, Tuner
 
@@ -38,6 +40,7 @@ __all__ = [
     "PerSample",
     "ShardMergePlan",
     "check_exact_tensors",
+    "check_numbers",
     "clone_module_tree",
     "Tuner",
     "TunerConfig",
@@ -71,6 +74,8 @@ class TunerConfig:
                 object.__setattr__(self, f.name, tuple(v))
             elif isinstance(v, set):
                 object.__setattr__(self, f.name, tuple(sorted(v)))
+        check_numbers(self)
+        check_config_patterns(self)  # regexes from a file are checked before anything matches with them
         self.check(complete=False)
 
     def check(self, *, complete: bool = True) -> None:
@@ -137,6 +142,45 @@ class TunerConfig:
         if cls is not TunerConfig and not isinstance(config, cls):
             raise ConfigError(f"{pretrained_model_name_or_path}: holds a {type(config).__name__}, not a {cls.__name__}")
         return config
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+_INT64_MAX = 2**63 - 1
+
+
+def _bad_number(value: Any, where: str) -> str | None:
+    """Where inside a config value a number is non-finite or out of range (``None`` if every number is fine)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX):
+        return f"{where}={value!r}: expected a finite number with |x| <= 3.4e38 (float32's range)"
+    if isinstance(value, int) and abs(value) > _INT64_MAX:
+        return f"{where}={value!r}: expected an integer with |x| < 2**63"
+    if isinstance(value, dict):
+        for k, v in value.items():
+            why = _bad_number(v, f"{where}[{k!r}]")
+            if why:
+                return why
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            why = _bad_number(v, f"{where}[{i}]")
+            if why:
+                return why
+    return None
+
+
+def check_numbers(config: Any) -> None:
+    """Refuse a NaN, an infinity, a float beyond float32's range or an integer beyond int64's in any config field.
+
+    Every numeric field of every tuner (``lora_alpha``, ``alpha_pattern``
+    values, ``lora_dropout``, learning-rate ratios...) ends up in float32 or
+    int64 tensor arithmetic; JSON from a file may hold ``NaN``, ``Infinity``
+    or ``1e300``.  Raises :class:`ConfigError` naming the field.
+    """
+    for f in dataclasses.fields(config):
+        why = _bad_number(getattr(config, f.name), f.name)
+        if why:
+            raise ConfigError(why)
 
 
 _DTYPES = {

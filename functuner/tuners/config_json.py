@@ -11,6 +11,7 @@ file and field, except PEFT/SWIFT bookkeeping fields at their neutral values.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import os
 from collections.abc import Mapping
@@ -30,8 +31,10 @@ __all__ = [
     "EXTRA_STATE_DIR",
     "SAFETENSORS_NAME",
     "config_from_json",
+    "config_from_peft",
     "config_to_json",
     "is_peft_native_type",
+    "kept_json_fields",
     "peft_config_json",
     "peft_tuner",
     "read_adapter_config",
@@ -77,7 +80,41 @@ def config_to_json(config: Any) -> dict[str, Any]:
     """The ``adapter_config.json`` content SWIFT writes for ``config`` (fields plus ``swift_type``)."""
     data = config.to_dict()
     data["swift_type"] = tuner_for(config).swift_type
+    for key, value in kept_json_fields(config).items():  # bookkeeping read from a file goes back as it was
+        data.setdefault(key, value)
+    absent = config.__dict__.get(
+        "_absent_json_fields", _NOT_IN_SWIFT_4_6 if "_kept_json_fields" not in config.__dict__ else ()
+    )
+    for f in dataclasses.fields(config):  # fields the file lacked (an older peft's) stay out while at their default
+        if f.name in absent and data.get(f.name) == _default_json(f):
+            del data[f.name]
     return cast(dict[str, Any], data)
+
+
+# Fields of newer peft releases that ms-swift 4.6 (which needs peft<0.19) does not write: a config built in code
+# leaves them out of SWIFT's adapter_config.json while they are at their default, so the file is the one SWIFT writes.
+_NOT_IN_SWIFT_4_6 = frozenset({"kasa_config", "monteclora_config", "use_bdlora", "velora_config"})
+
+
+def _default_json(f: dataclasses.Field[Any]) -> Any:
+    """A dataclass field's default as ``to_dict`` writes it (tuples as lists)."""
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return dataclasses.MISSING
+    return list(value) if isinstance(value, tuple) else value
+
+
+def kept_json_fields(config: Any) -> dict[str, Any]:
+    """The PEFT/SWIFT bookkeeping fields (``peft_version``, ``megatron_core``...) ``config`` was read with.
+
+    :func:`config_from_json` keeps them on the config (not a field: equality and
+    hashing ignore them) so that re-saving an ms-swift checkpoint writes its
+    ``adapter_config.json`` back byte for byte.  A copy; empty for a config built in code.
+    """
+    return {k: json.loads(json.dumps(v)) for k, v in config.__dict__.get("_kept_json_fields", {}).items()}
 
 
 def peft_tuner(config: Any, where: str = "") -> Tuner:
@@ -132,6 +169,7 @@ def config_from_json(data: Mapping[str, Any], source: str = CONFIG_NAME) -> Any:
     tuner = _tuner_of_json(data, source)
     names = {f.name for f in dataclasses.fields(tuner.config_cls)}
     kept: dict[str, Any] = {}
+    bookkeeping: dict[str, Any] = {}
     for key, value in data.items():
         if key in names:
             kept[key] = value
@@ -141,23 +179,69 @@ def config_from_json(data: Mapping[str, Any], source: str = CONFIG_NAME) -> Any:
             neutral = _NEUTRAL_FIELDS[key]
             if neutral is not _ANY and value != neutral and value not in (None, {}, [], False):
                 raise CheckpointError(f"{source}: field {key}={value!r} is not supported by functuner")
+            bookkeeping[key] = value
         else:
             raise CheckpointError(f"{source}: field {key!r} is unknown to functuner's {tuner.config_cls.__name__}")
     try:
-        return tuner.config_cls.from_dict(kept)  # type: ignore[attr-defined]
+        config = tuner.config_cls.from_dict(kept)  # type: ignore[attr-defined]
+        if bookkeeping:  # written back by config_to_json (kept_json_fields), so a re-save is byte for byte
+            object.__setattr__(config, "_kept_json_fields", json.loads(json.dumps(bookkeeping)))
+        if "swift_type" in data:  # fields a SWIFT file lacked are left out again while they keep their default
+            object.__setattr__(config, "_absent_json_fields", frozenset(names - set(data)))
+        return config
     except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError, RecursionError) as e:
         # ConfigError names the field; a raw error means a value of a JSON type the field cannot take
         raise CheckpointError(f"{source}: {e if isinstance(e, ConfigError) else f'{type(e).__name__}: {e}'}") from None
 
 
-def is_peft_native_type(peft_type: Any) -> bool:
-    """Whether ``peft_type`` (an ``adapter_config.json`` value) names one of PEFT's tuners functuner does not implement.
+def config_from_peft(peft_config: Any, not_ours: ConfigError | None = None) -> Any:
+    """functuner's config equal to a ``peft.PeftConfig`` of a tuner functuner implements (lossless, or refused).
 
-    Those are loaded by ``peft`` itself (:mod:`functuner.io.peft`), never read as functuner configs.
+    Every field of PEFT's config must have a functuner counterpart (same name)
+    or be PEFT bookkeeping at its neutral value; otherwise :class:`ConfigError`
+    names the field.  Sets (PEFT's ``target_modules``) become sorted lists,
+    enums their values, as in PEFT's ``adapter_config.json``.  An object that is
+    no PEFT config (no ``peft_type`` and ``to_dict``) raises ``not_ours`` (the
+    caller's "no tuner takes this config" error) or a ``ConfigError`` saying so.
+    """
+    if not (hasattr(peft_config, "peft_type") and callable(getattr(peft_config, "to_dict", None))):
+        raise not_ours or ConfigError(f"{type(peft_config).__name__} is not a PEFT config")
+    data = {k: _plain(v) for k, v in peft_config.to_dict().items()}
+    kind = data.get("peft_type")
+    if not any(t.peft is not None and t.peft.peft_type == kind for t in REGISTRY.values()):
+        have = sorted(t.peft.peft_type for t in REGISTRY.values() if t.peft is not None)
+        raise ConfigError(
+            f"{type(peft_config).__name__} (peft_type {kind!r}) has no functuner tuner; functuner implements {have}"
+            " of PEFT's types. Use Swift.prepare_model(model, peft_config), which returns a peft.PeftModel"
+        )
+    try:
+        return config_from_json(data, f"{type(peft_config).__name__}")
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _plain(value: Any) -> Any:
+    """A PEFT config value as JSON holds it (sets -> sorted lists, enums -> their values)."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, enum.Enum):  # PeftType, TaskType
+        return value.value
+    return value
+
+
+def is_peft_native_type(peft_type: Any) -> bool:
+    """Whether ``peft_type`` (an ``adapter_config.json`` value) names one of PEFT's tuners the shim leaves to ``peft``.
+
+    Those are PEFT's types functuner does not implement, and those whose tuner's
+    ``PeftFormat.shim_reads`` is ``False`` (IA3, LoHa, VeRA...: ``functuner.load``
+    reads them natively, but ``Swift.from_pretrained`` returns a ``PeftModel`` for
+    them, as SWIFT does); ``Swift`` loads them with ``peft`` itself (:mod:`functuner.io.peft`).
     """
     if not isinstance(peft_type, str):
         return False
-    if any(t.peft is not None and t.peft.peft_type == peft_type.upper() for t in REGISTRY.values()):
+    if any(
+        t.peft is not None and t.peft.shim_reads and t.peft.peft_type == peft_type.upper() for t in REGISTRY.values()
+    ):
         return False
     try:
         import peft

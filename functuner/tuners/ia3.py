@@ -254,9 +254,8 @@ def unmerge(model: nn.Module, params: TunerParams, merged: Mapping[str, torch.Te
     return _merge_impl(model, params, merged, invert=True)
 
 
-# PEFT's checkpoint layout for these params (``<module>.<name>`` under ``base_model.model.``).  Not yet the
-# tuner's ``peft`` field: with it, PEFT-format IA3 directories would be read by functuner instead of being
-# passed to ``peft`` by ``Swift.from_pretrained`` (tests/io/test_peft_passthrough.py pins the pass-through).
+# PEFT's checkpoint layout for these params (``<module>.<name>`` under ``base_model.model.``): functuner.load /
+# functuner.save read and write it; Swift.from_pretrained still hands PEFT directories to peft (shim_reads=False).
 PEFT_FORMAT = ly.peft_format("IA3", NAMES, "(IA)³")
 
 
@@ -269,6 +268,7 @@ tuner = Tuner(
     merge=merge,
     unmerge=unmerge,
     key_naming=KeyNaming(after=NAMES),
+    peft=PEFT_FORMAT,
     check_model=ly.model_check(expected_shapes),
     check_state=ly.state_check(NAMES, "(IA)³"),
 )

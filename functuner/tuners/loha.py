@@ -181,9 +181,8 @@ def _dropouts(cfg: LoHaConfig) -> tuple[float, float, bool]:
 routes, needs_generator, merge, unmerge = ly.delta_functions(_layout, _delta, _dropouts)
 
 
-# PEFT's checkpoint layout for these params (``<module>.<name>`` under ``base_model.model.``).  Not yet the
-# tuner's ``peft`` field: with it, PEFT-format LOHA directories would be read by functuner instead of being
-# passed to ``peft`` by ``Swift.from_pretrained`` (tests/io/test_peft_passthrough.py pins the pass-through).
+# PEFT's checkpoint layout for these params (``<module>.<name>`` under ``base_model.model.``): functuner.load /
+# functuner.save read and write it; Swift.from_pretrained still hands PEFT directories to peft (shim_reads=False).
 PEFT_FORMAT = ly.peft_format("LOHA", NAMES, "LoHa")
 
 
@@ -196,6 +195,7 @@ tuner = Tuner(
     merge=merge,
     unmerge=unmerge,
     key_naming=KeyNaming(after=NAMES),
+    peft=PEFT_FORMAT,
     check_model=ly.model_check(expected_shapes),
     check_state=ly.state_check(NAMES, "LoHa"),
     needs_generator=needs_generator,

@@ -233,9 +233,8 @@ def _dropouts(cfg: LoKrConfig) -> tuple[float, float, bool]:
 routes, needs_generator, merge, unmerge = ly.delta_functions(_layout, _delta, _dropouts)
 
 
-# PEFT's checkpoint layout for these params (``<module>.<name>`` under ``base_model.model.``).  Not yet the
-# tuner's ``peft`` field: with it, PEFT-format LOKR directories would be read by functuner instead of being
-# passed to ``peft`` by ``Swift.from_pretrained`` (tests/io/test_peft_passthrough.py pins the pass-through).
+# PEFT's checkpoint layout for these params (``<module>.<name>`` under ``base_model.model.``): functuner.load /
+# functuner.save read and write it; Swift.from_pretrained still hands PEFT directories to peft (shim_reads=False).
 PEFT_FORMAT = ly.peft_format("LOKR", NAMES, "LoKr")
 
 
@@ -248,6 +247,7 @@ tuner = Tuner(
     merge=merge,
     unmerge=unmerge,
     key_naming=KeyNaming(after=NAMES),
+    peft=PEFT_FORMAT,
     check_model=ly.model_check(expected_shapes),
     check_state=ly.state_check(NAMES, "LoKr"),
     needs_generator=needs_generator,

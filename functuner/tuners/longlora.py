@@ -437,5 +437,7 @@ tuner = Tuner(
     to_swift_keys=peft_format.to_swift_keys,
     from_swift_keys=peft_format.from_swift_keys,
     key_naming=peft_format.KEY_NAMING,
-    optimizer_groups=lora.tuner.optimizer_groups,  # LoRA+ on its LoRA part; no per-sample form (per_sample=None)
+    # no optimizer_groups: ms-swift 4.6's LongLoRA has no optimizer_group_callback, so its LoRA factors get the
+    # plain decay / no-decay groups (no LoRA+ lr ratio; checked side by side in tests/swift_interop/scenarios.py);
+    # no per-sample form (per_sample=None)
 )

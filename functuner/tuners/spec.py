@@ -68,6 +68,10 @@ class PeftFormat(NamedTuple):
     ``check_json(data, source)``: refuse a raw SWIFT ``adapter_config.json`` dict
     (read from ``source``) whose fields PEFT's format cannot hold, before a config
     is built from it (so a conversion says why PEFT cannot take it).
+    ``shim_reads``: whether ``Swift.from_pretrained`` reads PEFT directories of
+    this type into a ``SwiftModel`` (LoRA); ``False``: the shim hands them to
+    ``peft`` and returns a ``PeftModel`` (SWIFT's contract for PEFT's own tuners),
+    while ``functuner.load`` / ``functuner.save`` still read and write them natively.
     """
 
     peft_type: str
@@ -75,6 +79,11 @@ class PeftFormat(NamedTuple):
     to_keys: Callable[[Mapping[str, torch.Tensor], str], dict[str, torch.Tensor]]
     from_keys: Callable[[Mapping[str, torch.Tensor], str], dict[str, torch.Tensor]]
     check_json: Callable[[Mapping[str, Any], str], None] = lambda data, source: None
+    shim_reads: bool = True
+    # bare names (from ``to_keys``) PEFT stores at ``base_model.<name>``, outside the model (VeRA's shared projections)
+    outside_model: tuple[str, ...] = ()
+    # bare names (from ``to_keys``) PEFT stores with no prefix at all (prompt learning's ``prompt_embeddings``)
+    top_level: tuple[str, ...] = ()
 
 
 class PerSample(NamedTuple):
@@ -160,6 +169,10 @@ class Tuner(NamedTuple):
     ) = None
     # a new adapter combining adapters of this tuner (PEFT's add_weighted_adapter); None means "cannot be combined"
     combine: Callable[..., TunerParams] | None = None
+    # base weights a freshly initialised adapter runs on instead of the model's own: (model, initial params) ->
+    # {state key: new tensor}; LoRA's PiSSA/OLoRA/CorDA residual ``W - s B A``. Pure; the shim writes them into
+    # the model when it creates (or loads) the adapter, as PEFT does; {} (default): the base stays as it is
+    init_base_weights: Callable[[nn.Module, TunerParams], dict[str, torch.Tensor]] = lambda model, params: {}
     # whether adding an adapter of this tuner freezes the base model's parameters (SWIFT's has_additional_modules);
     # False for a tuner that adds no tensors and leaves the model fully trainable (NEFTune)
     freezes_base: bool = True

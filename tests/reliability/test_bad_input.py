@@ -95,7 +95,7 @@ def test_non_positive_rank(r: int) -> None:
         ("lora_dropout", 1.0, "lora_dropout"),
         ("lora_dropout", -0.1, "lora_dropout"),
         ("bias", "some", "bias"),
-        ("init_lora_weights", "pissa", "init_lora_weights"),
+        ("init_lora_weights", "pissa_niter_x", "init_lora_weights"),  # "pissa" itself is supported
         ("lora_dtype", "fp8", "lora_dtype"),
         ("use_qa_lora", True, "use_qa_lora"),
     ],

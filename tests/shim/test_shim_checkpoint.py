@@ -251,7 +251,8 @@ def test_swift_written_fixture_converts_for_peft(tmp_path: Path) -> None:
 
 def test_save_to_peft_format_refuses_what_peft_cannot_hold(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    sm = Swift.prepare_model(tiny_llama(), LoRAConfig(r=2, target_modules=["q_proj"], lora_dtype="fp32"))
+    # lora_dtype='fp32' is PEFT's default autocast (kept, see tests/quant); bf16 adapters have no PEFT counterpart
+    sm = Swift.prepare_model(tiny_llama(), LoRAConfig(r=2, target_modules=["q_proj"], lora_dtype="bf16"))
     sm.save_pretrained(tmp_path / "a")
     with pytest.raises(CheckpointError, match="lora_dtype"):
         Swift.save_to_peft_format(str(tmp_path / "a"), str(tmp_path / "out"))
@@ -280,7 +281,15 @@ def test_peft_saved_adapters_load_into_functuner(tmp_path: Path) -> None:
     for n in ("default", "emb"):
         pm.base_model.set_adapter(n)
         want[n] = _out(pm)
-    sm = Swift.from_pretrained(tiny_llama(), str(tmp_path))
+    # Swift.from_pretrained on a PEFT directory goes through peft and returns a PeftModel, as SWIFT does
+    # (this test used to assert a SwiftModel here, which broke code using PEFT's API on the result)
+    loaded = Swift.from_pretrained(tiny_llama(), str(tmp_path))
+    assert isinstance(loaded, peft.PeftModel) and set(loaded.peft_config) == {"default", "emb"}
+    for n in ("default", "emb"):
+        loaded.base_model.set_adapter(n)
+        assert torch.allclose(_out(loaded), want[n], atol=1e-6), n
+    # SwiftModel.from_pretrained (functuner's own reader) still loads the same directory into a SwiftModel
+    sm = SwiftModel.from_pretrained(tiny_llama(), str(tmp_path))
     assert set(sm.adapters) == {"default", "emb"}
     for n in ("default", "emb"):
         sm.set_active_adapters([n])
@@ -295,22 +304,28 @@ class _Boom:
         return (os.system, ("touch /tmp/functuner_pwned_marker",))
 
 
-def test_pickled_bin_is_refused_unless_weights_only(tmp_path: Path) -> None:
+def test_bin_is_read_only_with_the_restricted_loader(tmp_path: Path) -> None:
     sm = _trained_llama()
     sm.save_pretrained(tmp_path)
     folder = tmp_path / "default"
     torch.save(load_file(str(folder / "adapter_model.safetensors")), folder / "adapter_model.bin")
     (folder / "adapter_model.safetensors").unlink()
-    with pytest.raises(UnsafeCheckpointError, match="adapter_model.bin"):
-        Swift.from_pretrained(tiny_llama(), str(tmp_path))
+    # a tensor-only .bin loads without an opt-in, through torch.load(weights_only=True) (as SWIFT/PEFT read it);
+    # this used to be refused unless weights_only=True was passed
+    loaded = Swift.from_pretrained(tiny_llama(), str(tmp_path))
+    assert torch.equal(_out(loaded), _out(sm))
     loaded = Swift.from_pretrained(tiny_llama(), str(tmp_path), weights_only=True)
     assert torch.equal(_out(loaded), _out(sm))
     torch.save({"x": _Boom()}, folder / "adapter_model.bin")
     if os.path.exists("/tmp/functuner_pwned_marker"):
         os.unlink("/tmp/functuner_pwned_marker")
-    with pytest.raises(UnsafeCheckpointError):
-        Swift.from_pretrained(tiny_llama(), str(tmp_path), weights_only=True)
+    for kw in ({}, {"weights_only": True}):  # a payload the restricted loader refuses is refused, never run
+        with pytest.raises(UnsafeCheckpointError, match="adapter_model.bin"):
+            Swift.from_pretrained(tiny_llama(), str(tmp_path), **kw)
     assert not os.path.exists("/tmp/functuner_pwned_marker")
+    torch.save([torch.ones(2)], folder / "adapter_model.bin")  # loadable by the restricted loader, but no dict
+    with pytest.raises(UnsafeCheckpointError, match="plain dict of tensors"):
+        Swift.from_pretrained(tiny_llama(), str(tmp_path))
 
 
 def test_names_and_links_that_escape_are_refused(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 * per-sample ``adapter_names=`` with a LongLoRA adapter (a ``LoRAConfig``
   subclass without a per-sample form) is a clear :class:`ConfigError`;
-* LoRA+ groups come from LoRA's ``optimizer_groups`` hook (LongLoRA keeps them);
+* LoRA+ groups come from LoRA's ``optimizer_groups`` hook; LongLoRA has none, as in ms-swift 4.6;
 * ``add_weighted_adapter`` goes through the tuner's ``combine`` hook;
 * ``merge_and_unload`` with a non-mergeable adapter active merges the rest and warns;
 * no ``torch.optim`` global step hook after creating, training and using a SwiftModel;
@@ -58,17 +58,20 @@ def test_hooks_of_lora_and_longlora() -> None:
     lora, long, adapter = tuner_for(LoRAConfig()), tuner_for(_long()), tuner_for(AdapterConfig(dim=4))
     assert lora.per_sample is not None and lora.per_sample.kind == "LoRA"
     assert long.per_sample is None and adapter.per_sample is None
-    assert lora.optimizer_groups is not None and long.optimizer_groups is lora.optimizer_groups
+    assert lora.optimizer_groups is not None and long.optimizer_groups is None  # SWIFT's LongLoRA: no LoRA+
     assert adapter.optimizer_groups is None
     assert lora.combine is not None and long.combine is None and adapter.combine is None
 
 
-def test_longlora_keeps_lora_plus_groups() -> None:
+def test_longlora_has_swifts_plain_groups() -> None:
+    # ms-swift 4.6's LongLoRA returns no optimizer_group_callback: lorap_lr_ratio is ignored and its LoRA factors
+    # share the decay group at the default lr (run side by side in tests/swift_interop/scenarios.py; this test
+    # used to assert LoRA+ groups, which differed from SWIFT)
     sm = Swift.prepare_model(tiny_llama(), {"long": _long()})
     groups = sm.create_optimizer_param_groups(lr=1e-3, weight_decay=0.1)
+    assert all("lr" not in g for g in groups) and [g["weight_decay"] for g in groups] == [0.1, 0.0]
     b = {id(p) for k, p in sm.adapters["long"].tensors.items() if ".lora_B." in k}
-    (group,) = [g for g in groups if b and {id(p) for p in g["params"]} == b]
-    assert group["lr"] == pytest.approx(4e-3)
+    assert b and b <= {id(p) for p in groups[0]["params"]}
     everything = [id(p) for g in groups for p in g["params"]]
     assert sorted(everything) == sorted(id(p) for p in sm.parameters() if p.requires_grad)  # each exactly once
 

@@ -11,6 +11,7 @@ One module per concern:
 * :mod:`.tuner`: :func:`init`, :func:`validate` and ``tuner = Tuner(...)``, the registry entry.
 * :mod:`.mixed`: per-sample adapters in one batch (stacked adapters, pure).
 * :mod:`.combine`: ``add_weighted_adapter``'s combination types, pure.
+* :mod:`.variants`: PEFT's variants KaSA, MiCA, VeLoRA and BD-LoRA (:mod:`.monteclora`: MonteCLoRA), pure.
 
 The submodules ``tuner`` and ``merge`` are not shadowed by same-named attributes here: use
 ``functuner.tuners.lora.tuner.tuner`` for the registry entry and :func:`functuner.merge` to merge.

@@ -227,7 +227,12 @@ def _modules_of(params: TunerParams, model: nn.Module | None = None) -> dict[str
             f"add_weighted_adapter combines LoRA params; adapter {params.adapter_name!r} has a {type(cfg).__name__}"
         )
     ad = params.adapter_name
-    for field, value in (("lora_bias", cfg.lora_bias), ("target_parameters", getattr(cfg, "target_parameters", None))):
+    for field, value in (
+        ("lora_bias", cfg.lora_bias),
+        ("target_parameters", getattr(cfg, "target_parameters", None)),
+        *((f, getattr(cfg, f, None)) for f in ("kasa_config", "velora_config", "use_bdlora", "monteclora_config")),
+        ("init_lora_weights", "mica" if cfg.init_lora_weights == "mica" else None),
+    ):
         if value:
             raise ConfigError(
                 f"add_weighted_adapter cannot combine adapter {ad!r}: it has {field}={value!r}, which the combined"

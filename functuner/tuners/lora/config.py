@@ -9,17 +9,44 @@ field), not at the first forward.  Per-module rank, alpha and scaling
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ...core.targets import pattern_value
 from ...errors import ConfigError
 from ..base import TunerConfig, resolve_dtype
+from .tokens import check_indices
+from .variants import normalize_config as normalize_variants
 
-__all__ = ["LoRAConfig", "LoraConfig"]
+__all__ = ["LoRAConfig", "LoraConfig", "check_init_choice", "pissa_niter"]
 
-_INIT_CHOICES = (True, False, "gaussian")
+_INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora", "orthogonal", "eva", "corda", "mica")
 _BIAS_CHOICES = ("none", "all", "lora_only")
+
+
+def pissa_niter(init: Any) -> int | None:
+    """The ``N`` of ``init_lora_weights="pissa_niter_N"`` (PiSSA by fast randomized SVD), else ``None``."""
+    if isinstance(init, str):
+        m = re.fullmatch(r"pissa_niter_(\d+)", init)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def check_init_choice(init: Any) -> None:
+    """Refuse an ``init_lora_weights`` functuner does not implement (:class:`ConfigError` naming the field)."""
+    if init in (True, False) and isinstance(init, bool):
+        return
+    if init in ("gaussian", "pissa", "olora", "orthogonal", "eva", "corda", "mica") or pissa_niter(init) is not None:
+        return
+    if init == "loftq":
+        raise ConfigError(
+            "init_lora_weights='loftq' is not supported by functuner yet (LoftQ replaces the base weights by"
+            " quantized ones while it initialises); use 'pissa' on a full-precision base and quantize the"
+            " residual model, or PEFT's LoftQ"
+        )
+    raise ConfigError(f"init_lora_weights={init!r} is not supported; use one of {_INIT_CHOICES}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,6 +75,14 @@ class LoRAConfig(TunerConfig):
     exclude_modules: Any = None
     lora_bias: bool = False
     target_parameters: Any = None  # PEFT's: LoRA on raw nn.Parameters (2-D, or 3-D fused MoE experts)
+    trainable_token_indices: Any = None  # PEFT's: train a few embedding rows ([ids] or {module: [ids]})
+    eva_config: Any = None  # PEFT's EvaConfig fields as a dict (init_lora_weights="eva"); None: PEFT's defaults
+    corda_config: Any = None  # PEFT's CordaConfig fields as a dict (init_lora_weights="corda"); None: defaults
+    # PEFT's LoRA variants (functuner.tuners.lora.variants): its sub-config objects or their dicts, kept as dicts
+    kasa_config: Any = None  # KaSA: {"beta", "gamma"}
+    velora_config: Any = None  # VeLoRA: {"num_groups", "scale", "init_type"}
+    use_bdlora: Any = None  # BD-LoRA: {"target_modules_bd_a", "target_modules_bd_b", "nblocks", "match_strict"}
+    monteclora_config: Any = None  # MonteCLoRA: refused (ConfigError)
     # SWIFT's extra fields
     lora_dtype: Any = None
     lorap_lr_ratio: float | None = 16.0  # SWIFT's default (2**4); None: no LoRA+ groups of its own
@@ -80,10 +115,8 @@ class LoRAConfig(TunerConfig):
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in _BIAS_CHOICES:
             raise ConfigError(f"bias must be one of {_BIAS_CHOICES}, got {self.bias!r}")
-        if self.init_lora_weights not in _INIT_CHOICES:
-            raise ConfigError(
-                f"init_lora_weights={self.init_lora_weights!r} is not supported; use one of {_INIT_CHOICES}"
-            )
+        check_init_choice(self.init_lora_weights)
+        check_indices(self.trainable_token_indices)
         for name in ("use_qa_lora", "use_merged_linear"):
             if getattr(self, name):
                 raise ConfigError(f"{name}=True is not supported by functuner's LoRA")
@@ -106,6 +139,7 @@ class LoRAConfig(TunerConfig):
             ):
                 if bad:
                     raise ConfigError(f"target_parameters does not work with {name}={bad!r} (PEFT refuses it too)")
+        normalize_variants(self)
         resolve_dtype(self.lora_dtype, "lora_dtype")
         if self.lorap_lr_ratio is not None and self.lorap_lr_ratio <= 0:
             raise ConfigError(f"lorap_lr_ratio must be positive, got {self.lorap_lr_ratio!r}")

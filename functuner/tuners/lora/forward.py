@@ -17,17 +17,20 @@ from torch import nn
 from ...core.params import TunerParams
 from ...core.routing import Routes, ensure_slots
 from ..base import CallContext, override_slot
-from .layout import Site, layout_of
+from .layout import Site, base_weight, layout_of
 from .math import (
     PARAM_KINDS,
     add_lowrank,
     conv_fn,
+    dora_conv_delta,
     dora_norm,
     dora_row_norm_lowrank,
     lora_delta,
     param_delta,
     weight_as_out_in,
 )
+from .tokens import tied_modules, with_rows
+from .variants import effective_factors, kasa_dropped, monteclora_a, velora_linear
 
 __all__ = ["first_arg", "needs_generator", "routes"]
 
@@ -85,7 +88,7 @@ def _slot(
         lora_out = (emb @ B.T) * s
         if M is None:
             return (out + lora_out).to(out_dtype)
-        w = module.weight
+        w = base_weight(module)
         norm = dora_norm(w.T.detach(), lora_delta(A.detach(), B.detach(), s, kind).T, kind).to(M.dtype)
         scale = M / norm
         return (scale * out + scale * lora_out).to(out_dtype)
@@ -105,12 +108,12 @@ def _slot(
     if M is None:
         return (out + lora_out * s).to(out_dtype)
     # DoRA
-    w = module.weight
+    w = base_weight(module)  # a quantized layer's weight dequantized
     w_oi = weight_as_out_in(w, kind)
     with torch.no_grad():
         if kind == "conv":
-            delta = lora_delta(A.detach(), B.detach(), s, kind)
-            norm = dora_norm(w_oi.detach(), weight_as_out_in(delta, kind), kind)
+            delta = dora_conv_delta(A.detach(), B.detach(), s, tuple(w.shape))
+            norm = dora_norm(w_oi.detach(), delta, kind)
         else:
             norm = dora_row_norm_lowrank(w_oi.detach(), A.detach(), B.detach(), s)
     scale = M / norm.to(M.dtype)
@@ -152,12 +155,46 @@ def _fused_linear(
     if M is None:
         return add_lowrank(out, h, B, s)
     with torch.no_grad():
-        weight: torch.Tensor = module.weight  # type: ignore[assignment]
+        weight = base_weight(module)  # a quantized layer's weight dequantized
         norm = dora_row_norm_lowrank(weight_as_out_in(weight, kind).detach(), A.detach(), B.detach(), s)
     scale = M.view(-1) / norm.to(M.dtype)
     base_result = out if base_bias is None else out - base_bias
     scaled = add_lowrank(base_result, h, B, s) * scale.to(out.dtype)
     return scaled if base_bias is None else scaled + base_bias
+
+
+def _variant_slot(
+    site: Site,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    extra: tuple[torch.Tensor, ...],
+    bias: torch.Tensor | None,
+    generator: torch.Generator | None,
+    module: Any,  # nn.Linear (KaSA, VeLoRA, MonteCLoRA) or transformers Conv1D (VeLoRA, MonteCLoRA)
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """KaSA (``extra``: ``lora_diag``), VeLoRA (the stored projection) and MonteCLoRA (its sampler tensors)."""
+    vs = site.variant
+    assert vs is not None
+    x = first_arg(args, kwargs)
+    out_dtype = out.dtype
+    base_bias = getattr(module, "bias", None)
+    if bias is not None:
+        out = out + ((bias - base_bias) if base_bias is not None else bias)
+    xa = x.to(A.dtype)
+    if site.dropout > 0.0 and module.training:
+        xa = _dropout(xa, site.dropout, generator)
+    if vs.name == "kasa":  # the base output without W's r smallest singular components (PEFT truncates W itself)
+        us, vh = kasa_dropped(cast(torch.Tensor, module.weight), int(A.shape[0]))
+        out = out - F.linear(F.linear(x.to(vh.dtype), vh), us).to(out.dtype)
+        h = F.linear(xa, A) * extra[0].to(A.dtype)
+    elif vs.name == "monteclora":
+        h = F.linear(xa, monteclora_a(vs, A, extra, generator) if module.training else A)
+    else:
+        h = velora_linear(xa, A, vs, extra[0], bool(module.training))
+    return (out + F.linear(h, B) * site.scaling).to(out_dtype)
 
 
 def _param_slot(
@@ -178,6 +215,20 @@ def _param_slot(
     return override_slot(overrides)(module, args, kwargs, out)
 
 
+def _token_slot(
+    owner: nn.Module,
+    indices: tuple[int, ...],
+    rows: torch.Tensor,
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    out: Any,
+) -> Any:
+    """Trainable tokens: re-run ``module`` with ``owner``'s weight (read at call time) with ``rows`` at ``indices``."""
+    weight = with_rows(cast(torch.Tensor, owner.weight), indices, rows)
+    return override_slot({"weight": weight})(module, args, kwargs, out)
+
+
 def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
     """The slot functions one call runs: a LoRA delta at each adapted module, overrides elsewhere."""
     layout = layout_of(model, params)
@@ -188,11 +239,19 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
         if site.kind in PARAM_KINDS:
             raw.setdefault(site.module, []).append((site, params[site.a], params[site.b]))
             continue
+        vs = site.variant
+        if vs is not None and vs.name in ("kasa", "velora", "monteclora"):
+            extra = tuple(params[k] for k in vs.keys)
+            bias = params[site.bias] if site.bias else None
+            fn = functools.partial(_variant_slot, site, params[site.a], params[site.b], extra, bias, gen)
+            fwd.setdefault(site.module, []).append(fn)
+            continue
+        A, B = effective_factors(vs, params[site.a], params[site.b], params)  # BD-LoRA blocks, MiCA's frozen B
         fn = functools.partial(
             _slot,
             site,
-            params[site.a],
-            params[site.b],
+            A,
+            B,
             params[site.m] if site.m else None,
             params[site.bias] if site.bias else None,
             params[site.lora_bias] if site.lora_bias else None,
@@ -203,12 +262,18 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
         fwd.setdefault(module, []).append(functools.partial(_param_slot, tuple(entries)))
     for module, pairs in layout.overrides:
         fwd.setdefault(module, []).insert(0, override_slot({pname: params[key] for pname, key in pairs}))
+    for t in layout.tokens:  # trainable tokens: the weight with its rows replaced, also in tied modules (lm_head)
+        rows = functools.partial(_token_slot, t.module, t.indices, params[t.key])
+        for tied in tied_modules(model, t.module):
+            fwd.setdefault(tied, []).insert(0, rows)
     ensure_slots(list(fwd))
     return Routes(forward=fwd)
 
 
 def needs_generator(model: nn.Module, params: TunerParams) -> bool:
     """Whether a call on ``model`` (in its current train/eval mode) would draw random numbers."""
+    if params.config.monteclora_config is not None:  # MonteCLoRA perturbs A in training
+        return any(s.module.training for s in layout_of(model, params).sites)
     if params.config.lora_dropout <= 0:
         return False
     return any(s.module.training for s in layout_of(model, params).sites if s.kind != "embedding")

@@ -15,10 +15,33 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["EMBEDDING_PARTS", "LORA_PARTS", "LoraKey", "lora_b_bias_name", "param_names", "parse_key"]
+__all__ = [
+    "BARE_PARTS",
+    "EMBEDDING_PARTS",
+    "VARIANT_PARTS",
+    "LORA_PARTS",
+    "MONTECLORA_LEAVES",
+    "MONTECLORA_PART",
+    "LoraKey",
+    "lora_b_bias_name",
+    "param_names",
+    "parse_key",
+]
 
-LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+VARIANT_PARTS = ("lora_diag", "lora_velora_embed")  # KaSA's singular values, VeLoRA's projection (no ".weight")
+MONTECLORA_PART = "lora_monteclora_sampler"  # MonteCLoRA's sampler: ``<module>.<part>[.<adapter>].<leaf>``
+MONTECLORA_LEAVES = ("std_prior", "expert_weights_prior", "gaussian_var_prior", "expert_weights")
+LORA_PARTS = (
+    "lora_A",
+    "lora_B",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    "lora_magnitude_vector",
+    *VARIANT_PARTS,
+    MONTECLORA_PART,
+)
 EMBEDDING_PARTS = ("lora_embedding_A", "lora_embedding_B")
+BARE_PARTS = (*EMBEDDING_PARTS, *VARIANT_PARTS)  # in memory ``<module>.<part>.<adapter>``, without ".weight"
 
 
 class LoraKey(NamedTuple):
@@ -29,6 +52,7 @@ class LoraKey(NamedTuple):
     adapter: str | None  # None in PEFT's on-disk spelling, which carries no adapter name
     weight: bool  # whether the key ends in ".weight"
     bias: bool = False  # ``lora_B``'s own bias (``lora_bias=True``): ``<module>.lora_B[.<adapter>].bias``
+    leaf: str = ""  # MonteCLoRA's sampler tensor (``std_prior``...): ``<module>.lora_monteclora_sampler[.<ad>].<leaf>``
 
 
 def parse_key(key: str) -> LoraKey | None:
@@ -41,6 +65,11 @@ def parse_key(key: str) -> LoraKey | None:
     """
     parts = key.split(".")
     n = len(parts)
+    if n >= 2 and parts[-1] in MONTECLORA_LEAVES:
+        if parts[-2] == MONTECLORA_PART:
+            return LoraKey(".".join(parts[:-2]), MONTECLORA_PART, None, False, False, parts[-1])
+        if n >= 3 and parts[-3] == MONTECLORA_PART:
+            return LoraKey(".".join(parts[:-3]), MONTECLORA_PART, parts[-2], False, False, parts[-1])
     if n >= 2 and parts[-1] == "bias" and "lora_B" in parts[-3:-1]:  # lora_bias=True: B's own bias
         if parts[-2] == "lora_B":
             return LoraKey(".".join(parts[:-2]), "lora_B", None, False, True)

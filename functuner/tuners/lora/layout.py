@@ -20,13 +20,18 @@ from torch import nn
 from ...core.params import TunerParams
 from ...core.targets import is_conv1d_gpt2
 from ...errors import ConfigError, ParamsMismatchError, UnsupportedModuleError
+from ...quant.registry import check_supported
+from ...quant.weights import dense_weight, weight_shape
 from .config import LoRAConfig
 from .keys import lora_b_bias_name, param_names, parse_key
 from .math import PARAM_KINDS
+from .tokens import indices_for, parse_token_key
+from .variants import VariantSite, check_site_variant, extra_shapes, factor_shapes, site_variant
 
 __all__ = [
     "Layout",
     "Site",
+    "TokenSite",
     "base_weight",
     "check_site",
     "conv_groups",
@@ -47,8 +52,12 @@ def layer_kind(module: nn.Module, name: str) -> str:
     """What ``module`` is to LoRA: ``"linear"``, ``"conv1d_gpt2"``, ``"embedding"`` or ``"conv"``.
 
     ``"conv"`` is ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``, grouped or not.
-    Raises :class:`UnsupportedModuleError` naming ``name`` for any other module.
+    A registered quantized linear layer (:mod:`functuner.quant`) is ``"linear"``;
+    Raises :class:`UnsupportedModuleError` naming ``name`` for any other module
+    (an unregistered quantized layer included).
     """
+    if check_supported(module, name) is not None:
+        return "linear"
     if is_conv1d_gpt2(module):
         return "conv1d_gpt2"
     if isinstance(module, nn.Linear):
@@ -76,8 +85,7 @@ def check_site(module: nn.Module, name: str, kind: str, r: int, use_dora: bool) 
     Grouped convolutions (``groups > 1``), as PEFT does them: ``A`` is a full
     conv ``in -> r`` and ``B`` a 1x1 conv grouped like the base layer, so the
     rank must be divisible by ``groups`` (PEFT refuses the same).  DoRA on a
-    grouped convolution is not supported: its row norm needs ``B A`` as a
-    grouped kernel, which it is not.
+    grouped convolution uses PEFT's row norm (:func:`.math.dora_conv_delta`).
     """
     if kind == "mha":
         if not getattr(module, "_qkv_same_embed_dim", True):
@@ -95,11 +103,6 @@ def check_site(module: nn.Module, name: str, kind: str, r: int, use_dora: bool) 
         raise ConfigError(
             f"LoRA on {name!r} ({type(module).__name__}, groups={groups}): rank r={r} is not divisible by groups;"
             " choose r (or rank_pattern for this module) as a multiple of groups, or do not target it"
-        )
-    if use_dora:
-        raise ConfigError(
-            f"LoRA on {name!r}: DoRA on grouped convolutions (groups={groups}) is not supported; use plain LoRA"
-            " (use_dora=False) or exclude this module (exclude_modules)"
         )
 
 
@@ -154,9 +157,13 @@ def base_weight(module: nn.Module) -> torch.Tensor:
     """``module.weight`` typed as a tensor (``nn.Module.__getattr__`` is typed ``Tensor | Module``).
 
     ``nn.MultiheadAttention``: its fused q/k/v projection ``in_proj_weight`` ``(3 E, E)``.
+    A quantized linear layer (:mod:`functuner.quant`): its weight dequantized, fp32 ``(out, in)``.
     """
     if isinstance(module, nn.MultiheadAttention):
         return cast(torch.Tensor, module.in_proj_weight)
+    dense = dense_weight(module)
+    if dense is not None:
+        return dense
     return cast(torch.Tensor, module.weight)
 
 
@@ -203,6 +210,16 @@ class Site(NamedTuple):
     dropout: float
     lora_bias: str | None = None  # key of lora_B's own bias (lora_bias=True)
     weight_name: str = "weight"  # the adapted parameter of the module (target_parameters: any name)
+    variant: VariantSite | None = None  # KaSA / MiCA / VeLoRA / BD-LoRA (:mod:`.variants`)
+
+
+class TokenSite(NamedTuple):
+    """Trainable tokens (``trainable_token_indices``) of one module: its rows ``indices`` come from ``key``."""
+
+    name: str
+    module: nn.Module
+    key: str
+    indices: tuple[int, ...]
 
 
 class Layout(NamedTuple):
@@ -210,6 +227,7 @@ class Layout(NamedTuple):
 
     sites: tuple[Site, ...]
     overrides: tuple[tuple[nn.Module, tuple[tuple[str, str], ...]], ...]  # module, ((param name, tensor key), ...)
+    tokens: tuple[TokenSite, ...] = ()  # trainable tokens (rows of an embedding replaced)
 
 
 _LAYOUT_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Any, Layout]] = weakref.WeakKeyDictionary()
@@ -232,6 +250,7 @@ def _build_layout(model: nn.Module, params: TunerParams) -> Layout:
     claimed: set[str] = set()
     keys = list(params)
     modules_to_save_keys: dict[str, list[tuple[str, str]]] = {}
+    tokens: list[TokenSite] = []
     ptargets = param_targets(model, cfg)
     for key in keys:
         parsed = parse_key(key)
@@ -261,6 +280,10 @@ def _build_layout(model: nn.Module, params: TunerParams) -> Layout:
                 )
             if has_lb and kind == "embedding":
                 raise ConfigError(f"LoRA on {mname!r}: lora_bias=True is not supported on embeddings (as in PEFT)")
+            variant = site_variant(cfg, mname, kind, ad) if kind not in PARAM_KINDS else None
+            missing = [k for k in (variant.keys if variant is not None else ()) if k not in params]
+            if variant is not None and missing:
+                raise ParamsMismatchError(f"params for {mname!r}: the {variant.name} variant needs {missing[0]!r}")
             sites.append(
                 Site(
                     mname,
@@ -274,9 +297,16 @@ def _build_layout(model: nn.Module, params: TunerParams) -> Layout:
                     float(cfg.lora_dropout),
                     lb_key if has_lb else None,
                     weight_name,
+                    variant,
                 )
             )
             claimed.update(k for k in (a, b, m if has_m else None, bias_key, lb_key if has_lb else None) if k)
+            claimed.update(variant.keys if variant is not None else ())
+        tk = parse_token_key(key)
+        if tk is not None and tk.adapter == ad:
+            tmod = _find_module(model, tk.module, key)
+            tokens.append(TokenSite(tk.module, tmod, key, indices_for(cfg.trainable_token_indices, tk.module)))
+            claimed.add(key)
         if ".modules_to_save." in key:
             mname, _, rest = key.partition(".modules_to_save.")
             if not rest.startswith(ad + "."):
@@ -296,7 +326,14 @@ def _build_layout(model: nn.Module, params: TunerParams) -> Layout:
             raise ParamsMismatchError(f"params key {key!r} is not a LoRA, bias or modules_to_save tensor")
         module = _find_module(model, mname, key)
         overrides.append((module, (("bias", key),)))
-    return Layout(tuple(sites), tuple(overrides))
+    adapted = {s.name for s in sites}
+    for t in tokens:
+        if t.name in adapted:
+            raise ConfigError(
+                f"LoRA on {t.name!r}: the module is adapted by LoRA and has trainable tokens"
+                " (trainable_token_indices); PEFT keeps the two apart too: drop it from one of them"
+            )
+    return Layout(tuple(sites), tuple(overrides), tuple(tokens))
 
 
 def _mha_site(
@@ -377,7 +414,8 @@ def _compiled_layout(model: nn.Module, params: TunerParams) -> Layout:
 def _check_shapes(model: nn.Module, params: TunerParams, layout: Layout) -> None:
     for s in layout.sites:
         r = params[s.a].shape[0] if params[s.a].dim() > 0 else -1
-        weight = s.module.get_parameter(s.weight_name)
+        qshape = weight_shape(s.module) if s.weight_name == "weight" else None  # a quantized layer's true shape
+        weight = torch.empty(qshape, device="meta") if qshape else s.module.get_parameter(s.weight_name)
         if s.kind in PARAM_KINDS and weight.dim() == 3:
             r //= weight.shape[0]  # fused experts: A holds r rows per expert
         want_r = params.config.rank_for(s.name)
@@ -387,7 +425,12 @@ def _check_shapes(model: nn.Module, params: TunerParams, layout: Layout) -> None
                 " (the scaling lora_alpha/r depends on it; fix r or rank_pattern)"
             )
         ea, eb, em = shapes_for_weight(tuple(weight.shape), s.kind, r, conv_groups(s.module))
-        for key, expect in ((s.a, ea), (s.b, eb), (s.m, em)):
+        extra: tuple[tuple[str | None, tuple[int, ...]], ...] = ()
+        if s.variant is not None:
+            check_site_variant(s.variant, s.name, tuple(weight.shape), r, s.kind)
+            extra = extra_shapes(s.variant, r, ea[1])
+            ea, eb = factor_shapes(s.variant, ea, eb)
+        for key, expect in ((s.a, ea), (s.b, eb), (s.m, em), *extra):
             if key is None:
                 continue
             got = tuple(params[key].shape)
@@ -407,6 +450,15 @@ def _check_shapes(model: nn.Module, params: TunerParams, layout: Layout) -> None
             mb = getattr(s.module, "bias", None)
             if mb is None or tuple(params[s.bias].shape) != tuple(mb.shape):
                 raise ParamsMismatchError(f"params[{s.bias!r}] does not fit the bias of module {s.name!r}")
+    for t in layout.tokens:
+        tw = t.module._parameters.get("weight")
+        rows = (len(t.indices), int(tw.shape[1])) if tw is not None and tw.dim() == 2 else None
+        if tw is None or rows is None or tuple(params[t.key].shape) != rows or max(t.indices) >= tw.shape[0]:
+            raise ParamsMismatchError(
+                f"params[{t.key!r}] has shape {tuple(params[t.key].shape)}, but module {t.name!r}"
+                f" (weight {tuple(tw.shape) if tw is not None else None}) with {len(t.indices)} trainable"
+                f" tokens needs {rows}"
+            )
     for module, pairs in layout.overrides:
         own = dict(module.named_parameters())
         for pname, key in pairs:

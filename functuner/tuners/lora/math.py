@@ -19,6 +19,7 @@ import torch.nn.functional as F
 __all__ = [
     "add_lowrank",
     "conv_fn",
+    "dora_conv_delta",
     "dora_norm",
     "dora_row_norm_lowrank",
     "PARAM_KINDS",
@@ -83,6 +84,21 @@ def lora_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, kind: str = "li
     if kind in ("conv1d_gpt2", "embedding"):
         delta = delta.T
     return delta
+
+
+def dora_conv_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, weight_shape: tuple[int, ...]) -> torch.Tensor:
+    """``s B A`` for DoRA's row norm on a convolution of weight shape ``weight_shape`` (float32), as PEFT forms it.
+
+    Ungrouped: the delta of :func:`lora_delta`.  Grouped (``B`` is ``(out, r / groups, 1...)``): PEFT's
+    ``_DoraConvNdLayer`` reshapes ``B`` to ``(out / groups, r)``, multiplies by ``A`` viewed ``(r, in k...)`` and
+    reshapes the product to the grouped kernel's shape ``(out, in / groups, k...)``.  That is not the effective
+    kernel of the grouped ``B`` after ``A`` (no grouped weight can hold it), but it is the norm PEFT's DoRA
+    trains and initialises its magnitudes with, so functuner uses the same to load and match its checkpoints.
+    """
+    if B.shape[1] == A.shape[0]:
+        return lora_delta(A, B, scaling, "conv")
+    r = A.shape[0]
+    return (B.float().reshape(-1, r) @ A.float().reshape(r, -1)).reshape(weight_shape) * scaling
 
 
 def dora_norm(weight_out_in: torch.Tensor, delta_out_in: torch.Tensor, kind: str) -> torch.Tensor:

@@ -17,7 +17,10 @@ from torch import nn
 
 from ...core.params import TunerParams
 from ...errors import ConfigError, ParamsMismatchError
+from ...quant.weights import densify
 from .math import dora_norm, lora_delta, plus_delta, weight_as_out_in
+from .tokens import with_rows
+from .variants import merge_inputs
 from .weight_layout import WeightLayout, weight_layout, weight_layout_of_model
 
 __all__ = ["ModelOrWeights", "merge", "merged_weight", "unmerge"]
@@ -37,7 +40,9 @@ def _layout_and_state(
     """The weight layout of ``params`` and the state it applies to (``base``, else the model's or the mapping)."""
     if isinstance(model_or_weights, nn.Module):
         state = _state_of(model_or_weights) if base is None else base
-        return weight_layout_of_model(model_or_weights, params), state
+        layout = weight_layout_of_model(model_or_weights, params)
+        # quantized layers (functuner.quant): merge arithmetic runs on their dequantized fp32 weights
+        return layout, densify(model_or_weights, state, [s.name for s in layout.sites if s.weight_name == "weight"])
     if not isinstance(model_or_weights, Mapping):
         raise ConfigError(
             f"{what}: expected an nn.Module or a {{name: tensor}} weights mapping, got {type(model_or_weights).__name__}"
@@ -115,10 +120,11 @@ def _merge_impl(
         wkey = f"{site.name}.{site.weight_name}"
         if wkey not in state:
             raise ParamsMismatchError(f"merge: base state has no {wkey!r}")
-        W = state[wkey]
+        W = dtype_of = state[wkey]
         M = params[site.m] if site.m is not None else None
-        new = merged_weight(W, params[site.a], params[site.b], site.scaling, site.kind, M, norm_state[wkey])
-        _set_with_aliases(out, state, wkey, new.to(W.dtype))
+        W, A, B = merge_inputs(site.variant, W, norm_state[wkey], params[site.a], params[site.b], params)
+        new = merged_weight(W, A, B, site.scaling, site.kind, M, norm_state[wkey])
+        _set_with_aliases(out, state, wkey, new.to(dtype_of.dtype))
         bkey = f"{site.name}.bias"
         if site.bias is not None:
             new_bias = params[site.bias]
@@ -135,6 +141,8 @@ def _merge_impl(
         if full not in state:
             raise ParamsMismatchError(f"merge: base state has no {full!r} (for params key {key!r})")
         _set_with_aliases(out, state, full, params[key])
+    for wkey, key, idx in layout.token_rows:  # trainable tokens: their rows replace the weight's (tied too)
+        _set_with_aliases(out, state, wkey, with_rows(out[wkey], idx, params[key]))
     return out
 
 
@@ -166,6 +174,8 @@ def merge(
     the adapter forward and in PEFT.
     """
     layout, state = _layout_and_state(model_or_weights, params, base, "merge")
+    if unmerged is not None and isinstance(model_or_weights, nn.Module):
+        unmerged = densify(model_or_weights, unmerged, [s.name for s in layout.sites if s.weight_name == "weight"])
     return _merge_impl(layout, params, state, unmerged)
 
 
@@ -182,7 +192,9 @@ def unmerge(
     were a fixed point after one cycle in every example).  DoRA raises (the merged weights do not determine the
     original ones); keep the original weights instead, which :func:`merge` never
     overwrites.  Biases / ``modules_to_save`` cannot be restored from the adapter
-    and are returned as they are in ``merged``.  ``model_or_weights`` as in
+    and are returned as they are in ``merged``; so are trainable-token rows when ``model_or_weights`` is a
+    weights mapping (given the model, whose weights merge never writes, they are restored from it).
+    ``model_or_weights`` as in
     :func:`merge`; ``merged`` defaults to the weights mapping itself.
     """
     if merged is None and isinstance(model_or_weights, nn.Module):
@@ -195,12 +207,22 @@ def unmerge(
                 f"unmerge: DoRA ({site.name!r}) is not invertible from merged weights alone; keep the original"
                 " weights (functuner.merge never overwrites them)"
             )
+        if site.variant is not None and site.variant.name == "kasa":
+            raise ConfigError(
+                f"unmerge: KaSA ({site.name!r}) is not invertible from merged weights alone (its merge drops singular"
+                " components of the base weight); keep the original weights (functuner.merge never overwrites them)"
+            )
         wkey = f"{site.name}.{site.weight_name}"
         W = merged[wkey]
-        new = plus_delta(W, params[site.a], params[site.b], -site.scaling, site.kind).to(W.dtype)
+        _, A, B = merge_inputs(site.variant, W, W, params[site.a], params[site.b], params)
+        new = plus_delta(W, A, B, -site.scaling, site.kind).to(W.dtype)
         _set_with_aliases(out, merged, wkey, new)
         if site.lora_bias is not None:
             bkey = f"{site.name}.bias"
             base_bias = _lora_bias_base(merged, bkey, site.name, "unmerge")
             _set_with_aliases(out, merged, bkey, _shift_bias(base_bias, params[site.lora_bias], -site.scaling))
+    if isinstance(model_or_weights, nn.Module):  # trainable tokens: the model still holds the original rows
+        for wkey, _key, idx in layout.token_rows:
+            original = model_or_weights.get_parameter(wkey).detach()
+            _set_with_aliases(out, merged, wkey, with_rows(out[wkey], idx, original[list(idx)]))
     return out

@@ -25,7 +25,8 @@ convolutions (one group per sample).
 Supported per sample: plain LoRA, rsLoRA, DoRA (per-sample magnitude scale),
 mixed ranks and mixed target modules (an adapter that does not adapt a module
 contributes zero there), trainable biases of adapted modules, ``lora_bias``,
-``nn.Conv3d``.  Not supported (a :class:`~functuner.errors.ConfigError` names the
+``nn.Conv3d``, trainable tokens (``trainable_token_indices``: the embedding, and a
+tied ``lm_head``, run once per such adapter and each sample takes its adapter's output).  Not supported (a :class:`~functuner.errors.ConfigError` names the
 adapter and the module type): grouped convolutions, raw parameters
 (``target_parameters``, ``nn.MultiheadAttention``), ``modules_to_save``
 copies and trainable biases of modules LoRA does not adapt; dropout in training
@@ -52,11 +53,12 @@ from torch import nn
 from ...core.params import TunerParams
 from ...core.routing import Routes, ensure_slots, routed
 from ...errors import AdapterNameError, ConfigError
-from ..base import PerSample
+from ..base import PerSample, override_slot
 from .config import LoRAConfig
 from .forward import first_arg
 from .layout import layout_of
 from .math import PARAM_KINDS, conv_fn, dora_norm, lora_delta, weight_as_out_in
+from .tokens import tied_modules, with_rows
 
 __all__ = ["BASE", "PER_SAMPLE", "AdapterStack", "apply_mixed", "index_of", "mixed_routes", "stack_adapters"]
 
@@ -93,6 +95,8 @@ class AdapterStack(NamedTuple):
 
     names: tuple[str, ...]
     sites: tuple[_StackSite, ...]
+    # trainable tokens: (module, ((adapter index, weight owner, row indices, rows), ...)), tied modules included
+    tokens: tuple[tuple[nn.Module, tuple[tuple[int, nn.Module, tuple[int, ...], torch.Tensor], ...]], ...] = ()
 
 
 def _named(adapters: Sequence[TunerParams] | Mapping[str, TunerParams]) -> list[tuple[str, TunerParams]]:
@@ -154,8 +158,12 @@ def stack_adapters(model: nn.Module, adapters: Sequence[TunerParams] | Mapping[s
     """
     named = _named(adapters)
     per_module: dict[nn.Module, list[tuple[int, Any, TunerParams]]] = {}
+    token_rows: dict[nn.Module, list[tuple[int, nn.Module, tuple[int, ...], torch.Tensor]]] = {}
     for i, (name, p) in enumerate(named):
         layout = layout_of(model, p)
+        for t in layout.tokens:  # trainable tokens: the rows of this adapter, in every module tied to the weight
+            for tied in tied_modules(model, t.module):
+                token_rows.setdefault(tied, []).append((i, t.module, t.indices, p[t.key]))
         if layout.overrides:
             raise ConfigError(
                 f"adapter {name!r} has modules_to_save copies or biases of non-adapted modules;"
@@ -167,6 +175,11 @@ def stack_adapters(model: nn.Module, adapters: Sequence[TunerParams] | Mapping[s
                     f"adapter {name!r}: per-sample adapters do not support LoRA on raw parameters"
                     f" ({type(site.module).__name__} {site.name!r}, parameter {site.weight_name!r}: target_parameters"
                     " or nn.MultiheadAttention); run this adapter with functuner.apply instead"
+                )
+            if site.variant is not None:
+                raise ConfigError(
+                    f"adapter {name!r}: per-sample adapters do not support the LoRA variant {site.variant.name}"
+                    f" ({site.name!r}); run this adapter with functuner.apply instead"
                 )
             if site.kind == "conv" and getattr(site.module, "groups", 1) != 1:
                 raise ConfigError(
@@ -216,7 +229,8 @@ def stack_adapters(model: nn.Module, adapters: Sequence[TunerParams] | Mapping[s
         sites.append(
             _StackSite(module, first.name, kind, A_all, B_all, M_all, bias_all, max(s.dropout for _, s, _ in entries))
         )
-    return AdapterStack(tuple(n for n, _ in named), tuple(sites))
+    tokens = tuple((m, tuple(entries)) for m, entries in token_rows.items())
+    return AdapterStack(tuple(n for n, _ in named), tuple(sites), tokens)
 
 
 def index_of(names: Sequence[str], adapter_names: Sequence[str]) -> torch.Tensor:
@@ -292,6 +306,28 @@ def _mixed_slot(
     return (result + (scale - 1) * base_result + scale * lora).to(out_dtype)
 
 
+def _token_slot(
+    entries: tuple[tuple[int, nn.Module, tuple[int, ...], torch.Tensor], ...],
+    idx: torch.Tensor,
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Trainable tokens per sample: the samples of adapter ``k`` get the module's output with ``k``'s rows."""
+    result = out
+    for k, owner, indices, rows in entries:
+        weight = with_rows(owner.weight, indices, rows)  # type: ignore[arg-type]
+        out_k = override_slot({"weight": weight})(module, args, kwargs, out)
+        if out_k.shape[:1] != idx.shape:
+            raise ConfigError(
+                f"per-sample adapters: a module with trainable tokens gave an output of shape {tuple(out_k.shape)},"
+                f" but adapter_index has {idx.shape[0]} entries; the batch must be the first dimension"
+            )
+        result = torch.where((idx == k).view(-1, *([1] * (out.dim() - 1))), out_k, result)
+    return result
+
+
 def _is_transformed(t: torch.Tensor) -> bool:
     """Whether ``t`` is wrapped by a torch.func transform (its values cannot be read in Python)."""
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
@@ -330,6 +366,8 @@ def mixed_routes(model: nn.Module, stack: AdapterStack, adapter_index: torch.Ten
             )
         device = site.A.device
         fwd.setdefault(site.module, []).append(functools.partial(_mixed_slot, site, idx.to(device)))
+    for module, entries in stack.tokens:  # before the module's LoRA slot (a tied lm_head may carry both)
+        fwd.setdefault(module, []).insert(0, functools.partial(_token_slot, entries, idx.to(entries[0][3].device)))
     ensure_slots(list(fwd))
     return Routes(forward=fwd)
 

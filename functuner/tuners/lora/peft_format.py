@@ -28,11 +28,12 @@ import torch
 from torch import nn
 
 from ...core.targets import match_name, select_modules
-from ...errors import CheckpointError, ParamsMismatchError, TargetError
-from ..base import KeyNaming, PeftFormat
+from ...errors import CheckpointError, ConfigError, ParamsMismatchError, TargetError
+from ..base import KeyNaming, PeftFormat, resolve_dtype
 from .config import LoRAConfig
-from .keys import EMBEDDING_PARTS, LORA_PARTS, parse_key
+from .keys import BARE_PARTS, LORA_PARTS, MONTECLORA_PART, parse_key
 from .layout import expected_shapes, in_out_features, layer_kind
+from .tokens import DELTA_PART, parse_token_key, token_key
 
 __all__ = [
     "KEY_NAMING",
@@ -47,7 +48,7 @@ __all__ = [
     "to_swift_keys",
 ]
 
-KEY_NAMING = KeyNaming(after=LORA_PARTS)
+KEY_NAMING = KeyNaming(after=(*LORA_PARTS, "trainable_tokens_delta"))
 
 # SWIFT-only LoRA fields that do not change the weights or the forward (training hyper-parameters):
 # dropped when writing PEFT's format.  Any other SWIFT-only field at a non-default value is refused
@@ -55,6 +56,22 @@ KEY_NAMING = KeyNaming(after=LORA_PARTS)
 _SWIFT_ONLY_TRAINING_FIELDS = ("lorap_lr_ratio", "lorap_emb_lr")
 _SWIFT_ONLY_FIELDS = ("lora_dtype", "use_qa_lora", "use_merged_linear", "enable_lora", "model_key_mapping")
 _A_PARTS = ("lora_A", "lora_embedding_A")
+
+
+def _has_peft_equivalent(name: str, value: Any) -> bool:
+    """Whether SWIFT-only field ``name`` at ``value`` is what PEFT does by default, so the format can drop it.
+
+    ``lora_dtype`` fp32: PEFT's ``autocast_adapter_dtype=True`` (its default) keeps adapters in fp32 on
+    half-precision and quantized bases, and an fp32 base has fp32 adapters anyway.
+    """
+    if name != "lora_dtype":
+        return False
+    try:
+        return resolve_dtype(value, name) == torch.float32
+    except ConfigError:
+        return False
+
+
 _MAGNITUDE = "lora_magnitude_vector"
 # a rank whose factors fit in this many elements is never refused as corrupt, however small the model
 _RANK_FLOOR_ELEMENTS = 1 << 24
@@ -100,13 +117,14 @@ def from_swift_keys(state: Mapping[str, torch.Tensor], config: Any, adapter_name
 def peft_config_json(config: Any) -> dict[str, Any]:
     """PEFT's ``adapter_config.json`` for a LoRA config; :class:`CheckpointError` naming the field PEFT cannot hold.
 
-    SWIFT-only fields that change the model (``lora_dtype`` set...) are refused
-    rather than dropped; LoRA+ learning-rate fields (training only) are dropped.
+    SWIFT-only fields that change the model (``lora_dtype`` bf16/fp16...) are refused rather than dropped;
+    ``lora_dtype`` fp32 is PEFT's default (``autocast_adapter_dtype=True``) and LoRA+ learning-rate fields
+    (training only) are dropped.
     """
     data = config.to_dict()
     defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
     for name in _SWIFT_ONLY_FIELDS:
-        if data.get(name) != defaults.get(name):
+        if data.get(name) != defaults.get(name) and not _has_peft_equivalent(name, data.get(name)):
             raise CheckpointError(
                 f"LoRA field {name}={data[name]!r} has no PEFT counterpart; PEFT's format cannot hold it"
                 f" (keep SWIFT's format, or set {name}={defaults.get(name)!r})"
@@ -122,7 +140,7 @@ def check_json(data: Mapping[str, Any], source: str) -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(LoRAConfig) if f.default is not dataclasses.MISSING}
     for name in _SWIFT_ONLY_FIELDS:
         value = data.get(name, defaults.get(name))
-        if value not in (defaults.get(name), None, False, "None"):
+        if value not in (defaults.get(name), None, False, "None") and not _has_peft_equivalent(name, value):
             raise CheckpointError(
                 f"{source}: LoRA field {name}={value!r} has no PEFT counterpart; PEFT's format cannot hold it"
             )
@@ -152,9 +170,13 @@ def to_peft_keys(state: Mapping[str, torch.Tensor], adapter_name: str) -> dict[s
             module = _peft_module_path(lk.module, adapted)
             head = f"{module}.{lk.part}" if module else lk.part
             new = head + (".bias" if lk.bias else ".weight" if lk.weight and lk.part != _MAGNITUDE else "")
+            new += f".{lk.leaf}" if lk.leaf else ""  # MonteCLoRA's sampler tensors
         elif lk is None and key.endswith(".bias"):
             mod = key[: -len(".bias")]
             new = f"{mod}.base_layer.bias" if mod in adapted else key
+        tk = parse_token_key(key)
+        if tk is not None and tk.adapter == adapter_name:  # trainable tokens: PEFT's files drop the adapter name
+            new = f"{tk.module}.{DELTA_PART}"
         if new is None:
             raise CheckpointError(
                 f"key {key!r} is not a tensor of LoRA adapter {adapter_name!r}; cannot name it for PEFT"
@@ -172,7 +194,11 @@ def from_peft_keys(state: Mapping[str, torch.Tensor], adapter_name: str) -> dict
         if lk is not None and lk.adapter is None:
             module = lk.module.replace(".base_layer.", ".")  # PEFT's nested wrappers (MHA's out_proj)
             head = f"{module}.{lk.part}" if module else lk.part
-            new = f"{head}.{adapter_name}" + (".bias" if lk.bias else "" if lk.part in EMBEDDING_PARTS else ".weight")
+            new = f"{head}.{adapter_name}" + (".bias" if lk.bias else "" if lk.part in BARE_PARTS else ".weight")
+            if lk.leaf:  # MonteCLoRA's sampler tensors
+                new = f"{head}.{adapter_name}.{lk.leaf}"
+        elif (tk := parse_token_key(key)) is not None and tk.adapter is None:
+            new = token_key(tk.module, adapter_name)
         elif lk is None and key.endswith(".base_layer.bias"):
             new = key[: -len(".base_layer.bias")] + ".bias"
         elif lk is None and key.endswith(".bias"):
@@ -253,13 +279,15 @@ def check_state(config: Any, state: Mapping[str, torch.Tensor], source: str) -> 
                 f"{source}: tensor {key!r} has dtype {str(t.dtype).replace('torch.', '')}; LoRA tensors must be"
                 " floating point (the weights file is corrupt)"
             )
-        if lk.part == _MAGNITUDE or t.dim() < 2:
+        if lk.part in (_MAGNITUDE, MONTECLORA_PART) or t.dim() < 2:
             continue
         r = config.rank_for(lk.module)
         found = t.shape[0] if lk.part in _A_PARTS else t.shape[1]
         grouped_b = lk.part == "lora_B" and t.dim() > 2 and found > 0 and r % found == 0  # (out, r / groups, 1...)
         experts = bool(getattr(config, "target_parameters", None)) and found % r == 0  # fused experts: r * E
-        if found != r and not grouped_b and not experts:
+        bd: Any = getattr(config, "use_bdlora", None)  # BD-LoRA stores a block-diagonal B as (out, r / nblocks)
+        blocked_b = bd is not None and lk.part == "lora_B" and found * int(bd["nblocks"]) == r
+        if found != r and not grouped_b and not experts and not blocked_b:
             raise CheckpointError(
                 f"{source}: field r={r} (for {lk.module!r}) does not match tensor {key!r} of rank {found}"
                 f" (shape {list(t.shape)}); the config and the weights are not from the same adapter"

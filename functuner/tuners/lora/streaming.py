@@ -18,6 +18,8 @@ import torch
 from ...errors import ConfigError
 from ..base import ShardMergePlan
 from .merge import merged_weight
+from .tokens import with_rows
+from .variants import merge_inputs
 from .weight_layout import WeightSite, weight_layout
 
 __all__ = ["plan_shard_merge"]
@@ -27,7 +29,8 @@ def _weight_fn(site: WeightSite, tensors: Mapping[str, torch.Tensor]) -> Callabl
     magnitude = tensors[site.m] if site.m is not None else None
 
     def fn(w: torch.Tensor) -> torch.Tensor:
-        return merged_weight(w, tensors[site.a], tensors[site.b], site.scaling, site.kind, magnitude)
+        w32, A, B = merge_inputs(site.variant, w, w, tensors[site.a], tensors[site.b], tensors)
+        return merged_weight(w32, A, B, site.scaling, site.kind, magnitude)
 
     return fn
 
@@ -70,4 +73,13 @@ def plan_shard_merge(
             merges[bkey] = _bias_fn(tensors[site.lora_bias], site.scaling)
     for full, key in layout.replacements:
         replacements[full] = tensors[key]
+    for wkey, key, idx in layout.token_rows:  # trainable tokens: their rows replace the weight's
+        merges[wkey] = _rows_fn(tensors[key], idx)
     return ShardMergePlan(merges, replacements)
+
+
+def _rows_fn(rows: torch.Tensor, indices: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def fn(w: torch.Tensor) -> torch.Tensor:
+        return with_rows(w.float(), indices, rows)
+
+    return fn

@@ -36,6 +36,7 @@ tensors; nothing is written to either.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import cast
 
 import torch
@@ -49,13 +50,16 @@ from . import peft_format
 from .combine import add_weighted_adapter
 from .config import LoRAConfig, LoraConfig
 from .forward import needs_generator, routes
+from .inits.factors import init_factors, moves_base, residual_weight, residual_weights
 from .keys import lora_b_bias_name, param_names
 from .layout import base_weight, check_site, expected_shapes, layer_kind, layout_of, param_targets, shapes_for_weight
-from .math import dora_norm, lora_delta, weight_as_out_in
+from .math import dora_conv_delta, dora_norm, lora_delta, weight_as_out_in
 from .merge import merge, unmerge
 from .mixed import PER_SAMPLE
 from .plus import optimizer_groups
 from .streaming import plan_shard_merge
+from .tokens import resolve_token_modules, token_key
+from .variants import init_variant, site_variant
 
 __all__ = [
     "LoRAConfig",
@@ -120,7 +124,12 @@ def _init_param_site(
 
 
 def init(
-    model: nn.Module, config: LoRAConfig, generator: torch.Generator, adapter_name: str = "default"
+    model: nn.Module,
+    config: LoRAConfig,
+    generator: torch.Generator,
+    adapter_name: str = "default",
+    *,
+    data: Mapping[str, torch.Tensor] | None = None,
 ) -> TunerParams:
     """Fresh LoRA params for ``model`` (pure: the model is read, never written).
 
@@ -178,7 +187,12 @@ def init(
         a_shape, b_shape, m_shape = expected_shapes(module, kind, r)
         A = torch.empty(a_shape, dtype=torch.float32)
         B = torch.empty(b_shape, dtype=torch.float32)
-        if kind == "embedding":
+        special = (  # PiSSA, OLoRA, EVA... (.inits); MiCA is a variant (.variants.init_variant)
+            init_factors(config, name, kind, base_w, r, generator, data) if config.init_lora_weights != "mica" else None
+        )
+        if special is not None:
+            A, B = special
+        elif kind == "embedding":
             if config.init_lora_weights is False:
                 torch.nn.init.normal_(A, generator=generator)
             else:
@@ -196,14 +210,26 @@ def init(
         a_key, b_key, m_key = param_names(name, kind, adapter_name)
         A, B = A.to(device=base_w.device, dtype=dtype), B.to(device=base_w.device, dtype=dtype)
         tensors[a_key], tensors[b_key] = A, B
+        variant = site_variant(config, name, kind, adapter_name)
+        if variant is not None:  # KaSA / MiCA / VeLoRA / BD-LoRA
+            init_variant(variant, name, kind, base_w, r, generator, tensors, a_key, b_key)
         if config.lora_bias:
             tensors[lora_b_bias_name(name, adapter_name)] = _lora_b_bias(
                 name, kind, b_shape[0], r, config, generator
             ).to(device=base_w.device, dtype=dtype)
         if config.use_dora:
             with torch.no_grad():
-                delta = weight_as_out_in(lora_delta(A, B, config.scaling_for(name), kind), kind)
-                norm = dora_norm(weight_as_out_in(base_w, kind), delta, kind)
+                s = config.scaling_for(name)
+                delta = (
+                    dora_conv_delta(A, B, s, tuple(base_w.shape))
+                    if kind == "conv"
+                    else weight_as_out_in(lora_delta(A, B, s, kind), kind)
+                )
+                # PiSSA/OLoRA/CorDA: the adapter runs on the residual base W - s B A, and so does its norm
+                norm_w = (
+                    residual_weight(base_w, A, B, s, kind) if special is not None and moves_base(config) else base_w
+                )
+                norm = dora_norm(weight_as_out_in(norm_w, kind), delta, kind)
             tensors[m_key] = norm.reshape(m_shape).to(device=base_w.device, dtype=dtype)
         if config.bias in ("all", "lora_only") and getattr(module, "bias", None) is not None:
             tensors[f"{name}.bias"] = cast(torch.Tensor, module.bias).detach().clone()
@@ -226,7 +252,22 @@ def init(
                     tensors[f"{mname}.modules_to_save.{adapter_name}.{pname}"] = p.detach().clone()
         if not found:
             raise ConfigError(f"modules_to_save={list(config.modules_to_save)!r} matched no module of the model")
+    _init_tokens(model, config, adapter_name, {n for n, _ in selected} | set(ptargets), tensors)
     return TunerParams(tensors, config, adapter_name)
+
+
+def _init_tokens(
+    model: nn.Module, config: LoRAConfig, adapter_name: str, adapted: set[str], tensors: dict[str, torch.Tensor]
+) -> None:
+    """Trainable tokens (``trainable_token_indices``): each named embedding's chosen rows, copied (as PEFT)."""
+    for tname, idx in resolve_token_modules(model, config.trainable_token_indices).items():
+        if tname in adapted or (config.modules_to_save and match_name(tname, config.modules_to_save)):
+            raise ConfigError(
+                f"trainable_token_indices: {tname!r} is also adapted by LoRA or listed in modules_to_save; train"
+                " it one way (PEFT refuses the same)"
+            )
+        weight = cast(torch.Tensor, model.get_submodule(tname).weight)
+        tensors[token_key(tname, adapter_name)] = weight.detach()[list(idx)].clone()
 
 
 tuner = Tuner(
@@ -249,4 +290,5 @@ tuner = Tuner(
     per_sample=PER_SAMPLE,
     optimizer_groups=optimizer_groups,
     combine=add_weighted_adapter,
+    init_base_weights=residual_weights,
 )

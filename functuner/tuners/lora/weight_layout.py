@@ -33,6 +33,15 @@ from .config import LoRAConfig
 from .keys import EMBEDDING_PARTS, lora_b_bias_name, param_names, parse_key
 from .layout import conv_groups, layout_of, shapes_for_weight
 from .math import PARAM_KINDS
+from .tokens import indices_for, parse_token_key, tied_modules
+from .variants import (
+    VariantSite,
+    check_site_variant,
+    effective_factors,
+    extra_shapes,
+    factor_shapes,
+    site_variant,
+)
 
 __all__ = ["WeightLayout", "WeightSite", "weight_layout", "weight_layout_of_model"]
 
@@ -49,6 +58,7 @@ class WeightSite(NamedTuple):
     scaling: float
     lora_bias: str | None = None  # lora_B's own bias key (lora_bias=True): merged into ``<name>.bias``
     weight_name: str = "weight"  # the adapted parameter (target_parameters: any name)
+    variant: VariantSite | None = None  # KaSA / MiCA / VeLoRA / BD-LoRA (:mod:`.variants`)
 
 
 class WeightLayout(NamedTuple):
@@ -56,6 +66,8 @@ class WeightLayout(NamedTuple):
 
     sites: tuple[WeightSite, ...]
     replacements: tuple[tuple[str, str], ...]
+    # trainable tokens: ((weight key, params key, row indices), ...): those rows of the weight are replaced
+    token_rows: tuple[tuple[str, str, tuple[int, ...]], ...] = ()
 
 
 def weight_layout_of_model(model: nn.Module, params: TunerParams) -> WeightLayout:
@@ -66,11 +78,13 @@ def weight_layout_of_model(model: nn.Module, params: TunerParams) -> WeightLayou
             raise _grouped_conv_error("merge", s.name, conv_groups(s.module))
     sites = tuple(
         # the weight key is ``<name>.<leaf>``: an MHA's out_proj site is "<mha>.out_proj" with "out_proj.weight"
-        WeightSite(s.name, s.kind, s.a, s.b, s.m, s.bias, s.scaling, s.lora_bias, s.weight_name.rpartition(".")[2])
+        WeightSite(
+            s.name, s.kind, s.a, s.b, s.m, s.bias, s.scaling, s.lora_bias, s.weight_name.rpartition(".")[2], s.variant
+        )
         for s in layout.sites
     )
     names: dict[int, str] = {}
-    if layout.overrides:
+    if layout.overrides or layout.tokens:
         for n, mod in model.named_modules():
             names.setdefault(id(mod), n)
     replacements = tuple(
@@ -78,7 +92,11 @@ def weight_layout_of_model(model: nn.Module, params: TunerParams) -> WeightLayou
         for module, pairs in layout.overrides
         for pname, key in pairs
     )
-    return WeightLayout(sites, replacements)
+    # trainable tokens: the rows go into every module sharing the weight (a tied lm_head), each under its own name
+    token_rows = tuple(
+        (f"{names[id(m)]}.weight", t.key, t.indices) for t in layout.tokens for m in tied_modules(model, t.module)
+    )
+    return WeightLayout(sites, replacements, token_rows)
 
 
 def _targeted_param(name: str, shapes: Mapping[str, tuple[int, ...]], targets: tuple[str, ...]) -> str | None:
@@ -177,7 +195,10 @@ def weight_layout(
             # target_parameters: a 3-D fused-experts weight (E, p, q) has A (r E, q), or (r E, p) when transposed
             kind = "param_t" if len(wshape) == 3 and A.dim() == 2 and A.shape[1] != wshape[2] else "param"
         else:
+            if config.use_bdlora is not None:  # the kind from the dense factors the stored blocks stand for
+                A, B = effective_factors(site_variant(config, name, "linear", ad), A, B, params)
             kind = _kind_of(key, parsed.part, A, B, wkey, wshape, hint, source)
+        variant = site_variant(config, name, kind, ad) if targeted is None else None
         a, b, m = param_names(name, kind, ad)
         if a != key:
             raise ParamsMismatchError(f"{source}: params key {key!r}: {wkey!r} is a {kind} weight, expected {a!r}")
@@ -198,7 +219,20 @@ def weight_layout(
                 f"{source}: params for {name!r}: use_dora={config.use_dora} but {m!r} is"
                 f" {'present' if has_m else 'missing'}"
             )
-        for k, expect in zip((a, b, m), shapes_for_weight(wshape, kind, r), strict=True):
+        ea, eb, em = shapes_for_weight(wshape, kind, r)
+        extra: tuple[tuple[str | None, tuple[int, ...]], ...] = ()
+        if variant is not None:
+            check_site_variant(variant, name, wshape, r, kind)
+            extra = extra_shapes(variant, r, ea[1])
+            ea, eb = factor_shapes(variant, ea, eb)
+            for vkey in variant.keys:
+                if vkey not in params:
+                    raise ParamsMismatchError(
+                        f"{source}: params for {name!r}: the {variant.name} variant needs {vkey!r}"
+                    )
+        for k, expect in ((a, ea), (b, eb), (m, em), *extra):
+            if k is None:
+                continue
             if k in params and tuple(params[k].shape) != expect:
                 raise ParamsMismatchError(
                     f"{source}: params[{k!r}] has shape {tuple(params[k].shape)}, but weight {wkey!r}"
@@ -230,9 +264,26 @@ def weight_layout(
                 config.scaling_for(name),
                 lb if has_lb else None,
                 weight_name,
+                variant,
             )
         )
         claimed.update(k for k in (a, b, m if has_m else None, bias, lb if has_lb else None) if k)
+        claimed.update(variant.keys if variant is not None else ())
+    token_rows: list[tuple[str, str, tuple[int, ...]]] = []
+    for key in params:
+        tk = parse_token_key(key)
+        if key in claimed or tk is None or tk.adapter != ad:
+            continue
+        idx = indices_for(config.trainable_token_indices, tk.module, source)
+        wkey = f"{tk.module}.weight"
+        wshape = base_shape(wkey, key)
+        if len(wshape) != 2 or tuple(params[key].shape) != (len(idx), wshape[1]) or max(idx) >= wshape[0]:
+            raise ParamsMismatchError(
+                f"{source}: params[{key!r}] has shape {tuple(params[key].shape)}; {len(idx)} trainable tokens of"
+                f" {wkey!r} {list(wshape)} need ({len(idx)}, {wshape[1] if len(wshape) == 2 else '?'})"
+            )
+        token_rows.append((wkey, key, idx))
+        claimed.add(key)
     for key in params:
         if key in claimed:
             continue
@@ -251,4 +302,4 @@ def weight_layout(
                 f"{source}: params[{key!r}] has shape {tuple(params[key].shape)}, but {target!r} has {list(wshape)}"
             )
         replacements.append((target, key))
-    return WeightLayout(tuple(sites), tuple(replacements))
+    return WeightLayout(tuple(sites), tuple(replacements), tuple(token_rows))

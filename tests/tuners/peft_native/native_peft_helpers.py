@@ -62,6 +62,69 @@ class ConvNet(nn.Module):
         return self.head(h.mean(-1))
 
 
+class PeftMLP(nn.Module):
+    """PEFT's ``MLP`` of ``tests/test_custom_models.py`` (huggingface/peft@5d602fdbff04c33c1c4de55cda9d4ae1d7cb7e40)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(10, 20)
+        self.relu = nn.ReLU()
+        self.drop = nn.Dropout(0.5)
+        self.lin1 = nn.Linear(20, 2)
+        self.sm = nn.LogSoftmax(dim=-1)
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:  # noqa: N803 - PEFT's argument name
+        return self.sm(self.lin1(self.drop(self.relu(self.lin0(X.float())))))
+
+
+class PeftEmbConv1D(nn.Module):
+    """PEFT's ``ModelEmbConv1D`` (same file and commit): Embedding -> transformers Conv1D -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.emb = nn.Embedding(100, 5)
+        self.conv1d = Conv1D(1, 5)
+        self.relu = nn.ReLU()
+        self.flat = nn.Flatten()
+        self.lin0 = nn.Linear(10, 2)
+        self.sm = nn.LogSoftmax(dim=-1)
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:  # noqa: N803 - PEFT's argument name
+        return self.sm(self.lin0(self.flat(self.relu(self.conv1d(self.emb(X))))))
+
+
+class PeftConv2D(nn.Module):
+    """PEFT's ``ModelConv2D`` (same file and commit): Conv2d(5, 10, 3) on a 3x3 input -> Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv2d = nn.Conv2d(5, 10, 3)
+        self.relu = nn.ReLU()
+        self.flat = nn.Flatten()
+        self.lin0 = nn.Linear(10, 2)
+        self.sm = nn.LogSoftmax(dim=-1)
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:  # noqa: N803 - PEFT's argument name
+        return self.sm(self.lin0(self.flat(self.relu(self.conv2d(X.float().reshape(-1, 5, 3, 3))))))
+
+
+def peft_conv2d() -> PeftConv2D:
+    torch.manual_seed(0)
+    return PeftConv2D().eval()
+
+
+def peft_mlp() -> PeftMLP:
+    torch.manual_seed(0)
+    return PeftMLP().eval()
+
+
+def peft_emb_conv1d() -> PeftEmbConv1D:
+    torch.manual_seed(0)
+    return PeftEmbConv1D().eval()
+
+
 def mlp() -> MLP:
     torch.manual_seed(0)
     return MLP().eval()
@@ -81,6 +144,9 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], dict[str, torch.Te
     "llama": (tiny_llama, lambda: {"input_ids": torch.randint(0, 64, (2, 7), generator=_gen(2))}),
     "gpt2": (tiny_gpt2, lambda: {"input_ids": torch.randint(0, 64, (2, 7), generator=_gen(3))}),
     "conv": (conv_net, lambda: {"x": torch.randn(2, 4, 8, 8, generator=_gen(4))}),
+    "peft_conv2d": (peft_conv2d, lambda: {"X": torch.randn(6, 45, generator=_gen(7))}),
+    "peft_mlp": (peft_mlp, lambda: {"X": torch.randn(6, 10, generator=_gen(5))}),
+    "peft_emb_conv1d": (peft_emb_conv1d, lambda: {"X": torch.randint(0, 100, (6, 10), generator=_gen(6))}),
 }
 
 
@@ -94,11 +160,32 @@ def adapter_params(pm: nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n[len(prefix) :]: p for n, p in pm.named_parameters() if p.requires_grad}
 
 
-def make_pair(model: nn.Module, ours: Any, theirs: peft.PeftConfig, seed: int = 0) -> tuple[ft.TunerParams, nn.Module]:
-    """(functuner params holding PEFT's randomly initialised tensors, the PeftModel); ``model`` is untouched."""
+def peft_buffers(pm: nn.Module, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """PEFT's frozen tensors shared by its layers (VeRA's ``vera_A``...), keyed ``<name>.<adapter>`` as functuner's."""
+    out: dict[str, torch.Tensor] = {}
+    for key, buf in pm.named_buffers(remove_duplicate=False):
+        parts = key.split(".")
+        if len(parts) >= 2 and parts[-2] in names:
+            out.setdefault(f"{parts[-2]}.{parts[-1]}", buf)
+    return out
+
+
+def make_pair(
+    model: nn.Module, ours: Any, theirs: peft.PeftConfig, seed: int = 0, frozen: tuple[str, ...] = ()
+) -> tuple[ft.TunerParams, nn.Module]:
+    """(functuner params holding PEFT's randomly initialised tensors, the PeftModel); ``model`` is untouched.
+
+    ``frozen``: names of PEFT's shared frozen buffers that functuner keeps in the params (VeRA's projections);
+    ours must equal PEFT's exactly (drawn from the same key), not copied.
+    """
     p = ft.init(model, ours, generator=seed)
     pm = peft.get_peft_model(copy.deepcopy(model), theirs).eval()
-    theirs_t = adapter_params(pm)
+    theirs_t: dict[str, torch.Tensor] = dict(adapter_params(pm))
+    if frozen:
+        bufs = peft_buffers(pm, frozen)
+        for k, v in bufs.items():
+            torch.testing.assert_close(p[k], v, atol=0, rtol=0, msg=lambda m, k=k: f"frozen {k}: {m}")
+        theirs_t.update(bufs)
     assert {k: tuple(v.shape) for k, v in p.items()} == {k: tuple(v.shape) for k, v in theirs_t.items()}
     return p.replace({k: theirs_t[k].detach().clone() for k in p}), pm
 
@@ -119,10 +206,14 @@ def assert_parity(
     assert (ours.detach() - base).abs().max() > 1e-3, "the adapter must change the output, or parity is vacuous"
 
     weights = torch.linspace(-1, 1, ours.numel()).reshape(ours.shape)
-    g_ours = torch.autograd.grad((ours * weights).sum(), list(leaves.values()))
+    g_all = torch.autograd.grad((ours * weights).sum(), list(leaves.values()), allow_unused=True)
     peft_t = adapter_params(pm)
-    g_theirs = torch.autograd.grad((theirs * weights).sum(), [peft_t[k] for k in leaves])
-    for k, a, b in zip(leaves, g_ours, g_theirs, strict=True):
+    for k, g in zip(leaves, g_all, strict=True):  # PEFT's frozen tensors (VeRA's projections) get no gradient here
+        assert k in peft_t or g is None or not g.any(), f"frozen {k} got a gradient"
+    trained = [k for k in leaves if k in peft_t]
+    g_ours = [g for k, g in zip(leaves, g_all, strict=True) if k in peft_t]
+    g_theirs = torch.autograd.grad((theirs * weights).sum(), [peft_t[k] for k in trained])
+    for k, a, b in zip(trained, g_ours, g_theirs, strict=True):
         if not peft_grads:
             break
         torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"grad of {k}: {m}")

@@ -1,9 +1,8 @@
 """PEFT's checkpoint layout for native (IA)³ / LoHa / LoKr: PEFT loads our saves and we load PEFT's, equal outputs.
 
-Each tuner module defines its PEFT format (``PEFT_FORMAT``) but does not yet register it as the tuner's ``peft``
-hook: registered, PEFT-format directories of these types would be read by functuner instead of being passed to
-``peft`` by ``Swift.from_pretrained`` (pinned by ``tests/io/test_peft_passthrough.py``).  The fixture below
-registers the hooks for these tests only, through the registry (``functuner.io`` itself is unchanged).
+Each tuner's ``peft`` hook is its ``PEFT_FORMAT`` with ``shim_reads=False``: ``functuner.save(format="peft")`` and
+``functuner.load`` use it, while ``Swift.from_pretrained`` still hands PEFT directories of these types to ``peft``
+(pinned by ``tests/io/test_peft_passthrough.py`` and by the last test here).
 """
 
 from __future__ import annotations
@@ -22,15 +21,6 @@ from functuner.errors import CheckpointError
 from functuner.tuners.ia3 import IA3Config
 from functuner.tuners.loha import LoHaConfig
 from functuner.tuners.lokr import LoKrConfig
-
-
-@pytest.fixture(autouse=True)
-def peft_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
-    from functuner.tuners import REGISTRY, ia3, loha, lokr
-
-    for mod in (ia3, loha, lokr):
-        monkeypatch.setitem(REGISTRY, mod.tuner.swift_type, mod.tuner._replace(peft=mod.PEFT_FORMAT))
-
 
 ROWS = {
     "ia3-mlp-modules_to_save": (
@@ -119,3 +109,19 @@ def test_adapter_renaming_and_targets_come_from_key_naming() -> None:
     renamed = rename_adapter(p, "default", "x")
     assert sorted(renamed) == sorted(k.replace(".default", ".x") for k in p)
     assert adapter_modules(p, p.config, "default") == ["lin1", "lin2"]
+
+
+def test_hooks_are_registered_and_the_shim_still_passes_peft_directories_to_peft(tmp_path) -> None:
+    from functuner.tuners import REGISTRY, ia3, loha, lokr
+
+    for mod in (ia3, loha, lokr):
+        assert REGISTRY[mod.tuner.swift_type].peft is mod.PEFT_FORMAT and not mod.PEFT_FORMAT.shim_reads
+    build, inputs = MODELS["mlp"]
+    model, x = build(), inputs()
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoHaConfig(target_modules=["lin1"], r=2, init_weights=False))
+    pm.save_pretrained(tmp_path)
+    loaded = ft.Swift.from_pretrained(copy.deepcopy(model), tmp_path)
+    assert isinstance(loaded, peft.PeftModel)
+    p = ft.load(tmp_path, model)
+    assert isinstance(p.config, LoHaConfig)
+    torch.testing.assert_close(out_of(ft.apply(model, p, kwargs=x)), out_of(loaded.eval()(**x)), atol=1e-5, rtol=1e-5)
