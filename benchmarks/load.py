@@ -93,8 +93,23 @@ def run(s: C.Settings) -> C.Report:
             for t in load_file(str(weights)).values():
                 t.sum()
 
+        swift_folder = str(Path(tmp) / "swift")
+        ft.save(params, swift_folder)  # the SWIFT layout: Swift.from_pretrained reads it into a SwiftModel
+
+        def f_shim(m: torch.nn.Module) -> Any:
+            return ft.Swift.from_pretrained(m, swift_folder)
+
+        with torch.inference_mode():
+            diff = C.assert_close(
+                "load: shim vs peft outputs",
+                f_shim(copy.deepcopy(base))(input_ids=ids).logits,
+                pm(input_ids=ids).logits,
+            )
+        report.check(f"Swift.from_pretrained outputs == PEFT's loaded model (max |diff| {diff:.1e})")
+
         fns = {
             "safetensors": lambda: load_file(str(weights)),
+            "shim": (lambda: copy.deepcopy(base), f_shim),
             "safetensors + read": f_read,
             "functuner": f_ft,
             "peft": (lambda: copy.deepcopy(base), lambda m: PeftModel.from_pretrained(m, folder)),
@@ -105,6 +120,8 @@ def run(s: C.Settings) -> C.Report:
         "functuner / (safetensors + one read pass)", C.ratio(times["functuner"], times["safetensors + read"]), 1.2
     )
     report.add("functuner / peft", C.ratio(times["functuner"], times["peft"]), 0.1)
+    report.add("shim Swift.from_pretrained / safetensors alone", C.ratio(times["shim"], times["safetensors"]), 1.5)
+    report.add("shim Swift.from_pretrained / peft", C.ratio(times["shim"], times["peft"]))
     report.add("peft / safetensors alone", C.ratio(times["peft"], times["safetensors"]))
     report.info(
         "adapter file", f"{C.mib(size)}, {len(params)} tensors; safetensors alone {times['safetensors'] * 1e3:.2f} ms"

@@ -11,6 +11,10 @@
 
 from __future__ import annotations
 
+import copy
+
+import torch
+
 import functuner as ft
 
 from . import common as C
@@ -43,8 +47,23 @@ def run(s: C.Settings) -> C.Report:
     def ft_cycle() -> None:
         ft.unmerge(model, params, ft.merge(model, params))
 
+    def shim_model() -> ft.SwiftModel:
+        sm = ft.Swift.prepare_model(copy.deepcopy(model), params.config)
+        named = dict(sm.base_model.named_parameters())
+        with torch.no_grad():
+            for k, v in params.items():
+                named[k].copy_(v)
+        return sm
+
+    check = shim_model()
+    ft.Swift.merge(check)
+    merged_shim = dict(check.base_model.named_parameters())
+    worst = max(C.assert_close(f"Swift.merge {k}", merged_shim[k], merged[k], rtol=1e-5, atol=1e-6) for k in new_keys)
+    report.check(f"Swift.merge == functuner.merge (max |diff| {worst:.1e})")
+
     fns = {
         "functuner merge": ft_merge,
+        "shim Swift.merge": (shim_model, ft.Swift.merge),
         "peft merge_and_unload": (lambda: C.peft_lora(model, params), lambda pm: pm.merge_and_unload()),
         "functuner merge+unmerge": ft_cycle,
         "peft merge+unmerge": (
@@ -56,6 +75,11 @@ def run(s: C.Settings) -> C.Report:
     report.add(
         "functuner merge / peft merge_and_unload",
         C.ratio(times["functuner merge"], times["peft merge_and_unload"]),
+        0.5,
+    )
+    report.add(
+        "shim Swift.merge / peft merge_and_unload",
+        C.ratio(times["shim Swift.merge"], times["peft merge_and_unload"]),
         0.5,
     )
     report.add(

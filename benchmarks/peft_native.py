@@ -1,4 +1,4 @@
-"""One training step of each native PEFT-method tuner (IA3, LoHa, LoKr, VeRA, FourierFT, OFT, BOFT) vs real PEFT.
+"""One training step of each native PEFT-method tuner (IA3, LoHa, LoKr, VeRA, FourierFT, OFT, BOFT, AdaLoRA) vs PEFT.
 
 Every row does the same work on the same Llama (built from a config), dtype, threads
 and targets: forward, causal-LM loss, backward and one ``torch.optim.AdamW`` step on
@@ -33,6 +33,7 @@ def _configs(shape: C.Shape) -> dict[str, tuple[Any, Any]]:
     """``{tuner: (functuner config, peft config)}`` with the same fields (random init, so outputs change)."""
     import peft
 
+    from functuner.tuners.adalora import AdaLoraConfig
     from functuner.tuners.boft import BOFTConfig
     from functuner.tuners.fourierft import FourierFTConfig
     from functuner.tuners.ia3 import IA3Config
@@ -55,6 +56,12 @@ def _configs(shape: C.Shape) -> dict[str, tuple[Any, Any]]:
         "FourierFT": (FourierFTConfig, peft.FourierFTConfig, {"target_modules": attn, "n_frequency": 64 * r}),
         "OFT": (OFTConfig, peft.OFTConfig, {"target_modules": attn, "oft_block_size": 2 * r, "init_weights": False}),
         "BOFT": (BOFTConfig, peft.BOFTConfig, {"target_modules": attn, "boft_block_size": 4, "init_weights": False}),
+        # the training step only (no task_type: PEFT adds no regulariser; the rank allocator runs between steps)
+        "AdaLoRA": (
+            AdaLoraConfig,
+            peft.AdaLoraConfig,
+            {"target_modules": attn, "init_r": r, "target_r": r // 2, "total_step": 100, "init_lora_weights": False},
+        ),
     }
     return {name: (ours(**kw), theirs(**kw)) for name, (ours, theirs, kw) in spec.items()}
 
@@ -145,6 +152,7 @@ def run(s: C.Settings) -> C.Report:
         )
     report.notes.append(
         "targets q_proj, v_proj (IA3 also down_proj as feed-forward); r = shape rank (LoHa/LoKr), 16 x rank (VeRA),"
-        " n_frequency 64 x rank (FourierFT), oft_block_size 2 x rank (OFT), boft_block_size 4 (BOFT)"
+        " n_frequency 64 x rank (FourierFT), oft_block_size 2 x rank (OFT), boft_block_size 4 (BOFT), init_r = rank"
+        " (AdaLoRA, the step without its allocator)"
     )
     return report

@@ -52,6 +52,9 @@ _EXPORTS: dict[str, str] = {
     "NEFTuneConfig": "functuner.tuners.neftune",
     "PartConfig": "functuner.tuners.part",
     "PromptConfig": "functuner.tuners.prompt",
+    "PromptEncoderConfig": "functuner.tuners.prompt_learning.p_tuning",
+    "PromptTuningConfig": "functuner.tuners.prompt_learning.prompt_tuning",
+    "PrefixTuningConfig": "functuner.tuners.prompt_learning.prefix_tuning",
     "ReftConfig": "functuner.tuners.reft",
     "ResTuningConfig": "functuner.tuners.restuning",
     "SCETuningConfig": "functuner.tuners.scetuning",
@@ -74,6 +77,7 @@ _EXPORTS: dict[str, str] = {
     "load": "functuner.io.checkpoint",
     "lora_delta": "functuner.tuners.lora",
     "lora_init": "functuner.tuners.lora.inits.api",
+    "lora_mark_residual_base": "functuner.tuners.lora.inits.api",
     "lora_residual_weights": "functuner.tuners.lora.inits.api",
     "lora_to_plain": "functuner.tuners.lora.inits.api",
     "merge": "functuner.functional",
@@ -107,7 +111,10 @@ __all__ = [
     "LoraInit",
     "NEFTuneConfig",
     "PartConfig",
+    "PrefixTuningConfig",
     "PromptConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "ReftConfig",
     "ResTuningConfig",
     "SCETuningConfig",
@@ -131,6 +138,7 @@ __all__ = [
     "load",
     "lora_delta",
     "lora_init",
+    "lora_mark_residual_base",
     "lora_residual_weights",
     "lora_to_plain",
     "merge",
@@ -197,10 +205,19 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names __getattr__
     from .tuners.lokr import LoKrConfig
     from .tuners.longlora import LongLoRAConfig
     from .tuners.lora import LoRAConfig, LoraConfig, lora_delta
-    from .tuners.lora.inits.api import LoraInit, lora_init, lora_residual_weights, lora_to_plain
+    from .tuners.lora.inits.api import (
+        LoraInit,
+        lora_init,
+        lora_mark_residual_base,
+        lora_residual_weights,
+        lora_to_plain,
+    )
     from .tuners.neftune import NEFTuneConfig
     from .tuners.part import PartConfig
     from .tuners.prompt import PromptConfig
+    from .tuners.prompt_learning.p_tuning import PromptEncoderConfig
+    from .tuners.prompt_learning.prefix_tuning import PrefixTuningConfig
+    from .tuners.prompt_learning.prompt_tuning import PromptTuningConfig
     from .tuners.reft import ReftConfig
     from .tuners.restuning import ResTuningConfig
     from .tuners.scetuning import SCETuningConfig

@@ -13,6 +13,8 @@ pytree of ordinary tensors, so data parallelism is PyTorch's own collectives:
   layout, via :mod:`functuner.io.checkpoint`) from rank 0 only while the other
   ranks wait; a failure on rank 0 is raised on every rank (nobody hangs).
   :func:`load_params` reads it on every rank.
+* :func:`gather_params` gathers params sharded by FSDP2 (a ``SwiftModel``'s adapter
+  parameters under ``fully_shard``) into whole tensors, e.g. to save them from rank 0.
 * :func:`merge_sharded` folds an adapter into base weights that
   ``torch.distributed.fsdp.fully_shard`` has sharded into DTensors, gathering
   one adapted module's weights at a time and returning them re-sharded with the
@@ -45,6 +47,7 @@ __all__ = [
     "all_reduce_grads",
     "average_grads_",
     "broadcast_params",
+    "gather_params",
     "is_sharded",
     "load_params",
     "merge_sharded",
@@ -259,6 +262,16 @@ def _is_dtensor(t: Any) -> TypeGuard[DTensor]:
 def is_sharded(model: nn.Module) -> bool:
     """Whether any parameter of ``model`` is a DTensor (e.g. after ``fully_shard``)."""
     return any(_is_dtensor(p) for p in model.parameters())
+
+
+def gather_params(params: TunerParams) -> TunerParams:
+    """``params`` with every DTensor gathered whole (``full_tensor()``), detached; other tensors as they are.
+
+    For a ``SwiftModel`` under plain ``fully_shard``, whose adapter parameters FSDP2 shards with their layer:
+    ``full = gather_params(swift.adapters["default"].params)`` on **every** rank (a collective, in the
+    params' key order), then ``save_params_on_rank0(full, directory)``.  Without DTensors no communication.
+    """
+    return params.map(lambda t: (t.full_tensor() if _is_dtensor(t) else t).detach())
 
 
 def _owner(key: str, module_names: set[str]) -> str:

@@ -129,9 +129,9 @@ def _remember_routes(model: nn.Module, plist: Sequence[TunerParams], routes: Rou
         per_model = _ROUTES_SEEN.setdefault(model, {})
     model_ref = weakref.ref(model)
 
-    def forget(_: Any) -> None:  # a params value died: drop its entry (never a newer one under the same ids)
-        owner = model_ref()
-        d = _ROUTES_SEEN.get(owner) if owner is not None else None
+    def forget(_: Any, seen: Any = _ROUTES_SEEN) -> None:  # a params value died: drop its entry, never a newer one
+        owner = model_ref()  # (``seen`` bound now: at interpreter exit the module's globals may be gone)
+        d = seen.get(owner) if owner is not None else None
         if d is not None and (e := d.get(key)) is not None and e[0] is refs:
             d.pop(key, None)
 

@@ -118,7 +118,7 @@ def _checked(pattern: str) -> tuple[re.Pattern[str] | None, str | None]:
         parsed = _sre.parse(pattern)
         regex = re.compile(pattern)
     except (re.error, RecursionError, OverflowError) as e:
-        return None, f"it is not a valid regular expression ({getattr(e, 'msg', e)})"
+        return None, f"it is not a valid regex (not a valid regular expression for Python's re: {getattr(e, 'msg', e)})"
     counts = [0]
     why = _problem(parsed, None, counts)
     if why is None and counts[0] > MAX_UNBOUNDED:

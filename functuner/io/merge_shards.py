@@ -272,6 +272,11 @@ def plan_merge(
                 f"{adapter_path}: saved base weight {key!r} (shape {list(value.shape)}) does not fit the base's"
                 f" shape {list(headers[key].shape)}"
             )
+        if (headers[key].dtype in _FLOAT_NAMES) != value.is_floating_point():
+            raise CheckpointError(
+                f"{adapter_path}: saved base weight {key!r} has dtype {str(value.dtype).replace('torch.', '')};"
+                f" the base's tensor is {headers[key].dtype} (expected a tensor of that kind)"
+            )
         replacements[key] = value
     replacements.update(plan.replacements)
     return MergePlan(dict(plan.merges), replacements)

@@ -42,8 +42,17 @@ def _kinds() -> tuple[QuantKind, ...]:
 KINDS: tuple[QuantKind, ...] = ()
 
 
+# torch's own float layers: a plain Parameter weight of a floating dtype is never quantized (the fast answer for
+# the common case; quantized backends use subclasses of these layers or of Parameter, which take the slow path)
+_PLAIN_LAYERS = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def kind_of(module: nn.Module) -> QuantKind | None:
     """The registered quantized kind of ``module``, else ``None`` (a float layer, or an unsupported one)."""
+    if type(module) in _PLAIN_LAYERS:
+        weight = module._parameters.get("weight")
+        if type(weight) is nn.Parameter and weight.is_floating_point():
+            return None
     global KINDS
     if not KINDS:
         KINDS = _kinds()

@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.params import TunerParams
-from ..core.routing import Routes, set_default_routes
-from ..errors import AdapterNameError
+from ..core.routing import Routes, set_default_routes, slot_epoch
+from ..errors import AdapterNameError, ConfigError
 from ..functional import bind_routes
 from ..tuners import tuner_for
 from ..tuners.base import Tuner
@@ -125,7 +125,7 @@ class ShimState:
         self.mixed: Any = None  # the per-sample stack cache (see .per_sample); None when empty
         self.seen = -1  # the tree epoch the routes were last checked at (.live)
         self.built: tuple[int, ...] = ()  # the adapters' generations the routes were built at
-        self.route_cache: dict[Any, Routes] = {}  # routes by tensor identities, while only the tree changes
+        self.route_cache: dict[Any, tuple[Routes, list[TunerParams]]] = {}  # routes by what they were built from
 
     # -- copies (copy.deepcopy, pickle, torch.save) ------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -183,13 +183,36 @@ class ShimState:
     # -- activation ---------------------------------------------------------
     def known(self, names: set[str], strict: bool, what: str) -> set[str]:
         """``names`` that are loaded adapters; unknown ones warn and are ignored (SWIFT), or raise with ``strict``."""
-        unknown = names - set(self.adapters)
+        unknown = {n for n in names if n not in self.adapters}  # O(len(names)): switching cost must not grow with n
         if unknown:
             msg = f"{what}: unknown adapter(s) {sorted(unknown)}; have {sorted(self.adapters)}"
             if strict:
                 raise AdapterNameError(msg)
             warnings.warn(f"{msg}; ignored (as SWIFT does; pass strict=True to raise)", UserWarning, stacklevel=3)
         return names - unknown
+
+    def switch_to(self, names: set[str]) -> None:
+        """Make exactly ``names`` active (loaded, none offloaded): the active set and the routes, nothing else.
+
+        The cheap path of ``set_active_adapters``: one routes lookup (:meth:`routes_for`) instead of one per
+        loaded adapter.  A merged adapter left out raises :class:`ConfigError` before anything changes.
+        """
+        with self.lock:
+            dropped = [m for m in self.merged if m not in names]
+            if dropped:
+                raise ConfigError(f"adapter {dropped[0]!r} is merged; call Swift.unmerge(model) first")
+            if self.per_thread:
+                ts = self.thread_state(create=True)
+                assert ts is not None
+                ts.active.clear()
+                ts.active.update(names)
+                self.version += 1
+            elif names != self.active:
+                routes = self.routes_for(names)  # the only step that can fail: before anything changes
+                self.active.clear()
+                self.active.update(names)
+                self.version += 1
+                self.routes = routes
 
     def thread_state(self, create: bool) -> ThreadState | None:
         ts = getattr(self.tls, "state", None)
@@ -207,16 +230,27 @@ class ShimState:
         return set(self.active)
 
     def routes_for(self, names: set[str]) -> Routes | None:
-        params = [self.adapters[n].params for n in self.adapters if n in names and n not in self.merged]
+        if len(names) == 1:  # the common switch: no pass over every loaded adapter
+            (only,) = names
+            params = [self.adapters[only].params] if only in self.adapters and only not in self.merged else []
+        else:  # in loading order (the order their effects add up in)
+            params = [self.adapters[n].params for n in self.adapters if n in names and n not in self.merged]
         if not params:
             return None
-        key = (tuple(p.adapter_name for p in params), tuple(i for p in params for i in live.identity_key(p)))
-        routes = self.route_cache.get(key)
-        if routes is None:
+        # names, configs and tensor objects: equal keys are the same routes (the entry keeps those objects alive,
+        # so no id is reused while it exists); a removed slot (slot_epoch) makes every entry stale
+        key = (
+            slot_epoch(),
+            tuple(p.adapter_name for p in params),
+            tuple(id(p.config) for p in params),
+            tuple(i for p in params for i in live.identity_key(p)),
+        )
+        entry = self.route_cache.get(key)
+        if entry is None:
             if len(self.route_cache) > 8 + 2 * sum(len(a.modules) for a in self.adapters.values()):
                 self.route_cache.clear()  # bounded: tensors replaced for good (assign=True, to_empty) are dropped
-            routes = self.route_cache[key] = bind_routes(self.model, params, generator=None)
-        return routes
+            entry = self.route_cache[key] = (bind_routes(self.model, params, generator=None), params)
+        return entry[0]
 
     def refresh(self, tree_only: bool = False) -> None:
         """Rebuild the global routes after any change of adapters, activation or merge state.
@@ -225,8 +259,8 @@ class ShimState:
         the same objects are reused; any other change drops them.
         """
         with self.lock:
-            if not tree_only:
-                self.route_cache.clear()
+            # routes are cached by the names, configs and tensor objects they were built from (routes_for), so an
+            # activation or adapter change needs no invalidation: a changed adapter has another key
             if tree_only:
                 self.mixed = None  # the per-sample stack holds the replaced objects
             self.version += 1

@@ -51,7 +51,7 @@ from .copies import Copyable
 from .patches import inner_call, move_forward_patch
 from .peft_names import PeftNames
 from .signature import signed_class
-from .state import DEFAULT_ADAPTER, USE_UNIQUE_THREAD, AdapterEntry, ShimState, active_sets_restored_on_error
+from .state import DEFAULT_ADAPTER, USE_UNIQUE_THREAD, AdapterEntry, ShimState
 from .undo import undo_on_error
 
 __all__ = ["Swift", "SwiftConfig", "SwiftModel"]
@@ -265,9 +265,9 @@ class SwiftModel(PeftNames, Copyable):
         names = self._state.known(names, strict, "set_active_adapters")
         state = self._state
         moves = offload is not None or any(state.adapters[n].offload is not None for n in names)
-        # all or nothing; only a call that moves tensors pays for a full snapshot (switching stays cheap)
-        guard = undo_on_error(state.model, state) if moves else active_sets_restored_on_error(state)
-        with guard:
+        if not moves:  # a switch: one routes lookup, O(active adapters) (all or nothing: it raises before changing)
+            return state.switch_to(names)
+        with undo_on_error(state.model, state):  # all or nothing: tensors move, so a full snapshot
             for name in sorted(names):
                 self.activate_adapter(name)
             for name in sorted(set(self.adapters) - names):

@@ -52,7 +52,8 @@ register(oft.tuner)
 register(boft.tuner)
 register(adalora.tuner)
 
-from .prompt_learning import p_tuning, prompt_tuning  # noqa: E402
+from .prompt_learning import p_tuning, prefix_tuning, prompt_tuning  # noqa: E402
 
 register(prompt_tuning.tuner)
 register(p_tuning.tuner)
+register(prefix_tuning.tuner)

@@ -38,6 +38,7 @@ from ..core.params import TunerParams
 from ..core.routing import Routes, ensure_slots
 from ..core.targets import match_name, own_named_modules, own_named_parameters, select_modules
 from ..errors import CheckpointError, ConfigError, ParamsMismatchError, TargetError, UnsupportedModuleError
+from ..quant.registry import check_supported
 from .spec import CallContext
 
 __all__ = [
@@ -191,6 +192,13 @@ def selected_modules(model: nn.Module, config: Any) -> list[tuple[str, nn.Module
         selected = [(n, m) for n, m in selected if not match_name(n, config.modules_to_save)]
         if not selected:
             raise TargetError(f"every module target_modules={config.target_modules!r} selects is in modules_to_save")
+    for name, module in selected:  # before any tensor is read: a packed weight would give wrong shapes or raw errors
+        if check_supported(module, name) is not None:
+            raise UnsupportedModuleError(
+                f"module {name!r} is a quantized layer ({type(module).__module__}.{type(module).__name__});"
+                f" {type(config).__name__} adapts float layers only: use LoRA / DoRA on a quantized base"
+                " (see docs/quantization.md), exclude the module (exclude_modules), or dequantize the model first"
+            )
     return selected
 
 

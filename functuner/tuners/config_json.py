@@ -93,7 +93,7 @@ def config_to_json(config: Any) -> dict[str, Any]:
 
 # Fields of newer peft releases that ms-swift 4.6 (which needs peft<0.19) does not write: a config built in code
 # leaves them out of SWIFT's adapter_config.json while they are at their default, so the file is the one SWIFT writes.
-_NOT_IN_SWIFT_4_6 = frozenset({"kasa_config", "monteclora_config", "use_bdlora", "velora_config"})
+_NOT_IN_SWIFT_4_6 = frozenset({"kasa_config", "monteclora_config", "use_bdlora", "velora_config", "base_fingerprint"})
 
 
 def _default_json(f: dataclasses.Field[Any]) -> Any:

@@ -244,29 +244,23 @@ def _train_fsdp2_swift(swift, ids: torch.Tensor, rank: int):
     return losses
 
 
-def _gathered(adapter) -> ft.TunerParams:
-    """The adapter's tensors as the module tree holds them now (sharded DTensors), gathered whole on every rank."""
-    from torch.distributed.tensor import DTensor
-
-    return ft.TunerParams(
-        {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in adapter.tensors.items()},
-        adapter.config,
-        adapter.name,
-    )
-
-
 def _scenario_fsdp2_swift(rank: int, out: pathlib.Path) -> None:
     """SwiftModel under plain FSDP2: fully_shard on the decoder layers and the root, nothing else.
 
     FSDP2 replaces the shim's tuner Parameters with sharded DTensors (and swaps the unsharded ones in around
     each layer's forward); the shim reads its tensors from the module tree, so it trains what the optimizer sees.
     """
+    from torch.distributed.tensor import DTensor
+
     model, params, ids = _setup(False)
     swift, adapter = _swift_from_reference(model, params)
     local_numel, total_numel = _shard(model, per_linear=False, tuner_keys=frozenset(params))
     losses = _train_fsdp2_swift(swift, ids, rank)
     extra = {"local_numel": torch.tensor(local_numel), "total_numel": torch.tensor(total_numel)}
-    _write(out, "fsdp2_swift", rank, _gathered(adapter), losses, **extra)
+    full = ftd.gather_params(adapter.params)  # a collective: every rank gathers the sharded adapter whole
+    assert all(not isinstance(v, DTensor) for v in full.values())
+    ftd.save_params_on_rank0(full, out / "fsdp2_swift_ckpt")
+    _write(out, "fsdp2_swift", rank, full, losses, **extra)
 
 
 def _scenario_fsdp2_swift_reloaded(rank: int, out: pathlib.Path) -> None:
@@ -289,7 +283,7 @@ def _scenario_fsdp2_swift_reloaded(rank: int, out: pathlib.Path) -> None:
     assert all(id(after[k]) != before[k] for k in adapter.tensors), "assign=True should put new objects there"
     assert all(isinstance(p, DTensor) for p in after.values())
     losses = _train_fsdp2_swift(swift, ids, rank)
-    _write(out, "fsdp2_swift_reloaded", rank, _gathered(adapter), losses)
+    _write(out, "fsdp2_swift_reloaded", rank, ftd.gather_params(adapter.params), losses)
 
 
 def _scenario_collectives(rank: int, out: pathlib.Path) -> None:
@@ -460,6 +454,10 @@ def test_fsdp2_swift_model_matches_single_process(runs, reference_lora) -> None:
     results = _assert_matches_reference(runs, "fsdp2_swift", reference_lora, rtol=1e-6)
     for res in results:
         _assert_half_of_base(res)
+    # gather_params + save_params_on_rank0 wrote the trained adapter, whole
+    loaded = ftd.load_params(runs / "fsdp2_swift_ckpt", like=reference_lora[1])
+    for k, v in reference_lora[1].items():
+        _assert_close_rel(loaded[k], v, f"checkpoint {k}", 1e-6)
 
 
 def test_fsdp2_swift_model_after_to_empty_and_assign_matches_single_process(runs, reference_lora) -> None:
@@ -537,7 +535,7 @@ def test_buckets_round_trip_any_pytree(leaves, seed) -> None:
 def test_without_process_group_helpers_are_local(reference_lora, tmp_path) -> None:
     assert not dist.is_initialized() and ftd.rank_and_world() == (0, 1)
     model, params, _ = reference_lora
-    for fn in (ftd.all_reduce_grads, ftd.broadcast_params):
+    for fn in (ftd.all_reduce_grads, ftd.broadcast_params, ftd.gather_params):
         got = fn(params)
         assert got == params and all(got[k] is not params[k] for k in params)
     assert ftd.run_on_rank0(lambda x: x + 1, 1) == 2

@@ -23,6 +23,7 @@ import torch
 from conftest import tiny_bert, tiny_llama
 from safetensors.torch import load_file, save_file
 
+import functuner as ft
 import functuner.io.checkpoint as ckpt
 from functuner import LoRAConfig, Swift, SwiftModel
 from functuner.errors import AdapterNameError, CheckpointError, ConfigError, ParamsMismatchError, UnsafeCheckpointError
@@ -198,12 +199,21 @@ def test_several_adapters_and_renames_load_like_peft(tmp_path: Path) -> None:
         Swift.from_pretrained(renamed, str(tmp_path), adapter_name={"b": "mine"})
 
 
-def test_functuner_readers_refuse_peft_native_types_by_name(tmp_path: Path) -> None:
-    folder, _ = saved_peft(tmp_path, "ia3")
-    for read in (lambda: ckpt.read_adapter_dir(folder), lambda: SwiftModel.from_pretrained(tiny_llama(), str(folder))):
-        with pytest.raises(CheckpointError, match="PEFT IA3 adapter.*Swift.from_pretrained"):
-            read()
-    assert ckpt.peft_native_adapters(folder) == ({"default": folder}, {"default": "default"})
+def test_functuner_readers_load_peft_ia3_natively(tmp_path: Path) -> None:
+    # IA3 is a native functuner tuner (issue #22): functuner's own readers take a PEFT IA3 directory as
+    # TunerParams / a SwiftModel with PEFT's outputs, while Swift.from_pretrained keeps the seed's contract
+    # (a PeftModel, test_prepare_and_load_match_peft).  (Before #22 these readers refused it by name.)
+    folder, want = saved_peft(tmp_path, "ia3")
+    found = ckpt.read_adapter_dir(folder)
+    assert set(found) == {"default"}
+    params = ft.load(folder, tiny_llama())
+    assert type(params.config).__name__ == "IA3Config"
+    base = tiny_llama()
+    got = ft.apply(base, params, (X,)).logits
+    assert torch.allclose(got, want, atol=1e-6)
+    sm = SwiftModel.from_pretrained(tiny_llama(), str(folder))
+    assert isinstance(sm, SwiftModel) and set(sm.adapters) == {"default"}
+    assert torch.allclose(out(sm), want, atol=1e-6)
 
 
 def test_swift_model_target_is_refused_unchanged(tmp_path: Path) -> None:

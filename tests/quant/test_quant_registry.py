@@ -139,3 +139,28 @@ def test_shim_flag_prepares_a_quantized_base_and_it_trains() -> None:
     loss.backward()
     grads = [t.grad for n, t in sm.named_parameters() if t.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+# every native PEFT-method tuner other than LoRA/DoRA adapts float layers only: on a quantized base it is
+# refused by name, before anything is read from the packed weight (raw RuntimeErrors before issue #19)
+NATIVE_CONFIGS = {
+    "IA3": lambda: ft.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    "LoHa": lambda: ft.LoHaConfig(r=2, target_modules=["q_proj"]),
+    "LoKr": lambda: ft.LoKrConfig(r=2, target_modules=["q_proj"]),
+}
+
+
+@pytest.mark.parametrize("backend", ["bnb4", "torchao8"])
+@pytest.mark.parametrize("tuner", list(NATIVE_CONFIGS))
+def test_other_tuners_refuse_a_quantized_layer_by_name(tuner: str, backend: str) -> None:
+    model = quantized_llama(backend)
+    before = dict(model.named_parameters())  # (bnb's state_dict builds its quant-state tensors anew each call)
+    for call in (
+        lambda: ft.init(model, NATIVE_CONFIGS[tuner](), generator=0),
+        lambda: Swift.prepare_model(model, NATIVE_CONFIGS[tuner]()),
+    ):
+        with pytest.raises(UnsupportedModuleError, match=rf"'model\.layers\.0\.self_attn\.q_proj'.*{tuner}Config"):
+            call()
+    after = dict(model.named_parameters())
+    assert set(after) == set(before) and all(after[k] is v for k, v in before.items())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

@@ -78,6 +78,9 @@ class LoRAConfig(TunerConfig):
     trainable_token_indices: Any = None  # PEFT's: train a few embedding rows ([ids] or {module: [ids]})
     eva_config: Any = None  # PEFT's EvaConfig fields as a dict (init_lora_weights="eva"); None: PEFT's defaults
     corda_config: Any = None  # PEFT's CordaConfig fields as a dict (init_lora_weights="corda"); None: defaults
+    # functuner's: PiSSA/OLoRA/CorDA base fingerprints {state key: {"original"|"residual": [floats]}} that merges
+    # check (.inits.guard); set by init, kept out of PEFT's format and of the JSON while None
+    base_fingerprint: Any = None
     # PEFT's LoRA variants (functuner.tuners.lora.variants): its sub-config objects or their dicts, kept as dicts
     kasa_config: Any = None  # KaSA: {"beta", "gamma"}
     velora_config: Any = None  # VeLoRA: {"num_groups", "scale", "init_type"}

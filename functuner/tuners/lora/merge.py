@@ -18,6 +18,7 @@ from torch import nn
 from ...core.params import TunerParams
 from ...errors import ConfigError, ParamsMismatchError
 from ...quant.weights import densify
+from .inits.guard import check_state as check_residual_base
 from .math import dora_norm, lora_delta, plus_delta, weight_as_out_in
 from .tokens import with_rows
 from .variants import merge_inputs
@@ -176,6 +177,10 @@ def merge(
     layout, state = _layout_and_state(model_or_weights, params, base, "merge")
     if unmerged is not None and isinstance(model_or_weights, nn.Module):
         unmerged = densify(model_or_weights, unmerged, [s.name for s in layout.sites if s.weight_name == "weight"])
+    # PiSSA/OLoRA/CorDA: only into the residual base the adapter was trained on (.inits.guard), checked before merging
+    before = state if unmerged is None else unmerged
+    keys = [f"{s.name}.{s.weight_name}" for s in layout.sites]
+    check_residual_base(params.config, {k: before[k] for k in keys if k in before}, "functuner.merge")
     return _merge_impl(layout, params, state, unmerged)
 
 

@@ -129,7 +129,8 @@ def peft_config_json(config: Any) -> dict[str, Any]:
                 f"LoRA field {name}={data[name]!r} has no PEFT counterpart; PEFT's format cannot hold it"
                 f" (keep SWIFT's format, or set {name}={defaults.get(name)!r})"
             )
-    for name in (*_SWIFT_ONLY_FIELDS, *_SWIFT_ONLY_TRAINING_FIELDS, "swift_type"):
+    # base_fingerprint: functuner's PiSSA/OLoRA/CorDA guard (.inits.guard); PEFT warns on unknown fields, so it stays out
+    for name in (*_SWIFT_ONLY_FIELDS, *_SWIFT_ONLY_TRAINING_FIELDS, "swift_type", "base_fingerprint"):
         data.pop(name, None)
     data["peft_type"] = "LORA"
     return cast(dict[str, Any], data)

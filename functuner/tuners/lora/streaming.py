@@ -17,6 +17,7 @@ import torch
 
 from ...errors import ConfigError
 from ..base import ShardMergePlan
+from .inits.guard import check_unverifiable, check_weight
 from .merge import merged_weight
 from .tokens import with_rows
 from .variants import merge_inputs
@@ -25,10 +26,13 @@ from .weight_layout import WeightSite, weight_layout
 __all__ = ["plan_shard_merge"]
 
 
-def _weight_fn(site: WeightSite, tensors: Mapping[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+def _weight_fn(
+    site: WeightSite, tensors: Mapping[str, torch.Tensor], config: Any, source: str
+) -> Callable[[torch.Tensor], torch.Tensor]:
     magnitude = tensors[site.m] if site.m is not None else None
 
     def fn(w: torch.Tensor) -> torch.Tensor:
+        check_weight(config, f"{site.name}.{site.weight_name}", w, source)  # PiSSA/OLoRA/CorDA: the residual only
         w32, A, B = merge_inputs(site.variant, w, w, tensors[site.a], tensors[site.b], tensors)
         return merged_weight(w32, A, B, site.scaling, site.kind, magnitude)
 
@@ -57,10 +61,11 @@ def plan_shard_merge(
     :class:`~functuner.errors.ConfigError` for ``lora_bias`` on a layer without a bias.
     """
     layout = weight_layout(tensors, config, adapter_name, shapes, fan_in_fan_out=fan_in_fan_out, source=source)
+    check_unverifiable(config, source)  # PiSSA/OLoRA/CorDA without base fingerprints: refused before any shard is read
     merges: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     replacements: dict[str, torch.Tensor] = {}
     for site in layout.sites:
-        merges[f"{site.name}.{site.weight_name}"] = _weight_fn(site, tensors)
+        merges[f"{site.name}.{site.weight_name}"] = _weight_fn(site, tensors, config, source)
         bkey = f"{site.name}.bias"
         if site.bias is not None:
             replacements[bkey] = tensors[site.bias]

@@ -50,7 +50,10 @@ from . import peft_format
 from .combine import add_weighted_adapter
 from .config import LoRAConfig, LoraConfig
 from .forward import needs_generator, routes
-from .inits.factors import init_factors, moves_base, residual_weight, residual_weights
+from .inits.factors import init_factors, moves_base, residual_weight
+from .inits.guard import check_model_base
+from .inits.guard import checked_residual_weights as residual_weights
+from .inits.guard import record as record_fingerprints
 from .keys import lora_b_bias_name, param_names
 from .layout import base_weight, check_site, expected_shapes, layer_kind, layout_of, param_targets, shapes_for_weight
 from .math import dora_conv_delta, dora_norm, lora_delta, weight_as_out_in
@@ -76,8 +79,13 @@ __all__ = [
 
 
 def validate(model: nn.Module, params: TunerParams) -> None:
-    """Raise :class:`ParamsMismatchError` if ``params`` does not fit ``model``. Pure."""
+    """Raise :class:`ParamsMismatchError` if ``params`` does not fit ``model``. Pure.
+
+    PiSSA/OLoRA/CorDA params with base fingerprints also need ``model`` to hold their residual base
+    (:class:`ConfigError` otherwise, :mod:`.inits.guard`).
+    """
     layout_of(model, params)
+    check_model_base(model, params, "functuner.validate")
 
 
 def _lora_b_bias(
@@ -253,7 +261,8 @@ def init(
         if not found:
             raise ConfigError(f"modules_to_save={list(config.modules_to_save)!r} matched no module of the model")
     _init_tokens(model, config, adapter_name, {n for n, _ in selected} | set(ptargets), tensors)
-    return TunerParams(tensors, config, adapter_name)
+    # PiSSA/OLoRA/CorDA: fingerprint the original and residual base weights, which merges check (.inits.guard)
+    return record_fingerprints(model, TunerParams(tensors, config, adapter_name))
 
 
 def _init_tokens(

@@ -1,4 +1,7 @@
-"""What PEFT's prompt-learning tuners share (prompt tuning, P-tuning): config fields, the forward slot, PEFT's layout.
+"""What PEFT's prompt-learning tuners share: config checks, the embedding forward slot, PEFT's layout.
+
+Prompt tuning and P-tuning use the forward slot below; prefix tuning (its own slot, a KV cache)
+shares the config checks and PEFT's layout.
 
 PEFT's ``PeftModelForCausalLM.forward`` (peft 0.21) runs a prompt-learning adapter as:
 embed ``input_ids`` with the model's word embeddings (unless ``inputs_embeds`` is given),
@@ -34,6 +37,7 @@ __all__ = [
     "PEFT_VERSION",
     "PROMPT_KEY",
     "check_common",
+    "as_kwargs",
     "check_table",
     "embedding_key",
     "fill_from_model",
@@ -127,13 +131,16 @@ def fill_from_model(model: nn.Module, config: Any) -> dict[str, Any]:
     return out
 
 
-def _as_kwargs(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+def as_kwargs(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A call's arguments as keywords of ``model.forward`` (so a slot can rewrite them by name)."""
     if not args:
         return dict(kwargs)
     try:
         bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
     except TypeError as e:
-        raise ConfigError(f"prompt learning: cannot bind the arguments of {type(model).__name__}.forward: {e}") from None
+        raise ConfigError(
+            f"prompt learning: cannot bind the arguments of {type(model).__name__}.forward: {e}"
+        ) from None
     return {**bound.arguments.pop("kwargs", {}), **bound.arguments}
 
 
@@ -145,15 +152,15 @@ def _pre_slot(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    kw = _as_kwargs(module, args, kwargs)
+    kw = as_kwargs(module, args, kwargs)
     for name in ("position_ids", "token_type_ids"):
         if kw.get(name) is not None:
             raise ConfigError(
                 f"{what}: {name} is not supported with virtual tokens (PEFT drops it with a warning); call without it"
             )
-    if kw.get("past_key_values") is not None:
+    if kw.get("past_key_values") is not None or kw.get("cache") is not None:
         raise ConfigError(
-            f"{what}: a past_key_values cache is not supported (generation past the first step would prepend the"
+            f"{what}: a cache (cache= / past_key_values=) is not supported (generation past the first step would prepend the"
             " virtual tokens again); run generation through peft or without a cache"
         )
     input_ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
@@ -174,14 +181,14 @@ def _pre_slot(
     return (), kw
 
 
-def prompt_routes(
-    model: nn.Module, params: TunerParams, prompts_of: Callable[[], torch.Tensor], what: str
-) -> Routes:
+def prompt_routes(model: nn.Module, params: TunerParams, prompts_of: Callable[[], torch.Tensor], what: str) -> Routes:
     """A pre slot on ``model`` prepending ``prompts_of()`` (``(num_virtual_tokens, token_dim)``) as PEFT's CausalLM."""
     n = int(params.config.num_virtual_tokens)
     ensure_slots([model], pre=True)
 
-    def slot(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def slot(
+        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return _pre_slot(prompts_of, n, what, module, args, kwargs)
 
     return Routes(forward={}, pre={model: [slot]})
@@ -222,6 +229,7 @@ def peft_format(
         data = cast(dict[str, Any], config.to_dict())
         data.pop("swift_type", None)
         data["peft_type"] = peft_type
+        data["inference_mode"] = True  # PeftModel.save_pretrained writes True: the file holds the final embeddings
         if data.get("peft_version") is None:
             data["peft_version"] = PEFT_VERSION
         return data

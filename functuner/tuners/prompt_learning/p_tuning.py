@@ -43,8 +43,8 @@ class PromptEncoderConfig(TunerConfig):
     """PEFT's ``PromptEncoderConfig`` fields and defaults (peft 0.21).
 
     ``num_virtual_tokens`` is required; ``token_dim`` and the other model fields are filled from
-    the model at ``init``; ``encoder_hidden_size`` is required (as in PEFT, whose encoder cannot be
-    built without it).  ``task_type`` must be ``"CAUSAL_LM"``.
+    the model at ``init``; ``encoder_hidden_size`` defaults to ``token_dim`` there (PEFT's
+    ``_prepare_prompt_learning_config`` does the same).  ``task_type`` must be ``"CAUSAL_LM"``.
     """
 
     num_virtual_tokens: Any = None
@@ -77,8 +77,6 @@ class PromptEncoderConfig(TunerConfig):
             )
         if kind != "MLP":
             raise ConfigError(f"PromptEncoderConfig.encoder_reparameterization_type={kind!r}: expected 'MLP' or 'LSTM'")
-        if complete and self.encoder_hidden_size is None and not self.inference_mode:
-            raise ConfigError("PromptEncoderConfig.encoder_hidden_size is None: set the MLP encoder's hidden size")
         if self.encoder_hidden_size is not None and (
             isinstance(self.encoder_hidden_size, bool)
             or not isinstance(self.encoder_hidden_size, int)
@@ -116,8 +114,10 @@ def init(
         raise ConfigError(f"p_tuning.init needs a PromptEncoderConfig, got {type(config).__name__}")
     config.check()
     config = dataclasses.replace(config, **common.fill_from_model(model, config))
+    if config.encoder_hidden_size is None:
+        config = dataclasses.replace(config, encoder_hidden_size=config.token_dim)
     weight = cast(torch.Tensor, common.word_embeddings(model).weight)
-    d, h = int(config.token_dim), int(config.encoder_hidden_size or 0)
+    d, h = int(config.token_dim), int(config.encoder_hidden_size)
     if weight.shape[-1] != d:
         raise ConfigError(f"PromptEncoderConfig.token_dim={d} does not match the word embeddings' {weight.shape[-1]}")
     tensors = {common.embedding_key(adapter_name): torch.randn(int(config.num_virtual_tokens), d, generator=generator)}

@@ -38,9 +38,18 @@ from ..config import LoRAConfig
 from ..keys import parse_key
 from ..tuner import init as lora_tensors
 from . import data as data_inits
-from .factors import residual_weights
+from .guard import checked_residual_weights as residual_weights
+from .guard import mark_residual_base
 
-__all__ = ["LoraInit", "lora_init", "lora_residual_weights", "lora_to_plain", "residual_weights", "to_plain_lora"]
+__all__ = [
+    "LoraInit",
+    "lora_init",
+    "lora_mark_residual_base",
+    "lora_residual_weights",
+    "lora_to_plain",
+    "residual_weights",
+    "to_plain_lora",
+]
 
 
 class LoraInit(NamedTuple):
@@ -186,9 +195,11 @@ def to_plain_lora(params: TunerParams, initial: TunerParams) -> TunerParams:
         rank_pattern={k: 2 * v for k, v in cfg.rank_pattern.items()},
         alpha_pattern={k: 2 * v for k, v in cfg.alpha_pattern.items()},
         init_lora_weights=True,
+        base_fingerprint=None,  # a plain delta on the original weights: nothing to guard
     )
     return TunerParams(tensors, new_cfg, params.adapter_name)
 
 
 lora_residual_weights = residual_weights  # public names (functuner.lora_residual_weights / functuner.lora_to_plain)
 lora_to_plain = to_plain_lora
+lora_mark_residual_base = mark_residual_base  # the caller's statement "these weights are the residual base" (.guard)

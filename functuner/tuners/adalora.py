@@ -6,7 +6,7 @@ Per adapted module AdaLoRA learns an SVD-like update with ``init_r`` triplets,
 
     y = base(x) + (dropout(x) @ (A * E).T @ B.T) * lora_alpha / (init_r + 1e-5)
 
-During training the rank allocator (:mod:`functuner.tuners.adalora.allocator`, a
+During training the rank allocator (``adalora.allocator``, a
 pure function of the training state) zeroes the least important singular values
 ``E`` until ``target_r`` triplets per module remain on average.  PEFT's forward
 adds ``orth_reg_weight * (mean ||A A^T - I||_F, ||B^T B - I||_F)`` to the model's
@@ -36,16 +36,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.params import TunerParams
-from ...core.routing import Routes, ensure_slots
-from ...core.targets import is_conv1d_gpt2
-from ...errors import ConfigError, UnsupportedModuleError
-from .. import _lycoris as ly
-from ..base import CallContext, KeyNaming, Tuner, TunerConfig
+from ..core.params import TunerParams
+from ..core.routing import Routes, ensure_slots
+from ..core.targets import is_conv1d_gpt2
+from ..errors import ConfigError, UnsupportedModuleError
+from . import _adalora_allocator as allocator
+from . import _lycoris as ly
+from .base import CallContext, KeyNaming, Tuner, TunerConfig
 
 __all__ = [
     "PEFT_FORMAT",
     "AdaLoraConfig",
+    "allocator",
     "init",
     "merge",
     "orth_regularization",

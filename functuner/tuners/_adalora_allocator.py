@@ -1,5 +1,8 @@
 """AdaLoRA's rank allocator as a pure function of the training state (PEFT's ``RankAllocator``, peft 0.21).
 
+Public as ``functuner.tuners.adalora.allocator`` (this module is private so that the
+AdaLoRA tuner stays one documented module).
+
 PEFT keeps the allocator inside the model and mutates parameters in place
 (``model.base_model.update_and_allocate(step)`` after ``loss.backward()``).  Here the
 state is a value and every call returns new values::
@@ -32,8 +35,8 @@ from typing import NamedTuple
 
 import torch
 
-from ...core.params import TunerParams
-from ...errors import ConfigError, ParamsMismatchError
+from ..core.params import TunerParams
+from ..errors import ConfigError, ParamsMismatchError
 
 __all__ = ["AllocatorState", "budget_schedule", "init_state", "update_and_allocate"]
 
