@@ -132,7 +132,9 @@ def add_adapters(
             adapter = AdapterEntry(name, params.config, tensors, frozenset(shared), ())
             adapter.owners = live.owners_of(model, tensors)
             adapter.seen = live.epoch()
-            routes = bind_routes(model, adapter.params)
+            own = adapter.params
+            routes = bind_routes(model, own)
+            state.seed_routes(own, routes)
             adapter.modules = tuple(dict.fromkeys([*routes.forward, *routes.pre]))
             set_default_routes(list(adapter.modules), state.provider)
             for p in tensors.values():

@@ -191,6 +191,10 @@ class ShimState:
             warnings.warn(f"{msg}; ignored (as SWIFT does; pass strict=True to raise)", UserWarning, stacklevel=3)
         return names - unknown
 
+    def seed_routes(self, params: TunerParams, routes: Routes) -> None:
+        """Remember the routes just built for one adapter, so the first switch to it is a lookup, not a build."""
+        self.route_cache.setdefault(_route_key([params]), (routes, [params]))
+
     def switch_to(self, names: set[str]) -> None:
         """Make exactly ``names`` active (loaded, none offloaded): the active set and the routes, nothing else.
 
@@ -237,14 +241,7 @@ class ShimState:
             params = [self.adapters[n].params for n in self.adapters if n in names and n not in self.merged]
         if not params:
             return None
-        # names, configs and tensor objects: equal keys are the same routes (the entry keeps those objects alive,
-        # so no id is reused while it exists); a removed slot (slot_epoch) makes every entry stale
-        key = (
-            slot_epoch(),
-            tuple(p.adapter_name for p in params),
-            tuple(id(p.config) for p in params),
-            tuple(i for p in params for i in live.identity_key(p)),
-        )
+        key = _route_key(params)
         entry = self.route_cache.get(key)
         if entry is None:
             if len(self.route_cache) > 8 + 2 * sum(len(a.modules) for a in self.adapters.values()):
@@ -290,6 +287,18 @@ class ShimState:
                         ts.version = self.version
                 return cast("Routes | None", ts.routes)
         return self.routes
+
+
+def _route_key(params: list[TunerParams]) -> tuple[Any, ...]:
+    """What routes are built from: names, configs and tensor objects (equal keys are the same routes; a cache
+    entry keeps those objects alive, so no id is reused while it exists); a removed slot (slot_epoch) makes
+    every older key stale."""
+    return (
+        slot_epoch(),
+        tuple(p.adapter_name for p in params),
+        tuple(id(p.config) for p in params),
+        tuple(i for p in params for i in live.identity_key(p)),
+    )
 
 
 @contextlib.contextmanager

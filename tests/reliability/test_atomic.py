@@ -276,9 +276,21 @@ def test_set_active_adapters_reloading_an_offloaded_adapter_is_atomic(steps) -> 
 
 
 def test_set_active_adapters_without_offload_is_atomic(steps) -> None:
+    # a switch to an adapter set whose routes are not cached builds them: fail at every step of that
     def build():
         sm = _two_adapters()
+        sm._state.route_cache.clear()  # (loading seeds each adapter's own routes; see the next test)
         return sm, lambda: sm.set_active_adapters(["b"])
 
     _, sm = _fail_everywhere(steps, build)
     assert sm.active_adapters == {"b"}
+
+
+def test_switching_to_a_loaded_adapter_does_no_work_that_could_fail(steps) -> None:
+    # loading an adapter caches its routes, so switching to it is a lookup: no torch op, no route build
+    sm = _two_adapters()
+    before = out_of(sm)
+    assert steps(lambda: sm.set_active_adapters(["b"]), None) == 0
+    assert sm.active_adapters == {"b"}
+    sm.set_active_adapters(["a", "b"])
+    assert torch.equal(out_of(sm), before)
