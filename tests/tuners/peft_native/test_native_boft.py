@@ -10,13 +10,16 @@ PEFT's CUDA extension, where PEFT silently uses factor 1: for those, the permuta
 
 from __future__ import annotations
 
-import copy
-import json
-
 import peft
 import pytest
 import torch
-from native_peft_helpers import MODELS, assert_parity, make_pair, mlp, out_of
+from native_peft_helpers import (
+    MODELS,
+    assert_parity,
+    check_peft_round_trip,
+    make_pair,
+    mlp,
+)
 from peft.tuners.boft.layer import BOFTLayer
 
 import functuner as ft
@@ -79,17 +82,7 @@ def test_peft_loads_our_save_and_we_load_peft_save(adapter_name: str, tmp_path) 
     model, x = build(), inputs()
     cfg = {"boft_block_size": 4, "target_modules": ["q_proj", "v_proj"], "init_weights": False}
     p = ft.init(model, BOFTConfig(**cfg), generator=3, adapter_name=adapter_name)
-    ft.save(p, tmp_path / "ours", format="peft")
-    folder = tmp_path / "ours" if adapter_name == "default" else tmp_path / "ours" / adapter_name
-    assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "BOFT"
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), folder, adapter_name=adapter_name).eval()
-    torch.testing.assert_close(out_of(pm(**x)), out_of(ft.apply(model, p, kwargs=x)), atol=1e-5, rtol=1e-5)
-
-    theirs = peft.get_peft_model(copy.deepcopy(model), peft.BOFTConfig(**cfg)).eval()
-    theirs.save_pretrained(tmp_path / "theirs")
-    back = ft.load(tmp_path / "theirs", model)
-    assert isinstance(back.config, BOFTConfig)
-    torch.testing.assert_close(out_of(ft.apply(model, back, kwargs=x)), out_of(theirs(**x)), atol=1e-5, rtol=1e-5)
+    check_peft_round_trip(tmp_path, model, x, p, peft.BOFTConfig(**cfg), "BOFT")
 
 
 def test_swift_round_trip_peft_config_init_grad_vmap_and_dropout(tmp_path) -> None:

@@ -9,13 +9,17 @@ rows (``nn.Embedding`` is refused with ``UnsupportedModuleError``; the shim pass
 
 from __future__ import annotations
 
-import copy
-import json
-
 import peft
 import pytest
 import torch
-from native_peft_helpers import MODELS, assert_parity, make_pair, mlp, out_of
+from native_peft_helpers import (
+    MODELS,
+    assert_parity,
+    check_peft_round_trip,
+    check_swift_round_trip_grad_and_vmap,
+    make_pair,
+    mlp,
+)
 
 import functuner as ft
 from functuner.errors import ConfigError, ParamsMismatchError, UnsupportedModuleError
@@ -98,17 +102,7 @@ def test_peft_loads_our_save_and_we_load_peft_save(adapter_name: str, tmp_path) 
     model, x = build(), inputs()
     cfg = {"oft_block_size": 8, "target_modules": ["q_proj", "v_proj"], "init_weights": False}
     p = ft.init(model, OFTConfig(**cfg), generator=3, adapter_name=adapter_name)
-    ft.save(p, tmp_path / "ours", format="peft")
-    folder = tmp_path / "ours" if adapter_name == "default" else tmp_path / "ours" / adapter_name
-    assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "OFT"
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), folder, adapter_name=adapter_name).eval()
-    torch.testing.assert_close(out_of(pm(**x)), out_of(ft.apply(model, p, kwargs=x)), atol=1e-5, rtol=1e-5)
-
-    theirs = peft.get_peft_model(copy.deepcopy(model), peft.OFTConfig(**cfg)).eval()
-    theirs.save_pretrained(tmp_path / "theirs")
-    back = ft.load(tmp_path / "theirs", model)
-    assert isinstance(back.config, OFTConfig)
-    torch.testing.assert_close(out_of(ft.apply(model, back, kwargs=x)), out_of(theirs(**x)), atol=1e-5, rtol=1e-5)
+    check_peft_round_trip(tmp_path, model, x, p, peft.OFTConfig(**cfg), "OFT")
 
 
 def test_swift_round_trip_peft_config_init_grad_and_vmap(tmp_path) -> None:
@@ -117,23 +111,7 @@ def test_swift_round_trip_peft_config_init_grad_and_vmap(tmp_path) -> None:
         model, peft.OFTConfig(oft_block_size=4, target_modules=["lin1", "lin2"], init_weights=False), generator=1
     )
     assert isinstance(p1.config, OFTConfig)
-    ft.save(p1, tmp_path)
-    back = ft.load(tmp_path, model)
-    assert back.config == p1.config and all(torch.equal(back[k], p1[k]) for k in p1)
-    p2 = ft.init(model, p1.config, generator=2)
-    x = torch.randn(4, 12)
-
-    def loss(params: ft.TunerParams) -> torch.Tensor:
-        return ft.apply(model, params, (x,)).square().mean()
-
-    grads = torch.func.grad(loss)(p1)
-    leaves = p1.map(lambda t: t.detach().requires_grad_(True))
-    for g, e in zip(grads.values(), torch.autograd.grad(loss(leaves), list(leaves.values())), strict=True):
-        torch.testing.assert_close(g, e)
-    stacked = ft.tree_map(lambda a, b: torch.stack([a, b]), p1, p2)
-    outs = torch.func.vmap(lambda params: ft.apply(model, params, (x,)))(stacked)
-    torch.testing.assert_close(outs[0], ft.apply(model, p1, (x,)))
-    torch.testing.assert_close(outs[1], ft.apply(model, p2, (x,)))
+    check_swift_round_trip_grad_and_vmap(tmp_path, model, p1)
 
 
 def test_errors_and_adjustment_warnings_name_the_problem() -> None:
