@@ -4,7 +4,10 @@
   the target in **one** atomic exchange (Linux ``renameat2(RENAME_EXCHANGE)``;
   a plain ``rename`` when the target does not exist yet).  A process killed at
   any point leaves either the old directory or the complete new one at the
-  target, never a mix; leftovers are hidden ``.<name>.tmp-*`` siblings.
+  target, never a mix.  A killed write leaves a hidden
+  ``.<name>.tmp-<host>-<pid>-*`` sibling; the next write of the same target
+  removes such leftovers of processes on this host that no longer run (never
+  those of a live process, so concurrent writers are safe).
   Where the OS has no exchange, the fallback is two renames (a kill between
   them leaves the target missing and the old content in a ``.<name>.old-*``
   sibling).
@@ -26,7 +29,9 @@ import ctypes
 import ctypes.util
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import threading
 import uuid
@@ -44,6 +49,7 @@ __all__ = [
     "exchange",
     "fsync_tree",
     "read_json",
+    "sweep_leftovers",
     "umask",
     "write_json",
 ]
@@ -51,6 +57,44 @@ __all__ = [
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 _umask_lock = threading.Lock()
+
+
+def _tmp_prefix(name: str) -> str:
+    """``.<name>.tmp-<host>-<pid>-``: the temporary sibling's name says who made it (fits NAME_MAX)."""
+    host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
+    return f".{name[:96]}.tmp-{host}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: the process exists
+        return True
+    return True
+
+
+def sweep_leftovers(parent: Path, name: str) -> None:
+    """Remove ``.<name>.tmp-<host>-<pid>-*`` siblings left by killed writers of this host (dead pids only)."""
+    mine = _tmp_prefix(name)
+    stem = mine[: mine.rindex("-", 0, len(mine) - 1) + 1]  # ".<name>.tmp-<host>-"
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.startswith(stem):
+            continue
+        pid = entry[len(stem) :].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        path = parent / entry
+        if path.is_symlink() or not path.is_dir():
+            with contextlib.suppress(OSError):
+                path.unlink()
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def umask() -> int:
@@ -107,7 +151,8 @@ def write_json(data: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Replace the file ``path`` with ``text`` in one rename (temp file beside it, fsynced, mode from the umask)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    sweep_leftovers(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path.name), dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -207,7 +252,8 @@ def atomic_dir(
         raise CheckpointError(f"{target}: already exists (pass --overwrite to replace it)")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name[:96]}.tmp-", dir=target.parent))  # fits NAME_MAX
+        sweep_leftovers(target.parent, target.name)
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target.name), dir=target.parent))
     except OSError as e:
         raise CheckpointError(f"{target.parent}: cannot create a directory there ({e.strerror})") from None
     try:

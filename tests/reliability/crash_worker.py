@@ -197,6 +197,14 @@ def _prepare(kind: str, ck: Path, refs: Path) -> tuple[Callable[[str, Path], Any
 
 def _run(command: str, which: str, arg: str | None, write: Callable[[str, Path], Any], ck: Path, refs: Path) -> str:
     """One command of the protocol (module docstring); returns the answer line."""
+    if command in ("steps", "stop"):
+        # Debris of an earlier killed trial would be removed by the write (functuner.core.fs removes dead
+        # writers' leftovers first) and shift step k away from step k of the write itself: clear it here.
+        for leftover in sorted(ck.parent.rglob(".*.tmp-*"), key=lambda p: -len(p.parts)):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink()
     if command == "steps":
         out = refs / "step-count"
         pid = _child(lambda: write(which, ck), count_to=out)
