@@ -7,9 +7,9 @@ into one graph with the slot hooks).  Measured:
 * correctness: compiled loss and grads equal eager ones, for two adapters, one
   with an equal but distinct config, and one with the same tensors but another
   ``lora_alpha`` (a graph reused for it would be silently wrong);
-* recompilations when switching between two adapters of the same shape
-  (``torch._dynamo.utils.counters``): with one shared config object, and with
-  equal but distinct config objects;
+* recompilations (``torch._dynamo.utils.counters``) over ``SWITCHES`` switches
+  between three adapters of one shape and one config object, for an equal but
+  distinct config object, and for a config change (another ``lora_alpha``);
 * speed: compiled step vs the eager step (interleaved medians), and the
   one-off compile time.
 """
@@ -24,6 +24,8 @@ import torch
 import functuner as ft
 
 from . import common as C
+
+SWITCHES = 10
 
 
 def _graphs() -> int:
@@ -41,6 +43,7 @@ def run(s: C.Settings) -> C.Report:
     p1 = ft.init(model, cfg, generator=0)
     p2 = ft.init(model, cfg, generator=1)
     p3 = ft.init(model, dataclasses.replace(cfg), generator=2)  # equal config, distinct object
+    p5 = ft.init(model, cfg, generator=3)  # a third adapter of the same config object, for the switches
     # same tensors and shapes as p1, another scaling: a graph reused for it would be silently wrong
     p4 = ft.TunerParams(dict(p1), dataclasses.replace(cfg, lora_alpha=cfg.lora_alpha * 3), "default")
 
@@ -51,6 +54,7 @@ def run(s: C.Settings) -> C.Report:
     want = {
         n: eager(p, ids, labels) for n, p in (("p1", p1), ("p2", p2), ("p3", p3), ("p4", p4))
     }  # also builds layouts/slots
+    eager(p5, ids, labels)
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -60,11 +64,13 @@ def run(s: C.Settings) -> C.Report:
     compile_s = time.perf_counter() - t0
     after_first = _graphs()
     got2 = compiled(p2, ids, labels)
-    compiled(p1, ids, labels)
+    for i in range(SWITCHES - 1):  # p2 -> p5 -> p1 -> p2 ...: SWITCHES switches in all
+        compiled((p5, p1, p2)[i % 3], ids, labels)
     switch_recompiles = _graphs() - after_first
     got3 = compiled(p3, ids, labels)
     distinct_recompiles = _graphs() - after_first - switch_recompiles
     got4 = compiled(p4, ids, labels)
+    config_recompiles = _graphs() - after_first - switch_recompiles - distinct_recompiles
     if torch.equal(want["p4"][0], want["p1"][0]):
         raise AssertionError("compile check is vacuous: lora_alpha did not change the eager loss")
     for name, got in (("p1", got1), ("p2", got2), ("p3", got3), ("p4 (other lora_alpha)", got4)):
@@ -75,7 +81,7 @@ def run(s: C.Settings) -> C.Report:
         report.check(f"compiled loss and {len(wg)} grads == eager for adapter {name} (max |diff| {worst:.1e})")
     if switch_recompiles != 0:
         raise AssertionError(f"switching adapters of one config recompiled {switch_recompiles} time(s)")
-    report.check("fullgraph=True compiled; switching p1 -> p2 -> p1 recompiled 0 times")
+    report.check(f"fullgraph=True compiled; {SWITCHES} switches between 3 adapters recompiled 0 times")
 
     times = C.interleaved(
         {"eager": lambda: eager(p1, ids, labels), "compiled": lambda: compiled(p1, ids, labels)},
@@ -86,9 +92,11 @@ def run(s: C.Settings) -> C.Report:
     report.info("speedup (eager / compiled)", f"{C.ratio(times['eager'], times['compiled']):.2f}x")
     report.info("recompiles switching adapters (one config object)", str(switch_recompiles))
     report.info("recompiles for an equal but distinct config object", str(distinct_recompiles))
+    report.info("recompiles for a config change (lora_alpha x3)", str(config_recompiles))
     report.info("first compile (one-off)", f"{compile_s:.1f} s")
     report.notes.append(
         "step = loss + grads (value_and_grad), optimiser excluded in both rows; params must have been applied"
-        " once eagerly before compiling (functuner finds their layout by identity while Dynamo traces)"
+        " once eagerly before compiling (functuner finds their layout by identity while Dynamo traces);"
+        f" switches: {SWITCHES} calls cycling through 3 adapters of one config object after the first compile"
     )
     return report

@@ -1,4 +1,5 @@
-"""One training step of each native PEFT-method tuner (IA3, LoHa, LoKr, VeRA, FourierFT, OFT, BOFT, AdaLoRA) vs PEFT.
+"""One training step of each native PEFT-method tuner (IA3, LoHa, LoKr, VeRA, FourierFT, OFT, BOFT, AdaLoRA, prompt
+tuning, P-tuning with its MLP and LSTM encoders, prefix tuning) vs PEFT.
 
 Every row does the same work on the same Llama (built from a config), dtype, threads
 and targets: forward, causal-LM loss, backward and one ``torch.optim.AdamW`` step on
@@ -40,6 +41,7 @@ def _configs(shape: C.Shape) -> dict[str, tuple[Any, Any]]:
     from functuner.tuners.loha import LoHaConfig
     from functuner.tuners.lokr import LoKrConfig
     from functuner.tuners.oft import OFTConfig
+    from functuner.tuners.prompt_learning import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
     from functuner.tuners.vera import VeraConfig
 
     attn = ["q_proj", "v_proj"]
@@ -63,6 +65,12 @@ def _configs(shape: C.Shape) -> dict[str, tuple[Any, Any]]:
             {"target_modules": attn, "init_r": r, "target_r": r // 2, "total_step": 100, "init_lora_weights": False},
         ),
     }
+    prompt = {"num_virtual_tokens": 16, "task_type": "CAUSAL_LM"}  # the prompt family: 16 virtual tokens
+    spec["prompt tuning"] = (PromptTuningConfig, peft.PromptTuningConfig, prompt)
+    for enc in ("MLP", "LSTM"):
+        kw = {**prompt, "encoder_reparameterization_type": enc, "encoder_hidden_size": 64 * r // 8}
+        spec[f"P-tuning ({enc})"] = (PromptEncoderConfig, peft.PromptEncoderConfig, kw)
+    spec["prefix tuning"] = (PrefixTuningConfig, peft.PrefixTuningConfig, prompt)
     return {name: (ours(**kw), theirs(**kw)) for name, (ours, theirs, kw) in spec.items()}
 
 
@@ -73,7 +81,7 @@ def _pair(model: torch.nn.Module, ours: Any, theirs: Any) -> tuple[ft.TunerParam
     p = ft.init(model, ours, generator=0)
     pm = peft.get_peft_model(copy.deepcopy(model), theirs)
     prefix = "base_model.model."
-    named = {n[len(prefix) :]: t for n, t in pm.named_parameters() if t.requires_grad}
+    named = {n.removeprefix(prefix): t for n, t in pm.named_parameters() if t.requires_grad}  # prompt_encoder.*: bare
     missing = sorted(set(named) - set(p))
     if missing:
         raise AssertionError(f"{type(ours).__name__}: PEFT trains {missing[:3]}, which functuner's params lack")
@@ -110,6 +118,39 @@ def _theirs(pm: torch.nn.Module, keys: list[str], ids: torch.Tensor) -> Callable
         return loss.detach(), grads
 
     return step
+
+
+def _adalora_training(model: torch.nn.Module, ids: torch.Tensor, rank: int) -> tuple[Callable[[], Any], ...]:
+    """AdaLoRA's whole training step through the shim vs PEFT: loss with the orthogonal regulariser (``task_type``
+    set), backward, AdamW, ``update_and_allocate(step)``, ``zero_grad``; the allocator masks every other step."""
+    import peft
+
+    from functuner.tuners.adalora import AdaLoraConfig
+
+    kw = {"target_modules": ["q_proj", "v_proj"], "init_r": rank, "target_r": rank // 2, "tinit": 2, "tfinal": 4}
+    kw.update(deltaT=2, total_step=30, task_type="CAUSAL_LM", init_lora_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.AdaLoraConfig(**kw)).train()
+    sm = ft.Swift.prepare_model(copy.deepcopy(model), AdaLoraConfig(**kw)).train()
+    named = {n.removeprefix("base_model.model."): t for n, t in pm.named_parameters() if t.requires_grad}
+    with torch.no_grad():
+        for k, t in sm.adapters["default"].tensors.items():
+            t.copy_(named[k])
+
+    def stepper(m: Any, allocate: Callable[[int], None]) -> Callable[[], torch.Tensor]:
+        opt, count = torch.optim.AdamW([t for t in m.parameters() if t.requires_grad], lr=LR), [0]
+
+        def step() -> torch.Tensor:
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            allocate(count[0])
+            opt.zero_grad(set_to_none=True)
+            count[0] += 1
+            return loss.detach()
+
+        return step
+
+    return stepper(sm, sm.update_and_allocate), stepper(pm, pm.base_model.update_and_allocate)
 
 
 def _floor(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], Any]:
@@ -150,9 +191,22 @@ def run(s: C.Settings) -> C.Report:
             f"{name}: step times (functuner, PEFT, floor)",
             " / ".join(f"{times[k] * 1e3:.1f} ms" for k in ("ours", "peft", "floor")),
         )
+    ours, theirs = _adalora_training(model, ids, s.shape.rank)
+    C.assert_close("AdaLoRA full step loss", ours(), theirs())  # from identical tensors, regulariser included
+    report.check("AdaLoRA full step (SwiftModel vs PeftModel): first losses equal, regulariser included")
+    times = C.interleaved({"ours": ours, "peft": theirs, "floor": floor}, warmup=s.warmup, repeats=s.repeats)
+    report.add(
+        "AdaLoRA full step (+ regulariser, update_and_allocate): SwiftModel / PEFT",
+        C.ratio(times["ours"], times["peft"]),
+    )
+    report.info(
+        "AdaLoRA full step: step times (SwiftModel, PEFT, floor)",
+        " / ".join(f"{times[k] * 1e3:.1f} ms" for k in ("ours", "peft", "floor")),
+    )
     report.notes.append(
         "targets q_proj, v_proj (IA3 also down_proj as feed-forward); r = shape rank (LoHa/LoKr), 16 x rank (VeRA),"
         " n_frequency 64 x rank (FourierFT), oft_block_size 2 x rank (OFT), boft_block_size 4 (BOFT), init_r = rank"
-        " (AdaLoRA, the step without its allocator)"
+        " (AdaLoRA, the step without its allocator); prompt family: 16 virtual tokens, P-tuning encoder_hidden_size"
+        " 8 x rank"
     )
     return report

@@ -66,6 +66,7 @@ _EXPORTS: dict[str, str] = {
     "SwiftTrainerMixin": "functuner.shim",
     "to_peft_config": "functuner.shim",
     "reference_model": "functuner.shim",
+    "TrainableTokensConfig": "functuner.tuners.trainable_tokens",
     "Tuner": "functuner.tuners",
     "TunerConfig": "functuner.tuners",
     "TunerParams": "functuner.core.params",
@@ -74,14 +75,17 @@ _EXPORTS: dict[str, str] = {
     "from_peft_state_dict": "functuner.io.keys",
     "gradient_checkpointing_enable": "functuner.core.routing",
     "init": "functuner.functional",
+    "initialize_lora_eva_weights": "functuner.shim.data_init",
     "load": "functuner.io.checkpoint",
     "lora_delta": "functuner.tuners.lora",
     "lora_init": "functuner.tuners.lora.inits.api",
     "lora_mark_residual_base": "functuner.tuners.lora.inits.api",
+    "lora_replace_weights_loftq": "functuner.tuners.lora.inits.api",
     "lora_residual_weights": "functuner.tuners.lora.inits.api",
     "lora_to_plain": "functuner.tuners.lora.inits.api",
     "merge": "functuner.functional",
     "per_sample_grads": "functuner.grads",
+    "preprocess_corda": "functuner.shim.data_init",
     "register": "functuner.tuners",
     "rename_adapter": "functuner.io.keys",
     "save": "functuner.io.checkpoint",
@@ -124,6 +128,7 @@ __all__ = [
     "SwiftConfig",
     "SwiftModel",
     "SwiftTrainerMixin",
+    "TrainableTokensConfig",
     "Tuner",
     "TunerConfig",
     "TunerParams",
@@ -135,14 +140,17 @@ __all__ = [
     "galore_adamw",
     "gradient_checkpointing_enable",
     "init",
+    "initialize_lora_eva_weights",
     "load",
     "lora_delta",
     "lora_init",
     "lora_mark_residual_base",
+    "lora_replace_weights_loftq",
     "lora_residual_weights",
     "lora_to_plain",
     "merge",
     "per_sample_grads",
+    "preprocess_corda",
     "reference_model",
     "register",
     "rename_adapter",
@@ -197,6 +205,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names __getattr__
         reference_model,
         to_peft_config,
     )
+    from .shim.data_init import initialize_lora_eva_weights, preprocess_corda
     from .tuners import Tuner, TunerConfig, register, tuner_for
     from .tuners.adapter import AdapterConfig
     from .tuners.ia3 import IA3Config
@@ -209,6 +218,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names __getattr__
         LoraInit,
         lora_init,
         lora_mark_residual_base,
+        lora_replace_weights_loftq,
         lora_residual_weights,
         lora_to_plain,
     )
@@ -222,3 +232,4 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names __getattr__
     from .tuners.restuning import ResTuningConfig
     from .tuners.scetuning import SCETuningConfig
     from .tuners.side import SideConfig
+    from .tuners.trainable_tokens import TrainableTokensConfig

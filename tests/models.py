@@ -21,6 +21,8 @@ __all__ = [
     "BUILDERS",
     "RESTUNING_VIT",
     "SMALL_LLAMA",
+    "ToyGLM",
+    "ToyGLMBlock",
     "ToyImageNet",
     "ToyUNet",
     "ToyUpBlock",
@@ -33,6 +35,7 @@ __all__ = [
     "logits",
     "output_of",
     "tiny_bert",
+    "tiny_glm",
     "tiny_gpt2",
     "tiny_llama",
     "tiny_toy",
@@ -205,6 +208,42 @@ def tiny_unet(seed: int = 0) -> ToyUNet:
     """:class:`ToyUNet` (the SCEdit / Res-Tuning fixtures), in train mode as the fixtures built it."""
     torch.manual_seed(seed)
     return ToyUNet()
+
+
+class ToyGLMBlock(nn.Module):
+    """A ChatGLM-shaped attention block: one fused ``query_key_value`` Linear (out = 3 x hidden), then ``dense``."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.query_key_value = nn.Linear(hidden, 3 * hidden)
+        self.dense = nn.Linear(hidden, hidden)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.query_key_value(h).chunk(3, dim=-1)
+        att = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        return h + self.dense(att @ v)
+
+
+class ToyGLM(nn.Module):
+    """Token ids -> logits through :class:`ToyGLMBlock` layers (MergedLinear LoRA's ``query_key_value`` target)."""
+
+    def __init__(self, vocab: int = 64, hidden: int = 16, layers: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.layers = nn.ModuleList([ToyGLMBlock(hidden) for _ in range(layers)])
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h)
+        return self.lm_head(h)
+
+
+def tiny_glm(seed: int = 0) -> ToyGLM:
+    """:class:`ToyGLM`: vocabulary 64, hidden 16, 2 layers; eval mode."""
+    torch.manual_seed(seed)
+    return ToyGLM().eval()
 
 
 #: The LoRA interop fixtures' architectures (``tests/fixtures/swift``, ``tests/swift_interop``).

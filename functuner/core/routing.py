@@ -34,7 +34,7 @@ import contextvars
 import inspect
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -47,6 +47,7 @@ __all__ = [
     "MethodSlot",
     "PreSlot",
     "Provider",
+    "Replace",
     "Routes",
     "current_routes",
     "default_routes_snapshot",
@@ -205,14 +206,15 @@ def clear_default_routes(modules: Sequence[Any]) -> None:
             _DEFAULT_PROVIDERS.pop(m, None)
 
 
-def default_routes_snapshot(model: nn.Module) -> dict[Any, Provider | None]:
+def default_routes_snapshot(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> dict[Any, Provider | None]:
     """The default routes provider (``None``: none) of every slot key in ``model``: its modules and method slots.
 
     Pass the result to :func:`restore_default_routes` to put the providers back
     exactly (an all-or-nothing caller's undo record; holds strong references).
+    ``modules``: only these modules (and their method slots), for a caller that knows what it may change.
     """
     keys: list[Any] = []
-    for m in model.modules():
+    for m in model.modules() if modules is None else modules:
         keys.append(m)
         keys += [v for v in m.__dict__.values() if isinstance(v, MethodSlot)]
     with _LOCK:
@@ -364,22 +366,51 @@ class MethodSlot:
         return inspect.signature(self.original)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.original(*args, **kwargs)
         routes = current_routes()
         if routes is None:
             routes = _fallback_routes(self)
-            if routes is None:
-                return out
-        fns = routes.forward.get(self)  # type: ignore[call-overload]
+        fns = None if routes is None else routes.forward.get(self)  # type: ignore[call-overload]
         if not fns:
-            return out
+            return self.original(*args, **kwargs)
+        first = fns[0]
+        if isinstance(first, Replace):  # computes the method's result itself: the original never runs
+            out = first.fn(self.module, args, kwargs)
+            fns = fns[1:]
+        else:
+            out = self.original(*args, **kwargs)
         for fn in fns:
             out = fn(self.module, args, kwargs, out)
         return out
 
 
+class Replace:
+    """A :class:`MethodSlot` function that computes the method's result *instead of* the original method.
+
+    Only as the first function of a method slot's list in ``Routes.forward``:
+    ``fn(module, args, kwargs) -> output``.  Used where running the original
+    would be wasted work (LoRA on raw parameters re-runs the module with
+    ``W + s B A``; running it with ``W`` first would double its cost).
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        raise TypeError("functuner.routing.Replace runs only as the first function of a MethodSlot's routes")
+
+
 def ensure_method_slot(module: nn.Module, method_name: str) -> MethodSlot:
     """The dormant :class:`MethodSlot` of ``module.<method_name>``, installed once (thread-safe, idempotent)."""
+    if torch.compiler.is_compiling():  # Dynamo traces neither the lock nor the install: the slot must exist
+        current = module.__dict__.get(method_name)
+        if not isinstance(current, MethodSlot) or current.module is not module:
+            raise RuntimeError(
+                "functuner: a module has no method slot yet; call functuner.apply (or"
+                " functuner.functional.bind_routes) once outside torch.compile so the slots exist before tracing"
+            )
+        return current
     with _LOCK:
         current = module.__dict__.get(method_name)
         if isinstance(current, MethodSlot) and current.module is module:

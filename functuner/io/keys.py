@@ -130,9 +130,8 @@ def _to_peft(state: Mapping[str, torch.Tensor], tuner: Tuner, adapter_name: str)
     rest, saved = _pop_saved(state, adapter_name)
     own = tuner.peft.to_keys(rest, adapter_name)
     outside, top = tuner.peft.outside_model, tuner.peft.top_level
-    return {
-        ("" if k in top else _PEFT_ROOT if k in outside else PEFT_PREFIX) + k: v for k, v in {**own, **saved}.items()
-    }
+    root = tuner.peft.model_prefix or PEFT_PREFIX
+    return {("" if k in top else _PEFT_ROOT if k in outside else root) + k: v for k, v in {**own, **saved}.items()}
 
 
 def from_disk(state: Mapping[str, torch.Tensor], config: Any, adapter_name: str, fmt: str) -> dict[str, torch.Tensor]:
@@ -159,9 +158,10 @@ def from_disk(state: Mapping[str, torch.Tensor], config: Any, adapter_name: str,
             if key.startswith(_PEFT_ROOT) and key[len(_PEFT_ROOT) :] in peft.outside_model:
                 bare[key[len(_PEFT_ROOT) :]] = value  # stored outside the model (VeRA's projections)
                 continue
-            if not key.startswith(PEFT_PREFIX):
-                raise CheckpointError(f"key {key!r} lacks PEFT's {PEFT_PREFIX!r} prefix")
-            bare[key[len(PEFT_PREFIX) :]] = value
+            root = peft.model_prefix or PEFT_PREFIX
+            if not key.startswith(root):
+                raise CheckpointError(f"key {key!r} lacks PEFT's {root!r} prefix")
+            bare[key[len(root) :]] = value
         saved_mods = peft_modules_to_save(bare, mts)
         return _split_saved(bare, saved_mods, adapter_name, tuner, lambda own: peft.from_keys(own, adapter_name))
     for key in state:

@@ -1,7 +1,8 @@
 """The SWIFT-compatible stateful shim: ``Swift``, ``SwiftModel``, ``SwiftConfig`` (state + delegation to the core).
 
 Also what a ``transformers.Trainer`` / TRL user needs around it: :class:`SwiftCheckpointCallback` and
-:class:`SwiftTrainerMixin` (adapter directories in checkpoints), :func:`to_peft_config` (a functuner LoRA
+:class:`SwiftTrainerMixin` (adapter directories in checkpoints), :class:`TrainingStepCallback` (AdaLoRA's
+``update_and_allocate`` after each optimizer step), :func:`to_peft_config` (a functuner LoRA
 config as PEFT's, for ``SFTTrainer(peft_config=...)``), :func:`reference_model` (TRL's ``ref_model=``).
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 from .peft_names import to_peft_config
 from .swift import Swift, SwiftConfig, SwiftModel
 from .trainer import SwiftCheckpointCallback, SwiftTrainerMixin, reference_model
+from .training import TrainingStepCallback
 
 __all__ = [
     "Swift",
@@ -17,6 +19,7 @@ __all__ = [
     "SwiftConfig",
     "SwiftModel",
     "SwiftTrainerMixin",
+    "TrainingStepCallback",
     "reference_model",
     "to_peft_config",
 ]

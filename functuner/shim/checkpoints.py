@@ -11,10 +11,11 @@ directory holds against the wrapped model before ``from_pretrained`` changes it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,9 +28,10 @@ from ..io import checkpoint as ckpt
 from ..io import keys
 from ..io.peft import is_peft_model
 from ..io.reader import check_extra_states
-from .placement import filled, reload
+from .placement import filled, path_modules, reload
 from .state import AdapterEntry, ShimState
-from .undo import undo_on_error
+from .training import as_saved
+from .undo import own_modules, undo_on_error
 
 __all__ = [
     "Found",
@@ -40,6 +42,7 @@ __all__ = [
     "read_for_model",
     "save",
     "save_wrapped_model",
+    "undo_for_load",
     "warn_bin",
 ]
 
@@ -125,14 +128,15 @@ def save(
     root = Path(save_directory)
     if root.exists() and not root.is_dir():
         raise CheckpointError(f"{root} is a file; save_pretrained needs a directory")
-    snapshots = {}
+    snapshots, configs = {}, {}
     for n in names:
         adapter = state.adapters[n]
         _not_meta(adapter)
-        snapshots[n] = {k: v.detach() for k, v in adapter.tensors.items()}
+        saved = as_saved(adapter)  # the tuner's saved form after training steps (AdaLoRA's allocated ranks)
+        snapshots[n], configs[n] = dict(saved), saved.config
         if peft_format:  # refuse what PEFT cannot hold before anything is written
-            ckpt.peft_config_json(adapter.config)
-            keys.to_disk(snapshots[n], adapter.config, n, "peft")
+            ckpt.peft_config_json(configs[n])
+            keys.to_disk(snapshots[n], configs[n], n, "peft")
     extra = extra_states(state)
     inner: Any = state.model
     whole_model = bool(state.adapters) and not any(a.tuner.freezes_base for a in state.adapters.values())
@@ -149,17 +153,12 @@ def save(
         if peft_format:
             ckpt.write_peft_checkpoint(
                 tmp,
-                {
-                    n: ckpt.AdapterCheckpoint(n, state.adapters[n].config, snapshots[n], "peft", str(root))
-                    for n in names
-                },
+                {n: ckpt.AdapterCheckpoint(n, configs[n], snapshots[n], "peft", str(root)) for n in names},
                 safe_serialization=safe_serialization,
             )
         else:
             for n in names:
-                ckpt.write_swift_adapter(
-                    tmp, n, state.adapters[n].config, snapshots[n], safe_serialization=safe_serialization
-                )
+                ckpt.write_swift_adapter(tmp, n, configs[n], snapshots[n], safe_serialization=safe_serialization)
         if extra:
             ckpt.write_extra_states(tmp, state.extra_state_keys, extra, safe_serialization=safe_serialization)
         if whole_model:  # as SWIFT: the trained model itself, beside the adapter configs
@@ -197,7 +196,8 @@ def read_for_model(
     patterns, extra = ckpt.read_extra_states(model_dir, weights_only=weights_only)
     if extra_state_keys is None:
         extra_state_keys = patterns
-    own_state = inner.state_dict()
+    # the model's own tensors only when something is checked against them (a walk that grows with the adapters)
+    own_state = inner.state_dict() if extra or any(ck.base_weights for ck in found.values()) else {}
     for ck in found.values():  # PEFT's saved copies of base weights must be the model's own
         differ = sorted(
             k
@@ -226,6 +226,38 @@ def read_for_model(
     for ck in found.values():
         ckpt.check_model(inner, ck.config, f"{ck.path}/{ckpt.CONFIG_NAME}")  # the tuner's check (LoRA: ranks)
     return Found(configs, {n: c.state for n, c in found.items()}, dict(extra or {}), extra_state_keys)
+
+
+@contextlib.contextmanager
+def undo_for_load(
+    inner: nn.Module, state: ShimState | None, found: Found, inference_mode: bool
+) -> Iterator[dict[str, torch.Tensor]]:
+    """All or nothing for ``from_pretrained``: yields the model's tensors the extra states are copied into.
+
+    The undo record covers the model's own modules (not the holders of adapters already loaded), the holders on
+    the new tensors' paths and the new adapters, so a load costs the same with 1 or 1,000 adapters loaded; when
+    it may change more (the first freezing of the base beside adapters that did not freeze it, or extra-state
+    patterns making parameters trainable), everything is recorded.
+    """
+    targets = {k: _tensor_at(inner, k) for k in found.extra}
+    scope: dict[str, Any] = {}
+    wide = state is not None and state.adapters and (
+        not inner.__dict__.get("_functuner_frozen", False)
+        or (not inference_mode and (state.extra_state_keys or found.extra_state_keys))
+    )
+    if not wide:
+        keys = [k for st in found.states.values() for k in st]
+        scope = {"modules": [*own_modules(inner), *path_modules(inner, keys)], "adapters": list(found.configs)}
+    with undo_on_error(inner, state, overwritten=targets.values(), **scope):
+        yield targets
+
+
+def _tensor_at(inner: nn.Module, key: str) -> torch.Tensor:
+    """The model's parameter or buffer ``key`` (a state-dict key the reader checked exists)."""
+    path, _, leaf = key.rpartition(".")
+    owner = inner.get_submodule(path) if path else inner
+    found = owner._parameters.get(leaf)
+    return found if found is not None else owner._buffers[leaf]
 
 
 def load_peft_dir(

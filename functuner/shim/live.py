@@ -88,7 +88,10 @@ def owners_of(model: nn.Module, keys: Iterable[str]) -> tuple[Owner, ...]:
     out: list[Owner] = []
     for key in keys:
         path, _, leaf = key.rpartition(".")
-        owner = model.get_submodule(path) if path else model
+        owner = model
+        for part in path.split(".") if path else ():  # get_submodule's walk without its per-step checks
+            child = owner._modules.get(part)
+            owner = child if child is not None else owner.get_submodule(part)  # (its error names the part)
         out.append((key, owner.__dict__["_parameters"], leaf))
     return tuple(out)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -40,34 +40,65 @@ def _unmergeable_active(state: ShimState) -> list[str]:
     return [n for n, a in state.adapters.items() if n in active and n not in state.merged and a.tuner.merge is None]
 
 
+class _Merged(NamedTuple):
+    """The functional merge of some adapters (pure) and what swapping it in changes."""
+
+    merged: dict[str, torch.Tensor]
+    changes: list[tuple[str, torch.Tensor]]  # (key, new value) where the model's tensor changes
+    unknown: list[str]  # merged keys the model has no tensor for (HQQ's packed W_q): refused by _swap_in
+    shared: dict[int, int]  # id of a model tensor -> how many names it has (tied weights)
+
+
 def merge(state: ShimState, names: Sequence[str]) -> None:
-    """Fold ``names`` into the base weights: all new weights computed first, then swapped in (atomic)."""
+    """Fold ``names`` into the base weights: all new weights computed first, then swapped in (atomic).
+
+    The undo record covers only the modules whose weights are swapped (the new weights are fresh tensors and the
+    originals are kept by reference, so nothing is copied); an offloaded adapter moves its tensors back first,
+    and then everything is recorded.
+    """
     if not names:
         return
-    with undo_on_error(state.model, state):
-        _merge_now(state, names)
-
-
-def _merge_now(state: ShimState, names: Sequence[str]) -> None:
     model = state.model
-    for n in names:
-        reload(state, state.adapters[n])
+    if any(state.adapters[n].offload is not None for n in names):
+        with undo_on_error(model, state):
+            for n in names:
+                reload(state, state.adapters[n])
+            _swap_in(state, names, _merged_weights(state, names))
+        return
+    m = _merged_weights(state, names)  # pure: nothing has changed yet
+    owners = [_owner(model, k)[0] for k, _ in m.changes]
+    with undo_on_error(model, state, modules=owners, adapters=()):
+        _swap_in(state, names, m)
+
+
+def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
+    owner_path, _, leaf = key.rpartition(".")
+    return (model.get_submodule(owner_path) if owner_path else model), leaf
+
+
+def _merged_weights(state: ShimState, names: Sequence[str]) -> _Merged:
+    model = state.model
     live: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     live.update(dict(model.named_buffers(remove_duplicate=False)))
     base = {k: v.detach() for k, v in live.items()}  # distinct objects: tied weights are merged per name
     with torch.no_grad():
         merged = core_merge(model, [state.adapters[n].params for n in names], base)
     changes = [(k, v) for k, v in merged.items() if k in base and v is not base[k] and v is not live[k]]
-    for k in merged.keys() - base.keys():  # a merged weight the model has no tensor for (HQQ's packed W_q)
-        owner_path, _, leaf = k.rpartition(".")
-        merged_storage(model.get_submodule(owner_path) if owner_path else model, leaf, merged[k], k)  # raises
-    shared_ids: dict[int, int] = {}
+    shared: dict[int, int] = {}
     for t in live.values():
-        shared_ids[id(t)] = shared_ids.get(id(t), 0) + 1
+        shared[id(t)] = shared.get(id(t), 0) + 1
+    return _Merged(merged, changes, sorted(merged.keys() - base.keys()), shared)
+
+
+def _swap_in(state: ShimState, names: Sequence[str], m: _Merged) -> None:
+    """Make every new weight object, then swap them in and record the originals (inside the caller's undo)."""
+    model = state.model
+    for k in m.unknown:
+        owner, leaf = _owner(model, k)
+        merged_storage(owner, leaf, m.merged[k], k)  # raises, naming the layer
     ready: list[tuple[nn.Module, str, Any, bool, Any]] = []  # every new tensor made before the first swap
-    for key, value in changes:
-        owner_path, _, leaf = key.rpartition(".")
-        owner = model.get_submodule(owner_path) if owner_path else model
+    for key, value in m.changes:
+        owner, leaf = _owner(model, key)
         is_param = leaf in owner._parameters
         orig: Any = owner._parameters[leaf] if is_param else owner._buffers[leaf]
         requantized = merged_storage(owner, leaf, value, key) if is_param else None  # a quantized layer's storage
@@ -79,7 +110,7 @@ def _merge_now(state: ShimState, names: Sequence[str]) -> None:
     with state.lock:
         for owner, leaf, orig, is_param, new in ready:
             if is_param:
-                if shared_ids.get(id(orig), 0) > 1:
+                if m.shared.get(id(orig), 0) > 1:
                     state.untied = True
                 state.originals.setdefault((id(owner), leaf), (owner, leaf, orig, True))
                 owner._parameters[leaf] = new
@@ -92,7 +123,8 @@ def _merge_now(state: ShimState, names: Sequence[str]) -> None:
 
 def unmerge(state: ShimState) -> None:
     """Put the original weight objects back (exact: nothing is subtracted)."""
-    with state.lock, undo_on_error(state.model, state):
+    owners = [owner for owner, *_ in state.originals.values()]  # the only modules it changes
+    with state.lock, undo_on_error(state.model, state, modules=owners, adapters=()):
         for owner, leaf, orig, is_param in state.originals.values():
             (owner._parameters if is_param else owner._buffers)[leaf] = orig
         state.originals.clear()

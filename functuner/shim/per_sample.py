@@ -1,9 +1,12 @@
 """Per-sample adapters through the shim (PEFT's ``adapter_names=``): checks, routes and a stack cache.
 
 Design note: how a tuner runs a different adapter for each sample is the tuner's
-business, declared by its optional ``Tuner.per_sample`` hook
-(:class:`functuner.tuners.base.PerSample`; LoRA's lives with LoRA); a tuner
-without one is "not supported per sample" and every message says so by its
+business, declared by its optional hooks: ``Tuner.per_sample`` (a fast path of its
+own, :class:`functuner.tuners.base.PerSample`; LoRA's stacked factors) and
+``Tuner.sub_batch`` (the general path of :mod:`functuner.tuners.sub_batch`: each
+adapter runs on the sub-batch of its samples; adapters of different tuners mix).
+:func:`functuner.tuners.sub_batch.choose_per_sample` picks one for a call; a tuner with
+neither hook is "not supported per sample" and every message says so by its
 SWIFT type.  This module owns what is stateful about it: checking a call
 against the shim's state (unknown names, training mode, merged or offloaded
 adapters, active adapters that would be skipped), and caching the stacked
@@ -28,7 +31,7 @@ from torch import nn
 
 from ..core.routing import Routes
 from ..errors import AdapterNameError, ConfigError
-from ..tuners import REGISTRY
+from ..tuners import SUB_BATCH, choose_per_sample, per_sample_types, why_not_per_sample
 from ..tuners.base import PerSample
 from .state import AdapterEntry, ShimState
 
@@ -97,32 +100,31 @@ def expanded_for_generate(
     return [n for n in names for _ in range(copies)]
 
 
-def _kinds() -> str:
-    """The tuners that support per-sample adapters, for messages (``"LoRA"``)."""
-    kinds = sorted({t.per_sample.kind for t in REGISTRY.values() if t.per_sample is not None})
-    return "/".join(kinds) or "none"
+def _supports(adapter: AdapterEntry) -> bool:
+    """Whether ``adapter``'s tuner runs per sample at all (its own fast path or the general sub-batch path)."""
+    return adapter.tuner.per_sample is not None or adapter.tuner.sub_batch is not None
 
 
-def _why_not(state: ShimState, adapter: AdapterEntry, impl: PerSample | None) -> str | None:
-    """Why ``adapter`` cannot run per sample in a call using ``impl`` (completes "it ..."), or None."""
-    own = adapter.tuner.per_sample
-    if own is None:
+def _why_not(state: ShimState, adapter: AdapterEntry, impl: PerSample | None = None) -> str | None:
+    """Why ``adapter`` cannot run per sample (in a call using ``impl``; None: in any), completing "it ...", or None."""
+    if not _supports(adapter):
         return (
             f"is a {adapter.swift_type} adapter, and {adapter.swift_type} is not supported per sample"
-            f" (tuners that are: {_kinds()})"
+            f" (tuners that are: {'/'.join(per_sample_types())})"
         )
-    if impl is not None and own is not impl:
-        return f"is a {adapter.swift_type} adapter; one adapter_names call cannot mix it with {impl.kind} adapters"
     if adapter.offload is not None:
         return f"is offloaded to {adapter.offload!r}; call activate_adapter({adapter.name!r}) first"
-    return own.unsupported(state.model, adapter.params)
+    own = adapter.tuner.per_sample
+    if own is not None and (impl is own or adapter.tuner.sub_batch is None):
+        return own.unsupported(state.model, adapter.params)
+    return why_not_per_sample(state.model, adapter.params)
 
 
 def mixed_routes(state: ShimState, adapter_names: Any, batch: int | None) -> Routes:
     """Routes of one ``adapter_names=`` call: sample ``b`` runs adapter ``adapter_names[b]``.
 
-    ``'__base__'`` means no adapter.  Checks everything before any forward
-    runs; the model and the shim's adapters are never written (the routes are per call).
+    ``'__base__'`` means no adapter.  Adapters of different tuners may share a batch.  Checks everything
+    before any forward runs; the model and the shim's adapters are never written (the routes are per call).
     """
     names = names_list(adapter_names)
     check_batch(names, batch)
@@ -139,26 +141,27 @@ def mixed_routes(state: ShimState, adapter_names: Any, batch: int | None) -> Rou
             f"adapter(s) {state.merged} are merged into the base weights, so every sample would"
             " get them; call Swift.unmerge(model) before using adapter_names"
         )
-    impl = next((i for n in wanted if (i := state.adapters[n].tuner.per_sample) is not None), None)
-    kind = impl.kind if impl is not None else _kinds()
-    skipped = sorted(
-        n
-        for n in state.active_set()
-        if (own := state.adapters[n].tuner.per_sample) is None or (impl is not None and own is not impl)
-    )
+    skipped = sorted(n for n in state.active_set() if not _supports(state.adapters[n]))
     if skipped:
         types = ", ".join(f"{n}: {state.adapters[n].swift_type}" for n in skipped)
         raise ConfigError(
-            f"adapter_names runs {kind} adapters per sample, but non-{kind} adapter(s) {skipped} are"
+            f"adapter_names runs adapters per sample, but adapter(s) {skipped} that cannot run per sample are"
             f" active and would be skipped ({types}: not supported per sample); deactivate them first"
         )
     for n in wanted:
-        why = _why_not(state, state.adapters[n], impl)
+        why = _why_not(state, state.adapters[n])
         if why is not None:
             raise ConfigError(f"adapter {n!r} cannot be used in adapter_names: it {why}")
-    if impl is None or not wanted:
+    if not wanted:
         return Routes()  # every sample runs the base model
+    impl = choose_per_sample(state.model, {n: state.adapters[n].params for n in wanted})
     return impl.routes(state.model, _stack(state, impl, wanted), names)
+
+
+def _mine(state: ShimState, impl: PerSample) -> list[AdapterEntry]:
+    """The adapters a stack of ``impl`` may hold."""
+    general = impl is SUB_BATCH
+    return [a for a in state.adapters.values() if a.tuner.per_sample is impl or (general and _supports(a))]
 
 
 def _watched(state: ShimState, impl: PerSample, adapter: AdapterEntry) -> list[torch.Tensor]:
@@ -194,7 +197,7 @@ def _stack(state: ShimState, impl: PerSample, wanted: Sequence[str]) -> Any:
     model = state.model
     if torch.is_grad_enabled() and any(t.requires_grad for n in wanted for t in state.adapters[n].tensors.values()):
         return impl.stack(model, {n: state.adapters[n].params for n in wanted})
-    mine = [a for a in state.adapters.values() if a.tuner.per_sample is impl]
+    mine = _mine(state, impl)
     key = _key(state, impl, mine)
     entry = state.mixed
     if isinstance(entry, StackEntry) and _fresh(entry, impl, key):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ from ..functional import bind_routes
 from ..tuners import tuner_for
 from . import live
 from .state import AdapterEntry, ShimState
+from .training import attach
 
 __all__ = [
     "add_adapters",
@@ -37,6 +38,7 @@ __all__ = [
     "filled",
     "global_generator",
     "offload",
+    "path_modules",
     "register",
     "reload",
     "set_registered",
@@ -64,6 +66,15 @@ class _Holder(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:  # a copy or unpickled holder stays watched
         super().__setstate__(state)  # type: ignore[no-untyped-call]
         live.watch(self)
+
+    def train(self, mode: bool = True) -> _Holder:
+        """Holders carry no mode of their own; an unchanged holder without sub-holders is skipped (so ``eval()``
+        does not grow with the number of adapters loaded: one holder per adapter sits below each shared one)."""
+        self.training = mode
+        for child in self._modules.values():
+            if child is not None and (child.training != mode or child._modules):
+                child.train(mode)
+        return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if len(args) == 1 and not kwargs:  # as nn.Sequential calls its children: identity
@@ -100,14 +111,19 @@ def add_adapters(
         if name in loaded:
             params = filled(params, loaded[name])
         prepared.append((name, params))
-    base_names = dict(model.named_parameters(remove_duplicate=False))
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    # the model's own parameters are looked up by path (no walk over every parameter: loading must not grow with
+    # the adapters already loaded); only the ones this call may change get their flags recorded
+    base_names = {
+        k: p for k in {*base_updates, *(k for _, ps in prepared for k in ps)} if (p := _param_at(model, k)) is not None
+    }
     was_frozen = bool(getattr(model, "_functuner_frozen", False))
+    freeze = not was_frozen and any(tuner_for(c).freezes_base for c in configs.values())  # NEFTune alone: as SWIFT
+    flags = [(p, p.requires_grad) for p in (model.parameters() if freeze else base_names.values())]
     registered: list[str] = []
     overwritten: dict[str, torch.Tensor] = {}
     added: list[str] = []
     try:
-        if not was_frozen and any(tuner_for(c).freezes_base for c in configs.values()):  # NEFTune alone: as SWIFT
+        if freeze:
             for p in model.parameters():
                 p.requires_grad_(False)
             model.__dict__["_functuner_frozen"] = True
@@ -160,6 +176,7 @@ def add_adapters(
             state.active.discard(name)
         state.refresh()
         raise
+    attach(state, added)  # a tuner's training step as a method of the model (AdaLoRA's update_and_allocate)
     state.refresh()
 
 
@@ -225,6 +242,28 @@ def reload(state: ShimState, adapter: AdapterEntry) -> None:
 # ---------------------------------------------------------------------------
 # parameter placement (names only)
 # ---------------------------------------------------------------------------
+def _param_at(model: nn.Module, key: str) -> nn.Parameter | None:
+    """The parameter registered at ``key`` (as ``named_parameters`` names it), or ``None``: a walk down one path."""
+    node: nn.Module | None = model
+    path, _, leaf = key.rpartition(".")
+    for part in path.split(".") if path else ():
+        node = node._modules.get(part) if node is not None else None
+    return node._parameters.get(leaf) if node is not None else None
+
+
+def path_modules(model: nn.Module, keys: Iterable[str]) -> list[nn.Module]:
+    """The existing modules on the paths of ``keys`` (what placing tensors there may change), each once."""
+    out: dict[nn.Module, None] = {model: None}
+    for key in keys:
+        node: nn.Module | None = model
+        for part in key.split(".")[:-1]:
+            node = node._modules.get(part) if node is not None else None
+            if node is None:
+                break
+            out[node] = None
+    return list(out)
+
+
 def _owner_and_rest(model: nn.Module, key: str) -> tuple[nn.Module, list[str]]:
     """The deepest existing non-holder module on ``key``'s path, and the remaining path parts."""
     parts = key.split(".")

@@ -70,6 +70,7 @@ class AdapterEntry:
     owners: tuple[live.Owner, ...] = ()
     seen: int = -1  # the tree epoch ``held`` was last checked at
     generation: int = 0  # bumped whenever the tree replaced one of ``held``'s objects
+    train_state: Any = None  # the state of the tuner's training step (AdaLoRA's allocator), see :mod:`.training`
 
     @property
     def tensors(self) -> dict[str, nn.Parameter]:

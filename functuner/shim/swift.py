@@ -46,7 +46,7 @@ from ..io.peft import is_peft_config, is_peft_model
 from ..quant.kbit import prepare_model_for_kbit_training
 from ..tuners import tuner_for
 from ..tuners.base import TunerConfig
-from . import checkpoints, merging, optim, per_sample, placement
+from . import checkpoints, generation, merging, optim, per_sample, placement, training
 from .copies import Copyable
 from .patches import inner_call, move_forward_patch
 from .peft_names import PeftNames
@@ -135,8 +135,8 @@ class SwiftModel(PeftNames, Copyable):
         """The wrapped model's forward; ``adapter_names=[...]`` gives each sample its own adapter (as PEFT)."""
         adapter_names = kwargs.pop("adapter_names", None)
         call = inner_call(self.base_model)  # a forward patched onto the SwiftModel (TRL) runs on the wrapped model
-        if adapter_names is None:
-            return call(*args, **kwargs)
+        if adapter_names is None:  # a tuner's loss term (AdaLoRA's regulariser, as PEFT's forward): .training
+            return training.outputs(self._state, call(*args, **kwargs))
         with routed(per_sample.mixed_routes(self._state, adapter_names, per_sample.batch_size(args, kwargs))):
             return call(*args, **kwargs)
 
@@ -184,10 +184,10 @@ class SwiftModel(PeftNames, Copyable):
         adapter_names = kwargs.pop("adapter_names", None)
         inner: Any = self.base_model
         if adapter_names is None:
-            return inner.generate(*args, **kwargs)
+            return generation.run_generate(self._state, inner.generate, args, kwargs)
         expanded = per_sample.expanded_for_generate(inner, adapter_names, args, kwargs)
         with routed(per_sample.mixed_routes(self._state, expanded, None)):
-            return inner.generate(*args, **kwargs)
+            return generation.run_generate(self._state, inner.generate, args, kwargs)
 
     # -- activation -------------------------------------------------------------
     def activate_adapter(self, adapter_name: str, *, strict: bool = False) -> None:
@@ -457,10 +457,9 @@ class SwiftModel(PeftNames, Copyable):
         model_dir = resolve_model_dir(model_id, revision=revision, **hub_kwargs)
         inner = model._state.model if isinstance(model, SwiftModel) else model
         found = checkpoints.read_for_model(inner, model_dir, adapter_name, weights_only, extra_state_keys)
-        own_p = dict(inner.state_dict(keep_vars=True))
         shim_state = model._state if isinstance(model, SwiftModel) else None
         try:
-            with undo_on_error(inner, shim_state, overwritten=[own_p[k] for k in found.extra]):
+            with checkpoints.undo_for_load(inner, shim_state, found, inference_mode) as own_p:
                 self = cls(
                     model,
                     found.configs,

@@ -11,6 +11,13 @@ written *in place* are restored only for the tensors passed as
 ``overwritten`` (their values are cloned first): callers name what they copy
 into.  On an exception the snapshot is restored and the exception re-raised.
 Pure bookkeeping: no tensor math.
+
+The record costs as much as what it walks, so a call that knows what it may
+change names it (``modules=``, ``adapters=``) and only that is recorded: a
+merge names the modules whose weights it swaps, a load the model's own modules
+(:func:`own_modules`, which stops at the shim's holders) plus the holders on
+the paths it writes, and the adapters it adds.  Its cost then does not grow
+with the number of adapters loaded.  Without them everything is recorded.
 """
 
 from __future__ import annotations
@@ -24,8 +31,9 @@ import torch
 from torch import nn
 
 from ..core import routing
+from ..core.targets import is_internal
 
-__all__ = ["undo_on_error"]
+__all__ = ["own_modules", "undo_on_error"]
 
 _TABLES = (
     "_parameters",
@@ -39,23 +47,50 @@ _TABLES = (
 _MISSING = object()
 
 
+def own_modules(model: nn.Module) -> list[nn.Module]:
+    """``model``'s modules without what lies below the shim's holders (the first holder of each chain included).
+
+    A holder below a holder belongs to one adapter (``q_proj.lora_A.<adapter>``): a call that names the adapters
+    it changes leaves the others' holders alone, so they need no record.
+    """
+    out: list[nn.Module] = []
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        out.append(m)
+        if not is_internal(m):
+            stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+    return out
+
+
 class _Snapshot:
-    def __init__(self, model: nn.Module, state: Any | None, overwritten: Iterable[torch.Tensor]) -> None:
-        self.modules = [
-            (m, {t: dict(getattr(m, t)) for t in _TABLES if hasattr(m, t)}, dict(m.__dict__)) for m in model.modules()
-        ]
+    def __init__(
+        self,
+        model: nn.Module,
+        state: Any | None,
+        overwritten: Iterable[torch.Tensor],
+        modules: Iterable[nn.Module] | None = None,
+        adapters: Iterable[str] | None = None,
+    ) -> None:
+        scope = model.modules() if modules is None else dict.fromkeys(modules)
+        self.modules = [(m, {t: dict(getattr(m, t)) for t in _TABLES if hasattr(m, t)}, dict(m.__dict__)) for m in scope]
         tensors: dict[int, torch.Tensor] = {}
         for _m, tables, _ in self.modules:
             for t in (*tables["_parameters"].values(), *tables["_buffers"].values()):
                 if t is not None:
                     tensors[id(t)] = t
-        self.providers = routing.default_routes_snapshot(model)
+        self.providers = routing.default_routes_snapshot(model, None if modules is None else [m for m, *_ in self.modules])
         self.state = state
         if state is not None:
             self.adapters = dict(state.adapters)
-            self.adapter_fields = {n: dict(vars(a)) for n, a in state.adapters.items()}
-            for a in state.adapters.values():
-                for t in a.tensors.values():
+            names = state.adapters if adapters is None else [n for n in adapters if n in state.adapters]
+            self.adapter_fields = {n: dict(vars(state.adapters[n])) for n in names}
+            for n in names:
+                for t in state.adapters[n].tensors.values():
                     tensors[id(t)] = t
             for _, _, orig, _ in state.originals.values():
                 tensors[id(orig)] = orig
@@ -128,10 +163,20 @@ class _Snapshot:
 
 @contextlib.contextmanager
 def undo_on_error(
-    model: nn.Module, state: Any | None = None, overwritten: Iterable[torch.Tensor] = ()
+    model: nn.Module,
+    state: Any | None = None,
+    overwritten: Iterable[torch.Tensor] = (),
+    *,
+    modules: Iterable[nn.Module] | None = None,
+    adapters: Iterable[str] | None = None,
 ) -> Iterator[None]:
-    """Run the block; if it raises, put ``model`` (and the shim ``state``) back as they were, then re-raise."""
-    snap = _Snapshot(model, state, overwritten)
+    """Run the block; if it raises, put ``model`` (and the shim ``state``) back as they were, then re-raise.
+
+    ``modules``: the only modules the block may change (tables, attributes, their tensors' ``.data``, flags and
+    grads, default routes); ``adapters``: the only adapters whose entries and tensors it may change (new ones
+    included).  ``None`` (default): any, so every module and adapter is recorded.
+    """
+    snap = _Snapshot(model, state, overwritten, modules, adapters)
     try:
         yield
     except BaseException:

@@ -5,8 +5,20 @@ from __future__ import annotations
 from .base import CallContext, Tuner, TunerConfig
 from .lora.tuner import tuner as _lora_tuner
 from .registry import REGISTRY, register, tuner_for
+from .sub_batch import SUB_BATCH, choose_per_sample, per_sample_types, why_not_per_sample
 
-__all__ = ["REGISTRY", "CallContext", "Tuner", "TunerConfig", "register", "tuner_for"]
+__all__ = [
+    "REGISTRY",
+    "SUB_BATCH",
+    "CallContext",
+    "Tuner",
+    "TunerConfig",
+    "choose_per_sample",
+    "per_sample_types",
+    "register",
+    "tuner_for",
+    "why_not_per_sample",
+]
 
 register(_lora_tuner)
 
@@ -44,13 +56,14 @@ register(ia3.tuner)
 register(loha.tuner)
 register(lokr.tuner)
 
-from . import adalora, boft, fourierft, oft, vera  # noqa: E402
+from . import adalora, boft, fourierft, oft, trainable_tokens, vera  # noqa: E402
 
 register(vera.tuner)
 register(fourierft.tuner)
 register(oft.tuner)
 register(boft.tuner)
 register(adalora.tuner)
+register(trainable_tokens.tuner)
 
 from .prompt_learning import p_tuning, prefix_tuning, prompt_tuning  # noqa: E402
 

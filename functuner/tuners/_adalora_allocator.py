@@ -38,7 +38,7 @@ import torch
 from ..core.params import TunerParams
 from ..errors import ConfigError, ParamsMismatchError
 
-__all__ = ["AllocatorState", "budget_schedule", "init_state", "update_and_allocate"]
+__all__ = ["AllocatorState", "budget_schedule", "init_state", "triplets", "update_and_allocate"]
 
 
 class AllocatorState(NamedTuple):
@@ -58,7 +58,7 @@ def init_state() -> AllocatorState:
     return AllocatorState({}, {}, None)
 
 
-def _triplets(params: TunerParams) -> dict[str, dict[str, str]]:
+def triplets(params: TunerParams) -> dict[str, dict[str, str]]:
     """``{module: {"lora_A": key, "lora_E": key, "lora_B": key}}`` of ``params``, in sorted module order."""
     ad = params.adapter_name
     out: dict[str, dict[str, str]] = {}
@@ -141,7 +141,7 @@ def update_and_allocate(
     cfg = params.config
     if getattr(cfg, "peft_type", None) != "ADALORA":
         raise ConfigError(f"adalora.allocator needs AdaLoRA params, got a {type(cfg).__name__}")
-    trip = _triplets(params)
+    trip = triplets(params)
     keys = [k for d in trip.values() for k in d.values()]
     init_budget = sum(int(params[d["lora_A"]].shape[0]) for d in trip.values())
     target_budget = int(cfg.target_r) * len(trip)

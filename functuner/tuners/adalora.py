@@ -12,6 +12,10 @@ pure function of the training state) zeroes the least important singular values
 adds ``orth_reg_weight * (mean ||A A^T - I||_F, ||B^T B - I||_F)`` to the model's
 loss; the functional API leaves the model's outputs alone, so add
 :func:`orth_regularization` to your loss yourself (as the tests do to match PEFT).
+A ``SwiftModel`` does what PEFT's model does (the ``Tuner.training`` hook): it adds the
+term to ``outputs.loss`` (:func:`add_orth_loss`) and offers
+``model.update_and_allocate(step)`` (also on ``model.base_model``); ``save_pretrained``
+then writes the allocated ranks (:func:`allocated`), as PEFT saves them.
 
 Layers (as in PEFT): ``nn.Linear``, transformers' GPT-2 ``Conv1D`` and ``nn.Conv2d``
 (one group).  PEFT's ``r``, ``use_rslora`` and ``alpha_pattern`` are LoRA fields
@@ -27,6 +31,7 @@ not supported (PEFT refuses it for AdaLoRA too).  Every function is pure.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,14 +44,18 @@ from torch import nn
 from ..core.params import TunerParams
 from ..core.routing import Routes, ensure_slots
 from ..core.targets import is_conv1d_gpt2
-from ..errors import ConfigError, UnsupportedModuleError
+from ..errors import ConfigError, ParamsMismatchError, UnsupportedModuleError
 from . import _adalora_allocator as allocator
 from . import _lycoris as ly
-from .base import CallContext, KeyNaming, Tuner, TunerConfig
+from .base import CallContext, KeyNaming, Tuner, TunerConfig, module_local
+from .spec import Training
 
 __all__ = [
     "PEFT_FORMAT",
+    "TRAINING",
     "AdaLoraConfig",
+    "add_orth_loss",
+    "allocated",
     "allocator",
     "init",
     "merge",
@@ -288,6 +297,65 @@ def orth_regularization(params: TunerParams) -> torch.Tensor:
     return torch.stack(terms).sum() / len(terms)
 
 
+# PEFT's task types whose ``PeftModel`` subclass calls ``AdaLoraModel.forward`` (peft 0.21's
+# ``MODEL_TYPE_TO_PEFT_MODEL_MAPPING``); a ``PeftModel`` of another or no task type calls the base model directly,
+# so PEFT adds the regulariser only for these
+_FORWARD_TASKS = frozenset({"SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"})
+
+
+def add_orth_loss(params: TunerParams, outputs: Any) -> Any:
+    """``outputs`` with ``orth_reg_weight * orth_regularization(params)`` added to ``outputs.loss``, as PEFT's forward.
+
+    As in PEFT: only when the outputs have a tensor ``loss`` (the model was called with labels) and the config's
+    ``task_type`` is one of PEFT's task types (``"CAUSAL_LM"``...); otherwise ``outputs`` unchanged.  Differentiable.
+    """
+    loss = getattr(outputs, "loss", None)
+    task = getattr(params.config.task_type, "value", params.config.task_type)
+    if not isinstance(loss, torch.Tensor) or task not in _FORWARD_TASKS:
+        return outputs
+    outputs.loss = loss + float(params.config.orth_reg_weight) * orth_regularization(params).to(loss.device)
+    return outputs
+
+
+def allocated(params: TunerParams, rank_pattern: Mapping[str, Any] | None) -> TunerParams:
+    """The adapter as PEFT saves it after allocation: each module's kept triplets only, ``rank_pattern`` in the config.
+
+    ``rank_pattern``: the allocator's (``state.rank_pattern``, keys ``<module>.lora_E.<adapter>``) or ``None``
+    (``params`` unchanged).  Config keys lose the adapter name (``<module>.lora_E``), as PEFT writes them.
+    Params that are already allocated (a config with ``rank_pattern``) get the patterns composed.  Pure.
+    """
+    if not rank_pattern:
+        return params
+    trip = allocator.triplets(params)
+    ad = params.adapter_name
+    new, pattern = dict(params), {}
+    for key, keep in rank_pattern.items():
+        module = key[: -len(f".lora_E.{ad}")] if key.endswith(f".lora_E.{ad}") else None
+        if module not in trip or len(keep) != params[key].shape[0]:
+            raise ParamsMismatchError(
+                f"adalora.allocated: rank_pattern[{key!r}] does not fit the params (expected <module>.lora_E.{ad}"
+                f" of a module they adapt, with {params[key].shape[0] if key in params else '?'} entries)"
+            )
+        idx = torch.tensor([bool(v) for v in keep], device=params[key].device)
+        new[trip[module]["lora_A"]] = params[trip[module]["lora_A"]][idx]
+        new[key] = params[key][idx]
+        new[trip[module]["lora_B"]] = params[trip[module]["lora_B"]][:, idx]
+        before = params.config.kept(module)
+        kept = iter(bool(v) for v in keep)
+        pattern[f"{module}.lora_E"] = [next(kept) if b else False for b in before] if before else [bool(v) for v in keep]
+    return TunerParams(new, dataclasses.replace(params.config, rank_pattern=pattern), ad)
+
+
+#: What a ``SwiftModel`` runs for AdaLoRA (PEFT's ``AdaLoraModel.forward`` and ``update_and_allocate``).
+TRAINING = Training(
+    loss=add_orth_loss,
+    step_name="update_and_allocate",
+    init_state=allocator.init_state,
+    step=allocator.update_and_allocate,
+    saved=lambda params, state: allocated(params, state.rank_pattern),
+)
+
+
 def _delta_for(model: nn.Module, config: AdaLoraConfig) -> Any:
     """``delta(name, tensors, weight shape)`` for the shared merge: ``dW`` in the weight's own layout."""
 
@@ -329,4 +397,6 @@ tuner = Tuner(
     peft=PEFT_FORMAT,
     check_model=ly.model_check(expected_shapes),
     check_state=ly.state_check(NAMES, "AdaLoRA"),
+    training=TRAINING,
+    sub_batch=module_local,
 )

@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from ..core.patterns import check_config_patterns
+from ..core.routing import MethodSlot
 from ..errors import ConfigError, ParamsMismatchError
-from .spec import CallContext, KeyNaming, PeftFormat, PerSample, ShardMergePlan, Tuner
+from .spec import CallContext, KeyNaming, PeftFormat, PerSample, ShardMergePlan, Tuner, module_local
 
 __all__ = [
     "CallContext",
@@ -42,6 +43,7 @@ __all__ = [
     "check_exact_tensors",
     "check_numbers",
     "clone_module_tree",
+    "module_local",
     "Tuner",
     "TunerConfig",
     "override_slot",
@@ -214,6 +216,8 @@ def clone_module_tree(module: nn.Module) -> nn.Module:
     clone is invisible to the original and to other threads.
     """
     clone = copy.copy(module)
+    if isinstance(clone.__dict__.get("forward"), MethodSlot):  # routes the original module: the clone runs its class's
+        del clone.__dict__["forward"]
     clone.__dict__["_parameters"] = dict(module._parameters)
     clone.__dict__["_buffers"] = dict(module._buffers)
     clone.__dict__["_modules"] = {

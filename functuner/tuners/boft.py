@@ -16,10 +16,13 @@ Each block of ``B_i`` is the Cayley transform ``(I - S)(I + S)^-1`` of the skew 
 Differences from PEFT, all refused or stated rather than silent:
 
 * PEFT builds the butterfly with a CUDA extension and, where that extension
-  cannot be compiled (every CPU-only machine), silently uses
-  ``boft_n_butterfly_factor=1``.  Here the factor is always the configured one, so
-  a ``boft_n_butterfly_factor > 1`` adapter agrees with PEFT only where PEFT has
-  its extension; with the default factor 1 both agree everywhere.
+  cannot be compiled (every CPU-only machine), warns and uses
+  ``boft_n_butterfly_factor=1`` (its pure-torch path handles one factor only).  Here
+  the factor is always the configured one, so a ``boft_n_butterfly_factor > 1``
+  adapter agrees with PEFT where PEFT has its extension (tested whole-model, with the
+  extension's two kernels ported to torch); with the default factor 1 both agree
+  everywhere.  A PEFT checkpoint saved without the extension holds one factor while
+  its config says more: loading it raises, naming the fix (set the factor to 1).
 * ``nn.Conv2d`` must have dilation 1, one group and equal stride / padding on
   both axes (PEFT passes ``stride[0]`` / ``padding[0]`` and ignores the rest).
 
@@ -45,7 +48,7 @@ from ..core.params import TunerParams
 from ..core.routing import Routes, ensure_slots
 from ..errors import ConfigError, ParamsMismatchError, UnsupportedModuleError
 from . import _lycoris as ly
-from .base import CallContext, KeyNaming, Tuner, TunerConfig
+from .base import CallContext, KeyNaming, Tuner, TunerConfig, module_local
 
 __all__ = ["PEFT_FORMAT", "BOFTConfig", "butterfly", "init", "merge", "routes", "tuner", "unmerge", "validate"]
 
@@ -393,6 +396,28 @@ def unmerge(model: nn.Module, params: TunerParams, merged: Mapping[str, torch.Te
 PEFT_FORMAT = ly.peft_format("BOFT", NAMES, "BOFT")
 
 
+_float_check = ly.state_check(NAMES, "BOFT")
+
+
+def _check_state(config: BOFTConfig, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Floating-point tensors, and ``boft_R`` holding ``boft_n_butterfly_factor`` factors (PEFT's CPU saves may not)."""
+    _float_check(config, state, source)
+    factor = int(config.boft_n_butterfly_factor)
+    for key, t in state.items():
+        if ".boft_R." in f"{key}." and ".modules_to_save." not in key and t.dim() == 4 and t.shape[0] != factor:
+            why = (
+                " PEFT writes such files where its CUDA extension cannot be built (any CPU-only machine): it then"
+                " trains one factor whatever the config says. To load what PEFT trained, set"
+                ' "boft_n_butterfly_factor": 1 in its adapter_config.json'
+                if t.shape[0] == 1
+                else ""
+            )
+            raise ParamsMismatchError(
+                f"{source}: {key!r} holds {t.shape[0]} butterfly factor(s) (shape {tuple(t.shape)}), but the config's"
+                f" boft_n_butterfly_factor is {factor}.{why}"
+            )
+
+
 tuner = Tuner(
     swift_type="BOFT",
     config_cls=BOFTConfig,
@@ -405,5 +430,6 @@ tuner = Tuner(
     key_naming=KeyNaming(after=NAMES),
     peft=PEFT_FORMAT,
     check_model=ly.model_check(expected_shapes),
-    check_state=ly.state_check(NAMES, "BOFT"),
+    check_state=_check_state,
+    sub_batch=module_local,
 )

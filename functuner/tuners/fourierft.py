@@ -34,7 +34,7 @@ from ..core.params import TunerParams
 from ..core.targets import is_conv1d_gpt2
 from ..errors import ConfigError, UnsupportedModuleError
 from . import _lycoris as ly
-from .base import KeyNaming, Tuner, TunerConfig
+from .base import KeyNaming, Tuner, TunerConfig, module_local
 
 __all__ = [
     "PEFT_FORMAT",
@@ -251,4 +251,5 @@ tuner = Tuner(
     peft=PEFT_FORMAT,
     check_model=ly.model_check(expected_shapes),
     check_state=ly.state_check(NAMES, "FourierFT"),
+    sub_batch=module_local,
 )

@@ -21,6 +21,7 @@ Param names are PEFT's in-memory names relative to the original model:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Mapping
@@ -30,14 +31,26 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ..core.naming import check_adapter_name
 from ..core.params import TunerParams
 from ..core.routing import Routes, ensure_slots
 from ..core.targets import is_conv1d_gpt2
 from ..errors import ConfigError, ParamsMismatchError, UnsupportedModuleError
 from . import _lycoris as ly
-from .base import CallContext, KeyNaming, Tuner, TunerConfig
+from .base import CallContext, KeyNaming, Tuner, TunerConfig, module_local
 
-__all__ = ["PEFT_FORMAT", "IA3Config", "init", "is_feedforward", "merge", "routes", "tuner", "unmerge", "validate"]
+__all__ = [
+    "PEFT_FORMAT",
+    "IA3Config",
+    "add_weighted_adapter",
+    "init",
+    "is_feedforward",
+    "merge",
+    "routes",
+    "tuner",
+    "unmerge",
+    "validate",
+]
 
 NAMES = ("ia3_l",)
 _EPS = 1e-8  # PEFT's guard against division by zero in unmerge
@@ -254,6 +267,90 @@ def unmerge(model: nn.Module, params: TunerParams, merged: Mapping[str, torch.Te
     return _merge_impl(model, params, merged, invert=True)
 
 
+def _union(values: list[Any], field: str) -> Any:
+    """PEFT's union of ``target_modules`` / ``feedforward_modules``: regexes OR-ed, lists joined (same kind)."""
+    if len({isinstance(v, str) for v in values}) > 1:
+        raise ConfigError(
+            f"add_weighted_adapter: the adapters' {field} mix a regex and a list ({values}); PEFT refuses the same"
+        )
+    if isinstance(values[0], str):
+        return "|".join(f"({v})" for v in values)
+    return tuple(sorted({m for v in values for m in v}))
+
+
+def add_weighted_adapter(
+    adapters: Any,
+    weights: Any,
+    adapter_name: str = "combined",
+    combination_type: str = "linear",
+    *,
+    model: nn.Module | None = None,
+    names: Any = None,
+    **options: Any,
+) -> TunerParams:
+    """PEFT's ``IA3Model.add_weighted_adapter``, pure: each module's ``l = sum_i w_i l_i`` (adapters that adapt it).
+
+    ``adapters``: a sequence of (IA)³ params or a ``{name: params}`` mapping (``names`` picks some, in order).
+    The new config is the first adapter's with the union of ``target_modules`` and ``feedforward_modules``.
+    PEFT has one combination (no types): ``combination_type`` may be ``"linear"`` or the shim's default
+    ``"svd"`` (both mean it); LoRA's options (``density``, ``svd_rank``...) are refused unless left at their
+    defaults.  Refused (:class:`ConfigError`): ``modules_to_save`` (PEFT gives the combined adapter a fresh copy
+    of the base module, not a combination of the trained copies, and refuses two adapters saving one module),
+    a module that is feed-forward in one adapter and not in another (its vectors scale different sides).
+    """
+    check_adapter_name(adapter_name)
+    chosen = list(adapters.values()) if isinstance(adapters, Mapping) and names is None else None
+    if chosen is None:
+        chosen = [adapters[n] for n in names] if names is not None else list(adapters)
+    defaults: dict[str, Any] = {
+        "svd_rank": None,
+        "svd_clamp": None,
+        "svd_full_matrices": True,
+        "svd_driver": None,
+        "density": None,
+    }
+    defaults |= {"majority_sign_method": "total", "generator": None}
+    odd = sorted(k for k, v in options.items() if k not in defaults or v != defaults[k])
+    if combination_type not in ("linear", "svd") or odd:
+        raise ConfigError(
+            f"add_weighted_adapter: (IA)³ adapters combine one way (the weighted sum of their vectors, as PEFT's"
+            f" IA3Model); got combination_type={combination_type!r}{f' and {odd}' if odd else ''}"
+        )
+    if not chosen or len(chosen) != len(list(weights)):
+        raise ConfigError(f"add_weighted_adapter: got {len(chosen)} adapter(s) and {len(list(weights))} weight(s)")
+    for p in chosen:
+        if not isinstance(p.config, IA3Config):
+            raise ConfigError(f"add_weighted_adapter: adapter {p.adapter_name!r} is not an (IA)³ adapter")
+        if p.config.modules_to_save:
+            raise ConfigError(
+                f"add_weighted_adapter cannot combine adapter {p.adapter_name!r}: it has modules_to_save="
+                f"{list(p.config.modules_to_save)} (PEFT gives the combined adapter a fresh copy of the base module,"
+                " not a combination of the trained copies); combine adapters without it"
+            )
+    sums: dict[str, torch.Tensor] = {}
+    ff: dict[str, bool] = {}
+    for p, w in zip(chosen, weights, strict=True):
+        for key in p:
+            module = key.rsplit(".ia3_l.", 1)[0]
+            side = is_feedforward(p.config, module)
+            if ff.setdefault(module, side) != side:
+                raise ConfigError(
+                    f"add_weighted_adapter: module {module!r} is feed-forward (input-scaled) in one adapter and"
+                    " output-scaled in another; their vectors cannot be added"
+                )
+            sums[module] = sums[module] + p[key] * float(w) if module in sums else p[key] * float(w)
+    configs = [p.config for p in chosen]
+    config = dataclasses.replace(
+        configs[0],
+        target_modules=_union([c.target_modules for c in configs], "target_modules"),
+        feedforward_modules=_union([c.feedforward_modules for c in configs], "feedforward_modules"),
+    )
+    params = TunerParams({f"{m}.ia3_l.{adapter_name}": t for m, t in sums.items()}, config, adapter_name)
+    if model is not None:
+        validate(model, params)
+    return params
+
+
 # PEFT's checkpoint layout for these params (``<module>.<name>`` under ``base_model.model.``): functuner.load /
 # functuner.save read and write it; Swift.from_pretrained still hands PEFT directories to peft (shim_reads=False).
 PEFT_FORMAT = ly.peft_format("IA3", NAMES, "(IA)³")
@@ -271,4 +368,6 @@ tuner = Tuner(
     peft=PEFT_FORMAT,
     check_model=ly.model_check(expected_shapes),
     check_state=ly.state_check(NAMES, "(IA)³"),
+    sub_batch=module_local,
+    combine=add_weighted_adapter,
 )

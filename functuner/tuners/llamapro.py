@@ -33,6 +33,7 @@ rebuilds a model whose outputs equal the adapted model's.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -209,6 +210,8 @@ def init(
             if name.startswith(zeroed):
                 t = torch.zeros_like(t)
             tensors[block_key(prefix, b.source, adapter_name, name)] = t
+    if config.num_groups is None:  # as SWIFT's prepare_model: the checkpoint names the groups it used
+        config = dataclasses.replace(config, num_groups=config.num_new_blocks)
     return TunerParams(tensors, config, adapter_name)
 
 

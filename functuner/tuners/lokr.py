@@ -33,7 +33,7 @@ from ..core.params import TunerParams
 from ..core.targets import pattern_value
 from ..errors import ConfigError, UnsupportedModuleError
 from . import _lycoris as ly
-from .base import KeyNaming, Tuner, TunerConfig
+from .base import KeyNaming, Tuner, TunerConfig, module_local
 
 __all__ = [
     "PEFT_FORMAT",
@@ -251,4 +251,5 @@ tuner = Tuner(
     check_model=ly.model_check(expected_shapes),
     check_state=ly.state_check(NAMES, "LoKr"),
     needs_generator=needs_generator,
+    sub_batch=module_local,
 )

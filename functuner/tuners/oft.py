@@ -46,7 +46,7 @@ from ..core.params import TunerParams
 from ..core.routing import Routes, ensure_slots
 from ..errors import CheckpointError, ConfigError, ParamsMismatchError, UnsupportedModuleError
 from . import _lycoris as ly
-from .base import CallContext, KeyNaming, PeftFormat, Tuner, TunerConfig
+from .base import CallContext, KeyNaming, PeftFormat, Tuner, TunerConfig, module_local
 
 __all__ = ["PEFT_FORMAT", "OFTConfig", "cayley", "init", "merge", "rotation", "routes", "tuner", "unmerge", "validate"]
 
@@ -431,4 +431,5 @@ tuner = Tuner(
     peft=PEFT_FORMAT,
     check_model=ly.model_check(expected_shapes),
     check_state=ly.state_check(("oft_R",), "OFT"),
+    sub_batch=module_local,
 )

@@ -8,6 +8,7 @@ types without an import cycle.  See :mod:`functuner.tuners.base` for the shape o
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -17,7 +18,17 @@ from torch import nn
 from ..core.params import TunerParams
 from ..core.routing import Routes
 
-__all__ = ["CallContext", "KeyNaming", "PeftFormat", "PerSample", "ShardMergePlan", "Tuner"]
+__all__ = [
+    "CallContext",
+    "DataInit",
+    "KeyNaming",
+    "PeftFormat",
+    "PerSample",
+    "ShardMergePlan",
+    "Training",
+    "Tuner",
+    "module_local",
+]
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,26 @@ def _same_keys(state: Mapping[str, torch.Tensor], config: Any, adapter_name: str
 
 def _no_model_check(model: nn.Module, config: Any, source: str) -> None:
     """Default model check: nothing to check before params are built."""
+
+
+def module_local(model: nn.Module, params: TunerParams) -> str | None:
+    """The ``sub_batch`` hook of a tuner whose slots all read only their own module's inputs and output."""
+    return None
+
+
+class DataInit(NamedTuple):
+    """A tuner's init from data (LoRA's EVA and CorDA): which module inputs the shim records, and the init."""
+
+    # config -> what its init reads ("activations", "covariances"), or None when this config reads no data
+    needs: Callable[[Any], str | None]
+    # (model, config) -> the names of the modules whose inputs are recorded
+    targets: Callable[[nn.Module, Any], list[str]]
+    # (model, config, generator, adapter_name, {module: [each call's input]}) -> (params, {state key: new base
+    # weight}); pure: the model is read, never written
+    init: Callable[
+        [nn.Module, Any, torch.Generator, str, Mapping[str, Sequence[torch.Tensor]]],
+        tuple[TunerParams, dict[str, torch.Tensor]],
+    ]
 
 
 class KeyNaming(NamedTuple):
@@ -84,6 +115,8 @@ class PeftFormat(NamedTuple):
     outside_model: tuple[str, ...] = ()
     # bare names (from ``to_keys``) PEFT stores with no prefix at all (prompt learning's ``prompt_embeddings``)
     top_level: tuple[str, ...] = ()
+    # the prefix of the other keys; None: ``base_model.model.`` (prompt learning's heads: ``base_model.``)
+    model_prefix: str | None = None
 
 
 class PerSample(NamedTuple):
@@ -96,13 +129,13 @@ class PerSample(NamedTuple):
     stack, names)``: one call's routes, sample ``b`` running ``names[b]``
     (``"__base__"``: no adapter).  ``depends_on(model, params)``: tensors besides the
     params' own whose values a stack reads (DoRA's base weights), so a cached stack
-    is rebuilt when they change.
+    is rebuilt when they change.  ``routes`` also takes a ``LongTensor`` of positions (``-1``: no adapter).
     """
 
     kind: str
     unsupported: Callable[[nn.Module, TunerParams], str | None]
     stack: Callable[[nn.Module, Mapping[str, TunerParams]], Any]
-    routes: Callable[[nn.Module, Any, Sequence[str]], Routes]
+    routes: Callable[[nn.Module, Any, Sequence[str] | torch.Tensor], Routes]
     depends_on: Callable[[nn.Module, TunerParams], Sequence[torch.Tensor]] = lambda model, params: ()
 
 
@@ -116,6 +149,25 @@ class ShardMergePlan(NamedTuple):
 
     merges: Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
     replacements: Mapping[str, torch.Tensor]
+
+
+class Training(NamedTuple):
+    """What a shim training loop runs for a tuner besides forward and backward (AdaLoRA's, as PEFT's model does).
+
+    ``loss(params, outputs)``: the outputs of a ``SwiftModel`` call with the tuner's loss term added (AdaLoRA:
+    its orthogonal regulariser added to ``outputs.loss``, as PEFT's forward does), run for each active adapter.
+    ``step_name``: the method a ``SwiftModel`` (and its wrapped model, PEFT's ``model.base_model``) offers for
+    the step between ``optimizer.step()`` and ``zero_grad()`` (AdaLoRA: ``"update_and_allocate"``).
+    ``init_state()``: the step's state before the first step.  ``step(params, grads, state, global_step)``:
+    pure, ``(new params, new state)``.  ``saved(params, state)``: the adapter as ``save_pretrained`` writes it
+    (AdaLoRA: only the allocated ranks, with ``rank_pattern``, as PEFT saves them).
+    """
+
+    loss: Callable[[TunerParams, Any], Any]
+    step_name: str
+    init_state: Callable[[], Any]
+    step: Callable[[TunerParams, Mapping[str, torch.Tensor], Any, int], tuple[TunerParams, Any]]
+    saved: Callable[[TunerParams, Any], TunerParams]
 
 
 class Tuner(NamedTuple):
@@ -156,8 +208,12 @@ class Tuner(NamedTuple):
         | None
     ) = None
     # -- optional hooks the shim (functuner.shim) calls; defaults mean "nothing special" --
-    # per-sample adapters (adapter_names=); None means "not supported per sample"
+    # per-sample adapters (adapter_names=): a tuner's own fast path (LoRA's stacked factors); None: none of its own
     per_sample: PerSample | None = None
+    # the general per-sample path (functuner.tuners.sub_batch: each adapter runs on the sub-batch of its samples):
+    # (model, params) -> why these params cannot (completes "it ..."), None when they can; ``module_local`` for a
+    # tuner whose slots all read only their own module's inputs and output. None: not supported per sample
+    sub_batch: Callable[[nn.Module, TunerParams], str | None] | None = None
     # optimizer param groups of one adapter: (config, {key: trainable param}, defaults, is_decayed) -> groups, or None
     # for "no groups of its own" (its params then join the shim's decay / no-decay groups); LoRA+ uses it
     optimizer_groups: (
@@ -173,6 +229,13 @@ class Tuner(NamedTuple):
     # {state key: new tensor}; LoRA's PiSSA/OLoRA/CorDA residual ``W - s B A``. Pure; the shim writes them into
     # the model when it creates (or loads) the adapter, as PEFT does; {} (default): the base stays as it is
     init_base_weights: Callable[[nn.Module, TunerParams], dict[str, torch.Tensor]] = lambda model, params: {}
+    # an init that reads data recorded from the model's modules (functuner.shim.data_init); None: no such init
+    data_init: DataInit | None = None
     # whether adding an adapter of this tuner freezes the base model's parameters (SWIFT's has_additional_modules);
     # False for a tuner that adds no tensors and leaves the model fully trainable (NEFTune)
     freezes_base: bool = True
+    # a context ``SwiftModel.generate`` runs ``generate`` in while an adapter of this tuner is loaded (prompt
+    # learning: calls take PEFT's generation semantics, as its ``prepare_inputs_for_generation``); None: nothing
+    generation: Callable[[], AbstractContextManager[None]] | None = None
+    # a loss term and a step between optimizer steps that the shim runs for this tuner (AdaLoRA's); None: nothing
+    training: Training | None = None

@@ -45,7 +45,7 @@ from ..core.routing import Routes, ensure_slots
 from ..core.targets import is_conv1d_gpt2
 from ..errors import CheckpointError, ConfigError, ParamsMismatchError, UnsupportedModuleError
 from . import _lycoris as ly
-from .base import CallContext, KeyNaming, PeftFormat, Tuner, TunerConfig
+from .base import CallContext, KeyNaming, PeftFormat, Tuner, TunerConfig, module_local
 
 __all__ = [
     "PEFT_FORMAT",
@@ -435,4 +435,5 @@ tuner = Tuner(
     check_model=ly.model_check(expected_shapes),
     check_state=_check_state,
     optimizer_groups=optimizer_groups,
+    sub_batch=module_local,
 )

@@ -73,7 +73,7 @@ def test_every_doc_page_is_in_the_nav() -> None:
     on_disk = {str(p.relative_to(ROOT / "docs")) for p in (ROOT / "docs").rglob("*.md")}
     assert on_disk <= pages, f"pages missing from mkdocs.yml's nav: {sorted(on_disk - pages)}"
     # tuners/ also holds the machinery every tuner shares (not tuners themselves)
-    machinery = {"base", "spec", "registry", "config_json"}
+    machinery = {"base", "spec", "registry", "config_json", "sub_batch"}
     tuner_dir = ROOT / "functuner" / "tuners"
     tuners = {p.stem for p in tuner_dir.glob("*.py") if not p.stem.startswith("_")} - machinery
     tuners |= {p.name for p in tuner_dir.iterdir() if (p / "__init__.py").is_file()}  # package tuners (lora/)

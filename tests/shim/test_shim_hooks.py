@@ -41,7 +41,9 @@ def test_longlora_is_not_supported_per_sample() -> None:
         tiny_llama(), {"lora": LoRAConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "long": _long()}
     )
     sm.eval()
-    with pytest.raises(ConfigError, match=r"non-LoRA adapter\(s\) \['long'\] are active.*longlora.*not supported per"):
+    with pytest.raises(
+        ConfigError, match=r"adapter\(s\) \['long'\] that cannot run per sample are active.*longlora.*not supported per"
+    ):
         sm(X, adapter_names=["lora", "__base__", "lora", "lora"])
     sm.deactivate_adapter("long")
     with pytest.raises(ConfigError, match=r"'long'.*longlora is not supported per sample"):

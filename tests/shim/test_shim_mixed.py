@@ -242,7 +242,7 @@ def test_errors_name_the_problem_and_change_nothing() -> None:
     with pytest.raises(TypeError, match="one adapter name per sample"):
         sm(X, adapter_names="default")
     sm.activate_adapter("ad")
-    with pytest.raises(ConfigError, match=r"non-LoRA adapter\(s\) \['ad'\] are active"):
+    with pytest.raises(ConfigError, match=r"adapter\(s\) \['ad'\] that cannot run per sample are active"):
         sm(X, adapter_names=["default"] * 4)
     sm.deactivate_adapter("ad")
     sm.train()

@@ -1,11 +1,11 @@
 """ReFT (LoReFT and the other pyreft intervention types), natively, against the paper's formulas.
 
-SWIFT parity note: SWIFT's ReFT needs pyreft (and pyvene), which are not
-installed in /opt/swiftvenv, and SWIFT saves ReFT through pyreft's
-``save_intervention`` as pickled ``.bin`` files, which functuner never
-unpickles.  So there is no SWIFT parity test here; every intervention is
-checked against its formula from the ReFT paper / pyreft's docstrings, written
-out independently below.
+SWIFT parity note: ms-swift's ReFT runs on pyreft (and pyvene), which only
+ms-swift's CI venv has; ``tests/swift_interop/reft_scenario.py`` compares every
+intervention type's outputs with it there.  SWIFT saves ReFT through pyreft's
+``save_intervention`` as pickled ``.bin`` files, which functuner never reads.
+Here every intervention is checked against its formula from the ReFT paper /
+pyreft's docstrings, written out independently below.
 """
 
 from __future__ import annotations

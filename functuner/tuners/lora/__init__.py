@@ -12,6 +12,7 @@ One module per concern:
 * :mod:`.mixed`: per-sample adapters in one batch (stacked adapters, pure).
 * :mod:`.combine`: ``add_weighted_adapter``'s combination types, pure.
 * :mod:`.variants`: PEFT's variants KaSA, MiCA, VeLoRA and BD-LoRA (:mod:`.monteclora`: MonteCLoRA), pure.
+* :mod:`.merged_linear`: SWIFT's MergedLinear LoRA (``use_merged_linear`` / ``enable_lora``) for fused projections.
 
 The submodules ``tuner`` and ``merge`` are not shadowed by same-named attributes here: use
 ``functuner.tuners.lora.tuner.tuner`` for the registry entry and :func:`functuner.merge` to merge.

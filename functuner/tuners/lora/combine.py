@@ -40,6 +40,12 @@ seeded with ``s`` reproduces PEFT run after ``torch.manual_seed(s)``; pass
 ``model=`` to order modules exactly as the model does when the adapters target
 different modules.
 
+Refused (:class:`ConfigError` naming the field and why): ``lora_bias``, ``target_parameters``, KaSA,
+VeLoRA, BD-LoRA, MonteCLoRA, grouped convolutions, ``modules_to_save`` copies and trainable biases (see
+``_REFUSED``; PEFT raises for ``target_parameters``, shared ``modules_to_save`` and the svd types on grouped
+convolutions and BD-LoRA, and for the others gives a result with fresh state, not the combination).  MiCA combines (its forward is LoRA's; the result keeps
+``init_lora_weights="mica"``, so ``B`` stays frozen, as in PEFT), and so does ``nn.MultiheadAttention``.
+
 DoRA: the result keeps ``use_dora`` and, like PEFT with default init, gets the
 base weight's row norms as magnitude, which needs ``model=``.
 
@@ -219,6 +225,18 @@ def _is_gpt2_conv1d(model: nn.Module | None, name: str) -> bool:
         return False
 
 
+# config fields whose adapters cannot be combined, and why (PEFT 0.21's behaviour in brackets); MiCA combines
+# (its forward is plain LoRA's; the result keeps init_lora_weights="mica", so B stays frozen, as in PEFT)
+_REFUSED = {
+    "lora_bias": "no combination rule for the lora_B biases [PEFT gives the result freshly initialised ones]",
+    "target_parameters": "LoRA on raw parameters [PEFT raises ValueError]",
+    "kasa_config": "KaSA's diagonal has no combination rule [PEFT re-initialises it and truncates the base again]",
+    "velora_config": "VeLoRA's projection is training state with no combination rule [PEFT draws a fresh one]",
+    "use_bdlora": "block-diagonal factors are not kept by the svd types [PEFT's svd raises RuntimeError]",
+    "monteclora_config": "MonteCLoRA's sampler has no combination rule [PEFT gives the result a fresh one]",
+}
+
+
 def _modules_of(params: TunerParams, model: nn.Module | None = None) -> dict[str, _Factors]:
     """``module name -> factors`` for a LoRA params; raises for tensors combination cannot carry."""
     cfg = params.config
@@ -227,16 +245,12 @@ def _modules_of(params: TunerParams, model: nn.Module | None = None) -> dict[str
             f"add_weighted_adapter combines LoRA params; adapter {params.adapter_name!r} has a {type(cfg).__name__}"
         )
     ad = params.adapter_name
-    for field, value in (
-        ("lora_bias", cfg.lora_bias),
-        ("target_parameters", getattr(cfg, "target_parameters", None)),
-        *((f, getattr(cfg, f, None)) for f in ("kasa_config", "velora_config", "use_bdlora", "monteclora_config")),
-        ("init_lora_weights", "mica" if cfg.init_lora_weights == "mica" else None),
-    ):
+    for field, why in _REFUSED.items():
+        value = getattr(cfg, field, None)
         if value:
             raise ConfigError(
                 f"add_weighted_adapter cannot combine adapter {ad!r}: it has {field}={value!r}, which the combined"
-                " adapter cannot carry; combine adapters without it"
+                f" adapter cannot carry ({why}); combine adapters without it"
             )
     out: dict[str, _Factors] = {}
     for key in params:
@@ -250,8 +264,9 @@ def _modules_of(params: TunerParams, model: nn.Module | None = None) -> dict[str
         if A.ndim > 2 and B.shape[1] != A.shape[0]:  # lora_B grouped like a grouped convolution
             raise ConfigError(
                 f"add_weighted_adapter cannot combine adapter {ad!r}: module {name!r} is a grouped convolution"
-                f" (lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}), whose delta is not a plain product B @ A;"
-                " combine adapters that do not target grouped convolutions"
+                f" (lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}), whose delta is not a plain product B @ A"
+                " [PEFT's svd types raise RuntimeError]; combine"
+                " adapters that do not target grouped convolutions"
             )
         out[name] = _Factors(A, B, cfg.scaling_for(name), emb, transposed)
     for key in params:
@@ -504,6 +519,15 @@ def add_weighted_adapter(
             raise ConfigError(f"svd_rank must be a positive integer, got {svd_rank!r}")
         new_rank = svd_rank or max(ranks)
     use_dora = bool(configs[0].use_dora)
+    if configs[0].init_lora_weights == "mica":  # the result is a MiCA adapter too: r <= min(in, out), as PEFT checks
+        for mods in per_adapter:
+            for name, f in mods.items():
+                if new_rank > min(int(f.A.shape[-1]), int(f.B.shape[0])):
+                    raise ConfigError(
+                        f"add_weighted_adapter: the combined MiCA adapter would have r={new_rank} on {name!r}, but"
+                        f" MiCA needs r <= min(in, out) = {min(int(f.A.shape[-1]), int(f.B.shape[0]))} (PEFT"
+                        " raises too); use an svd type with a smaller svd_rank"
+                    )
     tensors: dict[str, torch.Tensor] = {}
     for name in _module_order(per_adapter, model):
         present = [(mods[name], wi) for mods, wi in zip(per_adapter, w, strict=True) if name in mods]

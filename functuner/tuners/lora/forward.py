@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.params import TunerParams
-from ...core.routing import Routes, ensure_slots
-from ..base import CallContext, override_slot
+from ...core.routing import Replace, Routes, ensure_method_slot, ensure_slots
+from ..base import CallContext, clone_module_tree, override_slot
 from .layout import Site, base_weight, layout_of
 from .math import (
     PARAM_KINDS,
@@ -29,7 +29,7 @@ from .math import (
     param_delta,
     weight_as_out_in,
 )
-from .tokens import tied_modules, with_rows
+from .tokens import rows_slot, tied_modules
 from .variants import effective_factors, kasa_dropped, monteclora_a, velora_linear
 
 __all__ = ["first_arg", "needs_generator", "routes"]
@@ -134,6 +134,40 @@ def _slot(
     return (out + dora).to(out_dtype)
 
 
+def _linear_slot(
+    site: Site,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    generator: torch.Generator | None,
+    module: Any,  # nn.Linear / GPT-2 Conv1D / a quantized linear
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Plain LoRA on a linear layer (no DoRA, no bias): the decoding hot path, three kernels and no copies.
+
+    Without autograd or a torch.func transform (``generate``, ``no_grad``/``inference_mode``) the
+    module's fresh, contiguous output gets ``s (x A^T) B^T`` added in place by one ``addmm_``: no
+    full-size temporary and no reshaping back (``view(out.shape)`` alone costs as much as the small
+    GEMM).  Anything else (autograd, dropout in training, mixed dtypes, vmap, compile) takes :func:`_slot`,
+    which computes the same sums out of place.
+    """
+    x = args[0] if args else first_arg(args, kwargs)
+    if (
+        torch.is_grad_enabled()
+        or x.dtype != A.dtype
+        or out.dtype != A.dtype
+        or not out.is_contiguous()
+        or (site.dropout > 0.0 and module.training)
+        or torch.compiler.is_compiling()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+    ):
+        return _slot(site, A, B, None, None, None, generator, module, args, kwargs, out)
+    h = torch.mm(x.reshape(-1, x.shape[-1]), A.t())
+    out.view(-1, out.shape[-1]).addmm_(h, B.t(), alpha=site.scaling)
+    return out
+
+
 def _fused_linear(
     h: torch.Tensor,
     A: torch.Tensor,
@@ -197,6 +231,18 @@ def _variant_slot(
     return (out + F.linear(h, B) * site.scaling).to(out_dtype)
 
 
+def _param_overrides(
+    sites: tuple[tuple[Site, torch.Tensor, torch.Tensor], ...], module: nn.Module
+) -> dict[str, torch.Tensor]:
+    overrides: dict[str, torch.Tensor] = {}
+    for site, A, B in sites:
+        weight = module.get_parameter(site.weight_name)
+        overrides[site.weight_name] = weight + param_delta(A, B, site.scaling, tuple(weight.shape), site.kind).to(
+            weight.dtype
+        )
+    return overrides
+
+
 def _param_slot(
     sites: tuple[tuple[Site, torch.Tensor, torch.Tensor], ...],
     module: nn.Module,
@@ -204,35 +250,33 @@ def _param_slot(
     kwargs: dict[str, Any],
     out: Any,
 ) -> Any:
-    """Raw parameters (``target_parameters``, ``nn.MultiheadAttention``): re-run the module once with every adapted
-    parameter ``W + s B A`` (as PEFT's parametrization / merge-around-forward)."""
-    overrides: dict[str, torch.Tensor] = {}
-    for site, A, B in sites:
-        weight = module.get_parameter(site.weight_name)
-        overrides[site.weight_name] = weight + param_delta(A, B, site.scaling, tuple(weight.shape), site.kind).to(
-            weight.dtype
-        )
-    return override_slot(overrides)(module, args, kwargs, out)
+    """Raw parameters of a module that also has other overrides: re-run it once with every adapted
+    parameter ``W + s B A`` after its own forward (as PEFT's parametrization / merge-around-forward)."""
+    return override_slot(_param_overrides(sites, module))(module, args, kwargs, out)
 
 
-def _token_slot(
-    owner: nn.Module,
-    indices: tuple[int, ...],
-    rows: torch.Tensor,
+def _param_forward(
+    sites: tuple[tuple[Site, torch.Tensor, torch.Tensor], ...],
     module: nn.Module,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    out: Any,
 ) -> Any:
-    """Trainable tokens: re-run ``module`` with ``owner``'s weight (read at call time) with ``rows`` at ``indices``."""
-    weight = with_rows(cast(torch.Tensor, owner.weight), indices, rows)
-    return override_slot({"weight": weight})(module, args, kwargs, out)
+    """Raw parameters (``target_parameters``, ``nn.MultiheadAttention``): the module's forward, run once on a
+    per-call clone whose adapted parameters are ``W + s B A`` (PEFT's parametrization, without writing the
+    module).  A :class:`~functuner.core.routing.Replace` on the module's ``forward`` method slot, so the
+    forward with the base ``W`` never runs (a forward hook would discard that run: twice the experts' cost)."""
+    clone = clone_module_tree(module)  # without the method slot: the clone runs its class's forward
+    for name, tensor in _param_overrides(sites, module).items():
+        owner_path, _, leaf = name.rpartition(".")
+        owner = clone.get_submodule(owner_path) if owner_path else clone
+        owner.__dict__["_parameters"][leaf] = tensor
+    return clone.forward(*args, **kwargs)
 
 
 def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
     """The slot functions one call runs: a LoRA delta at each adapted module, overrides elsewhere."""
     layout = layout_of(model, params)
-    fwd: dict[nn.Module, list[Any]] = {}
+    fwd: dict[Any, list[Any]] = {}  # modules (forward hooks) and method slots
     gen = ctx.generator
     raw: dict[nn.Module, list[tuple[Site, torch.Tensor, torch.Tensor]]] = {}
     for site in layout.sites:
@@ -247,6 +291,9 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
             fwd.setdefault(site.module, []).append(fn)
             continue
         A, B = effective_factors(vs, params[site.a], params[site.b], params)  # BD-LoRA blocks, MiCA's frozen B
+        if site.kind in ("linear", "conv1d_gpt2") and not (site.m or site.bias or site.lora_bias):
+            fwd.setdefault(site.module, []).append(functools.partial(_linear_slot, site, A, B, gen))
+            continue
         fn = functools.partial(
             _slot,
             site,
@@ -258,15 +305,20 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
             gen,
         )
         fwd.setdefault(site.module, []).append(fn)
+    overridden = {module for module, _ in layout.overrides}
     for module, entries in raw.items():
-        fwd.setdefault(module, []).append(functools.partial(_param_slot, tuple(entries)))
+        if module in overridden:  # the override slot re-runs the module anyway: keep one forward hook list
+            fwd.setdefault(module, []).append(functools.partial(_param_slot, tuple(entries)))
+        else:
+            replace = Replace(functools.partial(_param_forward, tuple(entries)))
+            fwd.setdefault(ensure_method_slot(module, "forward"), []).insert(0, replace)
     for module, pairs in layout.overrides:
         fwd.setdefault(module, []).insert(0, override_slot({pname: params[key] for pname, key in pairs}))
     for t in layout.tokens:  # trainable tokens: the weight with its rows replaced, also in tied modules (lm_head)
-        rows = functools.partial(_token_slot, t.module, t.indices, params[t.key])
+        rows = functools.partial(rows_slot, t.module, t.indices, params[t.key])
         for tied in tied_modules(model, t.module):
             fwd.setdefault(tied, []).insert(0, rows)
-    ensure_slots(list(fwd))
+    ensure_slots([m for m in fwd if isinstance(m, nn.Module)])
     return Routes(forward=fwd)
 
 

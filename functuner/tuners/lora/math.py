@@ -136,7 +136,7 @@ def add_lowrank(out: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scaling: fl
     Autograd saves only ``h`` and ``B`` (rank-sized), not ``out``.
     """
     o = out.shape[-1]
-    return torch.addmm(out.reshape(-1, o), h.reshape(-1, h.shape[-1]), B.T, alpha=scaling).view(out.shape)
+    return torch.addmm(out.reshape(-1, o), h.reshape(-1, h.shape[-1]), B.T, alpha=scaling).view_as(out)
 
 
 def plus_delta(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float, kind: str) -> torch.Tensor:

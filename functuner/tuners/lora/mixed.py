@@ -22,15 +22,18 @@ grow with the number of adapters, there is no loop over adapters.  Embeddings
 gather rows of the stacked ``A``; ``nn.Conv1d``/``nn.Conv2d`` run as grouped
 convolutions (one group per sample).
 
-Supported per sample: plain LoRA, rsLoRA, DoRA (per-sample magnitude scale),
+Stacked here: plain LoRA, rsLoRA, DoRA (per-sample magnitude scale),
 mixed ranks and mixed target modules (an adapter that does not adapt a module
 contributes zero there), trainable biases of adapted modules, ``lora_bias``,
 ``nn.Conv3d``, trainable tokens (``trainable_token_indices``: the embedding, and a
-tied ``lm_head``, run once per such adapter and each sample takes its adapter's output).  Not supported (a :class:`~functuner.errors.ConfigError` names the
-adapter and the module type): grouped convolutions, raw parameters
-(``target_parameters``, ``nn.MultiheadAttention``), ``modules_to_save``
-copies and trainable biases of modules LoRA does not adapt; dropout in training
-mode (call ``model.eval()``, as PEFT requires for ``adapter_names``).
+tied ``lm_head``, run once per such adapter and each sample takes its adapter's output).
+:func:`apply_mixed` runs everything else per sample through the general sub-batch path
+(:mod:`functuner.tuners.sub_batch`: each adapter's own slots on the rows of its samples):
+grouped convolutions, raw parameters (``target_parameters``, ``nn.MultiheadAttention``),
+``modules_to_save`` copies, the LoRA variants, and every other tuner with a ``sub_batch``
+hook, several tuners in one batch included; :func:`stack_adapters` itself refuses them
+(a :class:`~functuner.errors.ConfigError` names the adapter and what it has).  Dropout
+in training mode raises (call ``model.eval()``, as PEFT requires for ``adapter_names``).
 
 Purity: the model and the params are never written.  The per-sample routing
 reaches the modules through the same per-call context variable as
@@ -53,8 +56,10 @@ from torch import nn
 from ...core.params import TunerParams
 from ...core.routing import Routes, ensure_slots, routed
 from ...errors import AdapterNameError, ConfigError
+from .. import sub_batch
 from ..base import PerSample, override_slot
-from .config import LoRAConfig
+from ..registry import tuner_for
+from ..sub_batch import SubBatchStack
 from .forward import first_arg
 from .layout import layout_of
 from .math import PARAM_KINDS, conv_fn, dora_norm, lora_delta, weight_as_out_in
@@ -110,8 +115,8 @@ def _named(adapters: Sequence[TunerParams] | Mapping[str, TunerParams]) -> list[
         raise ConfigError("apply_mixed needs at least one adapter, got none")
     seen: set[str] = set()
     for name, p in items:
-        if not isinstance(p, TunerParams) or not isinstance(p.config, LoRAConfig):
-            raise ConfigError(f"adapter {name!r}: per-sample adapters must be LoRA TunerParams, got {p!r}")
+        if not isinstance(p, TunerParams):
+            raise ConfigError(f"adapter {name!r}: per-sample adapters must be TunerParams, got {p!r}")
         if name in seen or name == BASE:
             raise AdapterNameError(f"adapter name {name!r} is {'duplicated' if name in seen else 'reserved'}")
         seen.add(name)
@@ -157,6 +162,13 @@ def stack_adapters(model: nn.Module, adapters: Sequence[TunerParams] | Mapping[s
     Differentiable with respect to the adapters' tensors.
     """
     named = _named(adapters)
+    for name, p in named:
+        impl = tuner_for(p.config).per_sample
+        if impl is None or impl.stack is not stack_adapters:
+            raise ConfigError(
+                f"adapter {name!r}: stack_adapters stacks LoRA adapters (a {type(p.config).__name__} is not one);"
+                " pass the params to apply_mixed, which runs every tuner that can per sample"
+            )
     per_module: dict[nn.Module, list[tuple[int, Any, TunerParams]]] = {}
     token_rows: dict[nn.Module, list[tuple[int, nn.Module, tuple[int, ...], torch.Tensor]]] = {}
     for i, (name, p) in enumerate(named):
@@ -164,29 +176,10 @@ def stack_adapters(model: nn.Module, adapters: Sequence[TunerParams] | Mapping[s
         for t in layout.tokens:  # trainable tokens: the rows of this adapter, in every module tied to the weight
             for tied in tied_modules(model, t.module):
                 token_rows.setdefault(tied, []).append((i, t.module, t.indices, p[t.key]))
-        if layout.overrides:
-            raise ConfigError(
-                f"adapter {name!r} has modules_to_save copies or biases of non-adapted modules;"
-                " per-sample adapters support LoRA factors (and biases of adapted modules) only"
-            )
+        why = _not_stackable(p, layout)
+        if why is not None:
+            raise ConfigError(f"adapter {name!r}: {why}")
         for site in layout.sites:
-            if site.kind in PARAM_KINDS:
-                raise ConfigError(
-                    f"adapter {name!r}: per-sample adapters do not support LoRA on raw parameters"
-                    f" ({type(site.module).__name__} {site.name!r}, parameter {site.weight_name!r}: target_parameters"
-                    " or nn.MultiheadAttention); run this adapter with functuner.apply instead"
-                )
-            if site.variant is not None:
-                raise ConfigError(
-                    f"adapter {name!r}: per-sample adapters do not support the LoRA variant {site.variant.name}"
-                    f" ({site.name!r}); run this adapter with functuner.apply instead"
-                )
-            if site.kind == "conv" and getattr(site.module, "groups", 1) != 1:
-                raise ConfigError(
-                    f"adapter {name!r}: per-sample adapters do not support LoRA on grouped convolutions"
-                    f" ({site.name!r}: {type(site.module).__name__} with groups={getattr(site.module, 'groups', 1)});"
-                    " run this adapter with functuner.apply instead"
-                )
             per_module.setdefault(site.module, []).append((i, site, p))
     K = len(named)
     sites: list[_StackSite] = []
@@ -277,6 +270,14 @@ def _lora_out(site: _StackSite, module: nn.Module, x: torch.Tensor, idx: torch.T
     return torch.bmm(h, B).reshape(*x.shape[:-1], B.shape[-1])
 
 
+def _check_batch(site: _StackSite, x: torch.Tensor, idx: torch.Tensor) -> None:
+    if x.dim() < 2 or x.shape[0] != idx.shape[0]:
+        raise ConfigError(
+            f"per-sample adapters: module {site.name!r} got an input of shape {tuple(x.shape)}, but adapter_index"
+            f" has {idx.shape[0]} entries; the batch must be the first dimension of every adapted module's input"
+        )
+
+
 def _mixed_slot(
     site: _StackSite,
     idx: torch.Tensor,
@@ -286,11 +287,7 @@ def _mixed_slot(
     out: torch.Tensor,
 ) -> torch.Tensor:
     x = first_arg(args, kwargs)
-    if x.dim() < 2 or x.shape[0] != idx.shape[0]:
-        raise ConfigError(
-            f"per-sample adapters: module {site.name!r} got an input of shape {tuple(x.shape)}, but adapter_index"
-            f" has {idx.shape[0]} entries; the batch must be the first dimension of every adapted module's input"
-        )
+    _check_batch(site, x, idx)
     out_dtype = out.dtype
     lora = _lora_out(site, module, x, idx)
     result = out
@@ -304,6 +301,64 @@ def _mixed_slot(
     if base_bias is not None:
         base_result = out - (base_bias.reshape(1, -1, *([1] * (out.dim() - 2))) if site.kind == "conv" else base_bias)
     return (result + (scale - 1) * base_result + scale * lora).to(out_dtype)
+
+
+def _used_slot(
+    site: _StackSite,
+    idx: torch.Tensor,
+    A_u: torch.Tensor,
+    B_u: torch.Tensor,
+    mask: torch.Tensor | None,
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Plain LoRA on a linear layer, per sample, from the ``U`` adapters the batch uses (built by :func:`_site_slot`).
+
+    ``A_u (in, U R)`` and ``B_u (U R, out)`` concatenate those adapters' factors; ``mask (n, U R)`` keeps
+    each sample's own rank block (``None``: every sample uses the one adapter).  Three kernels per call
+    (``x A_u``, the mask, one ``addmm``) read each used adapter's factors once, instead of gathering a
+    copy of the factors for every sample; the zero blocks add exact zeros, so each sample gets its own
+    adapter's ``s B A x``.
+    """
+    x = first_arg(args, kwargs)
+    _check_batch(site, x, idx)
+    if x.dtype != A_u.dtype or out.dtype != A_u.dtype:
+        return _mixed_slot(site, idx, module, args, kwargs, out)
+    n, width = idx.shape[0], A_u.shape[1]
+    h = torch.mm(x.reshape(-1, x.shape[-1]), A_u)
+    if mask is not None:
+        h = (h.view(n, -1, width) * mask.view(n, 1, width)).view(-1, width)
+    if (
+        not torch.is_grad_enabled()
+        and out.is_contiguous()
+        and not torch.compiler.is_compiling()
+        and torch._C._functorch.peek_interpreter_stack() is None
+    ):
+        out.view(-1, out.shape[-1]).addmm_(h, B_u)  # the module's fresh output, no autograd: add in place
+        return out
+    return torch.addmm(out.reshape(-1, out.shape[-1]), h, B_u).view_as(out)
+
+
+def _site_slot(site: _StackSite, idx: torch.Tensor, used: list[int] | None) -> Any:
+    """The slot of one stacked site for one call: :func:`_used_slot` where it pays, else :func:`_mixed_slot`.
+
+    ``used``: the stack rows the batch uses (``None``: the index cannot be read, e.g. under ``vmap``).  The
+    concatenated path is taken for plain LoRA on linear layers when its product stays small next to the
+    layer's own (``U R (in + out) <= in out / 4``); otherwise each sample's factors are gathered.
+    """
+    if not used or site.kind not in ("linear", "conv1d_gpt2") or site.dora is not None or site.bias is not None:
+        return functools.partial(_mixed_slot, site, idx)
+    in_f, R, out_f = site.A.shape[1], site.A.shape[2], site.B.shape[2]
+    U = len(used)
+    if 4 * U * R * (in_f + out_f) > in_f * out_f:
+        return functools.partial(_mixed_slot, site, idx)
+    rows = torch.tensor(used, device=site.A.device)
+    A_u = site.A.index_select(0, rows).permute(1, 0, 2).reshape(in_f, U * R)
+    B_u = site.B.index_select(0, rows).reshape(U * R, out_f)
+    mask = (idx.view(-1, 1) == rows.view(1, -1)).to(A_u.dtype).repeat_interleave(R, dim=1)
+    return functools.partial(_used_slot, site, idx, A_u, B_u, None if bool(mask.all()) else mask)
 
 
 def _token_slot(
@@ -357,6 +412,8 @@ def _as_index(stack: AdapterStack, adapter_index: torch.Tensor | Sequence[str]) 
 def mixed_routes(model: nn.Module, stack: AdapterStack, adapter_index: torch.Tensor | Sequence[str]) -> Routes:
     """The routes of one per-sample call (slots installed); run the model under :func:`functuner.routing.routed`."""
     idx = _as_index(stack, adapter_index)
+    readable = not _is_transformed(idx) and not torch.compiler.is_compiling()
+    used = sorted(set(idx.tolist()) - {len(stack.names)}) if readable else None  # rows of the batch's adapters
     fwd: dict[nn.Module, list[Any]] = {}
     for site in stack.sites:
         if site.dropout > 0 and site.module.training:
@@ -365,7 +422,7 @@ def mixed_routes(model: nn.Module, stack: AdapterStack, adapter_index: torch.Ten
                 f" mode with lora_dropout={site.dropout}; call model.eval()"
             )
         device = site.A.device
-        fwd.setdefault(site.module, []).append(functools.partial(_mixed_slot, site, idx.to(device)))
+        fwd.setdefault(site.module, []).append(_site_slot(site, idx.to(device), used))
     for module, entries in stack.tokens:  # before the module's LoRA slot (a tied lm_head may carry both)
         fwd.setdefault(module, []).insert(0, functools.partial(_token_slot, entries, idx.to(entries[0][3].device)))
     ensure_slots(list(fwd))
@@ -374,7 +431,7 @@ def mixed_routes(model: nn.Module, stack: AdapterStack, adapter_index: torch.Ten
 
 def apply_mixed(
     model: nn.Module,
-    adapters: AdapterStack | Sequence[TunerParams] | Mapping[str, TunerParams],
+    adapters: AdapterStack | SubBatchStack | Sequence[TunerParams] | Mapping[str, TunerParams],
     adapter_index: torch.Tensor | Sequence[str],
     args: Any = (),
     kwargs: Mapping[str, Any] | None = None,
@@ -387,8 +444,7 @@ def apply_mixed(
     """
     if not isinstance(args, tuple):
         args = (args,)
-    stack = adapters if isinstance(adapters, AdapterStack) else stack_adapters(model, adapters)
-    routes = mixed_routes(model, stack, adapter_index)
+    routes = _dispatch(model, adapters, adapter_index)
     with routed(routes):
         return model(*args, **dict(kwargs or {}))
 
@@ -396,11 +452,47 @@ def apply_mixed(
 # ---------------------------------------------------------------------------
 # the Tuner.per_sample hook (what the SWIFT shim's adapter_names= uses)
 # ---------------------------------------------------------------------------
-def _unsupported(model: nn.Module, params: TunerParams) -> str | None:
-    """Why ``params`` cannot run per sample (completes "it ..."), or None."""
-    if layout_of(model, params).overrides:
-        return "has modules_to_save copies or biases of modules LoRA does not adapt (not supported per sample)"
+def _not_stackable(params: TunerParams, layout: Any) -> str | None:
+    """Why these LoRA params cannot be stacked (then :mod:`..sub_batch` runs them per sample), or None."""
+    if layout.overrides:
+        return (
+            "has modules_to_save copies or biases of non-adapted modules; stacked per-sample LoRA supports LoRA"
+            " factors (and biases of adapted modules) only"
+        )
+    for site in layout.sites:
+        if site.kind in PARAM_KINDS:
+            return (
+                f"stacked per-sample LoRA does not support LoRA on raw parameters ({type(site.module).__name__}"
+                f" {site.name!r}, parameter {site.weight_name!r}: target_parameters or nn.MultiheadAttention)"
+            )
+        if site.variant is not None:
+            return f"stacked per-sample LoRA does not support the LoRA variant {site.variant.name} ({site.name!r})"
+        if site.kind == "conv" and getattr(site.module, "groups", 1) != 1:
+            return (
+                f"stacked per-sample LoRA does not support grouped convolutions ({site.name!r}:"
+                f" {type(site.module).__name__} with groups={getattr(site.module, 'groups', 1)})"
+            )
     return None
+
+
+def _unsupported(model: nn.Module, params: TunerParams) -> str | None:
+    """Why ``params`` cannot be stacked (completes "it ..."; the general sub-batch path may still run it), or None."""
+    return _not_stackable(params, layout_of(model, params))
+
+
+def _dispatch(
+    model: nn.Module,
+    adapters: AdapterStack | SubBatchStack | Sequence[TunerParams] | Mapping[str, TunerParams],
+    adapter_index: torch.Tensor | Sequence[str],
+) -> Routes:
+    """One call's routes: the stacked LoRA path where every adapter can use it, else the general sub-batch path."""
+    if isinstance(adapters, AdapterStack):
+        return mixed_routes(model, adapters, adapter_index)
+    if isinstance(adapters, SubBatchStack):
+        return sub_batch.routes(model, adapters, adapter_index)
+    named = dict(_named(adapters))
+    impl = sub_batch.choose_per_sample(model, named)
+    return impl.routes(model, impl.stack(model, named), adapter_index)
 
 
 def _depends_on(model: nn.Module, params: TunerParams) -> list[torch.Tensor]:

@@ -27,7 +27,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ...core.targets import match_name, select_modules
+from ...core.targets import match_name, own_named_modules, select_modules
 from ...errors import CheckpointError, ConfigError, ParamsMismatchError, TargetError
 from ..base import KeyNaming, PeftFormat, resolve_dtype
 from .config import LoRAConfig
@@ -246,7 +246,9 @@ def check_model(model: nn.Module, config: Any, source: str) -> None:
         )
     except TargetError as e:
         raise TargetError(f"{source}: {e}") from None
-    limit = max(_RANK_FLOOR_ELEMENTS, sum(p.numel() for p in model.parameters()))
+    # the base model's own parameters (not adapters loaded beside it: a load must not grow with their number)
+    own = {id(p): p.numel() for _, m in own_named_modules(model) for p in m._parameters.values() if p is not None}
+    limit = max(_RANK_FLOOR_ELEMENTS, sum(own.values()))
     for name, module in selected:
         if config.modules_to_save and match_name(name, config.modules_to_save):
             continue

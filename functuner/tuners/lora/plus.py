@@ -43,7 +43,7 @@ def optimizer_groups(
     for key, p in tensors.items():
         if ".lora_embedding_" in key:
             g["emb"].append(p)
-        elif ".lora_B." in key or p.ndim == 1:
+        elif ".lora_B." in key or key.endswith("lora_B") or p.ndim == 1:  # MergedLinear's: <module>.lora_B
             g["B" if decayed(p) else "B_nd"].append(p)
         else:
             g["A"].append(p)

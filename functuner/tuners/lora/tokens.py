@@ -1,8 +1,8 @@
 """Trainable tokens: new values for a few rows of an embedding matrix (PEFT's ``TrainableTokens``), as pure functions.
 
-PEFT offers this as LoRA's ``trainable_token_indices`` option (and as a tuner of
-its own, which functuner does not implement yet: a ``TRAINABLE_TOKENS`` directory
-is refused by type).  Only the chosen rows are trained; the rest of the embedding
+PEFT offers this as LoRA's ``trainable_token_indices`` option and as a tuner of
+its own (:mod:`functuner.tuners.trainable_tokens`, which holds the row arithmetic
+both use: :func:`with_rows`, :func:`tied_modules`, the forward slot).  Only the chosen rows are trained; the rest of the embedding
 stays frozen, which is far smaller than ``modules_to_save=["embed_tokens"]``.
 
 The adapter tensor of a module ``emb`` is ``emb.token_adapter.trainable_tokens_delta.<adapter>``
@@ -14,19 +14,20 @@ in PEFT's files.  The forward runs the module with the weight
 is the *same* parameter (an ``lm_head`` tied to the input embedding) gets the
 same rows, as PEFT's tied token adapter does.
 
-This module holds the parts LoRA's option (:mod:`functuner.tuners.lora`) uses:
-key names, index resolution, the row arithmetic.  Everything is pure.
+This module holds what only LoRA's option (:mod:`functuner.tuners.lora`) needs:
+key names and index resolution.  Everything is pure.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from ...errors import ConfigError, ParamsMismatchError
+from ..trainable_tokens import check_token_ids, input_embeddings_name, rows_slot, tied_modules, with_rows
 
 __all__ = [
     "DELTA_PART",
@@ -35,6 +36,7 @@ __all__ = [
     "indices_for",
     "parse_token_key",
     "resolve_token_modules",
+    "rows_slot",
     "token_key",
     "tied_modules",
     "with_rows",
@@ -78,30 +80,7 @@ def check_indices(value: Any) -> None:
             if not isinstance(k, str) or not k:
                 raise ConfigError(f"trainable_token_indices: keys must be module names, got {k!r}")
     for idx in lists:
-        if isinstance(idx, (str, bytes)) or not isinstance(idx, Sequence) or not idx:
-            raise ConfigError(
-                f"trainable_token_indices: expected a non-empty list of token ids (or {{module: list}}), got {idx!r}"
-            )
-        for i in idx:
-            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
-                raise ConfigError(f"trainable_token_indices: token ids must be non-negative integers, got {i!r}")
-        if len(set(idx)) != len(idx):
-            raise ConfigError(f"trainable_token_indices: token ids must be distinct, got {list(idx)!r}")
-
-
-def _input_embeddings_name(model: nn.Module) -> str:
-    """The module name of ``model.get_input_embeddings()``, else ``embed_tokens`` (PEFT's fallback)."""
-    getter = getattr(model, "get_input_embeddings", None)
-    if callable(getter):
-        try:
-            emb = getter()
-        except (NotImplementedError, AttributeError):
-            emb = None
-        if isinstance(emb, nn.Module):
-            for name, module in model.named_modules():
-                if module is emb:
-                    return str(name)
-    return "embed_tokens"
+        check_token_ids(idx, "trainable_token_indices")
 
 
 def resolve_token_modules(model: nn.Module, value: Any) -> dict[str, tuple[int, ...]]:
@@ -115,7 +94,7 @@ def resolve_token_modules(model: nn.Module, value: Any) -> dict[str, tuple[int, 
     """
     if value is None:
         return {}
-    spec = dict(value) if isinstance(value, Mapping) else {_input_embeddings_name(model): value}
+    spec = dict(value) if isinstance(value, Mapping) else {input_embeddings_name(model): value}
     out: dict[str, tuple[int, ...]] = {}
     for key, idx in spec.items():
         found = [n for n, _ in model.named_modules() if n and (n == key or n.endswith("." + key))]
@@ -155,21 +134,3 @@ def indices_for(value: Any, module_name: str, source: str = "trainable_token_ind
             f"{source}: params hold trainable tokens of {module_name!r} but the config has no trainable_token_indices"
         )
     return tuple(int(i) for i in value)
-
-
-def with_rows(weight: torch.Tensor, indices: Sequence[int], rows: torch.Tensor) -> torch.Tensor:
-    """``weight`` with rows ``indices`` replaced by ``rows`` (a new tensor, differentiable in both). Pure."""
-    index = torch.tensor(list(indices), dtype=torch.long, device=weight.device)
-    return weight.index_copy(0, index, rows.to(device=weight.device, dtype=weight.dtype))
-
-
-def tied_modules(model: nn.Module, module: nn.Module) -> list[nn.Module]:
-    """Modules of ``model`` (``module`` first) whose ``weight`` is the same parameter object as ``module``'s."""
-    weight = module._parameters.get("weight")
-    out = [module]
-    if weight is None:
-        return out
-    for _, other in model.named_modules():
-        if other is not module and other._parameters.get("weight") is weight:
-            out.append(other)
-    return out

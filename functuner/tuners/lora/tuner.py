@@ -36,7 +36,7 @@ tensors; nothing is written to either.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import cast
 
 import torch
@@ -45,11 +45,13 @@ from torch import nn
 from ...core.params import TunerParams
 from ...core.targets import match_name, own_named_modules, own_named_parameters, select_modules
 from ...errors import ConfigError
-from ..base import Tuner, resolve_dtype
-from . import peft_format
+from ..base import Tuner, module_local, resolve_dtype
+from ..spec import DataInit
+from . import merged_linear, peft_format
 from .combine import add_weighted_adapter
 from .config import LoRAConfig, LoraConfig
 from .forward import needs_generator, routes
+from .inits import from_data
 from .inits.factors import init_factors, moves_base, residual_weight
 from .inits.guard import check_model_base
 from .inits.guard import checked_residual_weights as residual_weights
@@ -151,6 +153,8 @@ def init(
     """
     if not isinstance(config, LoRAConfig):
         raise ConfigError(f"lora.init needs a LoRAConfig, got {type(config).__name__}")
+    if config.use_merged_linear:  # the LoRA tuner's hooks send these to .merged_linear; other callers (LongLoRA) cannot
+        raise ConfigError("use_merged_linear=True (MergedLinear LoRA) is supported by LoRAConfig adapters only")
     ptargets = param_targets(model, config)
     selected = (
         select_modules(
@@ -235,7 +239,9 @@ def init(
                 )
                 # PiSSA/OLoRA/CorDA: the adapter runs on the residual base W - s B A, and so does its norm
                 norm_w = (
-                    residual_weight(base_w, A, B, s, kind) if special is not None and moves_base(config) else base_w
+                    residual_weight(base_w, A, B, s, kind, config)
+                    if special is not None and moves_base(config)
+                    else base_w
                 )
                 norm = dora_norm(weight_as_out_in(norm_w, kind), delta, kind)
             tensors[m_key] = norm.reshape(m_shape).to(device=base_w.device, dtype=dtype)
@@ -279,25 +285,41 @@ def _init_tokens(
         tensors[token_key(tname, adapter_name)] = weight.detach()[list(idx)].clone()
 
 
+def _init_from_inputs(
+    model: nn.Module,
+    config: LoRAConfig,
+    generator: torch.Generator,
+    adapter_name: str,
+    inputs: Mapping[str, Sequence[torch.Tensor]],
+) -> tuple[TunerParams, dict[str, torch.Tensor]]:
+    """EVA / CorDA from each targeted module's recorded inputs (``Tuner.data_init``): params and base weights."""
+    cfg, data = from_data.prepare(model, config, inputs)
+    params = init(model, cfg, generator, adapter_name, data=data)
+    return params, residual_weights(model, params)
+
+
+_ml = merged_linear  # SWIFT's MergedLinear (use_merged_linear=True): its own functions, picked by the config
 tuner = Tuner(
     swift_type="LORA",
     config_cls=LoRAConfig,
-    init=init,
-    routes=routes,
-    validate=validate,
-    merge=merge,
-    unmerge=unmerge,
-    plan_shard_merge=plan_shard_merge,
+    init=_ml.by_config(init, _ml.init),
+    routes=_ml.by_config(routes, _ml.routes),
+    validate=_ml.by_config(validate, _ml.validate),
+    merge=_ml.by_config(merge, _ml.merge),
+    unmerge=_ml.by_config(unmerge, _ml.unmerge),
+    plan_shard_merge=_ml.by_config(plan_shard_merge, _ml.plan_shard_merge),
     merges_weights=True,
-    needs_generator=needs_generator,
+    needs_generator=_ml.by_config(needs_generator, _ml.needs_generator),
     to_swift_keys=peft_format.to_swift_keys,
     from_swift_keys=peft_format.from_swift_keys,
     key_naming=peft_format.KEY_NAMING,
-    peft=peft_format.PEFT_FORMAT,
-    check_model=peft_format.check_model,
-    check_state=peft_format.check_state,
-    per_sample=PER_SAMPLE,
+    peft=peft_format.PEFT_FORMAT._replace(config_to_json=_ml.refuse_peft(peft_format.PEFT_FORMAT.config_to_json)),
+    check_model=_ml.by_config(peft_format.check_model, _ml.check_model),
+    check_state=_ml.by_config(peft_format.check_state, _ml.check_state, where=0),
+    per_sample=PER_SAMPLE._replace(unsupported=_ml.refuse_per_sample(PER_SAMPLE.unsupported)),
+    sub_batch=module_local,
     optimizer_groups=optimizer_groups,
-    combine=add_weighted_adapter,
-    init_base_weights=residual_weights,
+    combine=_ml.refuse_combine(add_weighted_adapter),
+    init_base_weights=_ml.by_config(residual_weights, lambda model, params: {}),
+    data_init=DataInit(from_data.needs, from_data.targets, _init_from_inputs),
 )

@@ -10,10 +10,10 @@ and ``-100`` to ``labels``, and call the model with ``inputs_embeds``.  Here the
 *pre slot* on the model given to ``functuner.apply`` (its top-level ``forward``), so nothing is
 written to the model and the params stay a pure pytree.
 
-Refused with a typed error, never ignored: ``position_ids`` / ``token_type_ids`` (PEFT drops them
-with a warning), a ``past_key_values`` cache (generation past the first step), a ``task_type`` other
-than ``"CAUSAL_LM"``, ``num_transformer_submodules`` other than 1 (encoder-decoder models) and
-``modules_to_save``.
+Task types (``CAUSAL_LM``, ``SEQ_CLS``, ``TOKEN_CLS``, ``FEATURE_EXTRACTION``), KV caches and generation:
+:mod:`.calls`.  ``modules_to_save`` (PEFT's classifier heads for ``SEQ_CLS`` / ``TOKEN_CLS``): :mod:`.heads`.
+Refused with a typed error, never ignored: ``SEQ_2_SEQ_LM`` and ``num_transformer_submodules`` other than 1
+(encoder-decoder models).
 
 PEFT's files hold one tensor, ``prompt_embeddings`` (no prefix): the virtual tokens' final
 embeddings, ``(num_virtual_tokens, token_dim)``.
@@ -32,10 +32,12 @@ from ...core.params import TunerParams
 from ...core.routing import Routes, ensure_slots
 from ...errors import CheckpointError, ConfigError, ParamsMismatchError
 from ..spec import PeftFormat
+from . import calls, heads
 
 __all__ = [
     "PEFT_VERSION",
     "PROMPT_KEY",
+    "TASK_TYPES",
     "check_common",
     "as_kwargs",
     "check_table",
@@ -43,11 +45,13 @@ __all__ = [
     "fill_from_model",
     "peft_format",
     "prompt_routes",
+    "with_heads",
     "word_embeddings",
 ]
 
 PEFT_VERSION = "0.21.2"  # the PEFT release whose layout these files follow (PEFT writes its version into the config)
 PROMPT_KEY = "prompt_embeddings"  # PEFT's on-disk name, stored without any prefix
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION")
 
 
 def embedding_key(adapter_name: str) -> str:
@@ -71,20 +75,19 @@ def check_common(config: Any, complete: bool) -> None:
     if config.num_transformer_submodules not in (None, 1):
         raise ConfigError(
             f"{cls}.num_transformer_submodules={config.num_transformer_submodules!r}: functuner's prompt learning runs"
-            " decoder-only models (1); encoder-decoder models (2, PEFT's SEQ_2_SEQ_LM) are not implemented"
+            " one transformer stack (1); encoder-decoder models (2, PEFT's SEQ_2_SEQ_LM) are not implemented"
         )
-    if config.task_type is not None and config.task_type != "CAUSAL_LM":
-        raise ConfigError(
-            f"{cls}.task_type={config.task_type!r}: functuner implements PEFT's CAUSAL_LM forward only"
-            " (virtual tokens prepended, attention_mask and labels extended)"
-        )
+    if config.task_type is not None and config.task_type not in TASK_TYPES:
+        why = " (encoder-decoder models are not implemented)" if config.task_type == "SEQ_2_SEQ_LM" else ""
+        raise ConfigError(f"{cls}.task_type={config.task_type!r}{why}: expected one of {list(TASK_TYPES)}")
     if complete and config.task_type is None:
         raise ConfigError(
-            f"{cls}.task_type is None: set task_type='CAUSAL_LM' (PEFT's base PeftModel silently runs no prompt"
-            " without a task type)"
+            f"{cls}.task_type is None: set it to one of {list(TASK_TYPES)} (PEFT's base PeftModel silently runs no"
+            " prompt without a task type)"
         )
-    if config.modules_to_save:
-        raise ConfigError(f"{cls}.modules_to_save={config.modules_to_save!r} is not implemented for prompt learning")
+    mts = config.modules_to_save
+    if mts is not None and not (isinstance(mts, (list, tuple)) and all(isinstance(m, str) and m for m in mts)):
+        raise ConfigError(f"{cls}.modules_to_save must be a list of module names, got {mts!r}")
     if not isinstance(config.inference_mode, bool):
         raise ConfigError(f"{cls}.inference_mode must be True or False, got {config.inference_mode!r}")
 
@@ -116,6 +119,9 @@ def fill_from_model(model: nn.Module, config: Any) -> dict[str, Any]:
         return next((getattr(mc, n) for n in names if getattr(mc, n, None) is not None), None)
 
     out: dict[str, Any] = {"num_transformer_submodules": 1}
+    if config.task_type in ("SEQ_CLS", "TOKEN_CLS"):  # PEFT trains the classifier head beside the virtual tokens
+        have = tuple(config.modules_to_save or ())
+        out["modules_to_save"] = have + tuple(h for h in heads.CLASSIFIER_HEADS if h not in have)
     for field, names in (
         ("num_layers", ("num_hidden_layers", "num_layers", "n_layer")),
         ("token_dim", ("hidden_size", "n_embd", "d_model")),
@@ -144,54 +150,29 @@ def as_kwargs(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     return {**bound.arguments.pop("kwargs", {}), **bound.arguments}
 
 
-def _pre_slot(
-    prompts_of: Callable[[], torch.Tensor],
-    n: int,
-    what: str,
-    module: nn.Module,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    kw = as_kwargs(module, args, kwargs)
-    for name in ("position_ids", "token_type_ids"):
-        if kw.get(name) is not None:
-            raise ConfigError(
-                f"{what}: {name} is not supported with virtual tokens (PEFT drops it with a warning); call without it"
-            )
-    if kw.get("past_key_values") is not None or kw.get("cache") is not None:
-        raise ConfigError(
-            f"{what}: a cache (cache= / past_key_values=) is not supported (generation past the first step would prepend the"
-            " virtual tokens again); run generation through peft or without a cache"
-        )
-    input_ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
-    if embeds is None:
-        if input_ids is None:
-            raise ConfigError(f"{what}: the call has neither input_ids nor inputs_embeds")
-        embeds = word_embeddings(module)(input_ids)
-    batch = embeds.shape[0]
-    mask = kw.get("attention_mask")
-    if mask is not None:
-        kw["attention_mask"] = torch.cat((torch.ones(batch, n).to(mask.device), mask), dim=1)  # PEFT's float ones
-    labels = kw.get("labels")
-    if labels is not None:
-        kw["labels"] = torch.cat((torch.full((batch, n), -100).to(labels.device), labels), dim=1)
-    prompts = prompts_of().to(embeds.device, embeds.dtype)
-    kw["inputs_embeds"] = torch.cat((prompts.unsqueeze(0).expand(batch, -1, -1), embeds), dim=1)
-    kw["input_ids"] = None
-    return (), kw
-
-
 def prompt_routes(model: nn.Module, params: TunerParams, prompts_of: Callable[[], torch.Tensor], what: str) -> Routes:
-    """A pre slot on ``model`` prepending ``prompts_of()`` (``(num_virtual_tokens, token_dim)``) as PEFT's CausalLM."""
-    n = int(params.config.num_virtual_tokens)
+    """A pre slot on ``model`` prepending ``prompts_of()`` (``(num_virtual_tokens, token_dim)``), as PEFT's forward
+    for the config's ``task_type`` (:func:`.calls.prompt_call`), plus the ``modules_to_save`` copies' slots."""
+    n, task = int(params.config.num_virtual_tokens), str(params.config.task_type)
     ensure_slots([model], pre=True)
 
     def slot(
         module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        return _pre_slot(prompts_of, n, what, module, args, kwargs)
+        return (), calls.prompt_call(
+            module, as_kwargs(module, args, kwargs), n, task, prompts_of, word_embeddings, what
+        )
 
-    return Routes(forward={}, pre={model: [slot]})
+    return with_heads(model, params, Routes(forward={}, pre={model: [slot]}))
+
+
+def with_heads(model: nn.Module, params: TunerParams, routes: Routes) -> Routes:
+    """``routes`` plus the forward slots of the params' ``modules_to_save`` copies (:mod:`.heads`)."""
+    copies = heads.split(params)[1]
+    if not copies:
+        return routes
+    extra = heads.head_routes(model, copies)
+    return Routes(forward={**routes.forward, **extra.forward}, pre=dict(routes.pre))
 
 
 def check_table(model: nn.Module | None, params: TunerParams, what: str) -> torch.Tensor:
@@ -206,6 +187,7 @@ def check_table(model: nn.Module | None, params: TunerParams, what: str) -> torc
             f"params[{key!r}] has shape {tuple(t.shape)}; expected (num_virtual_tokens={cfg.num_virtual_tokens}, dim)"
         )
     if model is not None:
+        heads.validate_heads(model, heads.split(params)[1], params.adapter_name)
         emb = cast(torch.Tensor, getattr(word_embeddings(model), "weight", None))
         if emb is not None and emb.shape[-1] != t.shape[1]:
             raise ParamsMismatchError(
@@ -258,4 +240,5 @@ def peft_format(
         from_keys=from_keys,
         shim_reads=False,
         top_level=(PROMPT_KEY,),
+        model_prefix="base_model.",  # PEFT's prompt-learning PeftModel wraps the model itself (no tuner model)
     )

@@ -1,26 +1,24 @@
 """PEFT's prefix tuning (Li & Liang 2021, ``PrefixTuningConfig``) as a config plus pure functions.
 
 Learned key/value prefixes of ``num_virtual_tokens`` positions for every attention layer, handed to
-a causal LM as its initial KV cache (PEFT's ``PeftModelForCausalLM.forward`` with
-``get_prompt``): a table ``P`` ``(n, num_layers * 2 * token_dim)`` (or, with ``prefix_projection``,
-``E`` ``(n, token_dim)`` through ``Linear -> Tanh -> Linear``) is viewed as
-``(n, num_layers * 2, heads, head_dim)``, split into each layer's keys and values and passed as a
-fresh ``DynamicCache`` (``cache=``); ``attention_mask`` gets ``n`` ones in front and
-``position_ids`` (when given) are shifted by ``n``.  With grouped-query attention ``token_dim`` and
+the model as its initial KV cache (PEFT's ``get_prompt``): a table ``P`` ``(n, num_layers * 2 * token_dim)``
+(or, with ``prefix_projection``, ``E`` ``(n, token_dim)`` through ``Linear -> Tanh -> Linear``) is viewed as
+``(n, num_layers * 2, heads, head_dim)`` and split into each layer's keys and values, which fill the call's
+empty cache (or a fresh ``DynamicCache``); ``attention_mask`` gets ``n`` ones in front and ``position_ids``
+(when given) are shifted by ``n``.  A call whose cache holds tokens already is a decoding step (see
+:mod:`.calls`: task types, caches, generation).  With grouped-query attention ``token_dim`` and
 ``num_attention_heads`` are the KV heads' (as PEFT's ``_prepare_prompt_learning_config`` sets them).
 
 Param names (PEFT's in-memory names): ``prompt_encoder.<adapter>.embedding.weight`` and, with
 ``prefix_projection``, ``prompt_encoder.<adapter>.transform.{0,2}.{weight,bias}``.  PEFT saves the
 encoder's output (``prompt_embeddings``); such a checkpoint loads as the table alone (*encoded*).
-Refused with ``ConfigError``: a call that already has a cache (generation past the first step),
-``token_type_ids``, models whose cache PEFT builds specially (Gemma 2/3/4, Bloom), and
-``task_type`` other than ``CAUSAL_LM``.  No merged form; no per-sample adapters.
+Refused with ``ConfigError``: models whose cache PEFT builds specially (Gemma 2/3/4, Bloom), models whose
+forward takes no cache, static caches.  No merged form; no per-sample adapters.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,7 +32,7 @@ from ...core.params import TunerParams
 from ...core.routing import Routes, ensure_slots
 from ...errors import ConfigError, ParamsMismatchError
 from ..base import CallContext, KeyNaming, Tuner, TunerConfig
-from . import common
+from . import calls, common, heads
 
 __all__ = ["PEFT_FORMAT", "PrefixTuningConfig", "encode", "init", "routes", "tuner", "validate"]
 
@@ -95,10 +93,10 @@ def _model_fields(model: nn.Module, config: PrefixTuningConfig) -> dict[str, Any
             " run it through peft"
         )
     token_dim = out.get("token_dim", config.token_dim)
-    heads = out.get("num_attention_heads", config.num_attention_heads)
+    n_heads = out.get("num_attention_heads", config.num_attention_heads)
     kv_heads = getattr(mc, "num_key_value_heads", None)
     if kv_heads is not None:
-        head_dim = getattr(mc, "head_dim", None) or token_dim // heads
+        head_dim = getattr(mc, "head_dim", None) or token_dim // n_heads
         out["token_dim"], out["num_attention_heads"] = int(head_dim) * int(kv_heads), int(kv_heads)
     if config.encoder_hidden_size is None:
         out["encoder_hidden_size"] = out.get("token_dim", config.token_dim)
@@ -139,6 +137,7 @@ def init(
             tensors[keys[2 * j]], tensors[keys[2 * j + 1]] = w, b
     else:
         tensors[key] = torch.zeros(n, layers * 2 * d) if zero else torch.randn(n, layers * 2 * d, generator=generator)
+    tensors = {**tensors, **heads.copies(model, config, adapter_name)}
     return TunerParams({k: v.to(device) for k, v in tensors.items()}, config, adapter_name)
 
 
@@ -159,7 +158,9 @@ def validate(model: nn.Module, params: TunerParams) -> None:
     n, d, layers = cfg.num_virtual_tokens, cfg.token_dim, cfg.num_layers
     if key not in params:
         raise ParamsMismatchError(f"prefix tuning params lack {key!r}")
-    extra = set(params) - {key}
+    own, copies = heads.split(params)
+    heads.validate_heads(model, copies, name)
+    extra = set(own) - {key}
     keys = _transform_keys(name)
     if extra and extra != set(keys):
         raise ParamsMismatchError(f"prefix tuning params: unexpected {sorted(extra - set(keys))[:4]}, need {keys}")
@@ -175,64 +176,37 @@ def validate(model: nn.Module, params: TunerParams) -> None:
         raise ParamsMismatchError(f"prefix tuning params are for {layers} layers; the model has {mc.num_hidden_layers}")
 
 
-def _cache(flat: torch.Tensor, batch: int, cfg: PrefixTuningConfig, model: nn.Module, dtype: torch.dtype) -> Any:
-    """PEFT's ``get_prompt`` for a decoder-only model: the flat prefixes as a fresh ``DynamicCache``."""
-    from transformers import DynamicCache
-
-    n, layers, heads = int(cfg.num_virtual_tokens), int(cfg.num_layers), int(cfg.num_attention_heads)
+def _layers(
+    flat: torch.Tensor, batch: int, cfg: PrefixTuningConfig, dtype: torch.dtype
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """PEFT's ``get_prompt`` for one transformer stack: each layer's keys and values ``(batch, heads, n, head_dim)``."""
+    n, layers, heads_ = int(cfg.num_virtual_tokens), int(cfg.num_layers), int(cfg.num_attention_heads)
     kv = flat.to(dtype).unsqueeze(0).expand(batch, -1, -1)
-    kv = kv.reshape(batch, n, layers * 2, heads, int(cfg.token_dim) // heads).permute(2, 0, 3, 1, 4)
-    per_layer = torch.split(kv, 2)  # (2, batch, heads, n, head_dim) each: keys and values
-    return DynamicCache([(layer[0], layer[1]) for layer in per_layer], config=getattr(model, "config", None))
-
-
-def _pre_slot(
-    state: Mapping[str, torch.Tensor],
-    cfg: PrefixTuningConfig,
-    adapter_name: str,
-    module: nn.Module,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    kw = common.as_kwargs(module, args, kwargs)
-    if kw.get("token_type_ids") is not None:
-        raise ConfigError("prefix tuning: token_type_ids are not supported (PEFT drops them with a warning)")
-    if kw.get("past_key_values") is not None or kw.get("cache") is not None:
-        raise ConfigError(
-            "prefix tuning: the call already has a cache (cache= / past_key_values=; generation past the first"
-            " step); generation is not implemented natively, run it through peft"
-        )
-    ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
-    first = ids if ids is not None else embeds
-    if first is None:
-        raise ConfigError("prefix tuning: the call has neither input_ids nor inputs_embeds")
-    batch, n = int(first.shape[0]), int(cfg.num_virtual_tokens)
-    mask = kw.get("attention_mask")
-    if mask is not None:
-        kw["attention_mask"] = torch.cat((torch.ones(batch, n).to(mask.device), mask), dim=1)  # PEFT's float ones
-    if kw.get("position_ids") is not None:
-        kw["position_ids"] = kw["position_ids"] + n
-    dtype = getattr(module, "dtype", None) or torch.float32
-    kw.pop("past_key_values", None)
-    # transformers 5 renamed the forward's past_key_values to cache
-    name = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-    kw[name] = _cache(encode(state, adapter_name), batch, cfg, module, dtype)
-    return (), kw
+    kv = kv.reshape(batch, n, layers * 2, heads_, int(cfg.token_dim) // heads_).permute(2, 0, 3, 1, 4)
+    return [(layer[0], layer[1]) for layer in torch.split(kv, 2)]
 
 
 def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
-    """A pre slot on the model that hands it the prefixes as its initial cache (PEFT's CausalLM forward)."""
+    """A pre slot on the model that hands it the prefixes as its initial cache (PEFT's forward and generation)."""
     validate(model, params)
     ensure_slots([model], pre=True)
     # the tensors, not the TunerParams: functional's route cache holds params weakly and drops routes with them
-    state, cfg, name = dict(params), params.config, params.adapter_name
+    state, cfg, name = heads.split(params)[0], params.config, params.adapter_name
+    n, task = int(cfg.num_virtual_tokens), str(cfg.task_type)
 
     def slot(
         module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        return _pre_slot(state, cfg, name, module, args, kwargs)
+        dtype = getattr(module, "dtype", None) or torch.float32
 
-    return Routes(forward={}, pre={model: [slot]})
+        def layers_of(batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            return _layers(encode(state, name), batch, cfg, dtype)
+
+        return (), calls.prefix_call(
+            module, common.as_kwargs(module, args, kwargs), n, task, layers_of, "prefix tuning"
+        )
+
+    return common.with_heads(model, params, Routes(forward={}, pre={model: [slot]}))
 
 
 PEFT_FORMAT = common.peft_format("PREFIX_TUNING", "prefix tuning", encode)
@@ -245,4 +219,5 @@ tuner = Tuner(
     validate=validate,
     key_naming=KeyNaming(after=("prompt_encoder",)),
     peft=PEFT_FORMAT,
+    generation=calls.generating,
 )

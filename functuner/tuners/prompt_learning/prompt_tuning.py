@@ -27,7 +27,7 @@ from ...core.params import TunerParams
 from ...core.routing import Routes
 from ...errors import ConfigError, ParamsMismatchError
 from ..base import CallContext, KeyNaming, Tuner, TunerConfig
-from . import common
+from . import calls, common, heads
 
 __all__ = ["PEFT_FORMAT", "PromptTuningConfig", "init", "routes", "tuner", "validate"]
 
@@ -40,7 +40,7 @@ class PromptTuningConfig(TunerConfig):
 
     ``num_virtual_tokens`` is required; ``token_dim``, ``num_layers``, ``num_attention_heads`` and
     ``num_transformer_submodules`` are filled from the model at ``init`` (as PEFT does); the params
-    carry the filled config.  ``task_type`` must be ``"CAUSAL_LM"``.
+    carry the filled config.  ``task_type``: one of :data:`.common.TASK_TYPES` (see :mod:`.calls`).
     """
 
     num_virtual_tokens: Any = None
@@ -125,13 +125,14 @@ def init(
             ids = torch.tensor(_text_ids(config, n), dtype=torch.long)
         with torch.no_grad():
             table = emb(ids.to(weight.device)).detach().clone().float()
-    return TunerParams({common.embedding_key(adapter_name): table.to(weight.device)}, config, adapter_name)
+    tensors = {common.embedding_key(adapter_name): table.to(weight.device)}
+    return TunerParams({**tensors, **heads.copies(model, config, adapter_name)}, config, adapter_name)
 
 
 def validate(model: nn.Module, params: TunerParams) -> None:
     """Raise :class:`ParamsMismatchError` if ``params`` is not one ``(num_virtual_tokens, token_dim)`` table. Pure."""
     common.check_table(model, params, "prompt tuning")
-    extra = sorted(set(params) - {common.embedding_key(params.adapter_name)})
+    extra = sorted(set(heads.split(params)[0]) - {common.embedding_key(params.adapter_name)})
     if extra:
         raise ParamsMismatchError(f"prompt tuning params hold unexpected keys {extra[:4]}")
 
@@ -145,7 +146,7 @@ def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
 
 def _check_state(config: Any, state: Mapping[str, torch.Tensor], source: str) -> None:
     n = config.num_virtual_tokens
-    for key, t in state.items():
+    for key, t in heads.split(state)[0].items():
         if t.dim() != 2 or t.shape[0] != n or (config.token_dim is not None and t.shape[1] != config.token_dim):
             raise ParamsMismatchError(
                 f"{source}: {key!r} has shape {tuple(t.shape)}; expected ({n}, token_dim={config.token_dim})"
@@ -164,5 +165,6 @@ tuner = Tuner(
     validate=validate,
     key_naming=KeyNaming(after=("prompt_encoder",)),
     peft=PEFT_FORMAT,
+    generation=calls.generating,
     check_state=_check_state,
 )

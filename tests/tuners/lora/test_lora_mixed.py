@@ -218,8 +218,11 @@ def test_errors(llama_setup):
         generator=0,
         adapter_name="mts",
     )
-    with pytest.raises(ConfigError, match="modules_to_save"):
-        apply_mixed(model, {"plain": adapters["plain"], "mts": mts}, ["mts", "plain"], (x,))
+    with pytest.raises(ConfigError, match="modules_to_save"):  # not stackable; apply_mixed runs it on sub-batches
+        stack_adapters(model, {"plain": adapters["plain"], "mts": mts})
+    with torch.no_grad():
+        mixed = apply_mixed(model, {"plain": adapters["plain"], "mts": mts}, ["mts", "plain"], (x,)).logits
+        torch.testing.assert_close(mixed[:1], ft.apply(model, mts, (x[:1],)).logits, atol=1e-5, rtol=1e-5)
     drop = ft.init(
         model, ft.LoRAConfig(r=2, target_modules=["q_proj"], lora_dropout=0.1), generator=0, adapter_name="drop"
     )

@@ -320,8 +320,13 @@ def test_per_sample_and_combination_refuse_variants(name: str) -> None:
     p = ft.init(model, ft.LoRAConfig.from_dict(VARIANTS[name]), generator=0)
     with pytest.raises(ConfigError, match="variant"):
         stack_adapters(model, {"a": p})
+    combine = ft.tuner_for(p.config).combine
+    assert combine is not None
+    if name == "mica":  # MiCA combines (its forward is LoRA's), as PEFT does: tests/tuners/test_combine_all.py
+        assert combine([p, p], [0.5, 0.5], "c", "linear").config.init_lora_weights == "mica"
+        return
     with pytest.raises(ConfigError, match="cannot combine"):
-        ft.tuner_for(p.config).combine([p, p], [0.5, 0.5], "c", "linear")  # type: ignore[misc]
+        combine([p, p], [0.5, 0.5], "c", "linear")
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

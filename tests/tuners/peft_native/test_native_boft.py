@@ -2,9 +2,10 @@
 
 Rows: PEFT's BOFT rows of ``tests/test_custom_models.py`` (huggingface/peft@5d602fdbff04c33c1c4de55cda9d4ae1d7cb7e40:
 "Vanilla MLP 1-5 BOFT", "Conv2d 1/2 BOFT") plus a transformers Llama built from a config.  PEFT's rows with
-``boft_n_butterfly_factor > 1`` ("Vanilla MLP 6", "MLP2 1/2", "Conv2d2 1") cannot be compared on a machine without
-PEFT's CUDA extension, where PEFT silently uses factor 1: for those, the permutations are checked against PEFT's own
-``block_butterfly_perm`` / ``perm2mat`` and the product against PEFT's formula, and the rotation is checked orthogonal.
+``boft_n_butterfly_factor > 1`` ("Vanilla MLP 6", "MLP2 1/2", "Conv2d2 1") need PEFT's CUDA extension, without which
+PEFT uses factor 1: ``test_native_boft_butterfly.py`` compares them whole-model with that extension's kernels ported
+to torch; here the permutations are also checked against PEFT's own ``block_butterfly_perm`` / ``perm2mat``, the
+product against PEFT's formula, and the rotation is checked orthogonal.
 ``init_weights=False`` everywhere so that parity is not vacuous.
 """
 

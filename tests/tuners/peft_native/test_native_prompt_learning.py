@@ -216,6 +216,43 @@ def test_p_tuning_checkpoints_both_ways(tmp_path: Path) -> None:
     ft.validate(tiny_llama(), q)
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_p_tuning_lstm_forward_grads_and_checkpoints_equal_peft(layers: int, tmp_path: Path) -> None:
+    """PEFT's bidirectional LSTM encoder (``encoder_reparameterization_type="LSTM"``), written out as pure math."""
+    kw = {
+        "num_virtual_tokens": N,
+        "task_type": "CAUSAL_LM",
+        "encoder_hidden_size": 8,
+        "encoder_reparameterization_type": "LSTM",
+        "encoder_num_layers": layers,
+    }
+    model, p, pm = _peft_pair(PromptEncoderConfig(**kw), peft.PromptEncoderConfig(**kw))
+    assert len(p) == 1 + 4 + 8 * layers and p["prompt_encoder.default.mlp_head.0.weight"].shape == (16, 16)
+    _check_forward_and_grads(model, p, pm)
+    _roundtrip_ours_to_peft(model, p, tmp_path)
+    q = _roundtrip_peft_to_ours(pm, tmp_path)
+    torch.testing.assert_close(q["prompt_encoder.default.embedding.weight"], encode(p, "default").detach())
+    g = torch.func.grad(lambda params: ft.apply(model, params, (), _batch()).loss)(p)  # pure under torch.func
+    assert set(g) == set(p)
+
+
+def test_p_tuning_lstm_dropout_only_in_training() -> None:
+    kw = {"num_virtual_tokens": N, "task_type": "CAUSAL_LM", "encoder_hidden_size": 8}
+    cfg = PromptEncoderConfig(**kw, encoder_reparameterization_type="LSTM", encoder_num_layers=2, encoder_dropout=0.5)
+    model = tiny_llama()
+    p = ft.init(model, cfg, generator=0)
+    ids = _batch()["input_ids"]
+    with torch.no_grad():
+        evals = [ft.apply(model, p, (), {"input_ids": ids}).logits for _ in range(2)]
+        torch.testing.assert_close(evals[0], evals[1], atol=0, rtol=0)
+        model.train()
+        trained = [
+            ft.apply(model, p, (), {"input_ids": ids}, generator=torch.Generator().manual_seed(s)).logits
+            for s in (1, 2)
+        ]
+    assert not torch.equal(trained[0], trained[1])  # different dropout masks between the LSTM layers
+
+
 # -- what is refused, with a typed error ---------------------------------------------------------------------------
 
 
@@ -227,24 +264,23 @@ def test_refusals_are_typed_and_name_the_cause() -> None:
         ft.merge(model, p)
     with pytest.raises(ConfigError, match="position_ids"):
         ft.apply(model, p, (), {**batch, "position_ids": torch.arange(6).expand(2, -1)})
-    with pytest.raises(ConfigError, match="past_key_values"):
-        from transformers import DynamicCache
-
-        ft.apply(model, p, (), {**batch, "past_key_values": DynamicCache(config=model.config)})
     with pytest.raises(ConfigError, match="task_type"):
         ft.init(model, PromptTuningConfig(num_virtual_tokens=N), generator=0)
-    with pytest.raises(ConfigError, match="task_type"):
+    with pytest.raises(ConfigError, match="task_type='SEQ_2_SEQ_LM'.*encoder-decoder"):
         PromptTuningConfig(num_virtual_tokens=N, task_type="SEQ_2_SEQ_LM")
+    with pytest.raises(ConfigError, match="num_transformer_submodules"):
+        PromptTuningConfig(num_virtual_tokens=N, num_transformer_submodules=2)
     with pytest.raises(ConfigError, match="tokenizer_name_or_path"):
         PromptTuningConfig(num_virtual_tokens=N, task_type="CAUSAL_LM", prompt_tuning_init="TEXT")
-    with pytest.raises(ConfigError, match="LSTM"):
-        PromptEncoderConfig(num_virtual_tokens=N, encoder_reparameterization_type="LSTM", encoder_hidden_size=8)
+    with pytest.raises(ConfigError, match="encoder_reparameterization_type"):
+        PromptEncoderConfig(num_virtual_tokens=N, encoder_reparameterization_type="GRU", encoder_hidden_size=8)
     with pytest.raises(ConfigError, match="encoder_num_layers"):
         PromptEncoderConfig(num_virtual_tokens=N, encoder_num_layers=3)
-    with pytest.raises(ConfigError, match="cache"):
+    with pytest.raises(ConfigError, match="cache= and past_key_values="):
         from transformers import DynamicCache
 
-        ft.apply(model, p, (), {**batch, "cache": DynamicCache(config=model.config)})
+        two = {"cache": DynamicCache(config=model.config), "past_key_values": DynamicCache(config=model.config)}
+        ft.apply(model, p, (), {**batch, **two})
     with pytest.raises(ConfigError, match="token_type_ids"):
         ft.apply(model, p, (), {**batch, "token_type_ids": torch.zeros_like(batch["input_ids"])})
     bad = ft.TunerParams({"prompt_encoder.default.embedding.weight": torch.zeros(N + 1, 32)}, p.config)
@@ -320,10 +356,11 @@ def test_prefix_tuning_zero_init_and_refusals() -> None:
     ids = _batch()["input_ids"]
     positional = ft.apply(model, p, (ids,), {"labels": ids})  # input_ids given positionally
     torch.testing.assert_close(positional.logits, ft.apply(model, p, (), {"input_ids": ids}).logits)
-    from transformers import DynamicCache
+    from transformers import StaticCache
 
-    with pytest.raises(ConfigError, match="cache"):
-        ft.apply(model, p, (), {**_batch(), "cache": DynamicCache(config=model.config)})
+    static = StaticCache(config=model.config, max_cache_len=16)
+    with pytest.raises(ConfigError, match="DynamicCache"):
+        ft.apply(model, p, (), {"input_ids": ids, "cache": static})
     with pytest.raises(ConfigError, match="init_weights"):
         PrefixTuningConfig(num_virtual_tokens=N, init_weights="ones")
     with pytest.raises(ConfigError, match="no merged form"):

@@ -3,9 +3,9 @@
 * ``SwiftModel.save_pretrained`` writes SWIFT's layout (``<adapter>/adapter_config.json`` with ``swift_type``),
   which ``Swift.from_pretrained`` and ``functuner.load`` read back with equal outputs;
 
-* per-sample adapters in one batch (``adapter_names=``): the shim runs only LoRA per sample; VeRA, FourierFT,
-  OFT, BOFT and AdaLoRA could in principle (their terms are per-sample computable) but declare no ``per_sample``
-  hook yet, so a call with them active raises ``ConfigError`` naming them;
+* per-sample adapters in one batch (``adapter_names=``): VeRA, FourierFT, OFT, BOFT and AdaLoRA run per sample
+  through the general sub-batch path (``Tuner.sub_batch``; PEFT has no mixed batch for them), each sample equal
+  to its adapter alone (the full table against PEFT is ``tests/tuners/test_per_sample_all.py``);
 * ``add_weighted_adapter``: PEFT combines none of these tuners (AdaLoRA's raises ``TypeError`` in PEFT), so the
   shim refuses with ``ConfigError``.
 """
@@ -36,13 +36,18 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_per_sample_and_combining_are_refused_by_name(name: str) -> None:
+def test_per_sample_runs_and_combining_is_refused_by_name(name: str) -> None:
     cfg = CONFIGS[name]
     sm = ft.Swift.prepare_model(mlp(), {"a": cfg, "b": cfg}).eval()
-    x = torch.randn(2, 12)
+    x = torch.randn(3, 12)
     before = {k: v.clone() for k, v in sm.state_dict().items()}
-    with pytest.raises(ConfigError, match=r"non-LoRA adapter\(s\) \['a', 'b'\]"):
-        sm(x, adapter_names=["a", "b"])
+    with torch.no_grad():
+        mixed = sm(x, adapter_names=["a", "b", "__base__"])
+        inner = sm.base_model
+        for i, n in enumerate(["a", "b"]):
+            alone = ft.apply(inner, sm.adapters[n].params, (x[i : i + 1],))
+            torch.testing.assert_close(mixed[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mixed[2:], mlp()(x[2:]), atol=1e-5, rtol=1e-5)  # the base model
     with pytest.raises(ConfigError, match="add_weighted_adapter"):
         sm.add_weighted_adapter(["a", "b"], [0.5, 0.5], "c")
     assert set(sm.adapters) == {"a", "b"}

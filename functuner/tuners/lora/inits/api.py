@@ -25,25 +25,28 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from ....core.params import TunerParams
-from ....core.targets import match_name, select_modules
 from ....errors import ConfigError, ParamsMismatchError
+from ....quant.weights import dense_weight
 from ..config import LoRAConfig
 from ..keys import parse_key
+from ..layout import layout_of
 from ..tuner import init as lora_tensors
-from . import data as data_inits
+from .from_data import eva
 from .guard import checked_residual_weights as residual_weights
 from .guard import mark_residual_base
+from .loftq import low_rank
 
 __all__ = [
     "LoraInit",
     "lora_init",
+    "lora_replace_weights_loftq",
     "lora_mark_residual_base",
     "lora_residual_weights",
     "lora_to_plain",
@@ -95,64 +98,11 @@ def lora_init(
     if init == "eva":
         if data is None:
             raise ConfigError("init_lora_weights='eva' needs data={module name: input activations (..., in)}")
-        config, rows = _eva(model, config, data)
+        config, rows = eva(model, config, data)
         params = lora_tensors(model, config, gen, adapter_name, data=rows)
     else:
         params = lora_tensors(model, config, gen, adapter_name, data=data)
     return LoraInit(params, residual_weights(model, params))
-
-
-def _eva(
-    model: nn.Module, config: LoRAConfig, activations: Mapping[str, torch.Tensor]
-) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
-    """EVA's new config (ranks redistributed, as PEFT rewrites it) and each kept module's ``A`` rows."""
-    opts = data_inits.options(config.eva_config, data_inits.EVA_DEFAULTS, "eva_config")
-    selected = select_modules(
-        model,
-        config.target_modules,
-        exclude_modules=config.exclude_modules,
-        layers_to_transform=config.layers_to_transform,
-        layers_pattern=config.layers_pattern,
-    )
-    names = [n for n, _ in selected if not (config.modules_to_save and match_name(n, config.modules_to_save))]
-    missing = [n for n in names if n not in activations]
-    if missing:
-        raise ConfigError(f"init_lora_weights='eva': no activations for targeted module(s) {missing[:4]}")
-    extra = sorted(set(activations) - set(names))
-    if extra:
-        raise ConfigError(f"init_lora_weights='eva': activations given for modules LoRA does not target: {extra[:4]}")
-    rho = float(opts["rho"])
-    max_comp = {n: round(config.rank_for(n) * rho) for n in names}
-    budget = sum(config.rank_for(n) for n in names)
-    comps = {n: data_inits.eva_components(activations[n], max_comp[n], n) for n in names}
-    ranks = data_inits.eva_ranks({n: c[2] for n, c in comps.items()}, budget, max_comp)
-    rows: dict[str, torch.Tensor] = {}
-    rank_pattern: dict[str, int] = {}
-    alpha_pattern: dict[str, float] = {}
-    kept: list[str] = []
-    for n in names:
-        new_r, r = ranks[n], config.rank_for(n)
-        alpha = config.alpha_for(n)
-        if new_r == 0:
-            continue  # PEFT drops the layer from the adapter
-        if new_r != r and opts["adjust_scaling_factors"]:
-            alpha *= new_r / r
-        u, sv, _ = comps[n]
-        u = u[:new_r]
-        if opts["whiten"]:
-            u = u / sv[:new_r].sqrt().reshape(-1, 1)
-        rows[n] = u
-        kept.append(n)
-        if new_r != config.r:
-            rank_pattern[n] = new_r
-        if alpha != config.lora_alpha:
-            alpha_pattern[n] = alpha
-    if not kept:
-        raise ConfigError("init_lora_weights='eva': every targeted layer was assigned rank 0")
-    new = dataclasses.replace(
-        config, target_modules=kept, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, eva_config=opts
-    )
-    return new, rows
 
 
 def to_plain_lora(params: TunerParams, initial: TunerParams) -> TunerParams:
@@ -172,6 +122,11 @@ def to_plain_lora(params: TunerParams, initial: TunerParams) -> TunerParams:
         raise ConfigError(f"to_plain_lora needs LoRA params, got {type(cfg).__name__}")
     if cfg.use_rslora and (cfg.rank_pattern or cfg.alpha_pattern):
         raise ConfigError("to_plain_lora: use_rslora with rank_pattern/alpha_pattern cannot be converted (as in PEFT)")
+    if cfg.init_lora_weights == "loftq":
+        raise ConfigError(
+            "to_plain_lora: a LoftQ adapter runs on the quantized base Q, and W - Q is not low-rank; it cannot be"
+            " turned into a plain LoRA delta on the original weights (PEFT converts only PiSSA/OLoRA/CorDA either)"
+        )
     if cfg.use_dora:
         raise ConfigError("to_plain_lora: a DoRA adapter is not a sum of low-rank deltas; it cannot be converted")
     if set(params) != set(initial):
@@ -200,6 +155,54 @@ def to_plain_lora(params: TunerParams, initial: TunerParams) -> TunerParams:
     return TunerParams(tensors, new_cfg, params.adapter_name)
 
 
+def replace_lora_weights_loftq(
+    model: nn.Module,
+    params: TunerParams,
+    original_weights: Mapping[str, torch.Tensor],
+    *,
+    callback: Callable[[str, TunerParams], bool] | None = None,
+) -> TunerParams:
+    """PEFT's ``replace_lora_weights_loftq`` as a pure function: LoftQ factors for LoRA on a quantized base.
+
+    For each LoRA layer of ``params`` on a quantized layer of ``model`` (bitsandbytes 4-bit in PEFT; here any
+    layer :mod:`functuner.quant` dequantizes), ``A, B`` become the top-``r`` SVD of ``W - Q``: ``W`` the layer's
+    original weight from ``original_weights`` (``{state key: tensor}``, e.g. read with
+    ``safetensors.torch.load_file`` from the unquantized checkpoint, which PEFT reads itself), ``Q`` the
+    dequantized base.  ``callback(module name, candidate params) -> bool`` keeps a layer's replacement only
+    when it returns ``True`` (PEFT's greedy check).  Returns new params; ``model`` and ``params`` are not
+    written.  Raises :class:`ConfigError` when no LoRA layer sits on a quantized layer (as PEFT) or an original
+    weight is missing or misshaped.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    current = params
+    found = False
+    for site in layout_of(model, params).sites:
+        deq = dense_weight(site.module)
+        if deq is None or site.kind != "linear":
+            continue
+        found = True
+        name = names[id(site.module)]
+        key = f"{name}.weight"
+        if key not in original_weights:
+            raise ConfigError(f"replace_lora_weights_loftq: original_weights has no {key!r} (the unquantized weight)")
+        w = original_weights[key].detach().to(deq.device, torch.float32)
+        if tuple(w.shape) != tuple(deq.shape):
+            raise ConfigError(
+                f"replace_lora_weights_loftq: original {key!r} has shape {tuple(w.shape)}, the quantized layer"
+                f" {tuple(deq.shape)}"
+            )
+        r = int(params[site.a].shape[0])
+        B, A = low_rank(w - deq, r)
+        old_a, old_b = current[site.a], current[site.b]
+        candidate = current.replace({site.a: A.to(old_a), site.b: B.to(old_b)})
+        if callback is None or callback(name, candidate):
+            current = candidate
+    if not found:
+        raise ConfigError("replace_lora_weights_loftq: no LoRA layer of these params sits on a quantized linear layer")
+    return current
+
+
 lora_residual_weights = residual_weights  # public names (functuner.lora_residual_weights / functuner.lora_to_plain)
 lora_to_plain = to_plain_lora
+lora_replace_weights_loftq = replace_lora_weights_loftq
 lora_mark_residual_base = mark_residual_base  # the caller's statement "these weights are the residual base" (.guard)

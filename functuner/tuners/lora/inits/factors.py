@@ -23,6 +23,7 @@ from ..layout import layout_of
 from ..math import weight_as_out_in
 from . import data as data_inits
 from . import svd
+from .loftq import loftq
 
 __all__ = ["init_factors", "moves_base", "residual_weight", "residual_weights"]
 
@@ -30,9 +31,9 @@ _LINEAR_KINDS = ("linear", "conv1d_gpt2")
 
 
 def moves_base(config: Any) -> bool:
-    """Whether ``config``'s init changes the base weights (PiSSA, PiSSA by fast SVD, OLoRA, CorDA)."""
+    """Whether ``config``'s init changes the base weights (PiSSA, PiSSA by fast SVD, OLoRA, CorDA, LoftQ)."""
     init = config.init_lora_weights
-    return init in ("pissa", "olora", "corda") or pissa_niter(init) is not None
+    return init in ("pissa", "olora", "corda", "loftq") or pissa_niter(init) is not None
 
 
 def init_factors(
@@ -55,6 +56,15 @@ def init_factors(
         return None
     if init == "eva" and (data is None or name not in data):
         return None  # as PEFT before initialize_lora_eva_weights: kaiming A, zero B
+    if init == "loftq":
+        if kind != "linear":  # PEFT's LoftQ assigns R, L of the stored (in, out) weight: wrong shapes on Conv1D
+            raise ConfigError(
+                f"LoRA on {name!r} ({kind}): init_lora_weights='loftq' works on nn.Linear layers (as in PEFT);"
+                " exclude this module (exclude_modules) or use init_lora_weights=True"
+            )
+        opts = config.loftq_config
+        A, B, _ = loftq(weight.detach(), r, opts["loftq_bits"], opts["loftq_iter"], name)
+        return A, B
     if kind not in _LINEAR_KINDS:
         raise ConfigError(
             f"LoRA on {name!r} ({kind}): init_lora_weights={init!r} works on Linear and transformers Conv1D layers"
@@ -83,16 +93,27 @@ def init_factors(
         if data is None or name not in data:
             raise ConfigError(
                 f"init_lora_weights='corda' needs the input covariance of {name!r}: use"
-                " functuner.lora_init(model, config, generator=..., data={module name: covariance}) (see"
-                " functuner.tuners.lora.inits.data.corda_covariance)"
+                " functuner.preprocess_corda(model, config, run_model=...) (PEFT's preprocess_corda, returns the"
+                " SwiftModel) or functuner.lora_init(model, config, generator=..., data={module name: covariance})"
+                " (see functuner.tuners.lora.inits.data.corda_covariance)"
             )
         method = data_inits.options(config.corda_config, data_inits.CORDA_DEFAULTS, "corda_config")["corda_method"]
         return data_inits.corda(w, data[name], r, s, method, name)
     raise ConfigError(f"init_lora_weights={init!r} is not supported")
 
 
-def residual_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, kind: str) -> torch.Tensor:
-    """``W - s B A`` in ``weight``'s layout and dtype (computed in float32, rounded once)."""
+def residual_weight(
+    weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, kind: str, config: Any = None
+) -> torch.Tensor:
+    """``W - s B A`` in ``weight``'s layout and dtype (computed in float32, rounded once).
+
+    For LoftQ (``config.init_lora_weights == "loftq"``) the new base is the dequantized weight ``Q`` of
+    :func:`.loftq.loftq` instead (recomputed from ``weight``: quantization is deterministic).
+    """
+    if config is not None and config.init_lora_weights == "loftq":
+        opts = config.loftq_config
+        _, _, Q = loftq(weight.detach(), int(A.shape[0]), opts["loftq_bits"], opts["loftq_iter"], "")
+        return Q.to(device=weight.device, dtype=weight.dtype).contiguous()
     res = svd.residual(weight_as_out_in(weight.detach(), kind), A, B, scaling)
     return weight_as_out_in(res, kind).to(device=weight.device, dtype=weight.dtype).contiguous()
 
@@ -110,5 +131,5 @@ def residual_weights(model: nn.Module, params: TunerParams) -> dict[str, torch.T
         mname = names[id(s.module)]
         key = f"{mname}.{s.weight_name}" if mname else s.weight_name
         weight = s.module.get_parameter(s.weight_name)
-        out[key] = residual_weight(weight, params[s.a], params[s.b], s.scaling, s.kind)
+        out[key] = residual_weight(weight, params[s.a], params[s.b], s.scaling, s.kind, params.config)
     return out

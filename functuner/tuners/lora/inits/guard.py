@@ -125,7 +125,7 @@ def record(model: nn.Module, params: TunerParams) -> TunerParams:
         return params
     fps: dict[str, dict[str, list[float]]] = {}
     for key, weight, s in _site_keys(model, params):
-        res = residual_weight(weight, params[s.a], params[s.b], s.scaling, s.kind)
+        res = residual_weight(weight, params[s.a], params[s.b], s.scaling, s.kind, cfg)
         fps[key] = {"original": fingerprint(weight), "residual": fingerprint(res)}
     return params.replace(config=_with_fingerprints(cfg, fps))
 

@@ -1,0 +1,159 @@
+"""ReFT side by side: ms-swift's ReFT (pyreft's interventions through pyvene) and functuner's native ReFT.
+
+Run by ``tests/fixtures/tuner_reverse_interop.py``: :func:`swift_side` in ``check`` (ms-swift's venv, which
+needs ``pyreft==0.1.0`` and ``pyvene==0.1.8``, installed with ``--no-deps`` by ``.ci/run``), then
+:func:`functuner_side` in ``verify`` (functuner's venv).  One direction only, ms-swift -> functuner, and
+outputs only, for reasons outside our control:
+
+* pyreft creates its interventions in bfloat16 and SWIFT's JSON ``args`` cannot name a torch dtype, so
+  ms-swift's ReFT runs only on bfloat16 models; here the prepared model is cast to float32 (``.float()``)
+  so both libraries compute in float32 and compare to 1e-5.
+* ms-swift saves ReFT through pyreft's ``save_intervention``: one ``intkey_<component>.bin`` per layer
+  whose keys depend on the intervention type (LoReFT's ``state_dict`` is ``weight``, ``bias``,
+  ``rotate_layer``), a layout functuner neither writes nor reads (it writes
+  ``adapter_model.safetensors`` with ``<layer>.reft_<adapter>.*`` keys); and pyreft's
+  ``load_intervention`` loads with ``map_location='cuda:0'``, so ms-swift cannot load any ReFT
+  checkpoint on a CPU-only machine.  The tensors are therefore taken from SWIFT's live interventions
+  (the effective orthonormal ``R`` of the parametrized ``rotate_layer``) and handed to functuner under
+  its names; the config goes through the file SWIFT wrote, which functuner must re-save byte for byte.
+* Trainable names differ by construction (pyvene's ``interventions.comp_model.layers[0]_output...``
+  against functuner's ``model.layers.0.reft_default.*``); their number per layer is compared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: shared builders
+from models import checksum, logits, tiny_llama  # noqa: E402
+
+IDS = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(3))
+#: ``{case: ReftConfig keyword arguments}`` (SWIFT's ``args`` is a JSON string); every intervention type.
+CASES: dict[str, dict[str, Any]] = {
+    "loreft": {"model_type": "llama", "r": 2},
+    "noreft_layer1": {
+        "model_type": "llama",
+        "r": 2,
+        "layers": [1],
+        "intervention_type": "NoreftIntervention",
+        "args": '{"add_bias": false}',
+    },
+    "consreft": {"model_type": "llama", "r": 2, "intervention_type": "ConsreftIntervention"},
+    "lobireft": {"model_type": "llama", "r": 2, "intervention_type": "LobireftIntervention"},
+    "direft": {"model_type": "llama", "r": 3, "intervention_type": "DireftIntervention"},
+    "nodireft": {
+        "model_type": "llama",
+        "r": 2,
+        "intervention_type": "NodireftIntervention",
+        "args": '{"add_bias": false}',
+    },
+}
+#: pyreft's attribute for each of functuner's tensor names (a module stands for its ``weight``)
+_NAMES = ("rotate_layer", "learned_source.weight", "learned_source.bias", "learned_source", "proj_layer.weight")
+
+
+def _effective(intervention: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors pyreft's forward uses, under functuner's names (``rotate_layer``: the orthonormal ``R``)."""
+    out = {}
+    for name in _NAMES:
+        node: Any = intervention
+        for part in name.split("."):
+            node = getattr(node, part, None)
+        if isinstance(node, torch.nn.Module):
+            node = getattr(node, "weight", None)
+        if isinstance(node, torch.Tensor) and not (name == "learned_source" and node.dim() != 1):
+            out[name] = node.detach().clone().contiguous()
+    return out
+
+
+def swift_side(root: str) -> tuple[int, int]:
+    """ms-swift builds each case, records outputs and the effective tensors, saves its config."""
+    try:
+        import pyreft  # noqa: F401  # ms-swift's ReFT imports it lazily
+    except ImportError as e:
+        print(f"FAIL reft: ms-swift's ReFT needs pyreft ({e}); .ci/run installs pyreft==0.1.0 pyvene==0.1.8")
+        return 0, 1
+    from swift.tuners import ReftConfig, Swift
+
+    passed = failed = 0
+    tensors: dict[str, torch.Tensor] = {}
+    records: dict[str, Any] = {}
+    for case, kwargs in CASES.items():
+        model = tiny_llama()
+        tensors[f"{case}.base_checksum"] = torch.tensor(checksum(model), dtype=torch.float64)
+        with torch.no_grad():
+            base = logits(model(IDS)).clone()
+        torch.manual_seed(11)
+        sm = Swift.prepare_model(model, ReftConfig(**kwargs))
+        sm.float()  # pyreft's interventions are bfloat16; compare in float32
+        sm.eval()
+        with torch.no_grad():
+            out = logits(sm(input_ids=IDS, attention_mask=torch.ones_like(IDS), labels=None))
+        moved = float((out - base).abs().max())
+        ok = moved > 1e-3  # the scenario would prove nothing if the interventions did nothing
+        passed, failed = passed + ok, failed + (not ok)
+        print(f"{'ok  ' if ok else 'FAIL'} reft {case}: SWIFT's interventions change the output (by {moved:.3g})")
+        tensors[f"{case}.output"] = out.contiguous()
+        for key, iv in sm.base_model.interventions.items():
+            layer = int(re.search(r"\[(\d+)\]", key).group(1))  # type: ignore[union-attr]
+            for name, t in _effective(iv).items():
+                tensors[f"{case}:model.layers.{layer}.reft_default.{name}"] = t
+        trainable = [n for n, p in sm.named_parameters() if p.requires_grad]
+        records[case] = {"trainable": len(trainable), "layers": len(sm.base_model.interventions)}
+        folder = os.path.join(root, "swift_reft", case)
+        sm.save_pretrained(folder)
+    save_file(tensors, os.path.join(root, "swift_reft.safetensors"))
+    with open(os.path.join(root, "swift_reft.json"), "w") as f:
+        json.dump(records, f, indent=1, sort_keys=True)
+    return passed, failed
+
+
+def functuner_side(root: str) -> tuple[int, int]:
+    """functuner reads SWIFT's config file, runs SWIFT's tensors, and re-saves the config byte for byte."""
+    import tempfile
+
+    import functuner as ft
+
+    ref = load_file(os.path.join(root, "swift_reft.safetensors"))
+    with open(os.path.join(root, "swift_reft.json")) as f:
+        records = json.load(f)
+    passed = failed = 0
+
+    def report(ok: bool, what: str, detail: str) -> None:
+        nonlocal passed, failed
+        passed, failed = passed + ok, failed + (not ok)
+        print(f"{'ok  ' if ok else 'FAIL'} reft {what}{'' if ok else ': ' + detail}")
+
+    for case in CASES:
+        model = tiny_llama()
+        if checksum(model) != float(ref[f"{case}.base_checksum"]):
+            report(False, case, "the base model differs between the venvs")
+            continue
+        config_path = os.path.join(root, "swift_reft", case, "default", "adapter_config.json")
+        cfg = ft.ReftConfig.from_pretrained(os.path.dirname(config_path))
+        with tempfile.TemporaryDirectory() as d:
+            cfg.save_pretrained(d)
+            with open(os.path.join(d, "adapter_config.json"), "rb") as f, open(config_path, "rb") as g:
+                ours, theirs = f.read(), g.read()
+        report(ours == theirs, f"{case} config re-saved byte for byte", f"functuner {ours!r} vs SWIFT {theirs!r}")
+        mine = {k.split(":", 1)[1]: v for k, v in ref.items() if k.startswith(f"{case}:")}
+        params = ft.init(model, cfg, generator=0)
+        report(set(params) == set(mine), f"{case} tensor names", f"{sorted(set(params) ^ set(mine))[:6]}")
+        if set(params) != set(mine):
+            continue
+        params = params.replace(mine)
+        with torch.no_grad():
+            out = logits(ft.apply(model, params, (IDS,)))
+        diff = float((out - ref[f"{case}.output"]).abs().max())
+        report(diff <= 1e-5, f"{case} outputs", f"max |functuner - SWIFT| = {diff}")
+        per_layer = len(params) / records[case]["layers"]  # names differ by construction (module docstring)
+        want = records[case]["trainable"] / records[case]["layers"]
+        report(per_layer == want, f"{case} trainable tensors per layer", f"functuner {per_layer} vs SWIFT {want}")
+    return passed, failed
