@@ -82,6 +82,10 @@ def run(s: C.Settings) -> C.Report:
         C.ratio(times["shim Swift.merge"], times["peft merge_and_unload"]),
         0.5,
     )
+    report.add(  # what the shim adds to the functional merge: bookkeeping, undo record, fresh pages it keeps
+        "shim Swift.merge / functuner merge (no target)",
+        C.ratio(times["shim Swift.merge"], times["functuner merge"]),
+    )
     report.add(
         "functuner merge+unmerge / peft merge_adapter+unmerge_adapter (in place; no target)",
         C.ratio(times["functuner merge+unmerge"], times["peft merge+unmerge"]),

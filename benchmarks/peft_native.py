@@ -122,7 +122,8 @@ def _theirs(pm: torch.nn.Module, keys: list[str], ids: torch.Tensor) -> Callable
 
 def _adalora_training(model: torch.nn.Module, ids: torch.Tensor, rank: int) -> tuple[Callable[[], Any], ...]:
     """AdaLoRA's whole training step through the shim vs PEFT: loss with the orthogonal regulariser (``task_type``
-    set), backward, AdamW, ``update_and_allocate(step)``, ``zero_grad``; the allocator masks every other step."""
+    set), backward, AdamW, ``update_and_allocate(step)``, ``zero_grad``; after ``tinit`` the allocator masks every
+    other step."""
     import peft
 
     from functuner.tuners.adalora import AdaLoraConfig
@@ -202,6 +203,11 @@ def run(s: C.Settings) -> C.Report:
     report.info(
         "AdaLoRA full step: step times (SwiftModel, PEFT, floor)",
         " / ".join(f"{times[k] * 1e3:.1f} ms" for k in ("ours", "peft", "floor")),
+    )
+    report.notes.append(
+        "AdaLoRA full step: SwiftModel vs PeftModel with task_type CAUSAL_LM (regulariser in the loss), AdamW and"
+        " update_and_allocate(step) every step (tinit 2, deltaT 2, tfinal 4, total_step 30; the full mode's 12 steps"
+        " are the budget phase: importance EMAs every step, ranks masked every other step)"
     )
     report.notes.append(
         "targets q_proj, v_proj (IA3 also down_proj as feed-forward); r = shape rank (LoHa/LoKr), 16 x rank (VeRA),"

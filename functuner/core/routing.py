@@ -12,7 +12,10 @@ Slots are *dormant*: with no routes set, a slotted module computes exactly what
 it computed before (the hook returns ``None``); ``state_dict``, parameter names
 and module structure are unchanged.  A module *method* other than ``forward``
 (SWIFT Adapter's ``method_name``) gets a :class:`MethodSlot` instead
-(:func:`ensure_method_slot`), the same idea for a bound method.
+(:func:`ensure_method_slot`), the same idea for a bound method.  A method slot's
+first function may be a :class:`Replace`, which computes the method's result
+*instead of* the original: LoRA on raw parameters puts one on ``forward``, so the
+module runs once with ``W + s B A`` rather than once with ``W`` and again after.
 :func:`remove_slots` takes every kind away.
 
 Under ``torch.compile`` (Dynamo cannot trace ``ContextVar.set``) the same routes

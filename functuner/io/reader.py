@@ -42,7 +42,7 @@ from ..tuners.config_json import (
     config_from_json,
     is_peft_native_type,
 )
-from . import keys
+from . import keys, tuner_files
 from .merge_shards import read_header
 
 __all__ = [
@@ -208,7 +208,10 @@ def read_adapter(
     config = config_from_json(data, str(cfg_path))
     fmt = "swift" if "swift_type" in data else "peft"
     weights = _weights_path(folder)
-    raw = read_tensors(folder, weights_only=weights_only, root=root_p) or {}
+    raw = read_tensors(folder, weights_only=weights_only, root=root_p)
+    if raw is None:  # another library's files the tuner reads (ms-swift's ReFT: pyreft's), restricted loader only
+        raw = tuner_files.read_tuner_files(folder, config, adapter_name if folder == root_p else folder.name, root_p)
+    raw = raw or {}
     check_finite(raw, str(weights or folder))
     base_weights: dict[str, torch.Tensor] = {}
     try:  # config values from a stranger's file may have any JSON type

@@ -241,9 +241,13 @@ def undo_for_load(
     """
     targets = {k: _tensor_at(inner, k) for k in found.extra}
     scope: dict[str, Any] = {}
-    wide = state is not None and state.adapters and (
-        not inner.__dict__.get("_functuner_frozen", False)
-        or (not inference_mode and (state.extra_state_keys or found.extra_state_keys))
+    wide = (
+        state is not None
+        and state.adapters
+        and (
+            not inner.__dict__.get("_functuner_frozen", False)
+            or (not inference_mode and (state.extra_state_keys or found.extra_state_keys))
+        )
     )
     if not wide:
         keys = [k for st in found.states.values() for k in st]
@@ -257,7 +261,9 @@ def _tensor_at(inner: nn.Module, key: str) -> torch.Tensor:
     path, _, leaf = key.rpartition(".")
     owner = inner.get_submodule(path) if path else inner
     found = owner._parameters.get(leaf)
-    return found if found is not None else owner._buffers[leaf]
+    out = found if found is not None else owner._buffers[leaf]
+    assert out is not None
+    return out
 
 
 def load_peft_dir(

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..tuners.registry import tuner_for
+from ..tuners import tuner_for
 from . import placement
 from .swift import SwiftModel
 

@@ -46,7 +46,7 @@ from ..io.peft import is_peft_config, is_peft_model
 from ..quant.kbit import prepare_model_for_kbit_training
 from ..tuners import tuner_for
 from ..tuners.base import TunerConfig
-from . import checkpoints, generation, merging, optim, per_sample, placement, training
+from . import checkpoints, generation, merging, optim, per_sample, placement, restructure, training
 from .copies import Copyable
 from .patches import inner_call, move_forward_patch
 from .peft_names import PeftNames
@@ -109,11 +109,11 @@ class SwiftModel(PeftNames, Copyable):
         self.base_model = inner
         configs = self._normalise_configs(config)
         state.extra_state_keys = list(dict.fromkeys([*state.extra_state_keys, *(extra_state_keys or [])]))
-        placement.add_adapters(state, configs, loaded, trainable=not frozen)
+        restructure.add_adapters(state, configs, loaded, trainable=not frozen)  # tuners' restructure hooks first
         if inference_mode and not frozen:  # SWIFT skips mark_trainable: base parameters an adapter trains stay frozen
             for name in configs:
                 adapter = state.adapters[name]
-                for key in adapter.shared:
+                for key in () if restructure.keeps_trainable(adapter) else adapter.shared:
                     adapter.tensors[key].requires_grad_(False)
         self.__class__ = signed_class(type(self), inner)
         if inference_mode:

@@ -77,13 +77,17 @@ class _Snapshot:
         adapters: Iterable[str] | None = None,
     ) -> None:
         scope = model.modules() if modules is None else dict.fromkeys(modules)
-        self.modules = [(m, {t: dict(getattr(m, t)) for t in _TABLES if hasattr(m, t)}, dict(m.__dict__)) for m in scope]
+        self.modules = [
+            (m, {t: dict(getattr(m, t)) for t in _TABLES if hasattr(m, t)}, dict(m.__dict__)) for m in scope
+        ]
         tensors: dict[int, torch.Tensor] = {}
         for _m, tables, _ in self.modules:
             for t in (*tables["_parameters"].values(), *tables["_buffers"].values()):
                 if t is not None:
                     tensors[id(t)] = t
-        self.providers = routing.default_routes_snapshot(model, None if modules is None else [m for m, *_ in self.modules])
+        self.providers = routing.default_routes_snapshot(
+            model, None if modules is None else [m for m, *_ in self.modules]
+        )
         self.state = state
         if state is not None:
             self.adapters = dict(state.adapters)

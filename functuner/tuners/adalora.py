@@ -342,7 +342,9 @@ def allocated(params: TunerParams, rank_pattern: Mapping[str, Any] | None) -> Tu
         new[trip[module]["lora_B"]] = params[trip[module]["lora_B"]][:, idx]
         before = params.config.kept(module)
         kept = iter(bool(v) for v in keep)
-        pattern[f"{module}.lora_E"] = [next(kept) if b else False for b in before] if before else [bool(v) for v in keep]
+        pattern[f"{module}.lora_E"] = (
+            [next(kept) if b else False for b in before] if before else [bool(v) for v in keep]
+        )
     return TunerParams(new, dataclasses.replace(params.config, rank_pattern=pattern), ad)
 
 

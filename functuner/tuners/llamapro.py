@@ -25,8 +25,11 @@ layers' entries.
 
 No merged form: the expansion adds layers, so there are no base weights to fold it into.
 SWIFT's own form (real decoder layers inserted, ``num_hidden_layers`` updated)
-is :func:`expand`: the expanded model's weights and its transformers config,
-so ``AutoModelForCausalLM.from_config(config)`` + ``load_state_dict(state)``
+is what ``Swift.prepare_model`` builds, through the :func:`restructure` hook (the
+config then has ``inserted_layers``, and the params are those layers' own
+parameters under SWIFT's names); for functional params, :func:`expand` gives the
+expanded model's weights and its transformers config, so
+``AutoModelForCausalLM.from_config(config)`` + ``load_state_dict(state)``
 rebuilds a model whose outputs equal the adapted model's.
 """
 
@@ -35,7 +38,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -43,7 +46,7 @@ import torch
 from torch import nn
 
 from ..core.params import TunerParams
-from ..core.routing import Routes, ensure_slots
+from ..core.routing import Replace, Routes, ensure_method_slot, ensure_slots
 from ..core.targets import is_internal, own_named_parameters
 from ..errors import CheckpointError, ConfigError, TargetError
 from .base import CallContext, KeyNaming, Tuner, TunerConfig, check_exact_tensors, clone_module_tree
@@ -55,6 +58,7 @@ __all__ = [
     "expansion_plan",
     "from_swift_keys",
     "init",
+    "restructure",
     "llamapro_from_swift_state_dict",
     "routes",
     "to_swift_keys",
@@ -109,9 +113,24 @@ class LLaMAProConfig(TunerConfig):
     num_groups: int | None = None
     model_key_mapping: Any = None
     swift_type: str = "LLAMAPRO"
+    #: functuner's own, never saved (not in ``to_dict``): the indices at which the new blocks were inserted as
+    #: real layers (:func:`restructure`, SWIFT's form); the params are then those layers' own parameters
+    inserted_layers: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """SWIFT's fields (``inserted_layers`` is functuner's bookkeeping, never written)."""
+        out = super().to_dict()
+        out.pop("inserted_layers", None)
+        return out
+
+    def _canonical(self) -> str:
+        return f"{super()._canonical()}{list(self.inserted_layers)}"  # equality tells the two forms apart
 
     def check(self, *, complete: bool = True) -> None:
         """Field checks (:meth:`TunerConfig.check`); unset required fields only when ``complete``."""
+        bad = [i for i in self.inserted_layers if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+        if bad:
+            raise ConfigError(f"inserted_layers must be layer indices, got {list(self.inserted_layers)!r}")
         n = self.num_new_blocks
         if (complete or n is not None) and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
             raise ConfigError(f"num_new_blocks must be a positive integer, got {n!r}")
@@ -201,6 +220,11 @@ def init(
     if not isinstance(config, LLaMAProConfig):
         raise ConfigError(f"llamapro.init needs a LLaMAProConfig, got {type(config).__name__}")
     config.check()
+    if config.inserted_layers:  # SWIFT's form: the new blocks are layers of the model, their parameters the params
+        prefix, layer_list, _keys = _layers(model, config)
+        return TunerParams(
+            {k: p.detach() for k, p in _inserted_params(prefix, layer_list, config)}, config, adapter_name
+        )
     prefix, layer_list, keys, plan = _plan(model, config)
     zeroed = (f"{keys['o_proj']}.", f"{keys['down_proj']}.")
     tensors: dict[str, torch.Tensor] = {}
@@ -213,6 +237,23 @@ def init(
     if config.num_groups is None:  # as SWIFT's prepare_model: the checkpoint names the groups it used
         config = dataclasses.replace(config, num_groups=config.num_new_blocks)
     return TunerParams(tensors, config, adapter_name)
+
+
+def _inserted_params(prefix: str, layer_list: nn.ModuleList, config: LLaMAProConfig) -> list[tuple[str, nn.Parameter]]:
+    """The inserted layers' own parameters under their names in the model (SWIFT's names)."""
+    out: list[tuple[str, nn.Parameter]] = []
+    for j in config.inserted_layers:
+        if j >= len(layer_list):
+            raise TargetError(f"{prefix!r} has {len(layer_list)} layers, so no inserted layer {j}")
+        out += [(f"{prefix}.{j}.{name}", p) for name, p in _own_parameters(layer_list[j])]
+    return out
+
+
+def _check_inserted(model: nn.Module, params: TunerParams) -> None:
+    prefix, layer_list, _keys = _layers(model, params.config)
+    expected = {k: tuple(p.shape) for k, p in _inserted_params(prefix, layer_list, params.config)}
+    what = f"LLaMA-Pro params do not fit the layers inserted at {list(params.config.inserted_layers)} of {prefix!r}"
+    check_exact_tensors(params, expected, what)
 
 
 def _check(model: nn.Module, params: TunerParams) -> tuple[nn.ModuleList, dict[str, str], list[_Block], str]:
@@ -231,6 +272,9 @@ def _check(model: nn.Module, params: TunerParams) -> tuple[nn.ModuleList, dict[s
 
 def validate(model: nn.Module, params: TunerParams) -> None:
     """Raise :class:`ParamsMismatchError` if ``params`` are not the new blocks this config gives ``model``. Pure."""
+    if params.config.inserted_layers:
+        _check_inserted(model, params)
+        return
     _check(model, params)
 
 
@@ -272,7 +316,17 @@ def _run_block(
 
 
 def routes(model: nn.Module, params: TunerParams, ctx: CallContext) -> Routes:
-    """A forward slot on each original layer followed by a new block, running that block on its output."""
+    """A forward slot on each original layer followed by a new block, running that block on its output.
+
+    Where the blocks are real layers (``inserted_layers``): a slot on each inserted layer's ``forward``
+    that runs the layer (outside the adapter's routes it passes its input through: :func:`restructure`)."""
+    if params.config.inserted_layers:
+        _check_inserted(model, params)
+        prefix, layer_list, _keys = _layers(model, params.config)
+        run: dict[Any, list[Any]] = {
+            ensure_method_slot(layer_list[j], "forward"): [_RUN_LAYER] for j in params.config.inserted_layers
+        }
+        return Routes(forward=run)
     layer_list, keys, plan, prefix = _check(model, params)
     private: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()  # caller's cache -> new blocks' cache
     fwd: dict[nn.Module, list[Any]] = {}
@@ -299,6 +353,11 @@ def expand(model: nn.Module, params: TunerParams) -> tuple[dict[str, torch.Tenso
     equal ``functuner.apply(model, params, ...)``'s.  Tensors are shared with
     the model and the params, not copied.  Pure: the model is not changed.
     """
+    if params.config.inserted_layers:
+        raise ConfigError(
+            "llamapro.expand: these params are already SWIFT's form (inserted_layers); the model is the expanded"
+            " model: use its state_dict() and config"
+        )
     layer_list, _keys, plan, prefix = _check(model, params)
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "num_hidden_layers"):
@@ -332,6 +391,93 @@ def expand(model: nn.Module, params: TunerParams) -> tuple[dict[str, torch.Tenso
     return out, config
 
 
+# -- SWIFT's form in place: what Swift.prepare_model does (the shim's ``restructure`` hook) -----------------------
+_LAYER_INDEX_ATTRS = ("layer_idx", "layer_number", "block_idx")
+_RUN_LAYER = Replace(lambda m, a, k: type(m).forward(m, *a, **k))  # the inserted layer's own forward
+
+
+def _pass_through(*args: Any, **kwargs: Any) -> Any:
+    """An inserted layer's ``forward`` while its adapter is inactive: the hidden states unchanged (SWIFT puts the
+    original layer list back instead), so deactivating the adapter gives the base model's output."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def restructure(model: nn.Module, config: Any, adapter_name: str) -> tuple[LLaMAProConfig, Callable[[], None]]:
+    """Insert the new blocks into ``model`` as real layers, as ms-swift 4.6's ``LLaMAPro.prepare_model`` does.
+
+    The inserted layers run while their adapter is active (its routes, as every tuner's) and pass their
+    input through otherwise, so deactivating the adapter gives the base model's output, as in SWIFT.
+
+    Each new block is a deep copy of the layer it follows with the attention output and MLP down
+    projections (weights and biases) zeroed; the attention modules' ``layer_idx`` (``layer_number``,
+    ``block_idx``) become their indices in the new list; ``config.num_hidden_layers`` (and
+    ``layer_types``) are updated.  Returns the config with ``inserted_layers`` (and ``num_groups``) set,
+    and a function that puts the model back as it was.  Everything is checked and built before the
+    model changes.  A layer list already holding functuner's tensors (another adapter) is refused:
+    copying it would copy that adapter into the new blocks.
+    """
+    if not isinstance(config, LLaMAProConfig):
+        raise ConfigError(f"llamapro.restructure needs a LLaMAProConfig, got {type(config).__name__}")
+    config.check()
+    if config.inserted_layers:
+        raise ConfigError(f"LLaMA-Pro adapter {adapter_name!r}: its blocks are already inserted (inserted_layers)")
+    hf_config: Any = getattr(model, "config", None)
+    if getattr(hf_config, "num_hidden_layers", None) is None:
+        raise ConfigError(
+            f"LLaMA-Pro inserts layers into a model whose .config has num_hidden_layers; {type(model).__name__}"
+            " has none (the functional API's side blocks need no config: functuner.init + functuner.apply)"
+        )
+    prefix, layer_list, keys, plan = _plan(model, config)
+    held = [n for n, m in layer_list.named_modules() if n and is_internal(m)]
+    if held:
+        raise ConfigError(
+            f"LLaMA-Pro copies whole layers of {prefix!r}, and {prefix}.{held[0]} holds another adapter's tensors;"
+            " add the LLaMA-Pro adapter first"
+        )
+    parent_path, _, attr = prefix.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    sources = {b.source for b in plan}
+    new_list = nn.ModuleList()
+    for idx, layer in enumerate(layer_list):
+        new_list.append(layer)
+        if idx in sources:
+            block = copy.deepcopy(layer)
+            for path in (keys["o_proj"], keys["down_proj"]):
+                proj = block.get_submodule(path)
+                for leaf in ("weight", "bias"):
+                    t = getattr(proj, leaf, None)
+                    if isinstance(t, torch.Tensor):
+                        t.data = torch.zeros_like(t.data)
+            block.__dict__["forward"] = _pass_through
+            ensure_method_slot(block, "forward")  # the adapter's routes run the layer (see routes)
+            new_list.append(block)
+    attns = [(i, m.get_submodule(keys["attention"])) for i, m in enumerate(new_list)]
+    indexed = [(a, n, getattr(a, n)) for _i, a in attns for n in _LAYER_INDEX_ATTRS if hasattr(a, n)]
+    old_layers, old_types = hf_config.num_hidden_layers, getattr(hf_config, "layer_types", None)
+    new_types = None
+    if isinstance(old_types, (list, tuple)) and len(old_types) == len(layer_list):
+        new_types = [t for i, t in enumerate(old_types) for t in ([t, t] if i in sources else [t])]
+
+    def undo() -> None:
+        setattr(parent, attr, layer_list)
+        for attn, name, value in indexed:
+            setattr(attn, name, value)
+        hf_config.num_hidden_layers = old_layers
+        if new_types is not None:
+            hf_config.layer_types = old_types
+
+    for i, attn in attns:
+        for name in _LAYER_INDEX_ATTRS:
+            if hasattr(attn, name):
+                setattr(attn, name, i)
+    hf_config.num_hidden_layers = len(new_list)
+    if new_types is not None:
+        hf_config.layer_types = new_types
+    setattr(parent, attr, new_list)
+    groups = config.num_groups or config.num_new_blocks
+    return dataclasses.replace(config, num_groups=groups, inserted_layers=tuple(b.new_index for b in plan)), undo
+
+
 # -- on disk: SWIFT saves the new blocks at their indices in the expanded layer list ---------------------
 def to_swift_keys(state: Mapping[str, torch.Tensor], config: Any, adapter_name: str) -> dict[str, torch.Tensor]:
     """LLaMA-Pro params -> SWIFT's keys: ``<list>.<i>.llamapro_<adapter>.<param>`` -> ``<list>.<j>.<param>``. Pure.
@@ -359,7 +505,11 @@ def to_swift_keys(state: Mapping[str, torch.Tensor], config: Any, adapter_name: 
 
 
 def from_swift_keys(state: Mapping[str, torch.Tensor], config: Any, adapter_name: str) -> dict[str, torch.Tensor]:
-    """SWIFT's LLaMA-Pro keys -> functuner's, with the layer list named by ``config`` (inverse of :func:`to_swift_keys`)."""
+    """SWIFT's LLaMA-Pro keys -> functuner's, with the layer list named by ``config`` (inverse of :func:`to_swift_keys`).
+
+    With ``inserted_layers`` (SWIFT's form) functuner's names are SWIFT's: the keys pass through."""
+    if config is not None and config.inserted_layers:
+        return dict(state)
     return llamapro_from_swift_state_dict(state, config.keys()["module_list"], adapter_name)
 
 
@@ -401,4 +551,5 @@ tuner = Tuner(
     to_swift_keys=to_swift_keys,
     from_swift_keys=from_swift_keys,
     key_naming=KeyNaming(glued=(("llamapro_", None),)),
+    restructure=restructure,
 )

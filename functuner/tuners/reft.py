@@ -36,14 +36,17 @@ intervene at every position.
 Param names: ``<layer_key>.<i>.reft_<adapter>.<pyreft state key>``, e.g.
 ``model.layers.0.reft_default.rotate_layer``,
 ``model.layers.0.reft_default.learned_source.weight``.  SWIFT saves ReFT with
-pyreft's ``save_intervention`` (pickled ``.bin`` files); functuner never
-unpickles, so those files cannot be read; see docs/tuners/reft.md.
+pyreft's ``save_intervention`` (``intkey_*.bin`` files, one per layer);
+functuner reads them with torch's restricted loader only
+(:mod:`functuner.tuners._reft_files`, read by :mod:`functuner.io.tuner_files`)
+and writes ``adapter_model.safetensors``.
 
 ReFT has no merged form (it rewrites hidden states at positions).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -57,9 +60,20 @@ from torch import nn
 from ..core.params import TunerParams
 from ..core.routing import Routes, ensure_slots
 from ..errors import ConfigError, TargetError
+from ._reft_files import INTKEY_GLOB, from_intkey_files
 from .base import CallContext, KeyNaming, Tuner, TunerConfig, check_exact_tensors
 
-__all__ = ["INTERVENTIONS", "ReftConfig", "init", "intervene", "orthonormalize", "routes", "tuner", "validate"]
+__all__ = [
+    "INTERVENTIONS",
+    "ReftConfig",
+    "init",
+    "intervene",
+    "layer_list_key",
+    "orthonormalize",
+    "routes",
+    "tuner",
+    "validate",
+]
 
 # intervention type -> the tensors it has (before the optional proj_layer.bias)
 INTERVENTIONS: dict[str, tuple[str, ...]] = {
@@ -221,8 +235,13 @@ def intervene(
 # ---------------------------------------------------------------------------
 # where: layers
 # ---------------------------------------------------------------------------
+def layer_list_key(cfg: ReftConfig) -> str | None:
+    """The layer list ``cfg`` names (``layer_key``, else its ``model_type``'s), or ``None`` (found on the model)."""
+    return cfg.layer_key or (_LAYER_KEYS.get(cfg.model_type) if cfg.model_type else None)
+
+
 def _layer_list(model: nn.Module, cfg: ReftConfig) -> tuple[str, nn.ModuleList]:
-    key = cfg.layer_key or (_LAYER_KEYS.get(cfg.model_type) if cfg.model_type else None)
+    key = layer_list_key(cfg)
     if key is not None:
         try:
             found = model.get_submodule(key)
@@ -420,4 +439,5 @@ tuner = Tuner(
     validate=validate,
     needs_generator=needs_generator,
     key_naming=KeyNaming(glued=(("reft_", ("rotate_layer", "learned_source", "proj_layer")),)),
+    read_files=(INTKEY_GLOB, functools.partial(from_intkey_files, layer_list_key=layer_list_key)),  # ms-swift's files
 )

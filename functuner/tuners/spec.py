@@ -239,3 +239,13 @@ class Tuner(NamedTuple):
     generation: Callable[[], AbstractContextManager[None]] | None = None
     # a loss term and a step between optimizer steps that the shim runs for this tuner (AdaLoRA's); None: nothing
     training: Training | None = None
+    # a structural change the shim makes to the model in place before it creates an adapter of this tuner
+    # (LLaMA-Pro: SWIFT's real layers inserted): (model, config, adapter_name) -> (the config the adapter is created
+    # with, undo); the shim calls undo when creating the adapter fails. None: the model keeps its structure
+    restructure: Callable[[nn.Module, Any, str], tuple[Any, Callable[[], None]]] | None = None
+    # files of another library's layout that io reads when a folder has no adapter_model file (ms-swift's ReFT:
+    # pyreft's intkey_*.bin): (glob, convert(config, {file name: tensors}, adapter_name, folder) -> functuner
+    # names); io reads each file with torch's restricted loader only (functuner.io.tuner_files). None: none
+    read_files: (
+        tuple[str, Callable[[Any, Mapping[str, Mapping[str, torch.Tensor]], str, str], dict[str, torch.Tensor]]] | None
+    ) = None

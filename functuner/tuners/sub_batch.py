@@ -36,10 +36,10 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from ..core.params import TunerParams
-from ..core.routing import Routes
+from ..core.routing import Replace, Routes
 from ..errors import AdapterNameError, ConfigError
 from .registry import REGISTRY, tuner_for
-from .spec import PerSample
+from .spec import CallContext, PerSample
 
 __all__ = ["BASE", "SUB_BATCH", "SubBatchStack", "choose_per_sample", "per_sample_types", "why_not_per_sample"]
 
@@ -87,16 +87,15 @@ def choose_per_sample(model: nn.Module, adapters: Mapping[str, TunerParams]) -> 
 
 
 def stack(model: nn.Module, adapters: Mapping[str, TunerParams]) -> SubBatchStack:
-    """Each adapter's own routes (validated against ``model``; cached per params value like ``apply``'s).  Pure."""
-    from ..functional import bind_routes  # functional imports the tuners; this runs at call time
-
+    """Each adapter's own routes (validated against ``model``), as ``functuner.apply`` builds them.  Pure."""
     for name, p in adapters.items():
         if name == BASE:
             raise AdapterNameError(f"adapter name {BASE!r} is reserved (it means no adapter)")
         why = why_not_per_sample(model, p)
         if why is not None:
             raise ConfigError(f"adapter {name!r} cannot run per sample: it {why}")
-    return SubBatchStack(tuple(adapters), tuple(bind_routes(model, p) for p in adapters.values()))
+    ctx = CallContext()  # no generator: training-mode randomness is refused above
+    return SubBatchStack(tuple(adapters), tuple(tuner_for(p.config).routes(model, p, ctx) for p in adapters.values()))
 
 
 # ---------------------------------------------------------------------------
@@ -106,7 +105,7 @@ class _Plan:
     """One module's groups: ``active[i] = (rows, slot functions)`` per adapter with slots there; ``rest`` the
     other rows (or None); ``inverse`` puts ``cat(active rows..., rest)`` back in batch order."""
 
-    __slots__ = ("n", "active", "rest", "inverse", "whole", "_on")
+    __slots__ = ("n", "active", "rest", "inverse", "_on")
 
     def __init__(self, n: int, active: list[tuple[torch.Tensor, Sequence[Any]]], rest: torch.Tensor | None) -> None:
         self.n = n
@@ -114,7 +113,6 @@ class _Plan:
         self.rest = rest
         order = torch.cat([r for r, _ in active] + ([rest] if rest is not None else []))
         self.inverse = torch.argsort(order)
-        self.whole = active[0][1] if len(active) == 1 and rest is None else None  # one adapter has every sample
         self._on: dict[torch.device, tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]] = {}
 
     def on(self, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]:
@@ -173,6 +171,9 @@ def routes(model: nn.Module, stack: SubBatchStack, adapter_index: torch.Tensor |
             active = [(k, fns) for k in present if (fns := tables[k].get(m))]
             done = {k for k, _ in active}
             left = [rows[k] for k in rows if k not in done]
+            if not left and len(active) == 1:  # one adapter has every sample here: its own slots, and a batch check
+                out[m] = [*active[0][1], functools.partial(_check_forward if table == "forward" else _check_pre, n)]
+                continue
             plan = _Plan(n, [(rows[k], fns) for k, fns in active], torch.cat(left) if left else None)
             out[m] = [functools.partial(make, plan)]
     return Routes(forward=fwd, pre=pre)
@@ -221,6 +222,16 @@ def _arg_dims(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], n: int
     return [dims.get(id(t)) for t in leaves], spec
 
 
+def _check_forward(n: int, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+    _arg_dims(module, args, kwargs, n)
+    return out
+
+
+def _check_pre(n: int, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    _arg_dims(module, args, kwargs, n)
+    return args, kwargs
+
+
 def _take(t: Any, dim: int | None, idx: torch.Tensor) -> Any:
     return t if dim is None else t.index_select(dim, idx)
 
@@ -244,11 +255,6 @@ def _put_back(pieces: list[list[Any]], dims: list[int | None], inverse: torch.Te
 
 
 def _forward_slot(plan: _Plan, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-    if plan.whole is not None:
-        _arg_dims(module, args, kwargs, plan.n)  # the batch check
-        for fn in plan.whole:
-            out = fn(module, args, kwargs, out)
-        return out
     arg_dims, arg_spec = _arg_dims(module, args, kwargs, plan.n)
     arg_leaves = pytree.tree_leaves((args, kwargs))
     out_leaves, out_dims, out_spec = _out_dims(module, out)
@@ -259,7 +265,12 @@ def _forward_slot(plan: _Plan, module: Any, args: tuple[Any, ...], kwargs: dict[
         sub_args, sub_kwargs = pytree.tree_unflatten(
             [_take(t, d, idx) for t, d in zip(arg_leaves, arg_dims, strict=True)], arg_spec
         )
-        sub_out = pytree.tree_unflatten([_take(t, d, idx) for t, d in zip(out_leaves, out_dims, strict=True)], out_spec)
+        if isinstance(fns[0], Replace):  # a method slot's replacement (LoRA on raw parameters): computes the output
+            sub_out, fns = fns[0].fn(module, sub_args, sub_kwargs), fns[1:]
+        else:
+            sub_out = pytree.tree_unflatten(
+                [_take(t, d, idx) for t, d in zip(out_leaves, out_dims, strict=True)], out_spec
+            )
         for fn in fns:
             sub_out = fn(module, sub_args, sub_kwargs, sub_out)
         got = pytree.tree_leaves(sub_out)
@@ -274,11 +285,6 @@ def _forward_slot(plan: _Plan, module: Any, args: tuple[Any, ...], kwargs: dict[
 
 
 def _pre_slot(plan: _Plan, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    if plan.whole is not None:
-        _arg_dims(module, args, kwargs, plan.n)
-        for fn in plan.whole:
-            args, kwargs = fn(module, args, kwargs)
-        return args, kwargs
     dims, spec = _arg_dims(module, args, kwargs, plan.n)
     leaves = pytree.tree_leaves((args, kwargs))
     device = next(t for t, d in zip(leaves, dims, strict=True) if d is not None).device

@@ -10,7 +10,6 @@ Imported by ``scenarios.py`` in both venvs, so it imports neither library.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -27,16 +26,6 @@ def _no_part(names: Any) -> Any:
         groups = [{**g, "params": [n for n in g["params"] if "_part_" not in n]} for g in names]
         return [g for g in groups if g["params"]]
     return type(names)(n for n in names if "_part_" not in n and not n.startswith("p/"))
-
-
-def _layerless(names: list[str]) -> list[str]:
-    """LLaMA-Pro names without the layer index: SWIFT's ``model.layers.3.mlp...`` and functuner's side block
-    ``model.layers.1.llamapro_default.mlp...`` both become ``mlp...``."""
-    return sorted(re.sub(r"^model\.layers\.\d+\.(llamapro_default\.)?", "", n) for n in names)
-
-
-def _layerless_groups(groups: list[dict[str, Any]]) -> list[tuple[list[str], Any, Any]]:
-    return [(_layerless(g["params"]), g.get("lr"), g["weight_decay"]) for g in groups]
 
 
 def _lora_grouping(groups: list[dict[str, Any]]) -> tuple[dict[str, tuple[Any, Any]], list[str]]:
@@ -64,15 +53,6 @@ _LORA_OF_LORA = (
 #: (functuner's side is ``{adapter: output with only that adapter active, "all": output}``), files are
 #: ``{path:key: tensor}``, the rest as recorded.
 DIFFERENCES: dict[tuple[str, str], tuple[str, Callable[[Any, Any], bool]]] = {
-    ("llamapro", "trainable after prepare"): (
-        "SWIFT inserts LLaMA-Pro's new blocks as real layers (model.layers.1 and .3); functuner keeps them as side"
-        " blocks of their source layers (llamapro.expand gives SWIFT's model; checkpoints and outputs match)",
-        lambda sw, ft: _layerless(sw) == _layerless(ft) and bool(sw),
-    ),
-    ("llamapro", "groups after prepare"): (
-        "the same parameters, named as above",
-        lambda sw, ft: _layerless_groups(sw) == _layerless_groups(ft),
-    ),
     **{
         ("part_then_lora", item): (
             _LORA_PLUS_CLAIMS_ALL,

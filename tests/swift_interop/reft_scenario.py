@@ -10,12 +10,13 @@ outputs only, for reasons outside our control:
   so both libraries compute in float32 and compare to 1e-5.
 * ms-swift saves ReFT through pyreft's ``save_intervention``: one ``intkey_<component>.bin`` per layer
   whose keys depend on the intervention type (LoReFT's ``state_dict`` is ``weight``, ``bias``,
-  ``rotate_layer``), a layout functuner neither writes nor reads (it writes
-  ``adapter_model.safetensors`` with ``<layer>.reft_<adapter>.*`` keys); and pyreft's
-  ``load_intervention`` loads with ``map_location='cuda:0'``, so ms-swift cannot load any ReFT
-  checkpoint on a CPU-only machine.  The tensors are therefore taken from SWIFT's live interventions
-  (the effective orthonormal ``R`` of the parametrized ``rotate_layer``) and handed to functuner under
-  its names; the config goes through the file SWIFT wrote, which functuner must re-save byte for byte.
+  ``rotate_layer``).  functuner reads that layout (:mod:`functuner.io.tuner_files`, torch's restricted
+  loader only) but writes ``adapter_model.safetensors`` with ``<layer>.reft_<adapter>.*`` keys; and
+  pyreft's ``load_intervention`` loads with ``map_location='cuda:0'``, so ms-swift cannot load any ReFT
+  checkpoint on a CPU-only machine.  So the direction is ms-swift -> functuner: functuner's
+  ``Swift.from_pretrained`` loads the directory ms-swift wrote and must give SWIFT's outputs and the
+  tensors SWIFT's live interventions use (the effective orthonormal ``R`` of the parametrized
+  ``rotate_layer``, recorded by :func:`swift_side`); its config must re-save byte for byte.
 * Trainable names differ by construction (pyvene's ``interventions.comp_model.layers[0]_output...``
   against functuner's ``model.layers.0.reft_default.*``); their number per layer is compared.
 """
@@ -144,13 +145,17 @@ def functuner_side(root: str) -> tuple[int, int]:
                 ours, theirs = f.read(), g.read()
         report(ours == theirs, f"{case} config re-saved byte for byte", f"functuner {ours!r} vs SWIFT {theirs!r}")
         mine = {k.split(":", 1)[1]: v for k, v in ref.items() if k.startswith(f"{case}:")}
-        params = ft.init(model, cfg, generator=0)
+        # the directory ms-swift wrote (pyreft's intkey_*.bin files), loaded as it is
+        sm = ft.Swift.from_pretrained(model, os.path.join(root, "swift_reft", case), is_trainable=True)
+        params = sm.adapters["default"].params
         report(set(params) == set(mine), f"{case} tensor names", f"{sorted(set(params) ^ set(mine))[:6]}")
         if set(params) != set(mine):
             continue
-        params = params.replace(mine)
+        close = all(torch.allclose(params[k], mine[k], rtol=0, atol=1e-6) for k in mine)
+        report(close, f"{case} tensors read from SWIFT's intkey files", "differ from SWIFT's live interventions")
+        sm.eval()
         with torch.no_grad():
-            out = logits(ft.apply(model, params, (IDS,)))
+            out = logits(sm(IDS))
         diff = float((out - ref[f"{case}.output"]).abs().max())
         report(diff <= 1e-5, f"{case} outputs", f"max |functuner - SWIFT| = {diff}")
         per_layer = len(params) / records[case]["layers"]  # names differ by construction (module docstring)

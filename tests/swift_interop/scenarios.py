@@ -14,8 +14,9 @@ and compares each item and its own re-save (tensors, config bytes); then makes t
 ``prepare_model`` calls itself and compares config files, saved keys, trainable names and groups,
 and, with functuner's tensors loaded, outputs and saved tensors; it writes its own checkpoints.
 ``verify`` (functuner) loads those: SWIFT's outputs, trainable names and groups, and its re-save
-gives SWIFT's files back, every ``adapter_config.json`` byte for byte.  LLaMA-Pro is also compared
-expanded: functuner's ``llamapro.expand`` against the model ms-swift builds.  Where ms-swift is
+gives SWIFT's files back, every ``adapter_config.json`` byte for byte.  LLaMA-Pro's ``prepare_model``
+inserts real layers in both libraries: the whole expanded model (every weight, ``num_hidden_layers``,
+``layer_types``) is compared too, and so is the functional ``llamapro.expand``.  Where ms-swift is
 demonstrably wrong functuner keeps its behaviour; :data:`DIFFERENCES` states each such difference
 exactly (the check fails if it is any other) and docs/swift.md lists them.
 
@@ -276,7 +277,10 @@ def write(root: str) -> int:
         records[case] = {**got["record"], **{f"prepared_{k}": v for k, v in prepared.items()}}
         ref[f"{case}.output"] = got["output"].detach().clone()
         ref[f"{case}.base_checksum"] = torch.tensor(checksum(build()), dtype=torch.float64)
-        if case == "llamapro":
+        if case == "llamapro":  # the shim's model is SWIFT's: real layers; and the functional form expanded
+            whole = {k: v.detach().contiguous() for k, v in sm.base_model.state_dict().items()}
+            save_file(whole, os.path.join(root, "llamapro_prepared.safetensors"))
+            records["llamapro_prepared_config"] = _layer_config(sm.base_model)
             state, config = ft.tuners.llamapro.expand(build(), params["default"])
             save_file(
                 {k: v.contiguous() for k, v in state.items()}, os.path.join(root, "llamapro_expanded.safetensors")
@@ -286,6 +290,12 @@ def write(root: str) -> int:
     with open(os.path.join(root, "scenarios.json"), "w") as f:
         json.dump(records, f, indent=1, sort_keys=True)
     return 0
+
+
+def _layer_config(model: torch.nn.Module) -> dict[str, Any]:
+    """What LLaMA-Pro's ``prepare_model`` changes in a transformers config."""
+    layer_types = getattr(model.config, "layer_types", None)
+    return {"num_hidden_layers": model.config.num_hidden_layers, "layer_types": list(layer_types or [])}
 
 
 def _tensors(folder: str) -> dict[str, torch.Tensor]:
@@ -466,6 +476,11 @@ def check(root: str) -> tuple[int, int]:
         ours_files, theirs_files = _tensors(folder), _tensors(own_dir)
         same = _same_or_swift_empty(case, ours_files, theirs_files)
         report.item(case, "tensors of the same calls", theirs_files, ours_files, same)
+        if case == "llamapro":  # the same expanded model, functuner's tensors loaded: every weight and the config
+            whole = load_file(os.path.join(root, "llamapro_prepared.safetensors"))
+            report.pair("llamapro prepared model weights", _same_tensors(whole, dict(own.base_model.state_dict())))
+            cfg = _layer_config(own.base_model)
+            report(cfg == records["llamapro_prepared_config"], "llamapro prepared config", f"SWIFT {cfg}")
         swift_ref[f"{case}.output"] = out.detach().clone()  # the output of the checkpoint SWIFT wrote
         swift_records[case] = {k: got["record"][k] for k in ("trainable", "groups")}
         if case == "llamapro":  # SWIFT inserted real layers: its model is functuner's expanded model

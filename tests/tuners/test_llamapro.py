@@ -129,3 +129,15 @@ def test_bad_configs_raise_before_anything_changes():
     with pytest.raises(ConfigError, match="no merged form"):
         ft.merge(model, p)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_saved_config_names_the_groups_used_as_swift_does(tmp_path: pathlib.Path) -> None:
+    # ms-swift 4.6's LLaMAPro.prepare_model sets num_groups = num_new_blocks when it is None, so the
+    # adapter_config.json it writes says 2, not null (compared with ms-swift's own file in
+    # tests/swift_interop/scenarios.py, case "llamapro"); the config the caller built is not changed
+    cfg = ft.LLaMAProConfig(model_type="llama", num_new_blocks=2)
+    assert ft.init(tiny_llama(), cfg, generator=0).config.num_groups == 2 and cfg.num_groups is None
+    ft.Swift.prepare_model(tiny_llama(), cfg).save_pretrained(str(tmp_path))
+    assert '"num_groups": 2' in (tmp_path / "default" / "adapter_config.json").read_text()
+    explicit = ft.LLaMAProConfig(model_type="llama", num_new_blocks=2, num_groups=1)
+    assert ft.init(tiny_llama(), explicit, generator=0).config.num_groups == 1

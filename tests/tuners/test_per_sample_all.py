@@ -352,6 +352,8 @@ def test_refusals_are_typed_and_change_nothing() -> None:
         model.eval()
     with pytest.raises(ConfigError, match="first dimension"):  # the batch must lead every adapted module's input
         apply_mixed(model, params, NAMES, (x.reshape(2, 3, 10).transpose(0, 1),))
+    with pytest.raises(ConfigError, match="batch has 3 samples"):  # one adapter for every sample: still checked
+        apply_mixed(model, params, ["ad_a"] * 3, (x,))
     index = torch.tensor([0, 1, -1, 0, 1, 0])
     with pytest.raises(ConfigError, match="cannot be transformed"):
         torch.func.vmap(lambda i: apply_mixed(model, params, i, (x,)))(index.expand(2, -1))

@@ -15,8 +15,9 @@ Task types (``CAUSAL_LM``, ``SEQ_CLS``, ``TOKEN_CLS``, ``FEATURE_EXTRACTION``), 
 Refused with a typed error, never ignored: ``SEQ_2_SEQ_LM`` and ``num_transformer_submodules`` other than 1
 (encoder-decoder models).
 
-PEFT's files hold one tensor, ``prompt_embeddings`` (no prefix): the virtual tokens' final
-embeddings, ``(num_virtual_tokens, token_dim)``.
+PEFT's files hold ``prompt_embeddings`` (no prefix): the virtual tokens' final embeddings,
+``(num_virtual_tokens, token_dim)``, and the ``modules_to_save`` copies at ``base_model.<module>.<param>``
+(PEFT's prompt-learning model wraps the transformers model directly, without ``base_model.model.``).
 """
 
 from __future__ import annotations

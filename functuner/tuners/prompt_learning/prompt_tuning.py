@@ -1,14 +1,15 @@
 """PEFT's prompt tuning (Lester et al. 2021, ``PromptTuningConfig``) as a config plus pure functions.
 
 The adapter is one table ``E`` of ``num_virtual_tokens`` learned embeddings ``(n, token_dim)``,
-prepended to the input embeddings of a causal LM (see :mod:`.common` for the forward).  ``init``
+prepended to the input embeddings (see :mod:`.calls` for the forward per task type, caches, generation).  ``init``
 follows PEFT's ``PromptEmbedding``: ``RANDOM`` = ``nn.Embedding``'s standard normal; ``SAMPLE_VOCAB``
 = the word embeddings of random vocabulary ids; ``TEXT`` = the word embeddings of
 ``prompt_tuning_init_text`` tokenized with ``tokenizer_name_or_path`` (repeated / cut to ``n``).
 Draws use only the generator, so the values differ from PEFT's global-RNG draws; shapes, names and
 the forward are PEFT's.
 
-Param name (PEFT's in-memory name): ``prompt_encoder.<adapter>.embedding.weight`` (float32, as PEFT).
+Param name (PEFT's in-memory name): ``prompt_encoder.<adapter>.embedding.weight`` (float32, as PEFT), plus
+``modules_to_save`` copies (:mod:`.heads`).
 No merged form (functuner.merge refuses it with ``ConfigError``); no per-sample adapters.
 """
 

@@ -29,6 +29,7 @@ import functuner as ft
 from functuner.errors import ConfigError, ParamsMismatchError
 from functuner.shim import TrainingStepCallback
 from functuner.shim.training import run_step
+from functuner.tuners import adalora
 from functuner.tuners.adalora import AdaLoraConfig
 
 ATOL = RTOL = 1e-5
@@ -194,3 +195,20 @@ def test_trainer_callback_runs_the_step_as_a_hand_written_loop() -> None:
         {k: v.detach() for k, v in twin.adapters["default"].tensors.items()},
         "trainer",
     )
+
+
+def test_allocated_keeps_the_kept_triplets_and_composes_patterns() -> None:
+    model = MODELS["llama"][0]()
+    cfg = AdaLoraConfig(target_modules=["q_proj"], init_r=4, total_step=5, init_lora_weights=False)
+    p = ft.init(model, cfg, generator=0)
+    key = "model.layers.0.self_attn.q_proj.lora_E.default"
+    first = {k: (True, False, True, True) if k == key else (True,) * 4 for k in p if ".lora_E." in k}
+    once = adalora.allocated(p, first)
+    ft.validate(model, once)  # shapes as the config's rank_pattern says (PEFT's saved form)
+    torch.testing.assert_close(once[key.replace("lora_E", "lora_B")], p[key.replace("lora_E", "lora_B")][:, [0, 2, 3]])
+    twice = adalora.allocated(once, {k: (False, True, True) if k == key else (True,) * 4 for k in first})
+    assert twice.config.rank_pattern["model.layers.0.self_attn.q_proj.lora_E"] == [False, False, True, True]
+    torch.testing.assert_close(twice[key], p[key][[2, 3]])
+    ft.validate(model, twice)
+    with pytest.raises(ParamsMismatchError, match=r"rank_pattern\['nope.lora_E.default'\] does not fit"):
+        adalora.allocated(p, {"nope.lora_E.default": (True,)})

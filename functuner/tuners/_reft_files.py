@@ -1,0 +1,102 @@
+"""pyreft's on-disk layout of ReFT adapters (what ms-swift 4.6 saves) -> functuner's ReFT names. Pure.
+
+ms-swift saves a ReFT adapter through pyreft's ``save_intervention``: next to ``adapter_config.json``,
+one ``intkey_<component>.bin`` per intervened layer (``torch.save`` of the intervention's
+``state_dict``; the component names the layer: ``intkey_comp_model_layers[3]_output_unit_pos_nunit_1#0.bin``).
+The keys depend on the intervention type: LoReFT's own ``state_dict`` gives ``weight``, ``bias``
+(the learned source) and ``rotate_layer`` (the effective orthonormal ``R``); the others give torch's
+module state (``learned_source``, ``proj_layer.weight``, ``rotate_layer.parametrizations.weight.original``
+and ``...weight.0.base`` of the orthogonal parametrization, and the 0-d ``embed_dim`` /
+``interchange_dim``).  :func:`from_intkey_files` turns them into functuner's ReFT names
+(``<layer list>.<i>.reft_<adapter>.<name>``), the parametrized ``R`` computed as torch's parametrization
+computes it.  The files are read by :mod:`functuner.io.tuner_files` (torch's restricted loader only);
+the ReFT tuner names this module in its ``read_files`` hook.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+
+__all__ = ["INTKEY_GLOB", "from_intkey_files"]
+
+INTKEY_GLOB = "intkey_*.bin"
+_LAYER = re.compile(r"\[(\d+)\]")
+_SAME = ("rotate_layer", "learned_source", "learned_source.weight", "learned_source.bias", "proj_layer.weight")
+_RENAMED = {"weight": "learned_source.weight", "bias": "learned_source.bias"}  # LoReFT's own state_dict
+_SIZES = ("embed_dim", "interchange_dim")  # pyreft's bookkeeping, 0-d
+_ORIGINAL = "rotate_layer.parametrizations.weight.original"
+_BASE = "rotate_layer.parametrizations.weight.0.base"
+
+
+def _orthogonal(original: torch.Tensor, base: torch.Tensor, source: str) -> torch.Tensor:
+    """``R`` as ``torch.nn.utils.parametrizations.orthogonal`` (pyreft's rotate layer, default map) computes it."""
+    if original.dim() != 2 or tuple(base.shape) != (original.shape[0], original.shape[0]):
+        raise CheckpointError(
+            f"{source}: {_ORIGINAL} {tuple(original.shape)} and {_BASE} {tuple(base.shape)} are not an orthogonal"
+            " parametrization of a (hidden, r) weight"
+        )
+    holder = nn.Module()
+    holder.weight = nn.Parameter(torch.zeros(original.shape, dtype=torch.float32))
+    nn.utils.parametrizations.orthogonal(holder)
+    holder.load_state_dict(
+        {"parametrizations.weight.original": original.float(), "parametrizations.weight.0.base": base.float()}
+    )
+    with torch.no_grad():
+        return holder.weight.detach().to(original.dtype).contiguous()
+
+
+def _one_file(data: Mapping[str, torch.Tensor], head: str, source: str) -> dict[str, torch.Tensor]:
+    data = dict(data)
+    out: dict[str, torch.Tensor] = {}
+    if (_ORIGINAL in data) != (_BASE in data):
+        raise CheckpointError(f"{source}: has one of {_ORIGINAL!r} and {_BASE!r} without the other")
+    if _ORIGINAL in data:
+        out[head + "rotate_layer"] = _orthogonal(data.pop(_ORIGINAL), data.pop(_BASE), source)
+    for key, value in data.items():
+        if key in _SIZES and value.dim() == 0:
+            continue
+        name = _RENAMED.get(key, key)
+        if name not in _SAME or head + name in out:
+            raise CheckpointError(f"{source}: key {key!r} is not a tensor of any ReFT intervention functuner knows")
+        out[head + name] = value
+    return out
+
+
+def from_intkey_files(
+    config: Any,
+    files: Mapping[str, Mapping[str, torch.Tensor]],
+    adapter_name: str,
+    folder: str,
+    layer_list_key: Callable[[Any], str | None],
+) -> dict[str, torch.Tensor]:
+    """``{file name: its tensors}`` of pyreft's files -> functuner's names; ``CheckpointError`` naming the file.
+
+    The layer index comes from each file's name, the layer list from the config (``layer_key``, or a
+    ``model_type`` whose list is known).  Shapes and completeness are checked later against the config,
+    as for any checkpoint.
+    """
+    layers = layer_list_key(config)
+    if layers is None:
+        raise CheckpointError(
+            f"{folder}: its ReFT config names no layer list (layer_key=None, model_type={config.model_type!r});"
+            " set layer_key in adapter_config.json"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for name, data in sorted(files.items()):
+        source = f"{folder}/{name}"
+        found = _LAYER.findall(name)
+        if len(found) != 1:
+            raise CheckpointError(f"{source}: cannot tell its layer from the name (pyreft's intkey_<component>.bin)")
+        tensors = _one_file(data, f"{layers}.{int(found[0])}.reft_{adapter_name}.", source)
+        clash = sorted(set(tensors) & set(out))
+        if clash:
+            raise CheckpointError(f"{source}: another file already holds {clash[:3]}")
+        out.update(tensors)
+    return out
