@@ -1,7 +1,8 @@
 """LLaMA-Pro block expansion on a tiny Llama: the new blocks' init, KV-cache generation, SWIFT's interleaving, grads.
 
 Parity with SWIFT's own LLaMAPro (keys, init and trained outputs, deactivation, loading and re-saving SWIFT's
-files): row llamapro of tests/tuners/test_swift_parity.py.
+files): row llamapro of tests/tuners/test_swift_parity.py.  The shim's form (real layers inserted, as ms-swift's
+prepare_model): tests/shim/test_shim_restructure.py and tests/swift_interop/scenarios.py (case llamapro).
 """
 
 from __future__ import annotations
