@@ -28,6 +28,7 @@ from ..io import checkpoint as ckpt
 from ..io import keys
 from ..io.peft import is_peft_model
 from ..io.reader import check_extra_states
+from ..io.tuner_files import tuner_files_to_write, write_tuner_files
 from .placement import filled, path_modules, reload
 from .state import AdapterEntry, ShimState
 from .training import as_saved
@@ -101,7 +102,7 @@ def load_into_adapter(state: ShimState, adapter_name: str, values: Mapping[str, 
 def warn_bin(save_directory: str | os.PathLike[str]) -> None:
     """The warning of ``save_pretrained(safe_serialization=False)``: it works as in SWIFT, safetensors are better."""
     warnings.warn(
-        f"save_pretrained({str(save_directory)!r}, safe_serialization=False) writes pickled adapter_model.bin files"
+        f"save_pretrained({str(save_directory)!r}, safe_serialization=False) writes pickled .bin files"
         " (tensors only); safetensors (the default) are recommended: they load without unpickling, and faster",
         UserWarning,
         stacklevel=3,
@@ -118,9 +119,11 @@ def save(
     """Write ``names`` (SWIFT's layout, or PEFT's), ``extra_states/`` and ``configuration.json`` in one atomic step.
 
     ``safe_serialization=False`` writes ``adapter_model.bin`` files (``torch.save`` of a plain dict of tensors,
-    as SWIFT does) instead of safetensors.  When no adapter has modules of its own (every tuner leaves the
-    base trainable: NEFTune alone), the whole wrapped model is trained, so it is saved too, with its own
-    ``save_pretrained``, into the same directory in the same atomic step (SWIFT's ``has_additional_modules``).
+    as SWIFT does) instead of safetensors; in SWIFT's layout a tuner with its own ``.bin`` layout (its
+    ``write_files`` hook: ReFT's pyreft ``intkey_*.bin``) gets exactly the files ms-swift writes.  When no
+    adapter has modules of its own (every tuner leaves the base trainable: NEFTune alone), the whole wrapped
+    model is trained, so it is saved too, with its own ``save_pretrained``, into the same directory in the
+    same atomic step (SWIFT's ``has_additional_modules``).
     """
     for n in names:
         state.require(n)
@@ -137,6 +140,12 @@ def save(
         if peft_format:  # refuse what PEFT cannot hold before anything is written
             ckpt.peft_config_json(configs[n])
             keys.to_disk(snapshots[n], configs[n], n, "peft")
+    # a tuner's own .bin layout (ms-swift's ReFT: pyreft's intkey_*.bin), converted before anything is written
+    own = (
+        {}
+        if safe_serialization or peft_format
+        else {n: tuner_files_to_write(configs[n], snapshots[n], n) for n in names}
+    )
     extra = extra_states(state)
     inner: Any = state.model
     whole_model = bool(state.adapters) and not any(a.tuner.freezes_base for a in state.adapters.values())
@@ -158,7 +167,12 @@ def save(
             )
         else:
             for n in names:
-                ckpt.write_swift_adapter(tmp, n, configs[n], snapshots[n], safe_serialization=safe_serialization)
+                files = own.get(n)
+                ckpt.write_swift_adapter(
+                    tmp, n, configs[n], snapshots[n] if files is None else {}, safe_serialization=safe_serialization
+                )
+                if files is not None:  # into the fresh adapter folder, inside this atomic step
+                    write_tuner_files(tmp / n, files)
         if extra:
             ckpt.write_extra_states(tmp, state.extra_state_keys, extra, safe_serialization=safe_serialization)
         if whole_model:  # as SWIFT: the trained model itself, beside the adapter configs

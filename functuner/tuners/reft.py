@@ -39,7 +39,8 @@ Param names: ``<layer_key>.<i>.reft_<adapter>.<pyreft state key>``, e.g.
 pyreft's ``save_intervention`` (``intkey_*.bin`` files, one per layer);
 functuner reads them with torch's restricted loader only
 (:mod:`functuner.tuners._reft_files`, read by :mod:`functuner.io.tuner_files`)
-and writes ``adapter_model.safetensors``.
+and writes ``adapter_model.safetensors``, or, with ``safe_serialization=False``,
+the same ``intkey_*.bin`` files as SWIFT.
 
 ReFT has no merged form (it rewrites hidden states at positions).
 """
@@ -60,7 +61,7 @@ from torch import nn
 from ..core.params import TunerParams
 from ..core.routing import Routes, ensure_slots
 from ..errors import ConfigError, TargetError
-from ._reft_files import INTKEY_GLOB, from_intkey_files
+from ._reft_files import INTKEY_GLOB, from_intkey_files, to_intkey_files
 from .base import CallContext, KeyNaming, Tuner, TunerConfig, check_exact_tensors
 
 __all__ = [
@@ -440,4 +441,5 @@ tuner = Tuner(
     needs_generator=needs_generator,
     key_naming=KeyNaming(glued=(("reft_", ("rotate_layer", "learned_source", "proj_layer")),)),
     read_files=(INTKEY_GLOB, functools.partial(from_intkey_files, layer_list_key=layer_list_key)),  # ms-swift's files
+    write_files=functools.partial(to_intkey_files, layer_list_key=layer_list_key),  # safe_serialization=False
 )

@@ -249,3 +249,7 @@ class Tuner(NamedTuple):
     read_files: (
         tuple[str, Callable[[Any, Mapping[str, Mapping[str, torch.Tensor]], str, str], dict[str, torch.Tensor]]] | None
     ) = None
+    # the reverse of read_files, for save_pretrained(..., safe_serialization=False) in SWIFT's layout (ms-swift's
+    # ReFT .bin files): (config, functuner's tensors, adapter_name) -> {file name: state_dict}; io torch.saves each
+    # inside the adapter's atomic write (functuner.io.tuner_files). None: adapter_model.bin, as for any tuner
+    write_files: Callable[[Any, Mapping[str, torch.Tensor], str], dict[str, dict[str, torch.Tensor]]] | None = None

@@ -109,3 +109,103 @@ def test_anything_but_known_tensors_is_refused_naming_the_file(tmp_path, payload
     assert bad.name in str(info.value)
     assert [n for n, _ in model.named_parameters()] == names  # nothing was attached
     assert all(p.requires_grad for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------
+# writing: save_pretrained(..., safe_serialization=False) writes pyreft's files (the ReFT tuner's write_files)
+# ---------------------------------------------------------------------------
+_SIZES = ["embed_dim", "interchange_dim"]
+_PARAM = ["rotate_layer.parametrizations.weight.original", "rotate_layer.parametrizations.weight.0.base"]
+#: pyreft 0.1.0's state_dict keys, in order, per intervention type (read from the files ms-swift 4.6 writes,
+#: tests/swift_interop/reft_scenario.py compares them bitwise in .ci/run)
+PYREFT_KEYS = {
+    "LoreftIntervention": ["weight", "bias", "rotate_layer"],
+    "NoreftIntervention": [*_SIZES, "proj_layer.weight", "learned_source.weight", "learned_source.bias"],
+    "ConsreftIntervention": ["learned_source", *_SIZES, *_PARAM],
+    "LobireftIntervention": ["learned_source", *_SIZES, *_PARAM],
+    "DireftIntervention": [*_SIZES, *_PARAM, "learned_source.weight", "learned_source.bias"],
+    "NodireftIntervention": [*_SIZES, "proj_layer.weight", "learned_source.weight", "learned_source.bias"],
+}
+
+
+def _trained_reft(intervention: str, dtype: torch.dtype = torch.float32, **kwargs) -> ft.SwiftModel:
+    torch.manual_seed(0)
+    sm = ft.Swift.prepare_model(tiny_llama().to(dtype), ft.ReftConfig(model_type="llama", r=2, **kwargs))
+    with torch.no_grad():  # as after training steps: R no longer exactly orthonormal
+        for t in sm.adapters["default"].tensors.values():
+            t.add_(0.01 * torch.randn(t.shape).to(dtype))
+    return sm
+
+
+def _save_bin(sm: ft.SwiftModel, folder: pathlib.Path) -> None:
+    with pytest.warns(UserWarning, match="safetensors"):
+        sm.save_pretrained(str(folder), safe_serialization=False)
+
+
+@pytest.mark.parametrize(
+    ("intervention", "kwargs", "dtype"),
+    [(name, {}, torch.float32) for name in PYREFT_KEYS]
+    + [
+        ("NoreftIntervention", {"args": '{"add_bias": true}'}, torch.float32),
+        ("ConsreftIntervention", {}, torch.bfloat16),
+        ("LoreftIntervention", {"layers": [1]}, torch.bfloat16),
+    ],
+)
+def test_bin_save_writes_pyrefts_files_and_reads_back_bitwise(tmp_path, intervention, kwargs, dtype):
+    sm = _trained_reft(intervention, dtype, intervention_type=intervention, **kwargs)
+    params = dict(sm.adapters["default"].params)
+    _save_bin(sm, tmp_path)
+    layers = kwargs.get("layers", [0, 1])
+    assert sorted(p.name for p in (tmp_path / "default").iterdir()) == sorted(
+        ["adapter_config.json", *(FILE.format(i) for i in layers)]
+    )
+    want = list(PYREFT_KEYS[intervention])
+    if "add_bias" in kwargs.get("args", ""):
+        want.insert(want.index("proj_layer.weight") + 1, "proj_layer.bias")
+    for i in layers:
+        data = torch.load(tmp_path / "default" / FILE.format(i), weights_only=True)
+        assert list(data) == want
+        for key, value in data.items():
+            assert value.dtype == (torch.int64 if key in _SIZES else dtype), key
+        if _PARAM[1] in data:  # torch's parametrization: original -I, base = [R | orthonormal complement]
+            assert torch.equal(data[_PARAM[0]], -torch.eye(32, 2, dtype=dtype))
+            assert torch.equal(data[_PARAM[1]][:, :2], params[f"model.layers.{i}.reft_default.rotate_layer"])
+    read = ckpt.read_adapter_dir(tmp_path)["default"].state
+    assert read.keys() == params.keys()
+    assert all(read[k].dtype == v.dtype and torch.equal(read[k], v) for k, v in params.items())
+    again = ft.Swift.from_pretrained(tiny_llama().to(dtype), str(tmp_path)).adapters["default"].params
+    assert all(torch.equal(again[k], v) for k, v in params.items())
+
+
+def test_default_save_stays_safetensors_and_a_bin_save_replaces_it(tmp_path: pathlib.Path):
+    sm = _trained_reft("ConsreftIntervention", intervention_type="ConsreftIntervention")
+    sm.save_pretrained(str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "default").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    _save_bin(sm, tmp_path)  # no stale safetensors left to shadow the new files
+    assert not (tmp_path / "default" / "adapter_model.safetensors").exists()
+    sm.save_pretrained(str(tmp_path))  # and back: no stale intkey files
+    assert not list((tmp_path / "default").glob("intkey_*"))
+
+
+def test_a_failure_mid_write_leaves_the_checkpoint_as_it_was(tmp_path: pathlib.Path, monkeypatch):
+    sm = _trained_reft("DireftIntervention", intervention_type="DireftIntervention")
+    sm.save_pretrained(str(tmp_path))
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    real_save, calls = torch.save, []
+
+    def save_then_fail(obj, f, *args, **kw):  # the disk fills up after the first intkey file
+        calls.append(f)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        real_save(obj, f, *args, **kw)
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    with pytest.warns(UserWarning, match="safetensors"), pytest.raises(OSError, match="No space"):
+        sm.save_pretrained(str(tmp_path), safe_serialization=False)
+    assert len(calls) == 2
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({p.parts[0] for p in before})  # no temp dir left

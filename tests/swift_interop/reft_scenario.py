@@ -19,6 +19,16 @@ outputs only, for reasons outside our control:
   ``rotate_layer``, recorded by :func:`swift_side`); its config must re-save byte for byte.
 * Trainable names differ by construction (pyvene's ``interventions.comp_model.layers[0]_output...``
   against functuner's ``model.layers.0.reft_default.*``); their number per layer is compared.
+
+The ``.bin`` layout, both directions: :func:`functuner_write` (``write``, functuner's venv) saves each case
+with ``save_pretrained(..., safe_serialization=False)`` (pyreft's ``intkey_*.bin`` files) and re-reads them
+to the same params; :func:`swift_side` loads those files into SWIFT's interventions (``load_state_dict`` of
+``torch.load(weights_only=True)``, as ``load_intervention`` does but on the CPU), must give functuner's
+outputs, and re-saves them: file names, ``adapter_config.json`` bytes, and each file's keys (in order),
+dtypes and tensors must equal functuner's bitwise.  :func:`functuner_side` re-saves the directory ms-swift
+wrote as ``.bin`` and compares it with ms-swift's files bitwise, except the columns torch's orthogonal
+parametrization adds to ``R`` in ``...weight.0.base``: pyreft draws them at random (``torch.randn`` in
+torch's ``right_inverse``), functuner completes ``R`` deterministically (checked orthonormal instead).
 """
 
 from __future__ import annotations
@@ -110,6 +120,9 @@ def swift_side(root: str) -> tuple[int, int]:
         records[case] = {"trainable": len(trainable), "layers": len(sm.base_model.interventions)}
         folder = os.path.join(root, "swift_reft", case)
         sm.save_pretrained(folder)
+        for ok, what, detail in _load_functuner_bin(sm, case, root):
+            passed, failed = passed + ok, failed + (not ok)
+            print(f"{'ok  ' if ok else 'FAIL'} reft {what}{'' if ok else ': ' + detail}")
     save_file(tensors, os.path.join(root, "swift_reft.safetensors"))
     with open(os.path.join(root, "swift_reft.json"), "w") as f:
         json.dump(records, f, indent=1, sort_keys=True)
@@ -158,7 +171,130 @@ def functuner_side(root: str) -> tuple[int, int]:
             out = logits(sm(IDS))
         diff = float((out - ref[f"{case}.output"]).abs().max())
         report(diff <= 1e-5, f"{case} outputs", f"max |functuner - SWIFT| = {diff}")
+        for ok, what, detail in _resave_swift_bin(sm, case, root):
+            report(ok, what, detail)
         per_layer = len(params) / records[case]["layers"]  # names differ by construction (module docstring)
         want = records[case]["trainable"] / records[case]["layers"]
         report(per_layer == want, f"{case} trainable tensors per layer", f"functuner {per_layer} vs SWIFT {want}")
     return passed, failed
+
+
+_BASE = "rotate_layer.parametrizations.weight.0.base"
+_ORIGINAL = "rotate_layer.parametrizations.weight.original"
+Check = tuple[bool, str, str]
+
+
+def _same_files(ours: str, theirs: str, case: str, completion_free: bool = False) -> list[Check]:
+    """Two adapter folders hold the same files: names, config bytes, and each ``.bin``'s keys, dtypes, tensors.
+
+    ``completion_free``: ``base``'s columns past ``R`` (random in pyreft) are checked orthonormal, not equal.
+    """
+    names = sorted(os.listdir(ours))
+    if names != sorted(os.listdir(theirs)):
+        return [(False, f"{case} .bin file names", f"functuner {names} vs SWIFT {sorted(os.listdir(theirs))}")]
+    out: list[Check] = [(True, f"{case} .bin file names ({len(names) - 1} intkey files)", "")]
+    for name in names:
+        a_path, b_path = os.path.join(ours, name), os.path.join(theirs, name)
+        if not name.endswith(".bin"):
+            with open(a_path, "rb") as f, open(b_path, "rb") as g:
+                a_bytes, b_bytes = f.read(), g.read()
+            out.append((a_bytes == b_bytes, f"{case} {name} byte for byte", f"{a_bytes!r} vs {b_bytes!r}"))
+            continue
+        a, b = torch.load(a_path, weights_only=True), torch.load(b_path, weights_only=True)
+        bad = [k for k in b if k not in a or a[k].dtype != b[k].dtype or a[k].shape != b[k].shape]
+        if list(a) != list(b) or bad:
+            out.append((False, f"{case} {name} keys", f"functuner {list(a)} vs SWIFT {list(b)}; differ: {bad}"))
+            continue
+        differ = []
+        for k in b:
+            x, y = a[k], b[k]
+            if completion_free and k == _BASE:
+                r = a[_ORIGINAL].shape[1]
+                eye = torch.eye(x.shape[0], dtype=torch.float64)
+                x, y = x[:, :r], y[:, :r]
+                err = float((a[k].double().T @ a[k].double() - eye).abs().max())
+                out.append((err < 1e-5, f"{case} {name} base completion orthonormal", f"|B^T B - I| = {err}"))
+            if not torch.equal(x, y):
+                differ.append(f"{k} (max |diff| {float((x.double() - y.double()).abs().max())})")
+        what = f"{case} {name}: keys {list(b)}, dtypes and tensors bitwise"
+        out.append((not differ, what + (" (base: R's columns)" if completion_free and _BASE in b else ""), str(differ)))
+    return out
+
+
+def functuner_write(root: str) -> int:
+    """functuner builds each case, saves it with ``safe_serialization=False`` and re-reads it; 1 if any failed."""
+    import warnings
+
+    import functuner as ft
+
+    tensors: dict[str, torch.Tensor] = {}
+    failed = 0
+    for case, kwargs in CASES.items():
+        model = tiny_llama()
+        tensors[f"{case}.base_checksum"] = torch.tensor(checksum(model), dtype=torch.float64)
+        torch.manual_seed(5)
+        sm = ft.Swift.prepare_model(model, ft.ReftConfig(**kwargs))
+        sm.eval()
+        with torch.no_grad():
+            tensors[f"{case}.output"] = logits(sm(IDS)).contiguous()
+        folder = os.path.join(root, "functuner_reft_bin", case)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sm.save_pretrained(folder, safe_serialization=False)
+        names = sorted(os.listdir(os.path.join(folder, "default")))
+        params = sm.adapters["default"].params
+        again = ft.Swift.from_pretrained(tiny_llama(), folder, is_trainable=True).adapters["default"].params
+        checks = [
+            (any("safetensors" in str(w.message) for w in caught), "warns, recommending safetensors", str(caught)),
+            (
+                names[0] == "adapter_config.json" and all(n.startswith("intkey_") for n in names[1:]),
+                "writes adapter_config.json and intkey_*.bin only",
+                str(names),
+            ),
+            (
+                set(again) == set(params)
+                and all(again[k].dtype == params[k].dtype and torch.equal(again[k], params[k]) for k in params),
+                "re-reads its .bin files to the same params (bitwise)",
+                str(sorted(set(again) ^ set(params))),
+            ),
+        ]
+        for ok, what, detail in checks:
+            failed += not ok
+            print(
+                f"{'ok  ' if ok else 'FAIL'} reft {case} safe_serialization=False {what}{'' if ok else ': ' + detail}"
+            )
+    save_file(tensors, os.path.join(root, "functuner_reft.safetensors"))
+    return 1 if failed else 0
+
+
+def _load_functuner_bin(sm: Any, case: str, root: str) -> list[Check]:
+    """SWIFT's interventions load functuner's ``.bin`` files: functuner's outputs, and SWIFT re-saves them bitwise."""
+    ours = os.path.join(root, "functuner_reft_bin", case, "default")
+    ref_path = os.path.join(root, "functuner_reft.safetensors")
+    if not os.path.isfile(ref_path):
+        return [(False, f"{case} functuner's .bin files", f"{ref_path} missing: run the write step first")]
+    ref = load_file(ref_path)
+    if float(ref[f"{case}.base_checksum"]) != checksum(tiny_llama()):
+        return [(False, f"{case} functuner's .bin files", "the base model differs between the venvs")]
+    for key, iv in sm.base_model.interventions.items():
+        iv.load_state_dict(torch.load(os.path.join(ours, f"intkey_{key}.bin"), weights_only=True))
+    with torch.no_grad():
+        out = logits(sm(input_ids=IDS, attention_mask=torch.ones_like(IDS), labels=None))
+    diff = float((out - ref[f"{case}.output"]).abs().max())
+    checks: list[Check] = [(diff <= 1e-5, f"{case} SWIFT on functuner's .bin files: outputs", f"max diff {diff}")]
+    theirs = os.path.join(root, "swift_reft_from_functuner", case)
+    sm.save_pretrained(theirs)
+    return checks + _same_files(ours, os.path.join(theirs, "default"), f"{case} (functuner -> SWIFT)")
+
+
+def _resave_swift_bin(sm: Any, case: str, root: str) -> list[Check]:
+    """functuner re-saves the directory ms-swift wrote as ``.bin``: ms-swift's files (but ``base``'s completion)."""
+    import tempfile
+    import warnings
+
+    with tempfile.TemporaryDirectory() as d:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the safetensors recommendation (checked in write)
+            sm.save_pretrained(d, safe_serialization=False)
+        theirs = os.path.join(root, "swift_reft", case, "default")
+        return _same_files(os.path.join(d, "default"), theirs, f"{case} (SWIFT -> functuner)", completion_free=True)
