@@ -55,6 +55,18 @@ def _not_meta(adapter: AdapterEntry) -> None:
         raise ConfigError(f"adapter {adapter.name!r} is offloaded to 'meta'; activate it before reading it")
 
 
+def _not_sharded(name: str, tensors: Mapping[str, Any]) -> None:
+    """Refuse, before anything is written, an adapter whose tensors FSDP2 sharded (each rank holds a slice)."""
+    for key, t in tensors.items():
+        if hasattr(t, "full_tensor") and hasattr(t, "placements"):  # a DTensor
+            raise CheckpointError(
+                f"adapter {name!r}: tensor {key!r} is sharded (a DTensor, e.g. after FSDP2's fully_shard), so"
+                " save_pretrained would write one rank's slice; gather it on every rank and save from rank 0:"
+                f" full = functuner.distributed.gather_params(model.adapters[{name!r}].params), then"
+                " functuner.distributed.save_params_on_rank0(full, save_directory)"
+            )
+
+
 def adapter_state_dict(
     state: ShimState, adapter_name: str | None, peft_format: bool, grab: Grab, save_adapter: bool, save_extra: bool
 ) -> dict[str, Any]:
@@ -137,6 +149,7 @@ def save(
         _not_meta(adapter)
         saved = as_saved(adapter)  # the tuner's saved form after training steps (AdaLoRA's allocated ranks)
         snapshots[n], configs[n] = dict(saved), saved.config
+        _not_sharded(n, snapshots[n])
         if peft_format:  # refuse what PEFT cannot hold before anything is written
             ckpt.peft_config_json(configs[n])
             keys.to_disk(snapshots[n], configs[n], n, "peft")

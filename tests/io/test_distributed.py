@@ -257,6 +257,14 @@ def _scenario_fsdp2_swift(rank: int, out: pathlib.Path) -> None:
     local_numel, total_numel = _shard(model, per_linear=False, tuner_keys=frozenset(params))
     losses = _train_fsdp2_swift(swift, ids, rank)
     extra = {"local_numel": torch.tensor(local_numel), "total_numel": torch.tensor(total_numel)}
+    # save_pretrained on sharded tensors would write one rank's slice: a typed error naming the fix, nothing written
+    try:
+        swift.save_pretrained(str(out / f"sharded_save_rank{rank}"))
+    except CheckpointError as e:
+        assert "sharded" in str(e) and "gather_params" in str(e), str(e)
+    else:
+        raise AssertionError("save_pretrained wrote sharded adapter tensors")
+    assert not (out / f"sharded_save_rank{rank}").exists()
     full = ftd.gather_params(adapter.params)  # a collective: every rank gathers the sharded adapter whole
     assert all(not isinstance(v, DTensor) for v in full.values())
     ftd.save_params_on_rank0(full, out / "fsdp2_swift_ckpt")
