@@ -77,6 +77,7 @@ _EXPORTS: dict[str, str] = {
     "init": "functuner.functional",
     "initialize_lora_eva_weights": "functuner.shim.data_init",
     "load": "functuner.io.checkpoint",
+    "load_extra_states": "functuner.io.checkpoint",
     "lora_delta": "functuner.tuners.lora",
     "lora_init": "functuner.tuners.lora.inits.api",
     "lora_mark_residual_base": "functuner.tuners.lora.inits.api",
@@ -142,6 +143,7 @@ __all__ = [
     "init",
     "initialize_lora_eva_weights",
     "load",
+    "load_extra_states",
     "lora_delta",
     "lora_init",
     "lora_mark_residual_base",
@@ -185,7 +187,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names __getattr__
     from .core.routing import checkpoint_context_fn, gradient_checkpointing_enable
     from .functional import apply, init, merge, unmerge, validate
     from .grads import per_sample_grads, value_and_grad
-    from .io.checkpoint import load, save
+    from .io.checkpoint import load, load_extra_states, save
     from .io.keys import from_peft_state_dict, rename_adapter, to_peft_state_dict
     from .optim import (
         GaLoreAdamW,

@@ -54,6 +54,7 @@ from ..tuners.config_json import (
 from . import keys
 from .reader import (
     AdapterCheckpoint,
+    check_extra_states,
     check_finite,
     check_model,
     is_functuner_peft_type,
@@ -83,6 +84,7 @@ __all__ = [
     "is_peft_native_type",
     "list_adapters",
     "load",
+    "load_extra_states",
     "peft_config_json",
     "peft_native_adapters",
     "peft_type_of",
@@ -376,6 +378,37 @@ def save(params: Any, directory: str | os.PathLike[str], *, format: str = "swift
             write_swift_adapter(tmp, name, params.config, state)
             write_configuration_json(tmp)
     return root
+
+
+def load_extra_states(
+    directory: str | os.PathLike[str],
+    model: torch.nn.Module | None = None,
+    *,
+    revision: str | None = None,
+    weights_only: bool = False,
+    **hub_kwargs: Any,
+) -> dict[str, torch.Tensor]:
+    """SWIFT's ``extra_states/`` of a checkpoint (saved copies of the model's own tensors), checked, as a new dict.
+
+    :func:`load` reads one adapter's params; the extra states are whole tensors of the model
+    (``extra_state_keys``: e.g. a trained classifier head) that the shim writes into the model.  Here they
+    are returned, never written: pass them to ``torch.func.functional_call`` or ``model.load_state_dict(...,
+    strict=False)``.  They pass the adapter weights' checks (finite values, no pickle unless
+    ``weights_only``); with ``model`` every key must be a tensor of the model with its shape and dtype kind
+    (:class:`~functuner.errors.CheckpointError` naming the file and key otherwise).  ``{}`` when the
+    checkpoint has none.
+    """
+    from ..core.hub import resolve_model_dir
+
+    root = Path(resolve_model_dir(directory, revision, **hub_kwargs))
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a checkpoint directory")
+    _, tensors = read_extra_states(root, weights_only=weights_only)
+    if not tensors:
+        return {}
+    if model is not None:
+        check_extra_states(tensors, model.state_dict(), str(root / EXTRA_STATE_DIR))
+    return dict(tensors)
 
 
 def load(

@@ -195,3 +195,39 @@ def test_sigkill_during_directory_swaps_leaves_old_or_new(tmp_path: Path) -> Non
         proc.wait()
         contents = {p.read_text() for p in target.iterdir()}
         assert len(list(target.iterdir())) == 20 and contents in ({"A" * 1000}, {"B" * 1000}), contents
+
+
+def test_load_extra_states_gives_the_functional_api_what_the_shim_writes_into_the_model(tmp_path: Path) -> None:
+    """``functuner.load_extra_states``: SWIFT's ``extra_states/`` as a checked dict; params + extra states = the shim."""
+    from safetensors.torch import save_file
+
+    from functuner.tuners.lora.config import LoRAConfig
+
+    torch.manual_seed(0)
+    sm = Swift.prepare_model(
+        tiny_llama(), LoRAConfig(r=2, target_modules=["q_proj"]), extra_state_keys=[r"model\.norm\.weight"]
+    )
+    with torch.no_grad():
+        sm.model.model.norm.weight.add_(0.5)
+        for t in sm.adapters["default"].tensors.values():
+            t.add_(0.01)
+    sm.save_pretrained(tmp_path)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    base = tiny_llama()
+    params = ft.load(tmp_path, base)
+    extra = ft.load_extra_states(tmp_path, base)
+    assert set(extra) == {"model.norm.weight"}
+    assert torch.equal(extra["model.norm.weight"], sm.model.model.norm.weight)
+    assert not torch.equal(base.model.norm.weight, extra["model.norm.weight"])  # returned, never written
+    with torch.no_grad():
+        want = sm(input_ids=ids).logits
+        base.load_state_dict(extra, strict=False)  # the caller decides where they go
+        got = ft.apply(base, params, (), {"input_ids": ids}).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # a checkpoint without extra states: {}; a key the model lacks: CheckpointError naming it
+    sm2 = Swift.prepare_model(tiny_llama(), LoRAConfig(r=2, target_modules=["q_proj"]))
+    sm2.save_pretrained(tmp_path / "plain")
+    assert ft.load_extra_states(tmp_path / "plain") == {}
+    save_file({"model.nonexistent.weight": torch.ones(3)}, str(tmp_path / "extra_states" / "adapter_model.safetensors"))
+    with pytest.raises(CheckpointError, match="model.nonexistent.weight"):
+        ft.load_extra_states(tmp_path, tiny_llama())
